@@ -1,0 +1,263 @@
+"""Conversation records of the suggested-response (SR) MDP, their JSONL form, and rendering to text.
+
+Follows the SR MDP of Jiang et al. (2025, arXiv 2511.21638, section 2; our summary in shared/PAPER.md):
+a conversation alternates customer messages c_i (each with an outcome flag o_i read by a classifier),
+the agent's suggestion a_i (possibly an abstention) and the message m_i the business actually sent.
+The state s_i keeps all three for every earlier turn, because they differ whenever the business user
+edits or rejects a suggestion.
+
+A record is one JSON object per line:
+
+    {"id": "sales-0-000042", "domain": "sales", "policy": "behavior", "outcome": 1,
+     "end_reason": "outcome", "metadata": {...},
+     "turns": [{"role": "customer", "text": "Hi, I'm browsing.", "flag": 0},
+               {"role": "suggestion", "text": "What are you looking for?"},
+               {"role": "business", "text": "What are you looking for today?", "feedback": "edit"},
+               ...]}
+
+Roles: `customer` (with `flag` o_i), `suggestion` (the agent's a_i; `"abstain": true` and empty text when
+the agent made no suggestion), `business` (the sent m_i with `feedback`, one of FEEDBACKS: how the business
+user treated the suggestion).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Iterable, Iterator, Sequence
+
+from iterppo_jax import io_utils
+
+ROLES = ("customer", "suggestion", "business")
+# The business user's four behaviours (PAPER.md), plus `none` when there was no suggestion to react to.
+FEEDBACKS = ("accept", "edit", "influenced", "reject", "none")
+END_REASONS = ("outcome", "business_silent", "customer_left", "max_turns")
+# What a policy emits, and how the renderer shows it, when it abstains.
+ABSTAIN_TEXT = "<no suggestion>"
+
+
+class ConversationFormatError(ValueError):
+  """A logged conversation that does not fit the record format; the message names file and line."""
+
+
+@dataclasses.dataclass
+class Turn:
+  role: str  # one of ROLES
+  text: str  # empty only for an abstaining suggestion
+  flag: int | None = None  # customer turns: outcome flag o_i (0/1) from the outcome classifier
+  feedback: str | None = None  # business turns: one of FEEDBACKS
+  abstain: bool = False  # suggestion turns: the agent made no suggestion
+
+  def to_json(self) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": self.role, "text": self.text}
+    if self.flag is not None:
+      out["flag"] = self.flag
+    if self.feedback is not None:
+      out["feedback"] = self.feedback
+    if self.abstain:
+      out["abstain"] = True
+    return out
+
+
+@dataclasses.dataclass
+class Conversation:
+  id: str
+  domain: str
+  policy: str
+  turns: list[Turn]
+  outcome: float  # the episode's outcome label (0/1 for purchase); what Q is regressed on
+  end_reason: str = "max_turns"
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        "id": self.id, "domain": self.domain, "policy": self.policy,
+        "outcome": self.outcome, "end_reason": self.end_reason,
+        "metadata": self.metadata, "turns": [t.to_json() for t in self.turns],
+    }
+
+  def agent_steps(self) -> list[int]:
+    """Indices of the suggestion turns: the decision points a_i of the SR MDP."""
+    return [i for i, t in enumerate(self.turns) if t.role == "suggestion"]
+
+  def prefix(self, n_turns: int) -> "Conversation":
+    """The conversation as it stood before turn `n_turns` (shares metadata; outcome unknown -> kept)."""
+    return dataclasses.replace(self, turns=list(self.turns[:n_turns]))
+
+
+# ---- validation and JSONL i/o ----
+
+def _fail(where: str, msg: str):
+  raise ConversationFormatError(f"{where}: {msg}")
+
+
+def _turn_from_json(obj: Any, where: str) -> Turn:
+  if not isinstance(obj, dict):
+    _fail(where, f"a turn must be a JSON object, got {type(obj).__name__}")
+  role = obj.get("role")
+  if role not in ROLES:
+    _fail(where, f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+  text = obj.get("text", "")
+  if not isinstance(text, str):
+    _fail(where, f"turn text must be a string, got {type(text).__name__}")
+  abstain = bool(obj.get("abstain", False))
+  if role != "suggestion" and abstain:
+    _fail(where, f"only suggestion turns may abstain, got abstain on a {role} turn")
+  if not text.strip() and not abstain:
+    _fail(where, f"empty text in a {role} turn (only an abstaining suggestion may be empty)")
+  flag = obj.get("flag")
+  if role == "customer":
+    if flag is None:
+      flag = 0
+    if flag not in (0, 1):
+      _fail(where, f"customer flag must be 0 or 1, got {flag!r}")
+  elif flag is not None:
+    _fail(where, f"only customer turns carry an outcome flag, got one on a {role} turn")
+  feedback = obj.get("feedback")
+  if role == "business":
+    feedback = feedback or "none"
+    if feedback not in FEEDBACKS:
+      _fail(where, f"unknown feedback {feedback!r}; expected one of {', '.join(FEEDBACKS)}")
+  elif feedback is not None:
+    _fail(where, f"only business turns carry feedback, got one on a {role} turn")
+  return Turn(role=role, text=text, flag=flag, feedback=feedback, abstain=abstain)
+
+
+def conversation_from_json(obj: Any, where: str = "<record>") -> Conversation:
+  """Validates one decoded record; `where` (e.g. 'logs.jsonl:12') prefixes every error."""
+  if not isinstance(obj, dict):
+    _fail(where, f"a record must be a JSON object, got {type(obj).__name__}")
+  if "outcome" not in obj or obj["outcome"] is None:
+    _fail(where, "missing outcome (expected a number, e.g. 0 or 1)")
+  outcome = obj["outcome"]
+  if isinstance(outcome, bool) or not isinstance(outcome, (int, float)):
+    _fail(where, f"outcome must be a number, got {outcome!r}")
+  turns_obj = obj.get("turns")
+  if not isinstance(turns_obj, list) or not turns_obj:
+    _fail(where, "missing or empty 'turns' list")
+  turns = [_turn_from_json(t, f"{where}: turn {i}") for i, t in enumerate(turns_obj)]
+  if not any(t.role in ("suggestion", "business") for t in turns):
+    _fail(where, "conversation has no agent turn (no suggestion or business message)")
+  end_reason = obj.get("end_reason", "max_turns")
+  if end_reason not in END_REASONS:
+    _fail(where, f"unknown end_reason {end_reason!r}; expected one of {', '.join(END_REASONS)}")
+  metadata = obj.get("metadata", {})
+  if not isinstance(metadata, dict):
+    _fail(where, "metadata must be a JSON object")
+  return Conversation(
+      id=str(obj.get("id", where)), domain=str(obj.get("domain", "unknown")),
+      policy=str(obj.get("policy", "unknown")), turns=turns, outcome=float(outcome),
+      end_reason=end_reason, metadata=metadata)
+
+
+@dataclasses.dataclass
+class ReadReport:
+  """What a lenient read skipped: counts and the first few error messages."""
+  read: int = 0
+  skipped: int = 0
+  errors: list[str] = dataclasses.field(default_factory=list)
+
+
+def iter_jsonl(path: str, *, skip_invalid: bool = False,
+               report: ReadReport | None = None) -> Iterator[Conversation]:
+  """Yields validated conversations from a JSONL file.
+
+  Args:
+    path: the file; blank lines are ignored.
+    skip_invalid: count and skip bad lines (into `report`) instead of raising.
+    report: filled with counts when given.
+  Raises:
+    ConversationFormatError naming `path:line` for malformed JSON, non-UTF-8 bytes, a missing outcome,
+    an unknown role, empty text or a conversation with no agent turn (unless skip_invalid).
+  """
+  report = report if report is not None else ReadReport()
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      where = f"{path}:{lineno}"
+      try:
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          _fail(where, f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
+        if not line.strip():
+          continue
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          _fail(where, f"malformed JSON ({e.msg} at column {e.colno})")
+        conv = conversation_from_json(obj, where)
+      except ConversationFormatError as e:
+        if not skip_invalid:
+          raise
+        report.skipped += 1
+        if len(report.errors) < 20:
+          report.errors.append(str(e))
+        continue
+      report.read += 1
+      yield conv
+
+
+def read_jsonl(path: str, *, skip_invalid: bool = False,
+               report: ReadReport | None = None) -> list[Conversation]:
+  return list(iter_jsonl(path, skip_invalid=skip_invalid, report=report))
+
+
+def read_glob(pattern: str, *, skip_invalid: bool = False,
+              report: ReadReport | None = None) -> list[Conversation]:
+  """Reads every file matching `pattern` (sorted, so the order is reproducible)."""
+  import glob
+  paths = sorted(glob.glob(pattern))
+  if not paths:
+    raise FileNotFoundError(f"no log files match {pattern!r}")
+  out: list[Conversation] = []
+  for p in paths:
+    out.extend(read_jsonl(p, skip_invalid=skip_invalid, report=report))
+  return out
+
+
+def dumps(conv: Conversation) -> str:
+  return json.dumps(conv.to_json(), ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+
+
+def write_jsonl(path: str, conversations: Iterable[Conversation]) -> int:
+  """Writes records atomically (temp file, then rename): a crash leaves the old file or none."""
+  lines = [dumps(c) + "\n" for c in conversations]
+  io_utils.atomic_write_text(path, "".join(lines))
+  return len(lines)
+
+
+# ---- rendering ----
+
+ROLE_TAGS = {"customer": "<customer>", "suggestion": "<suggestion>", "business": "<business>"}
+END_OF_TURN = "<eot>"
+
+
+def render_turn(turn: Turn) -> str:
+  text = ABSTAIN_TEXT if turn.abstain else turn.text
+  return f"{ROLE_TAGS[turn.role]} {text} {END_OF_TURN}"
+
+
+def render_state(turns: Sequence[Turn], max_turns: int | None = None) -> str:
+  """The state s_i as text: every earlier customer message, suggestion and sent message.
+
+  The prompt ends with the suggestion tag so that a language model continues with a_i.
+  `max_turns` keeps only the last rounds (a round = customer, suggestion, business) for short contexts.
+  """
+  if max_turns is not None:
+    rounds = [i for i, t in enumerate(turns) if t.role == "customer"]
+    if len(rounds) > max_turns:
+      turns = turns[rounds[-max_turns]:]
+  body = " ".join(render_turn(t) for t in turns)
+  return f"{body} {ROLE_TAGS['suggestion']}".strip()
+
+
+def render_action(text: str) -> str:
+  """The action a_i as the model emits it after the state prompt (ends with end-of-turn)."""
+  return f" {text} {END_OF_TURN}"
+
+
+def parse_action(generated: str) -> str:
+  """Decoded model output -> suggestion text (up to the first end-of-turn); '' means abstain."""
+  text = generated.split(END_OF_TURN, 1)[0].strip()
+  return "" if text == ABSTAIN_TEXT else text
+

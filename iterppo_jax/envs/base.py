@@ -1,0 +1,309 @@
+"""The protocol every text environment meets, the simulated business user, and the batched runner.
+
+One environment step is one round of the suggested-response MDP (shared/PAPER.md): the agent sees the
+state s_i (rendered text of every earlier customer message, suggestion and sent message), suggests a_i
+(text, or '' to abstain), the simulated business user sends m_i (verbatim, edited, rewritten under the
+suggestion's influence, or an unrelated message of its own), and the simulated customer answers with c_{i+1}
+and an outcome flag o_{i+1} read by the domain's outcome classifier. Episodes end when o = 1, when the
+business sends nothing, when the customer stops answering, or after `max_turns` rounds.
+
+A domain (sales.py, ...) subclasses `TextEnv` and supplies the customer, the parser of business messages,
+the outcome classifier and the business staff's own writing. This file owns what is common: lock-step
+batched play of many conversations, the business user's four behaviours, exact per-conversation seeding
+(so the logs do not depend on batch size), and Monte Carlo estimates of the true Q^pi(s, a).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from iterppo_jax import conversation as conv_lib
+
+FEEDBACK_ORDER = ("accept", "edit", "influenced", "reject")
+QUALITIES = ("good", "ok", "bad")
+
+
+@dataclasses.dataclass(frozen=True)
+class BusinessUserConfig:
+  """How the simulated business user treats a suggestion (the paper's four behaviours).
+
+  mode 'sr': the suggested-response setting; 'direct': the suggestion is sent verbatim (an automated agent,
+  the SR MDP's special case), which is how a policy's own quality is measured.
+  rates[q] = probabilities of (accept verbatim, accept and edit, reject but rewrite under the suggestion's
+  influence, reject and write an unrelated message) for a suggestion of quality q; a persona's
+  `assist_trust` scales the two accepting behaviours.
+  """
+  mode: str = "sr"
+  rates: tuple[tuple[float, float, float, float], ...] = (
+      (0.70, 0.15, 0.10, 0.05),  # good
+      (0.40, 0.20, 0.15, 0.25),  # ok
+      (0.04, 0.04, 0.12, 0.80),  # bad
+  )
+  silent_prob: float = 0.01  # chance, per own message, that the business sends nothing (ends the episode)
+
+
+@dataclasses.dataclass
+class Observation:
+  """What a policy sees at a decision point: the state s_i as a record and as text."""
+  uid: str
+  turn: int  # index of this decision within the conversation (0, 1, ...)
+  conversation: conv_lib.Conversation
+  text: str
+  rng: np.random.Generator  # for scripted policies; deterministic per (seed, conversation, turn)
+
+
+class Policy(Protocol):
+  """Maps a batch of observations to suggestions (text; '' abstains). A language model fits this."""
+  name: str
+
+  def __call__(self, observations: Sequence[Observation]) -> list[str]:
+    ...
+
+
+@dataclasses.dataclass
+class Episode:
+  """One live conversation: the public record, the hidden world state, and its random streams."""
+  uid: str
+  record: conv_lib.Conversation
+  hidden: Any  # the domain's hidden customer/business state
+  rng: np.random.Generator
+  seed_key: tuple[int, ...]
+  done: bool = False
+  true_outcome: int = 0  # what really happened (the classifier's flag may disagree)
+  turns_played: int = 0
+
+  def observation(self, max_render_turns: int | None = None) -> Observation:
+    key = self.seed_key + (self.turns_played, 7)
+    return Observation(uid=self.uid, turn=self.turns_played, conversation=self.record,
+                       text=conv_lib.render_state(self.record.turns, max_render_turns),
+                       rng=np.random.default_rng(key))
+
+
+def discounted_targets(record: conv_lib.Conversation, gamma: float) -> list[float]:
+  """Monte Carlo Q targets for each decision: sum_{j>i} gamma^{j-i-1} o_j over later customer flags."""
+  flags, decisions = [], []
+  for t in record.turns:
+    if t.role == "customer":
+      flags.append(t.flag or 0)
+    elif t.role == "suggestion":
+      decisions.append(len(flags))  # customer messages seen before this decision
+  targets = []
+  for seen in decisions:
+    g = 0.0
+    for j, o in enumerate(flags[seen:]):
+      g += (gamma ** j) * o
+    targets.append(g)
+  return targets
+
+
+class TextEnv:
+  """Base class of the batched text environments. Subclasses implement the `_domain` hooks."""
+
+  domain = "base"
+
+  def __init__(self, business_user: BusinessUserConfig = BusinessUserConfig(), max_turns: int = 10,
+               max_render_turns: int | None = None):
+    if business_user.mode not in ("sr", "direct"):
+      raise ValueError(f"business_user.mode must be 'sr' or 'direct', got {business_user.mode!r}")
+    self.business_user = business_user
+    self.max_turns = max_turns
+    self.max_render_turns = max_render_turns
+
+  # ---- domain hooks ----
+  def new_hidden(self, rng: np.random.Generator) -> Any:
+    """Draws the hidden state at reset (customer profile, business persona)."""
+    raise NotImplementedError
+
+  def opening(self, hidden: Any, rng: np.random.Generator) -> str:
+    raise NotImplementedError
+
+  def customer_reply(self, hidden: Any, business_text: str, rng: np.random.Generator
+                     ) -> tuple[str | None, int]:
+    """Updates `hidden` after a sent message; returns (customer text or None if they stop, true o)."""
+    raise NotImplementedError
+
+  def classify_outcome(self, customer_text: str) -> int:
+    """The outcome classifier over customer text (as in production): o_i in {0, 1}."""
+    raise NotImplementedError
+
+  def judge(self, hidden: Any, record: conv_lib.Conversation, suggestion: str) -> str:
+    """The business user's view of a suggestion's quality: 'good' | 'ok' | 'bad'."""
+    raise NotImplementedError
+
+  def staff_message(self, hidden: Any, record: conv_lib.Conversation, rng: np.random.Generator) -> str:
+    """The business user's own message (its persona's skill), unrelated to any suggestion."""
+    raise NotImplementedError
+
+  def edit(self, suggestion: str, rng: np.random.Generator) -> str:
+    """A light edit that keeps the suggestion's meaning."""
+    raise NotImplementedError
+
+  def rewrite(self, hidden: Any, suggestion: str, rng: np.random.Generator) -> str:
+    """The business user's own words for what the suggestion proposed (rejected but influenced)."""
+    raise NotImplementedError
+
+  def metadata(self, hidden: Any) -> dict[str, Any]:
+    """JSON-serialisable ground truth to keep in the log (profile, persona)."""
+    return {}
+
+  # ---- common machinery ----
+  def reset(self, n: int, seed: int, start: int = 0, policy_name: str = "unknown") -> list[Episode]:
+    """Starts conversations start..start+n-1 of stream `seed`; each is seeded on its own index."""
+    episodes = []
+    for idx in range(start, start + n):
+      key = (int(seed), int(idx))
+      rng = np.random.default_rng(key)
+      hidden = self.new_hidden(rng)
+      text = self.opening(hidden, rng)
+      flag = self.classify_outcome(text)
+      record = conv_lib.Conversation(
+          id=f"{self.domain}-{seed}-{idx:06d}", domain=self.domain, policy=policy_name,
+          turns=[conv_lib.Turn("customer", text, flag=flag)], outcome=0.0,
+          metadata={"seed": int(seed), "index": int(idx), **self.metadata(hidden)})
+      episodes.append(Episode(uid=record.id, record=record, hidden=hidden, rng=rng, seed_key=key))
+    return episodes
+
+  def _business_response(self, ep: Episode, suggestion: str) -> tuple[str | None, str]:
+    """The business user's message and feedback for one suggestion ('' = abstain)."""
+    bu, rng = self.business_user, ep.rng
+    if self.business_user.mode == "direct":
+      return (suggestion or None), ("accept" if suggestion else "none")
+    if suggestion:
+      quality = self.judge(ep.hidden, ep.record, suggestion)
+      rates = np.asarray(bu.rates[QUALITIES.index(quality)], dtype=np.float64)
+      trust = float(getattr(ep.hidden, "assist_trust", 1.0))
+      rates[:2] *= trust
+      rates /= rates.sum()
+      feedback = FEEDBACK_ORDER[int(rng.choice(4, p=rates))]
+      if feedback == "accept":
+        return suggestion, feedback
+      if feedback == "edit":
+        return self.edit(suggestion, rng), feedback
+      if feedback == "influenced":
+        return self.rewrite(ep.hidden, suggestion, rng), feedback
+    else:
+      feedback = "none"
+    if rng.random() < bu.silent_prob:
+      return None, feedback
+    return self.staff_message(ep.hidden, ep.record, rng), feedback
+
+  def step(self, episodes: Sequence[Episode], suggestions: Sequence[str]) -> None:
+    """Advances each (not done) episode by one round with its suggestion."""
+    if len(episodes) != len(suggestions):
+      raise ValueError(f"{len(episodes)} episodes but {len(suggestions)} suggestions")
+    for ep, suggestion in zip(episodes, suggestions):
+      if ep.done:
+        continue
+      suggestion = (suggestion or "").strip()
+      if suggestion == conv_lib.ABSTAIN_TEXT:
+        suggestion = ""
+      turns = ep.record.turns
+      turns.append(conv_lib.Turn("suggestion", suggestion, abstain=not suggestion))
+      sent, feedback = self._business_response(ep, suggestion)
+      ep.turns_played += 1
+      if sent is None:
+        ep.done, ep.record.end_reason = True, "business_silent"
+        continue
+      turns.append(conv_lib.Turn("business", sent, feedback=feedback))
+      reply, truth = self.customer_reply(ep.hidden, sent, ep.rng)
+      ep.true_outcome = max(ep.true_outcome, truth)
+      if reply is None:
+        ep.done, ep.record.end_reason = True, "customer_left"
+        continue
+      flag = self.classify_outcome(reply)
+      turns.append(conv_lib.Turn("customer", reply, flag=flag))
+      if flag:
+        ep.done, ep.record.end_reason, ep.record.outcome = True, "outcome", 1.0
+      elif truth:  # the classifier missed a real purchase: the customer has what they wanted and goes
+        ep.done, ep.record.end_reason = True, "customer_left"
+      elif ep.turns_played >= self.max_turns:
+        ep.done, ep.record.end_reason = True, "max_turns"
+    for ep in episodes:
+      if ep.done:
+        ep.record.metadata["true_outcome"] = ep.true_outcome
+
+  def run(self, episodes: list[Episode], policy: Policy | Callable[[Sequence[Observation]], list[str]],
+          first_suggestions: Sequence[str] | None = None) -> list[Episode]:
+    """Plays every episode to its end in lock-step, asking `policy` for all live ones at once."""
+    first = True
+    while True:
+      live = [ep for ep in episodes if not ep.done]
+      if not live:
+        return episodes
+      if first and first_suggestions is not None:
+        by_uid = dict(zip([e.uid for e in episodes], first_suggestions))
+        suggestions = [by_uid[ep.uid] for ep in live]
+      else:
+        suggestions = list(policy([ep.observation(self.max_render_turns) for ep in live]))
+      first = False
+      self.step(live, suggestions)
+
+  def play(self, policy, n: int, seed: int, start: int = 0, batch_size: int = 1024,
+           progress: Callable | None = None) -> list[conv_lib.Conversation]:
+    """Plays n conversations in batches and returns their records (same seed -> same records)."""
+    name = getattr(policy, "name", "unknown")
+    out = []
+    starts = range(start, start + n, batch_size)
+    for s in (progress(starts) if progress else starts):
+      eps = self.reset(min(batch_size, start + n - s), seed, start=s, policy_name=name)
+      out.extend(ep.record for ep in self.run(eps, policy))
+    return out
+
+  def estimate_q(self, episodes: Sequence[Episode], suggestions: Sequence[str], policy, gamma: float,
+                 n_rollouts: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Monte Carlo Q^pi(s, a): from each live episode's current state, send `a`, then follow `policy`.
+
+    Returns (mean, standard error) of the discounted return sum_{j>=1} gamma^{j-1} o_{i+j}, where the
+    outcome is the classifier's flag as logged (what the Q-model is trained on). Episodes are not changed.
+    """
+    clones, owners = [], []
+    for i, ep in enumerate(episodes):
+      if ep.done:
+        raise ValueError(f"episode {ep.uid} has ended; Q is defined at live states only")
+      for r in range(n_rollouts):
+        c = copy.deepcopy(ep)
+        c.uid = f"{ep.uid}/q{r}"
+        c.seed_key = ep.seed_key + (10_000 + ep.turns_played, int(seed), r)
+        c.rng = np.random.default_rng(c.seed_key)
+        clones.append(c)
+        owners.append(i)
+    n_decisions = [len(c.record.agent_steps()) for c in clones]
+    self.run(clones, policy, first_suggestions=[s for s in suggestions for _ in range(n_rollouts)])
+    values = np.zeros((len(episodes), n_rollouts))
+    for k, (c, i) in enumerate(zip(clones, owners)):
+      values[i, k % n_rollouts] = discounted_targets(c.record, gamma)[n_decisions[k]]
+    return values.mean(1), values.std(1, ddof=1) / np.sqrt(n_rollouts)
+
+
+def summarize(records: Sequence[conv_lib.Conversation]) -> dict[str, float]:
+  """Conversion with a 95% Wilson interval, mean turns, and the business user's behaviour rates."""
+  n = len(records)
+  wins = sum(1 for r in records if r.outcome >= 1)
+  lo, hi = wilson_interval(wins, n)
+  feedback = [t.feedback for r in records for t in r.turns if t.role == "business"]
+  suggestions = [t for r in records for t in r.turns if t.role == "suggestion"]
+  out = {"conversations": n, "conversion": wins / max(n, 1), "conversion_lo": lo, "conversion_hi": hi,
+         "true_conversion": sum(r.metadata.get("true_outcome", 0) for r in records) / max(n, 1),
+         "mean_turns": float(np.mean([len(r.agent_steps()) for r in records])) if n else 0.0,
+         "abstain_rate": (sum(t.abstain for t in suggestions) / len(suggestions)) if suggestions else 0.0}
+  shown = [f for f in feedback if f != "none"]
+  for f in FEEDBACK_ORDER:
+    out[f"{f}_rate"] = shown.count(f) / len(shown) if shown else 0.0
+  for reason in conv_lib.END_REASONS:
+    out[f"end/{reason}"] = sum(r.end_reason == reason for r in records) / max(n, 1)
+  return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+  """95% Wilson score interval for a binomial proportion (sound near 0 and 1, unlike the normal one)."""
+  if n == 0:
+    return 0.0, 1.0
+  p = successes / n
+  denom = 1 + z * z / n
+  centre = (p + z * z / (2 * n)) / denom
+  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+  return float(centre - half), float(centre + half)
