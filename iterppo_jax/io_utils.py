@@ -1,0 +1,91 @@
+"""Atomic file writes: a workdir never holds a half-written file (DESIGN.md, "Writes are atomic").
+
+Write to a temporary file in the destination's directory, flush and fsync it, then ``os.replace`` it over the
+destination (atomic on POSIX within one filesystem). If the writer raises, the temporary file is removed and the
+old destination, if any, is left untouched.
+"""
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+
+def _fsync_directory(directory: str) -> None:
+  """Makes the rename itself durable; some filesystems do not support it, which is harmless."""
+  try:
+    fd = os.open(directory, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _current_umask() -> int:
+  """The process umask; read from /proc where possible because os.umask() briefly changes it for all threads."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return umask
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[Any]:
+  """Opens a temporary file that replaces ``path`` only if the ``with`` body finishes without raising.
+
+  Args:
+    path: destination file; its parent directory is created if missing.
+    mode: 'w' (text) or 'wb' (bytes).
+    encoding: text encoding (ignored for 'wb').
+
+  Yields:
+    A writable file object.
+  """
+  if mode not in ("w", "wb"):
+    raise ValueError(f"atomic_open supports modes 'w' and 'wb', got {mode!r}.")
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  # Same directory as the destination so os.replace never crosses a filesystem boundary.
+  fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    # mkstemp creates 0600 files; give the result the permissions a plain open() would have.
+    os.chmod(tmp_path, 0o666 & ~_current_umask())
+    with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp_path)
+    raise
+  _fsync_directory(directory)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically."""
+  with atomic_open(path, "wb") as f:
+    f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
+  """Writes ``text`` to ``path`` atomically."""
+  with atomic_open(path, "w", encoding=encoding) as f:
+    f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+  """Serialises ``obj`` to JSON first (so an unserialisable object never touches disk), then writes atomically."""
+  atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")

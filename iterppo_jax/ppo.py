@@ -1,0 +1,332 @@
+"""Token-level PPO for the single-turn problem of Iterative PPO (Algorithm 1, step 3).
+
+Given prompts (states s from the logs), the policy pi_theta samples a response; the fitted Q-model Q_k scores
+(s, response) once at the end, and every token pays a KL penalty to the previous policy pi_k (the paper's
+"reference"). Maximising E_{a~pi}[Q_k(s, a)] - beta KL(pi || pi_k) per state has the exact maximiser
+pi'(a|s) ∝ pi_k(a|s) exp(Q_k(s, a) / beta) (PAPER.md, "Why it works"), which is the property the toy test checks.
+
+This file holds:
+  * the PPO maths (pure, jittable jnp functions with the equations in the docstrings): KL estimators, token
+    rewards, GAE (Schulman et al. 2016), whitening, clipped policy/value losses (Schulman et al. 2017), entropy,
+    and the adaptive KL coefficient of Ziegler et al. (2019);
+  * the rollout and the jitted PPO step (appended below the maths).
+
+Conventions: token-level arrays are [B, T]; ``mask[B, T]`` (bool or float) marks real response tokens. Masked
+positions never influence a result, even when they hold NaN or inf (values are selected with ``jnp.where`` before
+any arithmetic rather than multiplied by the mask).
+"""
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+# ---- PPO maths ----
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _as_bool(mask: jax.Array) -> jax.Array:
+  return jnp.asarray(mask).astype(bool)
+
+
+def masked_sum(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  """sum_{masked} x; masked-out entries are dropped even if non-finite."""
+  return jnp.sum(jnp.where(_as_bool(mask), x, 0.0), axis=axis)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  """Mean of ``x`` over entries where ``mask`` is true.
+
+  mean = sum_i m_i x_i / max(sum_i m_i, 1), so an all-masked input gives 0 rather than NaN.
+
+  Args:
+    x: any shape.
+    mask: same shape as ``x`` (bool or 0/1 float).
+    axis: axes to reduce; None reduces everything.
+
+  Returns:
+    The masked mean, with ``axis`` reduced.
+  """
+  mask = _as_bool(mask)
+  count = jnp.sum(mask, axis=axis)
+  return masked_sum(x, mask, axis=axis) / jnp.maximum(count, 1)
+
+
+def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
+  """Population variance over the masked entries: mean_m((x - mean_m(x))^2)."""
+  mean = masked_mean(x, mask)
+  return masked_mean(jnp.square(x - mean), mask)
+
+
+def kl_penalty(logprobs: jax.Array, ref_logprobs: jax.Array, estimator: str = "k1") -> jax.Array:
+  """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman, "Approximating KL", 2020).
+
+  With log r = log pi_ref(x) - log pi(x) and x ~ pi:
+    k1 = -log r = log pi(x) - log pi_ref(x)         unbiased, can be negative per sample
+    k2 = 0.5 (log r)^2                              biased, low variance, non-negative
+    k3 = (r - 1) - log r                            unbiased, non-negative per sample
+
+  Args:
+    logprobs: [...] log pi(x) of the sampled tokens.
+    ref_logprobs: [...] log pi_ref(x) of the same tokens.
+    estimator: one of 'k1', 'k2', 'k3'.
+
+  Returns:
+    [...] per-token KL estimates.
+
+  Raises:
+    ValueError: for an unknown estimator name.
+  """
+  log_ratio = ref_logprobs - logprobs  # log r = log(pi_ref / pi)
+  if estimator == "k1":
+    return -log_ratio
+  if estimator == "k2":
+    return 0.5 * jnp.square(log_ratio)
+  if estimator == "k3":
+    # expm1 keeps r - 1 accurate when pi and pi_ref are close (the usual case).
+    return jnp.expm1(log_ratio) - log_ratio
+  raise ValueError(f"Unknown KL estimator {estimator!r}; expected one of {KL_ESTIMATORS}.")
+
+
+def last_valid_index(mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Index of the last true entry of each row of ``mask[B, T]``, and whether the row has one.
+
+  Returns:
+    (index[B] int32, has_any[B] bool); index is 0 for an all-masked row.
+  """
+  mask = _as_bool(mask)
+  num_tokens = mask.shape[-1]
+  # argmax returns the first maximum, so search the reversed row for the last true entry.
+  last = num_tokens - 1 - jnp.argmax(mask[..., ::-1], axis=-1)
+  has_any = jnp.any(mask, axis=-1)
+  return jnp.where(has_any, last, 0).astype(jnp.int32), has_any
+
+
+def token_rewards(
+    score: jax.Array,
+    logprobs: jax.Array,
+    ref_logprobs: jax.Array,
+    mask: jax.Array,
+    kl_coef: float | jax.Array,
+    estimator: str = "k1",
+) -> tuple[jax.Array, jax.Array]:
+  """Per-token PPO rewards: a KL penalty at every token plus the sequence score at the end.
+
+    r_t = -beta * kl_t + 1[t = last valid token] * score,   kl_t = kl_penalty(logp_t, logq_t)
+
+  The score (here Q_k(s, a) for the whole response a) is placed on the last valid token so that with
+  gamma = lam = 1 every token's return is score - beta * (KL still to come), the token-level form of the
+  per-state objective E[Q] - beta KL(pi || pi_k). A row with no valid token gets no reward at all.
+
+  Args:
+    score: [B] sequence-level score.
+    logprobs: [B, T] log pi of the sampled tokens (the rollout policy).
+    ref_logprobs: [B, T] log pi_ref of the same tokens (pi_k in Iterative PPO).
+    mask: [B, T] real response tokens.
+    kl_coef: beta, scalar.
+    estimator: KL estimator name, see ``kl_penalty``.
+
+  Returns:
+    (rewards[B, T], kl_sum[B]): rewards are 0 at masked positions; kl_sum is the per-row sum of the (unscaled)
+    KL estimates over valid tokens, for logging and the adaptive controller.
+  """
+  mask = _as_bool(mask)
+  kl = jnp.where(mask, kl_penalty(logprobs, ref_logprobs, estimator), 0.0)
+  last, has_any = last_valid_index(mask)
+  at_end = jax.nn.one_hot(last, mask.shape[-1], dtype=kl.dtype) * has_any[:, None]
+  rewards = -kl_coef * kl + at_end * score[:, None].astype(kl.dtype)
+  return jnp.where(mask, rewards, 0.0), jnp.sum(kl, axis=-1)
+
+
+def gae(
+    rewards: jax.Array,
+    values: jax.Array,
+    mask: jax.Array,
+    gamma: float | jax.Array,
+    lam: float | jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+  """Generalised advantage estimation (Schulman et al. 2016) over tokens, by a reverse scan.
+
+    delta_t = r_t + gamma * V_{n(t)} - V_t
+    A_t     = delta_t + gamma * lam * A_{n(t)}
+    R_t     = A_t + V_t                       (the critic's regression target)
+
+  where n(t) is the next *valid* token after t. Conventions:
+    * the episode ends at the response end: after the last valid token V = 0 and A = 0 (no bootstrap);
+    * a masked token is skipped entirely: it gets A = R = 0, and the valid token before it sees the valid token
+      after it as its successor (one discount step, as if the masked token were absent). Right-padded responses
+      (mask a prefix) are the common case; this makes interior gaps harmless too.
+
+  Args:
+    rewards: [B, T] per-token rewards (``token_rewards``).
+    values: [B, T] critic values V(s_t) at rollout time.
+    mask: [B, T] real response tokens.
+    gamma: discount.
+    lam: GAE lambda.
+
+  Returns:
+    (advantages[B, T], returns[B, T]), both 0 at masked positions. Treat as constants (no gradient flows).
+  """
+  mask = _as_bool(mask)
+  # At least float32: the scan carry needs one float dtype, and bf16 loses precision over long sums.
+  dtype = jnp.promote_types(jnp.result_type(rewards, values), jnp.float32)
+  rewards = jnp.where(mask, rewards, 0.0).astype(dtype)
+  values = jnp.where(mask, values, 0.0).astype(dtype)
+
+  def step(carry, xs):
+    next_value, next_advantage = carry  # of the next valid token; (0, 0) past the end of the response
+    reward, value, valid = xs
+    delta = reward + gamma * next_value - value
+    advantage = delta + gamma * lam * next_advantage
+    # A masked token passes its successor's (V, A) through unchanged to the token before it.
+    carry = (jnp.where(valid, value, next_value), jnp.where(valid, advantage, next_advantage))
+    return carry, jnp.where(valid, advantage, 0.0)
+
+  zeros = jnp.zeros(rewards.shape[0], rewards.dtype)
+  # Scan over time: transpose to [T, B] so every step handles the whole batch.
+  _, advantages = jax.lax.scan(step, (zeros, zeros), (rewards.T, values.T, mask.T), reverse=True)
+  advantages = advantages.T
+  returns = jnp.where(mask, advantages + values, 0.0)
+  return jax.lax.stop_gradient(advantages), jax.lax.stop_gradient(returns)
+
+
+def whiten(x: jax.Array, mask: jax.Array, shift_mean: bool = True, eps: float = 1e-8) -> jax.Array:
+  """Masked whitening: (x - mean_m(x)) / sqrt(var_m(x) + eps), statistics over valid entries only.
+
+  Args:
+    x: [B, T] (or any shape matching ``mask``).
+    mask: valid entries.
+    shift_mean: if False the mean is added back (scale only), as done for rewards in some RLHF codebases.
+    eps: variance floor.
+
+  Returns:
+    Whitened ``x``; 0 at masked positions.
+  """
+  mask = _as_bool(mask)
+  mean = masked_mean(x, mask)
+  var = masked_var(x, mask)
+  whitened = (x - mean) * jax.lax.rsqrt(var + eps)
+  if not shift_mean:
+    whitened = whitened + mean
+  return jnp.where(mask, whitened, 0.0)
+
+
+def policy_loss(
+    logprobs: jax.Array,
+    old_logprobs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    clip_eps: float | jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss averaged over valid tokens.
+
+    rho_t = exp(log pi_theta(a_t) - log pi_old(a_t))
+    L     = mean_m[ max(-A_t rho_t, -A_t clip(rho_t, 1 - eps, 1 + eps)) ]
+
+  Args:
+    logprobs: [B, T] log pi_theta of the sampled tokens (differentiable).
+    old_logprobs: [B, T] log pi_old at rollout time.
+    advantages: [B, T] (usually whitened) advantages.
+    mask: [B, T] valid tokens.
+    clip_eps: epsilon.
+
+  Returns:
+    (loss, aux) with aux['clipfrac'] the fraction of valid tokens where the clipped term is active,
+    aux['approx_kl'] = mean_m[(rho - 1) - log rho], an estimate of KL(pi_old || pi_theta) (k3), and
+    aux['ratio_mean'].
+  """
+  mask = _as_bool(mask)
+  # Zero the log-ratio at masked positions before exp so padding garbage cannot overflow or poison gradients.
+  log_ratio = jnp.where(mask, logprobs - old_logprobs, 0.0)
+  ratio = jnp.exp(log_ratio)
+  advantages = jnp.where(mask, jax.lax.stop_gradient(advantages), 0.0)
+  unclipped = -advantages * ratio
+  clipped = -advantages * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+  loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
+  aux = {
+      "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+      "approx_kl": masked_mean(jax.lax.stop_gradient(jnp.expm1(log_ratio) - log_ratio), mask),
+      "ratio_mean": masked_mean(jax.lax.stop_gradient(ratio), mask),
+  }
+  return loss, aux
+
+
+def value_loss(
+    values: jax.Array,
+    old_values: jax.Array,
+    returns: jax.Array,
+    mask: jax.Array,
+    clip_eps: float | jax.Array,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Clipped value loss (as in the PPO2 baselines and RLHF codebases).
+
+    V_clip = V_old + clip(V - V_old, -eps, eps)
+    L      = 0.5 * mean_m[ max((V - R)^2, (V_clip - R)^2) ]
+
+  Args:
+    values: [B, T] current critic values (differentiable).
+    old_values: [B, T] critic values at rollout time.
+    returns: [B, T] regression targets from ``gae``.
+    mask: [B, T] valid tokens.
+    clip_eps: value clip range (in value units).
+
+  Returns:
+    (loss, aux) with aux['vf_clipfrac'] the fraction of valid tokens where the clipped error is the larger one,
+    and aux['value_error'] = mean_m[(V - R)^2].
+  """
+  mask = _as_bool(mask)
+  returns = jax.lax.stop_gradient(returns)
+  clipped_values = old_values + jnp.clip(values - old_values, -clip_eps, clip_eps)
+  error = jnp.square(values - returns)
+  error_clipped = jnp.square(clipped_values - returns)
+  loss = 0.5 * masked_mean(jnp.maximum(error, error_clipped), mask)
+  aux = {
+      "vf_clipfrac": masked_mean((error_clipped > error).astype(jnp.float32), mask),
+      "value_error": masked_mean(jax.lax.stop_gradient(error), mask),
+  }
+  return loss, aux
+
+
+def entropy_from_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
+  """Masked mean token entropy: mean_m[ -sum_v p_v log p_v ], p = softmax(logits).
+
+  Args:
+    logits: [B, T, V].
+    mask: [B, T] valid tokens.
+
+  Returns:
+    Scalar mean entropy over valid tokens (nats). Vocabulary entries with logit -inf contribute 0.
+  """
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  p = jnp.exp(log_p)
+  entropy = -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+  return masked_mean(entropy, mask)
+
+
+def update_kl_coef(
+    coef: float | jax.Array,
+    observed_kl: float | jax.Array,
+    target: Optional[float],
+    horizon: float,
+    n_steps: int | jax.Array,
+) -> float | jax.Array:
+  """Adaptive KL coefficient, the proportional controller of Ziegler et al. (2019), section 2.2.
+
+    e    = clip(KL_observed / KL_target - 1, -0.2, 0.2)
+    beta <- beta * (1 + e * n_steps / horizon)
+
+  Args:
+    coef: current beta.
+    observed_kl: mean per-sequence KL(pi || pi_ref) of the last batch (``kl_sum`` averaged over rows).
+    target: KL target; None means a fixed coefficient (beta is returned unchanged).
+    horizon: controller horizon, in the same unit as ``n_steps`` (Ziegler et al. use 10k episodes).
+    n_steps: how much experience the update covers (e.g. the batch size in episodes).
+
+  Returns:
+    The new beta.
+  """
+  if target is None:
+    return coef
+  error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
+  return coef * (1.0 + error * n_steps / horizon)

@@ -1,0 +1,290 @@
+"""Fitting Q^{pi_k}, Iterative PPO (Algorithm 1, step 2): policy evaluation of the deployed policy.
+
+The Q-model scores (state s_i, suggestion a_i) with the discounted return that followed in the logs,
+G_i = sum_{j >= i} gamma^{j - i} r_j with r_j = o_j (the outcome flag, PAPER.md "SR MDP"). This file holds:
+  * the losses: Monte Carlo regression (BCE on logits, since returns lie in [0, 1]; or MSE), and the lower-variance
+    alternatives the note names, TD(0)/SARSA and TD(lambda), whose bootstrap values come from target parameters
+    updated by Polyak averaging or periodic copies;
+  * evaluation metrics for a fitted Q (Brier score, expected calibration error, AUC, Pearson correlation), host
+    side in NumPy;
+  * the jitted fit step (appended below the maths).
+
+Turn-level arrays are [B, T] with T = turns of a conversation and ``mask[B, T]`` marking real turns.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---- Q-fit maths ----
+
+
+def _as_bool(mask: jax.Array) -> jax.Array:
+  return jnp.asarray(mask).astype(bool)
+
+
+def _masked_reverse_scan(step_fn, init, xs, mask):
+  """Runs ``step_fn(carry, x) -> (carry, y)`` backwards over axis 1 of [B, T] inputs, skipping masked turns.
+
+  A masked turn leaves the carry untouched and outputs 0, so the valid turn before it sees the next valid turn
+  as its successor.
+  """
+  def step(carry, inputs):
+    x, valid = inputs
+    new_carry, y = step_fn(carry, x)
+    carry = jax.tree.map(lambda new, old: jnp.where(valid, new, old), new_carry, carry)
+    return carry, jnp.where(valid, y, 0.0)
+
+  xs_time_major = jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), xs)  # [T, B] so each step handles the batch
+  _, ys = jax.lax.scan(step, init, (xs_time_major, mask.T), reverse=True)
+  return ys.T
+
+
+def discounted_returns(rewards: jax.Array, mask: jax.Array, gamma: float | jax.Array) -> jax.Array:
+  """Monte Carlo discounted return from every turn: G_t = r_t + gamma * G_{n(t)}, G after the last turn = 0.
+
+  n(t) is the next valid turn (masked turns are skipped and get G = 0).
+
+  Args:
+    rewards: [B, T] per-turn rewards (r_t = o_t, received after the suggestion at turn t).
+    mask: [B, T] real turns.
+    gamma: discount < 1 (sooner outcomes are worth more).
+
+  Returns:
+    [B, T] returns, 0 at masked turns.
+  """
+  mask = _as_bool(mask)
+  # At least float32, so integer 0/1 outcome flags work and the scan carry has one float dtype.
+  rewards = jnp.where(mask, rewards, 0.0).astype(jnp.promote_types(jnp.result_type(rewards), jnp.float32))
+
+  def step(next_return, reward):
+    value = reward + gamma * next_return
+    return value, value
+
+  init = jnp.zeros(rewards.shape[0], rewards.dtype)
+  return _masked_reverse_scan(step, init, rewards, mask)
+
+
+def mc_loss(
+    predictions: jax.Array,
+    targets: jax.Array,
+    kind: str = "bce",
+    mask: jax.Array | None = None,
+) -> jax.Array:
+  """Monte Carlo regression loss of the Q-model onto observed (discounted) returns.
+
+    'bce': mean[ softplus(x) - y x ]  = mean[ -y log sigmoid(x) - (1 - y) log(1 - sigmoid(x)) ], x = logits,
+           valid for soft targets y in [0, 1] (discounted 0/1 returns); minimised at sigmoid(x) = E[y | s, a].
+    'mse': mean[ (x - y)^2 ], x = predicted values.
+
+  Args:
+    predictions: [B] logits ('bce') or values ('mse').
+    targets: [B] returns.
+    kind: 'bce' or 'mse'.
+    mask: optional [B] real examples (padding rows of a static-shape batch are excluded).
+
+  Returns:
+    Scalar mean loss over valid examples.
+
+  Raises:
+    ValueError: for an unknown kind.
+  """
+  predictions = predictions.astype(jnp.float32)
+  targets = targets.astype(jnp.float32)
+  if kind == "bce":
+    # softplus(x) - y x is the numerically stable form of the cross-entropy on logits.
+    losses = jax.nn.softplus(predictions) - targets * predictions
+  elif kind == "mse":
+    losses = jnp.square(predictions - targets)
+  else:
+    raise ValueError(f"Unknown Monte Carlo loss {kind!r}; expected 'bce' or 'mse'.")
+  if mask is None:
+    return jnp.mean(losses)
+  mask = _as_bool(mask)
+  return jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def td_targets(
+    rewards: jax.Array,
+    next_values: jax.Array,
+    dones: jax.Array,
+    mask: jax.Array,
+    gamma: float | jax.Array,
+) -> jax.Array:
+  """TD(0) / SARSA targets at turn level: y_t = r_t + gamma * (1 - done_t) * Q_bar(s_{t+1}, a_{t+1}).
+
+  ``next_values[:, t]`` must be the *target-network* value of the next logged (state, suggestion) pair,
+  Q_bar(s_{t+1}, a_{t+1}) (SARSA: evaluates the logged policy, no max over responses). At a terminal turn
+  (done_t = 1) nothing is bootstrapped; a non-terminal last turn (truncated log) bootstraps from next_values.
+
+  Args:
+    rewards: [B, T] per-turn rewards.
+    next_values: [B, T] target-network values of the successor pair (any value where done or masked).
+    dones: [B, T] 1 where the episode ends after turn t.
+    mask: [B, T] real turns.
+    gamma: discount.
+
+  Returns:
+    [B, T] targets (constants: no gradient), 0 at masked turns.
+  """
+  mask = _as_bool(mask)
+  not_done = 1.0 - jnp.asarray(dones).astype(jnp.float32)
+  # where() rather than multiply: a done turn's successor value may be garbage (NaN from padding).
+  bootstrap = jnp.where(not_done > 0, gamma * next_values, 0.0)
+  targets = jnp.where(mask, rewards + bootstrap, 0.0)
+  return jax.lax.stop_gradient(targets)
+
+
+def td_lambda_targets(
+    rewards: jax.Array,
+    values_next: jax.Array,
+    dones: jax.Array,
+    mask: jax.Array,
+    gamma: float | jax.Array,
+    lam: float | jax.Array,
+) -> jax.Array:
+  """TD(lambda) returns by a reverse scan over turns.
+
+    G_t = r_t + gamma * (1 - done_t) * ((1 - lam) * V_bar_{t+1} + lam * G_{n(t)})
+
+  ``values_next[:, t]`` = Q_bar(s_{t+1}, a_{t+1}) from the *target* parameters (as in ``td_targets``).
+  n(t) is the next valid turn. At the last valid turn of a row there is no G_{n(t)}: if done_t = 1 nothing is
+  bootstrapped; otherwise (truncated log) G_{n(t)} is replaced by V_bar_{t+1}, i.e. a plain TD(0) bootstrap.
+  lam = 0 gives ``td_targets``; lam = 1 with done at the end gives ``discounted_returns``.
+
+  Args:
+    rewards: [B, T] per-turn rewards.
+    values_next: [B, T] target-network values of the successor pair.
+    dones: [B, T] 1 where the episode ends after turn t.
+    mask: [B, T] real turns.
+    gamma: discount.
+    lam: lambda in [0, 1].
+
+  Returns:
+    [B, T] lambda-returns (constants: no gradient), 0 at masked turns.
+  """
+  mask = _as_bool(mask)
+  dtype = jnp.promote_types(jnp.result_type(rewards, values_next), jnp.float32)
+  rewards = jnp.where(mask, rewards, 0.0).astype(dtype)
+  not_done = jnp.where(mask, 1.0 - dones.astype(dtype), 0.0)
+  values_next = jnp.where(not_done > 0, values_next, 0.0).astype(dtype)
+
+  def step(carry, x):
+    next_return, has_next = carry
+    reward, value_next, live = x
+    # No later valid turn in this row: fall back to the one-step bootstrap.
+    next_return = jnp.where(has_next, next_return, value_next)
+    value = reward + gamma * live * ((1.0 - lam) * value_next + lam * next_return)
+    return (value, jnp.ones_like(has_next)), value
+
+  batch = rewards.shape[0]
+  init = (jnp.zeros(batch, dtype), jnp.zeros(batch, bool))
+  targets = _masked_reverse_scan(step, init, (rewards, values_next, not_done), mask)
+  return jax.lax.stop_gradient(targets)
+
+
+def polyak_update(target_params: Any, online_params: Any, tau: float | jax.Array) -> Any:
+  """Polyak averaging of target parameters: theta_bar <- (1 - tau) * theta_bar + tau * theta.
+
+  Args:
+    target_params: pytree of arrays (theta_bar).
+    online_params: pytree of the same structure (theta).
+    tau: step size in [0, 1]; 1 copies, 0 keeps the target.
+
+  Returns:
+    The new target pytree.
+  """
+  return jax.tree.map(lambda t, o: (1.0 - tau) * t + tau * o, target_params, online_params)
+
+
+def periodic_copy(target_params: Any, online_params: Any, step: int | jax.Array, period: int) -> Any:
+  """Hard target update: theta_bar <- theta when step % period == 0, else unchanged (jittable in ``step``).
+
+  Args:
+    target_params: pytree (theta_bar).
+    online_params: pytree of the same structure (theta).
+    step: current step (after the update that produced ``online_params``).
+    period: copy every ``period`` steps (>= 1).
+
+  Returns:
+    The new target pytree.
+  """
+  copy = (step % period) == 0
+  return jax.tree.map(lambda t, o: jnp.where(copy, o, t), target_params, online_params)
+
+
+# ---- Q-model evaluation metrics (host side) ----
+
+
+def brier(probs, outcomes) -> float:
+  """Brier score: mean_i (p_i - y_i)^2. Lower is better; 0.25 for a constant 0.5 forecast of fair coins."""
+  probs = np.asarray(probs, np.float64).ravel()
+  outcomes = np.asarray(outcomes, np.float64).ravel()
+  return float(np.mean(np.square(probs - outcomes)))
+
+
+def expected_calibration_error(probs, outcomes, n_bins: int = 10) -> float:
+  """ECE with equal-width bins: sum_b (n_b / N) * |mean_{i in b} p_i - mean_{i in b} y_i|.
+
+  Bins are [0, 1/n), [1/n, 2/n), ..., [(n-1)/n, 1]; the last bin includes 1. Empty bins contribute 0.
+
+  Args:
+    probs: [N] predicted probabilities in [0, 1].
+    outcomes: [N] observed outcomes (0/1, or returns in [0, 1]).
+    n_bins: number of bins.
+
+  Returns:
+    ECE as a float.
+  """
+  probs = np.asarray(probs, np.float64).ravel()
+  outcomes = np.asarray(outcomes, np.float64).ravel()
+  bins = np.clip(np.floor(probs * n_bins).astype(np.int64), 0, n_bins - 1)
+  counts = np.bincount(bins, minlength=n_bins)
+  prob_sums = np.bincount(bins, weights=probs, minlength=n_bins)
+  outcome_sums = np.bincount(bins, weights=outcomes, minlength=n_bins)
+  # |sum p - sum y| / N == (n_b / N) * |mean p - mean y|, and is 0 for empty bins without dividing by 0.
+  return float(np.sum(np.abs(prob_sums - outcome_sums)) / max(len(probs), 1))
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+  """1-based ranks with ties given their average rank (the Mann-Whitney convention)."""
+  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+  first_rank = np.cumsum(counts) - counts + 1  # rank of the first element of each tie group
+  return (first_rank + (counts - 1) / 2.0)[inverse]
+
+
+def auc(scores, labels) -> float:
+  """ROC AUC via the Mann-Whitney U statistic: P(score_pos > score_neg) + 0.5 P(score_pos = score_neg).
+
+    AUC = (sum_{i pos} rank_i - n_pos (n_pos + 1) / 2) / (n_pos * n_neg), ranks averaged over ties.
+
+  Args:
+    scores: [N] predicted scores (any monotone scale).
+    labels: [N] binary labels (truthy = positive).
+
+  Returns:
+    AUC, or NaN when one class is absent.
+  """
+  scores = np.asarray(scores, np.float64).ravel()
+  labels = np.asarray(labels).ravel().astype(bool)
+  n_pos = int(labels.sum())
+  n_neg = len(labels) - n_pos
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  ranks = _average_ranks(scores)
+  u_statistic = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+  return float(u_statistic / (n_pos * n_neg))
+
+
+def pearson(x, y) -> float:
+  """Pearson correlation cov(x, y) / (std(x) std(y)); NaN when either input is constant."""
+  x = np.asarray(x, np.float64).ravel()
+  y = np.asarray(y, np.float64).ravel()
+  x = x - x.mean()
+  y = y - y.mean()
+  denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
+  if denominator == 0:
+    return float("nan")
+  return float(np.sum(x * y) / denominator)
