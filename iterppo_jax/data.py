@@ -1,0 +1,241 @@
+"""Logged conversations -> (state, action, return) examples -> fixed-shape token batches (DESIGN.md).
+
+One `Example` per decision point of the SR MDP (PAPER.md): the state s_i rendered as a prompt, the agent's
+suggestion a_i, the message m_i the business actually sent, and the Monte Carlo discounted return
+G_i = sum_{j>i} gamma^{j-i-1} o_j that Algorithm 1 step 2 regresses Q^{pi_k}(s_i, a_i) on. `next_index`
+and `done` link each decision to the next one of its conversation, for TD(0)/TD(lambda) targets.
+
+Token layout (static shapes, so a jitted step never recompiles):
+
+  encode_prompts  [pad ... pad | prompt]                 left-padded, for the sampler to continue
+  encode_pairs    [prompt | action ... <eot> | pad ...]  right-padded, length max_prompt_len + max_action_len
+
+Prompt and action are encoded separately and concatenated: the prompt ends in the special `<suggestion>`
+token, so this is what a sampler emitting action tokens after the prompt ids produces (tokenizer.py).
+`batch_iterator` and `host_slice` cut these arrays into global batches and each host's share of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax.envs import base
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One decision point a_i of a logged conversation."""
+  conversation_id: str
+  turn: int  # index of this decision within its conversation (0, 1, ...)
+  prompt: str  # render_state of the turns before the suggestion (ends with the <suggestion> tag)
+  suggestion: str  # the agent's a_i; ABSTAIN_TEXT when it abstained
+  sent: str | None  # the business message m_i actually sent; None when the business sent nothing
+  feedback: str | None  # how the business user treated a_i (conversation.FEEDBACKS); None if nothing sent
+  target: float  # Monte Carlo discounted return from a_i (base.discounted_targets)
+  reward: float  # outcome flag o of the customer message right after this decision; 0 if none
+  next_index: int  # index of this conversation's next decision in the same list; -1 if last
+  done: bool  # no next decision (next_index == -1)
+  outcome: float  # the conversation's outcome label
+
+
+def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma: float,
+                                max_render_turns: int | None = None) -> list[Example]:
+  """Every decision point of every conversation, in order.
+
+  Args:
+    records: logged conversations.
+    gamma: discount of the Monte Carlo returns (0 <= gamma <= 1).
+    max_render_turns: rounds of history kept in each prompt (conversation.render_state).
+  Returns:
+    Examples grouped by conversation, decisions in turn order; `next_index` points into this list.
+  """
+  out: list[Example] = []
+  for record in records:
+    steps = record.agent_steps()
+    targets = base.discounted_targets(record, gamma)
+    turns = record.turns
+    first = len(out)
+    for k, i in enumerate(steps):
+      suggestion = turns[i]
+      sent = feedback = None
+      reward = 0.0
+      j = i + 1
+      if j < len(turns) and turns[j].role == "business":
+        sent, feedback = turns[j].text, turns[j].feedback
+        j += 1
+      if j < len(turns) and turns[j].role == "customer":
+        reward = float(turns[j].flag or 0)
+      last = k == len(steps) - 1
+      out.append(Example(
+          conversation_id=record.id, turn=k,
+          prompt=conv_lib.render_state(turns[:i], max_render_turns),
+          suggestion=conv_lib.ABSTAIN_TEXT if suggestion.abstain else suggestion.text,
+          sent=sent, feedback=feedback, target=float(targets[k]), reward=reward,
+          next_index=-1 if last else first + k + 1, done=last, outcome=float(record.outcome)))
+  return out
+
+
+# ---- tokens ----
+
+def _truncate_left(ids: list[int], max_len: int) -> list[int]:
+  # The most recent turns matter most for the next suggestion, so a long prompt loses its beginning.
+  return ids[len(ids) - max_len:] if len(ids) > max_len else ids
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
+  """Prompts for sampling, left-padded so every row's last prompt token sits at column P-1.
+
+  Args:
+    tokenizer: a tokenizer.Tokenizer.
+    prompts: B rendered states.
+    max_len: P; longer prompts keep their last P tokens.
+  Returns:
+    tokens [B, P] int32 (pad_id on the left), valid [B, P] bool.
+  """
+  tokens = np.full((len(prompts), max_len), tokenizer.pad_id, dtype=np.int32)
+  valid = np.zeros((len(prompts), max_len), dtype=bool)
+  for b, ids in enumerate(tokenizer.encode_batch(list(prompts))):
+    ids = _truncate_left(ids, max_len)
+    if ids:
+      tokens[b, max_len - len(ids):] = ids
+      valid[b, max_len - len(ids):] = True
+  return {"tokens": tokens, "valid": valid}
+
+
+def encode_actions(tokenizer, actions: Sequence[str], max_len: int) -> list[list[int]]:
+  """Action ids as the model emits them (render_action), at most `max_len` and always ending in <eot>.
+
+  An empty action means abstaining and is encoded as ABSTAIN_TEXT (what parse_action maps to '').
+  """
+  if max_len < 2:
+    raise ValueError(f"max_action_len must leave room for a token and <eot>, got {max_len}")
+  texts = [conv_lib.render_action(a if a.strip() else conv_lib.ABSTAIN_TEXT) for a in actions]
+  out = []
+  for ids in tokenizer.encode_batch(texts):
+    if ids[-1] != tokenizer.eot_id:  # render_action ends with <eot>; a special token is never merged
+      raise ValueError("encoded action does not end with <eot>; is <eot> a special token?")
+    out.append(ids if len(ids) <= max_len else ids[:max_len - 1] + [tokenizer.eot_id])
+  return out
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], actions: Sequence[str], max_prompt_len: int,
+                 max_action_len: int) -> dict[str, np.ndarray]:
+  """(state, action) pairs as one right-padded sequence each, for SFT, Q-fitting and PPO scoring.
+
+  Prompts keep their last `max_prompt_len` tokens; actions are cut to `max_action_len` keeping the final
+  <eot>. With L = max_prompt_len + max_action_len:
+
+  Args:
+    tokenizer: a tokenizer.Tokenizer.
+    prompts: B rendered states (conversation.render_state).
+    actions: B action texts (suggestions or sent messages; ABSTAIN_TEXT or '' to abstain).
+    max_prompt_len, max_action_len: token budgets.
+  Returns:
+    tokens [B, L] int32 (pad_id after the action),
+    positions [B, L] int32 (0, 1, ... over the real tokens, 0 on padding),
+    valid [B, L] bool (real tokens),
+    loss_mask [B, L] float32 (1 on the action tokens including <eot>, 0 on prompt and padding),
+    last_index [B] int32 (column of the action's <eot>: where a Q-model reads its value),
+    prompt_len [B] int32.
+  """
+  if len(prompts) != len(actions):
+    raise ValueError(f"{len(prompts)} prompts but {len(actions)} actions")
+  n, length = len(prompts), max_prompt_len + max_action_len
+  tokens = np.full((n, length), tokenizer.pad_id, dtype=np.int32)
+  positions = np.zeros((n, length), dtype=np.int32)
+  valid = np.zeros((n, length), dtype=bool)
+  loss_mask = np.zeros((n, length), dtype=np.float32)
+  last_index = np.zeros((n,), dtype=np.int32)
+  prompt_len = np.zeros((n,), dtype=np.int32)
+  prompt_ids = tokenizer.encode_batch(list(prompts))
+  action_ids = encode_actions(tokenizer, actions, max_action_len)
+  for b, (p, a) in enumerate(zip(prompt_ids, action_ids)):
+    p = _truncate_left(p, max_prompt_len)
+    total = len(p) + len(a)
+    tokens[b, :total] = p + a
+    positions[b, :total] = np.arange(total)
+    valid[b, :total] = True
+    loss_mask[b, len(p):total] = 1.0
+    last_index[b] = total - 1
+    prompt_len[b] = len(p)
+  return {"tokens": tokens, "positions": positions, "valid": valid, "loss_mask": loss_mask,
+          "last_index": last_index, "prompt_len": prompt_len}
+
+
+def example_arrays(tokenizer, examples: Sequence[Example], max_prompt_len: int, max_action_len: int,
+                   action: str = "suggestion") -> dict[str, np.ndarray]:
+  """encode_pairs over examples, plus their targets, rewards and links; row r is examples[r].
+
+  Args:
+    action: 'suggestion' (a_i: what Q and the policy are about) or 'sent' (m_i: behaviour cloning of the
+      business staff; every example must have a sent message, so filter first and mind next_index).
+  Returns:
+    encode_pairs' arrays and target, reward, outcome [B] float32, done [B] bool, next_index [B] int32.
+  """
+  if action not in ("suggestion", "sent"):
+    raise ValueError(f"action must be 'suggestion' or 'sent', got {action!r}")
+  texts = [getattr(e, action) for e in examples]
+  if any(t is None for t in texts):
+    raise ValueError("some examples have no sent message; filter them before action='sent'")
+  out = encode_pairs(tokenizer, [e.prompt for e in examples], texts, max_prompt_len, max_action_len)
+  out["target"] = np.asarray([e.target for e in examples], dtype=np.float32)
+  out["reward"] = np.asarray([e.reward for e in examples], dtype=np.float32)
+  out["outcome"] = np.asarray([e.outcome for e in examples], dtype=np.float32)
+  out["done"] = np.asarray([e.done for e in examples], dtype=bool)
+  out["next_index"] = np.asarray([e.next_index for e in examples], dtype=np.int32)
+  return out
+
+
+# ---- batches ----
+
+def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, seed: int, epochs: int = 1,
+                   shuffle: bool = True, drop_remainder: bool = True) -> Iterator[dict[str, np.ndarray]]:
+  """Fixed-shape batches of rows of `arrays` (all share the leading dimension N).
+
+  The order of epoch e is a permutation drawn from (seed, e) alone, so the same seed gives the same
+  batches and a resumed run can skip ahead. With drop_remainder=False the last partial batch of each epoch
+  is filled up with repeated rows (real data, so no fully masked sequences reach the model) and every batch
+  carries `batch_valid` [batch_size] bool marking the rows to count.
+
+  Yields:
+    dicts with the keys of `arrays`, each [batch_size, ...].
+  """
+  sizes = {k: len(v) for k, v in arrays.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"arrays disagree on the number of rows: {sizes}")
+  n = next(iter(sizes.values()))
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive, got {batch_size}")
+  if drop_remainder and n < batch_size:
+    raise ValueError(f"{n} rows < batch_size {batch_size}: drop_remainder would yield no batch")
+  for epoch in range(epochs):
+    order = np.random.default_rng((seed, epoch)).permutation(n) if shuffle else np.arange(n)
+    stop = (n // batch_size) * batch_size if drop_remainder else n
+    for start in range(0, stop, batch_size):
+      rows = order[start:start + batch_size]
+      count = len(rows)
+      if count < batch_size:
+        rows = np.concatenate([rows, np.resize(order, batch_size - count)])
+      batch = {k: v[rows] for k, v in arrays.items()}
+      if not drop_remainder:
+        batch["batch_valid"] = np.arange(batch_size) < count
+      yield batch
+
+
+def host_slice(batch: dict[str, np.ndarray], process_index: int, process_count: int
+               ) -> dict[str, np.ndarray]:
+  """This host's contiguous rows of a global batch (what jax.make_array_from_process_local_data wants)."""
+  sizes = {len(v) for v in batch.values()}
+  if len(sizes) != 1:
+    raise ValueError(f"batch arrays disagree on the number of rows: {sorted(sizes)}")
+  n = sizes.pop()
+  if n % process_count:
+    raise ValueError(f"global batch of {n} rows does not split over {process_count} processes")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} out of range for {process_count} processes")
+  per = n // process_count
+  return {k: v[process_index * per:(process_index + 1) * per] for k, v in batch.items()}

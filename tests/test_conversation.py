@@ -1,0 +1,126 @@
+"""Conversation records: JSONL round trip, file:line errors for each malformed input, lenient reads,
+atomic writes that leave the old file on failure, and rendering/parsing of actions (abstain included)."""
+
+import json
+import os
+
+import pytest
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import io_utils
+from iterppo_jax.envs import policies, sales
+
+
+def _good_record(cid="c-0"):
+  return conv_lib.Conversation(
+      id=cid, domain="sales", policy="hand", outcome=1.0, end_reason="outcome",
+      metadata={"seed": 0, "profile": {"need": "laptop", "budget": 900.5}},
+      turns=[conv_lib.Turn("customer", "Hi, I'm browsing. Café ☕", flag=0),
+             conv_lib.Turn("suggestion", "", abstain=True),
+             conv_lib.Turn("business", "Welcome! What are you looking for?", feedback="none"),
+             conv_lib.Turn("customer", "A laptop.", flag=0),
+             conv_lib.Turn("suggestion", "The Nimbus Pro is $899."),
+             conv_lib.Turn("business", "The Nimbus Pro is $899!", feedback="edit"),
+             conv_lib.Turn("customer", "I'll buy it.", flag=1)])
+
+
+def _good_line(cid="c-0"):
+  return conv_lib.dumps(_good_record(cid))
+
+
+# (name, bad line as bytes, expected fragment of the reason)
+def _line(outcome, *turns):
+  obj = {"id": "x", "turns": [{"role": role, "text": text} for role, text in turns]}
+  if outcome is not None:
+    obj["outcome"] = outcome
+  return json.dumps(obj).encode()
+
+
+# (name, bad line as bytes, expected fragment of the reason)
+_BAD_LINES = [
+    ("malformed_json", b'{"id": "x", "outcome": 1, "turns": [', "malformed JSON"),
+    ("missing_outcome", _line(None, ("customer", "hi"), ("suggestion", "hello")), "missing outcome"),
+    ("unknown_role", _line(0, ("customer", "hi"), ("robot", "beep")), "unknown role 'robot'"),
+    ("empty_text", _line(0, ("customer", "hi"), ("business", "  ")), "empty text in a business turn"),
+    ("non_utf8", b'{"id": "x", "outcome": 0, "turns": [{"role": "customer", "text": "caf\xe9"}]}',
+     "not valid UTF-8"),
+    ("no_agent_turn", _line(0, ("customer", "hi"), ("customer", "anyone?")), "no agent turn"),
+]
+
+
+def test_jsonl_round_trip(tmp_path):
+  records = sales.SalesEnv().play(policies.make_sales_policy("behavior"), 50, seed=3) + [_good_record()]
+  path = str(tmp_path / "logs.jsonl")
+  assert conv_lib.write_jsonl(path, records) == len(records)
+  assert conv_lib.read_jsonl(path) == records
+  assert conv_lib.read_glob(str(tmp_path / "*.jsonl")) == records
+
+
+@pytest.mark.parametrize("name,line,reason", _BAD_LINES, ids=[b[0] for b in _BAD_LINES])
+def test_malformed_line_names_file_and_line(tmp_path, name, line, reason):
+  path = tmp_path / f"{name}.jsonl"
+  # A blank line in between: line numbers count physical lines, blanks included.
+  path.write_bytes(_good_line().encode() + b"\n\n" + line + b"\n")
+  with pytest.raises(conv_lib.ConversationFormatError) as info:
+    conv_lib.read_jsonl(str(path))
+  message = str(info.value)
+  assert f"{path}:3" in message
+  assert reason in message
+
+
+def test_skip_invalid_counts_and_keeps_good_ones(tmp_path):
+  path = tmp_path / "mixed.jsonl"
+  lines = [_good_line("a").encode()] + [b[1] for b in _BAD_LINES] + [_good_line("b").encode()]
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  report = conv_lib.ReadReport()
+  records = conv_lib.read_jsonl(str(path), skip_invalid=True, report=report)
+  assert [r.id for r in records] == ["a", "b"]
+  assert records[0] == _good_record("a")
+  assert (report.read, report.skipped) == (2, len(_BAD_LINES))
+  assert len(report.errors) == len(_BAD_LINES)
+  assert all(f"{path}:{i + 2}" in err for i, err in enumerate(report.errors))
+
+
+class _Unserialisable(conv_lib.Conversation):
+  def to_json(self):
+    raise RuntimeError("cannot serialise this record")
+
+
+def test_failed_write_keeps_old_file_and_no_temp_files(tmp_path, monkeypatch):
+  path = str(tmp_path / "logs.jsonl")
+  conv_lib.write_jsonl(path, [_good_record("old")])
+  before = open(path, "rb").read()
+  bad = _Unserialisable(**{f: getattr(_good_record("new"), f) for f in
+                           ("id", "domain", "policy", "turns", "outcome", "end_reason", "metadata")})
+  with pytest.raises(RuntimeError, match="cannot serialise"):
+    conv_lib.write_jsonl(path, [_good_record("new"), bad])
+  assert open(path, "rb").read() == before
+  assert os.listdir(tmp_path) == ["logs.jsonl"]
+
+  # A failure after the temp file is written (the rename itself) also leaves the old file and no temp file.
+  def failing_replace(src, dst):
+    raise OSError("disk went away")
+  monkeypatch.setattr(io_utils.os, "replace", failing_replace)
+  with pytest.raises(OSError, match="disk went away"):
+    conv_lib.write_jsonl(path, [_good_record("new")])
+  monkeypatch.undo()
+  assert open(path, "rb").read() == before
+  assert os.listdir(tmp_path) == ["logs.jsonl"]
+  assert conv_lib.read_jsonl(path)[0].id == "old"
+
+
+def test_render_state_and_parse_action():
+  turns = _good_record().turns
+  state = conv_lib.render_state(turns[:4])
+  assert state == ("<customer> Hi, I'm browsing. Café ☕ <eot> <suggestion> <no suggestion> <eot> <business> "
+                   "Welcome! What are you looking for? <eot> <customer> A laptop. <eot> <suggestion>")
+  # max_turns keeps the last rounds (a round starts at a customer message).
+  assert conv_lib.render_state(turns[:4], max_turns=1) == "<customer> A laptop. <eot> <suggestion>"
+  assert conv_lib.render_state([]) == "<suggestion>"
+  # Abstaining round-trips through the rendered action: '' -> ABSTAIN_TEXT -> ''.
+  assert conv_lib.render_turn(turns[1]) == "<suggestion> <no suggestion> <eot>"
+  assert conv_lib.parse_action(conv_lib.render_action(conv_lib.ABSTAIN_TEXT)) == ""
+  assert conv_lib.parse_action(conv_lib.render_action("Try the Nimbus Pro.")) == "Try the Nimbus Pro."
+  # Generation past the end of turn is ignored.
+  assert conv_lib.parse_action(" Hello there <eot> <business> junk") == "Hello there"
+  assert conv_lib.parse_action(" no end marker") == "no end marker"
