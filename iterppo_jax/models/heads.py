@@ -1,0 +1,62 @@
+"""Scalar heads on a transformer trunk: the Q-model Q(s, a) and the PPO critic V(s_t).
+
+Both are the same module: the decoder trunk of ``models/transformer.py`` (no LM head) followed by
+a linear map D -> 1 at every token. The Q-model reads its value at the last action token; the
+critic uses the per-token values for GAE. ``scalar_model_from_policy`` warm-starts the trunk from
+the policy's weights, the usual initialisation of a critic / reward model in RLHF.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from iterppo_jax.models.transformer import Trunk, TransformerConfig, logical_param
+
+Array = jax.Array
+
+
+class ScalarModel(nnx.Module):
+  """Transformer trunk + linear head D -> 1, one scalar per token."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.trunk = Trunk(config, rngs=rngs)
+    # Small init: values start near 0 (probability 0.5 under a sigmoid) whatever the trunk says.
+    self.head_kernel = logical_param(rngs, nnx.initializers.normal(0.02), (config.embed_dim, 1),
+                                     ('embed', None), config.param_dtype)
+    self.head_bias = logical_param(rngs, nnx.initializers.zeros, (1,), (None,),
+                                   config.param_dtype)
+
+  def __call__(self, tokens: Array, positions: Array, attn_mask: Optional[Array] = None, *,
+               valid: Optional[Array] = None) -> Array:
+    """Per-token scalars.
+
+    Args:
+      tokens: [B,T] int32.
+      positions: [B,T] int32.
+      attn_mask: optional [B,T,T] bool (default causal).
+      valid: optional [B,T] bool, False at padding (ANDed into the mask).
+
+    Returns:
+      values: [B,T] float32. Entries at padding are meaningless; mask them in the loss.
+    """
+    hidden, _ = self.trunk(tokens, positions, attn_mask, valid=valid)
+    kernel = self.head_kernel[...].astype(hidden.dtype)
+    values = jnp.einsum('BTD,DO->BTO', hidden, kernel, preferred_element_type=jnp.float32)
+    return values[..., 0] + self.head_bias[...].astype(jnp.float32)[0]
+
+
+def scalar_model_from_policy(policy: Any, *, rngs: nnx.Rngs) -> ScalarModel:
+  """A ScalarModel whose trunk starts as a copy of ``policy.trunk`` (a ``Transformer``).
+
+  The arrays are copied, not shared: a train step that donates the policy's buffers would
+  otherwise delete the critic's weights too.
+  """
+  model = ScalarModel(policy.config, rngs=rngs)
+  trunk_state = nnx.state(policy.trunk, nnx.Param)
+  nnx.update(model.trunk, jax.tree.map(jnp.copy, trunk_state))
+  return model

@@ -1,0 +1,410 @@
+"""Decoder-only transformer LM in Flax NNX: the policy pi, and the trunk of the Q-model and critic.
+
+Two families share one code path, picked by ``TransformerConfig.style``:
+  * ``'llama'``: rotary position embeddings (Su et al. 2021), RMSNorm, SwiGLU MLP, grouped-query
+    attention (Ainslie et al. 2023), no biases, tied or untied LM head (Touvron et al. 2023).
+  * ``'gpt2'``: learned position embeddings, LayerNorm with bias, GELU MLP, biases everywhere,
+    tied LM head (Radford et al. 2019).
+Both are pre-norm residual stacks with a final norm.
+
+Every parameter carries logical axis names (``vocab, embed, heads, kv_heads, kv, mlp, norm``) where
+it is created; ``iterppo_jax.sharding`` maps them to mesh axes. Activations are constrained only at
+block boundaries (``act_batch, act_len, act_embed``), a no-op when no mesh is active.
+
+Dimension letters in einsum strings and shape comments: B batch, T tokens, S cache length,
+D embed, N query heads, K kv heads, G = N // K query heads per kv head, H head dim, F mlp, V vocab.
+
+Masks: without a cache, key j is visible to query i iff j <= i and both are valid tokens
+(``make_attention_mask``). With a cache (``init_cache``), the call writes the new keys/values at
+``cache_index`` (the same for every row: rows are left-padded and advance in lock-step) and attends
+over valid cache slots ``< cache_index + t + 1``. Positions are per row, so a left-padded row
+starts at position 0 at its first real token (``positions_from_valid``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from iterppo_jax.sharding import constrain
+
+Array = jax.Array
+Cache = dict  # {'valid': [B,S] bool, 'layers': tuple of {'k': [B,S,K,H], 'v': [B,S,K,H]}}
+
+ACT_BTD = ('act_batch', 'act_len', 'act_embed')
+ACT_BTV = ('act_batch', 'act_len', 'act_vocab')
+# Finite, so a query row with no visible key (padding) gets a uniform softmax instead of NaN.
+_MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Sizes and options of the decoder. Built in experiments/ from the run config."""
+  vocab_size: int
+  num_layers: int
+  embed_dim: int       # D
+  mlp_dim: int         # F
+  num_heads: int       # N
+  num_kv_heads: int    # K; must divide N (K < N is grouped-query attention)
+  head_dim: int        # H
+  max_len: int         # longest sequence (size of the learned position table for gpt2)
+  style: str = 'llama'  # 'llama' | 'gpt2'
+  tie_embeddings: bool = True  # LM head reuses the token embedding
+  rope_theta: float = 10000.
+  norm_eps: float = 1e-6
+  dtype: str = 'float32'        # compute dtype; 'bfloat16' keeps f32 params and f32 logits
+  param_dtype: str = 'float32'
+  remat: bool = False           # recompute each block in the backward pass to save memory
+
+  def __post_init__(self):
+    if self.style not in ('llama', 'gpt2'):
+      raise ValueError(f"style must be 'llama' or 'gpt2', got {self.style!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f'num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}')
+    if self.style == 'llama' and self.head_dim % 2:
+      raise ValueError('RoPE needs an even head_dim')
+
+  @classmethod
+  def tiny(cls, vocab_size: int, **overrides: Any) -> 'TransformerConfig':
+    """About 3.5M params plus 256 per vocab entry: trains on CPU in tests and smoke runs."""
+    base = dict(vocab_size=vocab_size, num_layers=4, embed_dim=256, mlp_dim=768, num_heads=4,
+                num_kv_heads=4, head_dim=64, max_len=512)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def llama_1b(cls, vocab_size: int = 128256, **overrides: Any) -> 'TransformerConfig':
+    """Llama-3.2-1B shapes (without its RoPE frequency scaling)."""
+    base = dict(vocab_size=vocab_size, num_layers=16, embed_dim=2048, mlp_dim=8192, num_heads=32,
+                num_kv_heads=8, head_dim=64, max_len=8192, rope_theta=500000., norm_eps=1e-5,
+                tie_embeddings=True)
+    return cls(**{**base, **overrides})
+
+  @classmethod
+  def gpt2_small(cls, vocab_size: int = 50257, **overrides: Any) -> 'TransformerConfig':
+    """GPT-2 124M shapes."""
+    base = dict(vocab_size=vocab_size, num_layers=12, embed_dim=768, mlp_dim=3072, num_heads=12,
+                num_kv_heads=12, head_dim=64, max_len=1024, style='gpt2', norm_eps=1e-5,
+                tie_embeddings=True)
+    return cls(**{**base, **overrides})
+
+
+# ---- small pieces --------------------------------------------------------------------------------
+
+def logical_param(rngs: nnx.Rngs, init: Any, shape: Sequence[int],
+                  names: Tuple[Optional[str], ...], dtype: Any) -> nnx.Param:
+  """Creates an ``nnx.Param`` annotated with logical axis names (one per dimension).
+
+  ``eager_sharding=False``: the names are logical, not mesh axes, so flax must not try to shard
+  the value at creation; ``sharding.state_shardings`` maps them through the rules instead.
+  """
+  assert len(names) == len(shape), (names, shape)
+  init = nnx.with_partitioning(init, names, eager_sharding=False)
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.dtype(dtype)))
+
+
+def _fan_in_init(in_axis, out_axis):
+  return nnx.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal',
+                                           in_axis=in_axis, out_axis=out_axis)
+
+
+def make_attention_mask(valid: Array) -> Array:
+  """Causal mask between valid tokens.
+
+  Args:
+    valid: [B,T] bool, True at real tokens.
+  Returns:
+    [B,T,T] bool; [b,i,j] is True iff j <= i and tokens i and j are both valid.
+  """
+  length = valid.shape[-1]
+  causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+  return causal[None] & valid[:, None, :] & valid[:, :, None]
+
+
+def positions_from_valid(valid: Array) -> Array:
+  """Per-row positions [B,T] int32: 0 at each row's first valid token (padding gets 0 too)."""
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+  """Rotary embedding in the rotate-half layout used by Hugging Face Llama checkpoints.
+
+  Args:
+    x: [B,T,N,H] queries or keys.
+    positions: [B,T] int.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+  angle = positions.astype(jnp.float32)[..., None] * inv_freq          # [B,T,H/2]
+  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.scale = logical_param(rngs, nnx.initializers.ones, (dim,), ('norm',), param_dtype)
+    self.eps, self.dtype = eps, jnp.dtype(dtype)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)  # statistics in f32 even under bf16 compute
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
+    self.scale = logical_param(rngs, nnx.initializers.ones, (dim,), ('norm',), param_dtype)
+    self.bias = logical_param(rngs, nnx.initializers.zeros, (dim,), ('norm',), param_dtype)
+    self.eps, self.dtype = eps, jnp.dtype(dtype)
+
+  def __call__(self, x: Array) -> Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (x * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def _norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
+  cls = RMSNorm if config.style == 'llama' else LayerNorm
+  return cls(config.embed_dim, eps=config.norm_eps, dtype=config.dtype,
+             param_dtype=config.param_dtype, rngs=rngs)
+
+
+def _bias(rngs, shape, names, config, enabled):
+  return (logical_param(rngs, nnx.initializers.zeros, shape, names, config.param_dtype)
+          if enabled else None)
+
+
+def _add(x: Array, bias: Optional[nnx.Param]) -> Array:
+  return x if bias is None else x + bias[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Multi-head / grouped-query self-attention with an optional functional KV cache."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c, pd = config, config.param_dtype
+    D, N, K, H = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
+    biases = c.style == 'gpt2'
+    self.q_proj = logical_param(rngs, _fan_in_init(0, (1, 2)), (D, N, H),
+                                ('embed', 'heads', 'kv'), pd)
+    self.k_proj = logical_param(rngs, _fan_in_init(0, (1, 2)), (D, K, H),
+                                ('embed', 'kv_heads', 'kv'), pd)
+    self.v_proj = logical_param(rngs, _fan_in_init(0, (1, 2)), (D, K, H),
+                                ('embed', 'kv_heads', 'kv'), pd)
+    self.o_proj = logical_param(rngs, _fan_in_init((0, 1), 2), (N, H, D),
+                                ('heads', 'kv', 'embed'), pd)
+    self.q_bias = _bias(rngs, (N, H), ('heads', 'kv'), c, biases)
+    self.k_bias = _bias(rngs, (K, H), ('kv_heads', 'kv'), c, biases)
+    self.v_bias = _bias(rngs, (K, H), ('kv_heads', 'kv'), c, biases)
+    self.o_bias = _bias(rngs, (D,), ('embed',), c, biases)
+    self.config = config
+
+  def __call__(self, x: Array, positions: Array, mask: Array,
+               layer_cache: Optional[dict] = None, cache_index: Any = None):
+    """x: [B,T,D]; positions: [B,T]; mask: [B,T,S] (S = T without a cache).
+
+    Returns ([B,T,D], new layer cache or None).
+    """
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    B, T, _ = x.shape
+    q = _add(jnp.einsum('BTD,DNH->BTNH', x, self.q_proj[...].astype(dt)), self.q_bias)
+    k = _add(jnp.einsum('BTD,DKH->BTKH', x, self.k_proj[...].astype(dt)), self.k_bias)
+    v = _add(jnp.einsum('BTD,DKH->BTKH', x, self.v_proj[...].astype(dt)), self.v_bias)
+    if c.style == 'llama':
+      q, k = apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
+
+    new_cache = None
+    if layer_cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(layer_cache['k'], k.astype(layer_cache['k'].dtype), start)
+      v = jax.lax.dynamic_update_slice(layer_cache['v'], v.astype(layer_cache['v'].dtype), start)
+      new_cache = {'k': k, 'v': v}
+      k, v = k.astype(dt), v.astype(dt)
+
+    K, H = c.num_kv_heads, c.head_dim
+    q = q.reshape(B, T, K, c.num_heads // K, H)
+    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * H ** -0.5, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(B, T, c.num_heads, H)
+    y = _add(jnp.einsum('BTNH,NHD->BTD', out, self.o_proj[...].astype(dt)), self.o_bias)
+    return y, new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU (llama) or GELU (gpt2) feed-forward block."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c, pd = config, config.param_dtype
+    D, F = c.embed_dim, c.mlp_dim
+    gpt2 = c.style == 'gpt2'
+    self.gate = None if gpt2 else logical_param(rngs, _fan_in_init(0, 1), (D, F),
+                                                ('embed', 'mlp'), pd)
+    self.up = logical_param(rngs, _fan_in_init(0, 1), (D, F), ('embed', 'mlp'), pd)
+    self.down = logical_param(rngs, _fan_in_init(0, 1), (F, D), ('mlp', 'embed'), pd)
+    self.up_bias = _bias(rngs, (F,), ('mlp',), c, gpt2)
+    self.down_bias = _bias(rngs, (D,), ('embed',), c, gpt2)
+    self.dtype = jnp.dtype(c.dtype)
+
+  def __call__(self, x: Array) -> Array:
+    dt = self.dtype
+    h = _add(jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt)), self.up_bias)
+    if self.gate is None:
+      h = jax.nn.gelu(h, approximate=True)  # GPT-2 uses the tanh approximation
+    else:
+      h = jax.nn.silu(jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))) * h
+    return _add(jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt)), self.down_bias)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.attn_norm = _norm(config, rngs)
+    self.attn = Attention(config, rngs=rngs)
+    self.mlp_norm = _norm(config, rngs)
+    self.mlp = MLP(config, rngs=rngs)
+
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+    x = constrain(x, ACT_BTD)
+    h, new_cache = self.attn(self.attn_norm(x), positions, mask, layer_cache, cache_index)
+    x = x + h
+    x = x + self.mlp(self.mlp_norm(x))
+    return constrain(x, ACT_BTD), new_cache
+
+
+def _run_block(block, x, positions, mask, layer_cache, cache_index):
+  return block(x, positions, mask, layer_cache, cache_index)
+
+
+# ---- the whole model -----------------------------------------------------------------------------
+
+class Trunk(nnx.Module):
+  """Embeddings, blocks and final norm: tokens -> hidden states. Shared by LM and scalar heads."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    # fan_in over D gives unit-norm-ish rows, so tied logits start at O(1) scale.
+    embed_init = nnx.initializers.variance_scaling(1.0, 'fan_in', 'normal', in_axis=1, out_axis=0)
+    self.embedding = logical_param(rngs, embed_init, (c.vocab_size, c.embed_dim),
+                                   ('vocab', 'embed'), c.param_dtype)
+    # Assigned once: nnx fixes an attribute as data or static on first assignment.
+    self.pos_embedding = (
+        logical_param(rngs, nnx.initializers.normal(0.01), (c.max_len, c.embed_dim),
+                      (None, 'embed'), c.param_dtype) if c.style == 'gpt2' else None)
+    self.blocks = nnx.List([Block(c, rngs=rngs) for _ in range(c.num_layers)])
+    self.final_norm = _norm(c, rngs)
+
+  def __call__(self, tokens: Array, positions: Array, attn_mask: Optional[Array] = None,
+               cache: Optional[Cache] = None, cache_index: Any = None, *,
+               valid: Optional[Array] = None) -> Tuple[Array, Optional[Cache]]:
+    """Runs the trunk.
+
+    Args:
+      tokens: [B,T] int32.
+      positions: [B,T] int32, per row (see ``positions_from_valid``).
+      attn_mask: optional [B,T,S] bool. Without a cache it replaces the default causal mask;
+        with a cache it further restricts the cache mask.
+      cache: optional KV cache from ``init_cache`` (S = its length).
+      cache_index: scalar int, slot where token 0 of this call is written (same for all rows).
+      valid: optional [B,T] bool, False at padding. Without a cache it is ANDed into the mask;
+        with a cache it is what the cache records for the new slots (default: all valid).
+
+    Returns:
+      (hidden [B,T,D] after the final norm, in the compute dtype; new cache or None).
+    """
+    c = self.config
+    dt = jnp.dtype(c.dtype)
+    B, T = tokens.shape
+    if cache is None:
+      mask = attn_mask if attn_mask is not None else make_attention_mask(jnp.ones((B, T), bool))
+      if valid is not None:
+        mask = mask & make_attention_mask(valid)
+      kv_valid = None
+    else:
+      new_valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
+      kv_valid = jax.lax.dynamic_update_slice(cache['valid'], new_valid, (0, cache_index))
+      S = kv_valid.shape[1]
+      # Query t sits in slot cache_index + t and sees valid slots at or before it.
+      visible = jnp.arange(S)[None, :] <= cache_index + jnp.arange(T)[:, None]  # [T,S]
+      mask = visible[None] & kv_valid[:, None, :]
+      if attn_mask is not None:
+        mask = mask & attn_mask
+
+    # Gather from a table gathered over 'embed' (fsdp): a lookup from an fsdp-sharded table into
+    # batch-over-fsdp activations makes GSPMD replicate the whole result (slow, warns).
+    table = constrain(self.embedding[...], ('vocab', None))
+    x = jnp.take(table, tokens, axis=0).astype(dt)
+    if self.pos_embedding is not None:
+      x = x + jnp.take(self.pos_embedding[...], jnp.clip(positions, 0, c.max_len - 1),
+                       axis=0).astype(dt)
+    x = constrain(x, ACT_BTD)
+
+    run = nnx.remat(_run_block) if c.remat else _run_block
+    layer_caches = []
+    for i, block in enumerate(self.blocks):
+      layer_cache = None if cache is None else cache['layers'][i]
+      x, new_layer_cache = run(block, x, positions, mask, layer_cache, cache_index)
+      layer_caches.append(new_layer_cache)
+    hidden = self.final_norm(x)
+    new_cache = None if cache is None else {'valid': kv_valid, 'layers': tuple(layer_caches)}
+    return hidden, new_cache
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM: ``Trunk`` plus an LM head (tied to the embedding or its own [D,V] matrix)."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.trunk = Trunk(config, rngs=rngs)
+    self.lm_head = None if config.tie_embeddings else logical_param(
+        rngs, _fan_in_init(0, 1), (config.embed_dim, config.vocab_size), ('embed', 'vocab'),
+        config.param_dtype)
+
+  def logits(self, hidden: Array) -> Array:
+    """[B,T,D] hidden -> [B,T,V] float32 logits (f32 accumulation even under bf16)."""
+    dt = jnp.dtype(self.config.dtype)
+    if self.lm_head is None:
+      logits = jnp.einsum('BTD,VD->BTV', hidden, self.trunk.embedding[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    else:
+      logits = jnp.einsum('BTD,DV->BTV', hidden, self.lm_head[...].astype(dt),
+                          preferred_element_type=jnp.float32)
+    return constrain(logits, ACT_BTV)
+
+  def __call__(self, tokens: Array, positions: Array, attn_mask: Optional[Array] = None,
+               cache: Optional[Cache] = None, cache_index: Any = None, *,
+               valid: Optional[Array] = None) -> Tuple[Array, Array, Optional[Cache]]:
+    """Returns (logits [B,T,V] float32, hidden [B,T,D], new cache or None).
+
+    Arguments as in ``Trunk.__call__``.
+    """
+    hidden, new_cache = self.trunk(tokens, positions, attn_mask, cache, cache_index, valid=valid)
+    return self.logits(hidden), hidden, new_cache
+
+
+def init_cache(config: TransformerConfig, batch: int, cache_len: int,
+               dtype: Any = None) -> Cache:
+  """An empty KV cache: per layer k/v [B,S,K,H] zeros, and 'valid' [B,S] all False."""
+  dtype = jnp.dtype(dtype or config.dtype)
+  shape = (batch, cache_len, config.num_kv_heads, config.head_dim)
+  layers = tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+                 for _ in range(config.num_layers))
+  return {'valid': jnp.zeros((batch, cache_len), bool), 'layers': layers}
+
+
+def num_params(model_or_state: Any) -> int:
+  """Number of parameter scalars in a module or state (concrete or abstract)."""
+  state = model_or_state
+  if isinstance(model_or_state, nnx.Module):
+    state = nnx.state(model_or_state, nnx.Param)
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state) if hasattr(x, 'shape'))
