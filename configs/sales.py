@@ -1,8 +1,9 @@
-r"""The sales suggested-response simulator and the runs built on it.
+r"""Iterative PPO on the sales suggested-response simulator, and the simulator runs.
 
-  python -m experiments.simulate --config=configs/sales.py --workdir=/tmp/sim
+  python -m experiments.iterative_ppo                                   # this config, fresh workdir
+  python -m experiments.iterative_ppo --workdir=/tmp/ippo --config.loop.iterations=4 --config.ppo.kl_coef=0.02
+  python -m experiments.iterative_ppo --config=configs/sales.py:tiny --workdir=/tmp/t   # seconds, for tests
   python -m experiments.simulate --config=configs/sales.py --workdir=/tmp/sim --config.policy=oracle
-  python -m experiments.simulate --config=configs/sales.py:tiny --workdir=/tmp/sim   # seconds, for tests
 
 Any key can be overridden with --config.key=value; an unknown key fails before any work starts.
 """
@@ -15,7 +16,8 @@ from configs import common
 def get_config(arg=None):
   args = common.parse_arg(arg, tiny=False)
   c = ml_collections.ConfigDict()
-  c.seed = 0  # every random stream is folded from this (conversations, policies, models)
+  c.seed = 0  # every random stream is folded from this and (iteration, phase, step)
+  c.gamma = 0.95  # discount of returns and Q targets: a sale sooner is worth more (PAPER.md)
 
   # ---- the world ----
   c.env = ml_collections.ConfigDict()
@@ -23,16 +25,127 @@ def get_config(arg=None):
   c.env.business_user = "sr"  # 'sr': the business user accepts/edits/rejects; 'direct': sent verbatim
   c.env.max_turns = 10  # rounds before the customer is gone anyway
   c.env.skill_mean = 0.35  # mean skill of the historical staff; gives ~15% direct, ~25% SR conversion
-  c.env.max_render_turns = 6  # rounds of history shown to a model (keeps prompts short on CPU)
+  c.env.max_render_turns = 6  # rounds of history a model sees (the need is said early; 6 keeps it in view)
 
-  # ---- simulate: play conversations with a shipped policy ----
+  # ---- simulate: play conversations with a shipped policy (experiments.simulate) ----
   c.policy = "behavior"  # behavior | oracle | random
   c.num_conversations = 5000  # enough for a +-1.3 point 95% interval on conversion
   c.batch_size = 1024  # conversations advanced in lock-step
 
-  c.gamma = 0.95  # discount of returns and Q targets: a sale sooner is worth more (PAPER.md)
+  # ---- tokens ----
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""  # a local Hugging Face tokenizer dir; empty: train a BPE on the behaviour logs
+  c.tokenizer.vocab_size = 1024  # simulator text is templated: BPE stops near 800 anyway
+  c.data = ml_collections.ConfigDict()
+  c.data.max_prompt_len = 192  # 6 rounds of history fit (p95 ~ 220 tokens is cut from the left)
+  c.data.max_action_len = 24  # business messages are ~11 tokens with <eot>
+
+  # ---- the model (policy, Q-model and critic share the shape) ----
+  c.model = ml_collections.ConfigDict()
+  c.model.style = "llama"  # llama (RoPE, RMSNorm, SwiGLU, GQA) | gpt2 (learned positions, LayerNorm, GELU)
+  c.model.num_layers = 2  # CPU-sized: the whole demo must finish in 15 minutes on 2 cores
+  c.model.embed_dim = 128
+  c.model.mlp_dim = 512
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 32
+  c.model.tie_embeddings = True
+  c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+  c.model.param_dtype = "float32"
+  c.model.remat = False  # recompute activations in the backward pass (memory for compute)
+
+  # ---- SFT: pi_0 clones what the business sent in the behaviour logs ----
+  c.sft = _optimizer_section(learning_rate=1e-3, warmup_steps=20)
+  c.sft.behavior_conversations = 2000  # historical logs (~14k decisions)
+  c.sft.steps = 400  # held-out action NLL flattens near 0.3 nats/token by then
+  c.sft.batch_size = 32
+
+  # ---- Q-fit: Q_k ~ Q^{pi_k} on D_k ----
+  c.qfit = _optimizer_section(learning_rate=3e-4, warmup_steps=10)
+  c.qfit.method = "mc"  # mc | td | td_lambda
+  c.qfit.kind = "bce"  # bce (binary outcome; Q = sigmoid) | mse (real-valued outcomes)
+  c.qfit.init = "policy"  # trunk from pi_k ('policy'), fresh ('scratch') or Q_{k-1} ('previous')
+  c.qfit.steps = 200
+  c.qfit.batch_size = 32
+  c.qfit.lam = 0.9  # TD(lambda)
+  c.qfit.refresh_every = 50  # TD targets recomputed from the target network every this many steps
+  c.qfit.target_update = "polyak"  # polyak | periodic
+  c.qfit.tau = 0.05  # Polyak step of the target network
+
+  # ---- PPO on the single-turn problem ----
+  c.ppo = _optimizer_section(learning_rate=5e-5, warmup_steps=2)
+  c.ppo.critic = _optimizer_section(learning_rate=2e-4, warmup_steps=2)
+  c.ppo.kl_coef = 0.05  # beta in max E[Q] - beta KL(pi || pi_k)
+  c.ppo.kl_estimator = "k1"  # k1 | k2 | k3 per-token estimator in the reward
+  c.ppo.kl_target = 0.0  # > 0 turns on the adaptive controller (Ziegler et al.)
+  c.ppo.kl_horizon = 10000
+  c.ppo.reference = "pi_k"  # pi_k (the paper) | sft (pi_0)
+  c.ppo.steps = 20  # rollout batches per iteration
+  c.ppo.batch_size = 64  # prompts per rollout batch
+  c.ppo.minibatch_size = 32
+  c.ppo.epochs = 2
+  c.ppo.gamma = 1.0  # token-level discount inside a response
+  c.ppo.lam = 0.95  # GAE lambda
+  c.ppo.clip_eps = 0.2
+  c.ppo.value_clip_eps = 0.2
+  c.ppo.entropy_coef = 0.0  # 0 keeps the closed-form optimum pi_k exp(Q / beta)
+  c.ppo.whiten_advantages = True
+  c.ppo.temperature = 1.0  # PPO's importance ratio assumes sampling at temperature 1
+  c.ppo.checkpoint_every = 5  # PPO steps between checkpoints (resume inside the phase)
+
+  # ---- the outer loop ----
+  c.loop = ml_collections.ConfigDict()
+  c.loop.iterations = 3  # K
+  c.loop.conversations = 512  # |D_k| logged with pi_k per iteration
+  c.loop.eval_conversations = 500  # held-out conversations per evaluation (+-4 points at 95%)
+  c.loop.play_batch = 256  # conversations advanced in lock-step when a model plays
+  c.loop.deploy_temperature = 1.0  # pi_k is deployed as sampled (its Q is what is fitted)
+  c.loop.true_q_states = 16  # held-out (s, a) pairs whose simulator Q is estimated each iteration
+  c.loop.true_q_rollouts = 8  # Monte Carlo rollouts per pair (continuing with pi_k)
+  c.loop.tensorboard = True
+  c.loop.logs = ""  # GLOB of the user's JSONL logs: one offline iteration, no simulator
+  c.loop.skip_invalid = False  # with logs: skip (and count) invalid lines instead of failing
+  c.loop.stop_after_phase = ""  # testing resume: stop after e.g. 'sft', 'collect/0', 'qfit/0'
+  c.loop.stop_after_ppo_step = 0  # testing resume: stop inside PPO after this many steps
+
+  # ---- devices ----
+  c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))  # one -1 takes the remaining devices
 
   if args["tiny"]:
+    c.sft.behavior_conversations = 80
+    c.sft.steps = 6
+    c.sft.batch_size = 8
+    c.tokenizer.vocab_size = 400
+    c.data.max_prompt_len = 96
+    c.data.max_action_len = 16
+    c.model.num_layers = 1
+    c.model.embed_dim = 32
+    c.model.mlp_dim = 64
+    c.model.num_heads = 2
+    c.model.num_kv_heads = 1
+    c.model.head_dim = 16
+    c.qfit.steps = 4
+    c.qfit.batch_size = 8
+    c.ppo.steps = 3
+    c.ppo.batch_size = 8
+    c.ppo.minibatch_size = 4
+    c.ppo.checkpoint_every = 1
+    c.loop.iterations = 2
+    c.loop.conversations = 16
+    c.loop.eval_conversations = 16
+    c.loop.play_batch = 16
+    c.loop.true_q_states = 2
+    c.loop.true_q_rollouts = 2
     c.num_conversations = 200
     c.batch_size = 64
   return c
+
+
+def _optimizer_section(learning_rate, warmup_steps):
+  s = ml_collections.ConfigDict()
+  s.learning_rate = learning_rate  # peak AdamW rate after linear warmup
+  s.warmup_steps = warmup_steps
+  s.weight_decay = 0.0
+  s.clip_norm = 1.0  # global gradient-norm clip
+  s.grad_accum = 1  # micro-batches per optimizer update
+  return s

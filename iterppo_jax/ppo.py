@@ -16,10 +16,21 @@ positions never influence a result, even when they hold NaN or inf (values are s
 any arithmetic rather than multiplied by the mask).
 """
 
-from typing import Optional
+import dataclasses
+from typing import Any, Callable, Optional
 
+import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import qfit
+from iterppo_jax import sampling
+from iterppo_jax import sharding
+from iterppo_jax import train_state as ts
 
 # ---- PPO maths ----
 
@@ -330,3 +341,190 @@ def update_kl_coef(
     return coef
   error = jnp.clip(observed_kl / target - 1.0, -0.2, 0.2)
   return coef * (1.0 + error * n_steps / horizon)
+
+
+# ---- rollout, experience and the jitted PPO step ----
+# A PPO sequence is [prompt (left-padded, P tokens)][response (N tokens, right-padded)]. The response token
+# at slot P + j is predicted by the logits at slot P + j - 1, so the per-token policy, reference and critic
+# quantities of the response are read from slots P-1 .. P+N-2. The reward model reads the last response token.
+
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+  kl_coef: float = 0.1  # beta: weight of the per-token KL(pi || pi_ref) penalty
+  kl_estimator: str = "k1"  # k1 | k2 | k3 (kl_penalty)
+  kl_target: Optional[float] = None  # adaptive beta (Ziegler et al.) when set, else fixed
+  kl_horizon: int = 10_000
+  gamma: float = 1.0  # token-level discount inside one response
+  lam: float = 0.95  # GAE lambda
+  clip_eps: float = 0.2
+  value_clip_eps: float = 0.2
+  entropy_coef: float = 0.0  # 0 keeps the exact closed-form optimum
+  epochs: int = 2  # passes over each rollout batch
+  minibatch_size: int = 32
+  whiten_advantages: bool = True
+  max_new_tokens: int = 24
+  temperature: float = 1.0  # sampling temperature; PPO's ratio assumes 1
+  top_p: float = 1.0
+
+
+@flax.struct.dataclass
+class PPOState:
+  policy: ts.TrainState
+  critic: ts.TrainState
+
+
+def sequence_layout(prompt_tokens, prompt_valid, response, response_valid):
+  """Concatenates prompt and response: tokens, valid, positions [B, P+N]."""
+  tokens = jnp.concatenate([prompt_tokens, response], axis=1)
+  valid = jnp.concatenate([prompt_valid, response_valid], axis=1)
+  positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+  return tokens, valid, positions
+
+
+def response_logprobs(logits, tokens, prompt_len):
+  """log pi(response token j | prefix) [B, N] and the logits that produced them [B, N, V]."""
+  step_logits = logits[:, prompt_len - 1:-1]
+  logp = jax.nn.log_softmax(step_logits, axis=-1)
+  resp = tokens[:, prompt_len:]
+  return jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0], step_logits
+
+
+def make_q_reward_fn(q_trainable: ts.Trainable, kind: str = "bce") -> Callable:
+  """reward_fn(q_params, tokens, positions, valid, last_index) -> Q(s, a) [B] from a fitted Q-model."""
+
+  def reward_fn(params, tokens, positions, valid, last_index):
+    batch = {"tokens": tokens, "positions": positions, "valid": valid, "last_index": last_index}
+    return qfit.to_q(qfit.q_scalar(q_trainable.merge(params), batch), kind)
+
+  return reward_fn
+
+
+def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Callable, cfg: PPOConfig):
+  """Jitted scoring passes: old log-probs, reference log-probs, values, reward, then token rewards and GAE.
+
+  Returns fn(policy_params, ref_params, critic_params, reward_params, prompt_tokens, prompt_valid,
+  response, response_valid, kl_coef) -> dict of [B, ...] arrays for the update step.
+  """
+
+  def experience(policy_params, ref_params, critic_params, reward_params, prompt_tokens, prompt_valid,
+                 response, response_valid, kl_coef):
+    P = prompt_tokens.shape[1]
+    tokens, valid, positions = sequence_layout(prompt_tokens, prompt_valid, response, response_valid)
+    mask = response_valid
+    logits, _, _ = policy.merge(policy_params)(tokens, positions, valid=valid)
+    logprobs, _ = response_logprobs(logits, tokens, P)
+    ref_logits, _, _ = policy.merge(ref_params)(tokens, positions, valid=valid)
+    ref_logprobs, _ = response_logprobs(ref_logits, tokens, P)
+    values = critic.merge(critic_params)(tokens, positions, valid=valid)[:, P - 1:-1]
+    last, _ = last_valid_index(mask)
+    score = reward_fn(reward_params, tokens, positions, valid, P + last)
+    rewards, kl_sum = token_rewards(score, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+      advantages = whiten(advantages, mask)
+    return {"tokens": tokens, "valid": valid, "positions": positions, "mask": mask.astype(jnp.float32),
+            "old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns,
+            "score": score, "kl": kl_sum, "exact_kl_k1": jnp.sum(jnp.where(mask, logprobs - ref_logprobs, 0.), 1)}
+
+  return jax.jit(experience)
+
+
+def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig, prompt_len: int):
+  """`step(PPOState, minibatch) -> (PPOState, metrics)`: clipped policy loss and clipped value loss."""
+  P = prompt_len
+
+  def step(state: PPOState, batch):
+    mask = batch["mask"]
+
+    def policy_objective(params):
+      logits, _, _ = policy.merge(params)(batch["tokens"], batch["positions"], valid=batch["valid"])
+      logp, step_logits = response_logprobs(logits, batch["tokens"], P)
+      loss, aux = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
+      entropy = entropy_from_logits(step_logits, mask)
+      return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
+
+    def value_objective(params):
+      values = critic.merge(params)(batch["tokens"], batch["positions"], valid=batch["valid"])[:, P - 1:-1]
+      return value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip_eps)
+
+    (_, p_aux), p_grads = jax.value_and_grad(policy_objective, has_aux=True)(state.policy.params)
+    (v_loss, v_aux), v_grads = jax.value_and_grad(value_objective, has_aux=True)(state.critic.params)
+    new = []
+    for s, g, tr in ((state.policy, p_grads, policy), (state.critic, v_grads, critic)):
+      updates, opt_state = tr.tx.update(g, s.opt_state, s.params)
+      new.append(s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
+                           opt_state=opt_state))
+    metrics = {**p_aux, **v_aux, "value_loss": v_loss, "policy_grad_norm": optax.global_norm(p_grads),
+               "value_grad_norm": optax.global_norm(v_grads)}
+    return PPOState(policy=new[0], critic=new[1]), metrics
+
+  shardings = PPOState(policy=policy.state_shardings, critic=critic.state_shardings)
+  replicated = NamedSharding(policy.mesh, PartitionSpec())
+  return jax.jit(step, in_shardings=(shardings, sharding.batch_sharding(policy.mesh)),
+                 out_shardings=(shardings, replicated), donate_argnums=(0,))
+
+
+_UPDATE_KEYS = ("tokens", "valid", "positions", "mask", "old_logprobs", "old_values", "advantages", "returns")
+
+
+def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_params: Any,
+              reward_fn: Callable, reward_params: Any, prompts: dict, cfg: PPOConfig, *, steps: int,
+              batch_size: int, seed: int, eos_id: int, pad_id: int, writer=None, desc: str = "ppo",
+              start_step: int = 0, kl_coef: Optional[float] = None, on_step: Callable | None = None):
+  """Runs `steps` PPO iterations on the single-turn problem over `prompts`.
+
+  Each iteration samples `batch_size` prompts (deterministic in (seed, step)), samples responses from the
+  current policy, scores them (reward, reference, critic, old log-probs), then runs `cfg.epochs` passes of
+  minibatch updates. `on_step(step, state, kl_coef)` is called after each iteration (checkpointing).
+
+  Args:
+    prompts: {'tokens': [M, P] int32 left-padded, 'valid': [M, P] bool} from data.encode_prompts.
+    ref_params: the frozen reference (pi_k), a params tree of the policy's graph.
+    reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index) -> [B].
+  Returns:
+    (state, kl_coef, metrics of the last iteration).
+  """
+  if batch_size % cfg.minibatch_size:
+    raise ValueError(f"PPO batch_size {batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
+  n_prompts, P = prompts["tokens"].shape
+  experience_fn = make_experience_fn(policy, critic, reward_fn, cfg)
+  update_fn = make_update_step(policy, critic, cfg, P)
+  kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
+  base_key = jax.random.key(seed)
+  last = {}
+  for i in metrics_lib.progress(range(start_step, steps), total=steps - start_step, desc=desc):
+    key = jax.random.fold_in(base_key, i)
+    rng = np.random.default_rng([seed, i])
+    rows = rng.choice(n_prompts, size=batch_size, replace=n_prompts < batch_size)
+    prompt_tokens = jnp.asarray(prompts["tokens"][rows])
+    prompt_valid = jnp.asarray(prompts["valid"][rows])
+    out = sampling.sample(policy.graphdef, state.policy.params, prompt_tokens, prompt_valid,
+                          jax.random.fold_in(key, 0), max_new_tokens=cfg.max_new_tokens,
+                          temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id)
+    exp = experience_fn(state.policy.params, ref_params, state.critic.params, reward_params,
+                        out.prompt_tokens, out.prompt_valid, out.tokens, out.valid, jnp.float32(kl_coef))
+    exp = jax.device_get(exp)
+    sums = {}
+    for epoch in range(cfg.epochs):
+      order = np.random.default_rng([seed, i, epoch + 1]).permutation(batch_size)
+      for mb in range(batch_size // cfg.minibatch_size):
+        idx = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
+        batch = ts.device_batch({k: exp[k][idx] for k in _UPDATE_KEYS}, policy.mesh)
+        state, m = update_fn(state, batch)
+        for k, v in m.items():
+          sums[k] = sums.get(k, 0.0) + float(v)
+    n_updates = cfg.epochs * (batch_size // cfg.minibatch_size)
+    mean_kl = float(np.mean(exp["kl"]))
+    last = {f"ppo/{k}": v / n_updates for k, v in sums.items()}
+    last.update({"ppo/score": float(np.mean(exp["score"])), "ppo/kl": mean_kl,
+                 "ppo/kl_k1": float(np.mean(exp["exact_kl_k1"])), "ppo/kl_coef": float(kl_coef),
+                 "ppo/response_len": float(np.mean(np.sum(exp["mask"], 1)))})
+    if cfg.kl_target is not None:
+      kl_coef = float(update_kl_coef(kl_coef, mean_kl, cfg.kl_target, cfg.kl_horizon, batch_size))
+    if writer is not None:
+      writer.write(i + 1, last, phase=desc)
+    if on_step is not None:
+      on_step(i + 1, state, kl_coef)
+  return state, kl_coef, last

@@ -18,6 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iterppo_jax import data as data_lib
+from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import train_state as ts
+
 # ---- Q-fit maths ----
 
 
@@ -288,3 +292,153 @@ def pearson(x, y) -> float:
   if denominator == 0:
     return float("nan")
   return float(np.sum(x * y) / denominator)
+
+
+# ---- the Q-fit step and its driver ----
+# Q(s, a) is the Q-model's scalar at the last action token of [state][action] (data.encode_pairs). For 'bce'
+# the scalar is a logit and Q = sigmoid(logit); for 'mse' it is Q itself. TD targets are computed on the host
+# from the target network's predictions at the next logged (state, suggestion) pair (SARSA: evaluation of
+# the logged policy pi_k, never a max over responses, PAPER.md step 2) and refreshed every few steps.
+
+METHODS = ("mc", "td", "td_lambda")
+
+
+def q_scalar(model, batch) -> jax.Array:
+  """[B] raw Q-model output at each row's last action token."""
+  values = model(batch["tokens"], batch["positions"], valid=batch["valid"])
+  return jnp.take_along_axis(values, batch["last_index"][:, None], axis=1)[:, 0]
+
+
+def to_q(raw: jax.Array, kind: str) -> jax.Array:
+  return jax.nn.sigmoid(raw) if kind == "bce" else raw
+
+
+def make_qfit_step(trainable, *, kind: str = "bce", target_update: str = "polyak", tau: float = 0.05,
+                   period: int = 50):
+  """`step(state, batch) -> (state, metrics)`: regress Q(s, a) on batch['target'].
+
+  batch: tokens/positions/valid [B, L], last_index [B], target [B] (Monte Carlo return or TD target).
+  With a target network (state.target_params not None) it is moved after each update by Polyak averaging
+  (`tau`) or a periodic copy (`period`).
+  """
+  def loss_fn(model, batch):
+    raw = q_scalar(model, batch)
+    loss = mc_loss(raw, batch["target"], kind)
+    q = to_q(raw, kind)
+    return loss, {"q_mean": jnp.mean(q), "target_mean": jnp.mean(batch["target"]),
+                  "abs_error": jnp.mean(jnp.abs(q - batch["target"]))}
+
+  def post_update(state):
+    if state.target_params is None:
+      return state
+    if target_update == "polyak":
+      target = polyak_update(state.target_params, state.params, tau)
+    elif target_update == "periodic":
+      target = periodic_copy(state.target_params, state.params, state.step, period)
+    else:
+      raise ValueError(f"unknown target_update {target_update!r}; expected 'polyak' or 'periodic'")
+    return state.replace(target_params=target)
+
+  return ts.make_train_step(trainable, loss_fn, post_update=post_update)
+
+
+def make_predict_fn(trainable, kind: str = "bce"):
+  """Jitted `(params, batch) -> Q [B]` in [0, 1] for 'bce'."""
+  def predict(params, batch):
+    return to_q(q_scalar(trainable.merge(params), batch), kind)
+  return jax.jit(predict)
+
+
+def predict(predict_fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarray:
+  """Q for every row of `arrays` (host numpy [N])."""
+  n = len(arrays["tokens"])
+  out = []
+  arrays = {k: arrays[k] for k in ("tokens", "positions", "valid", "last_index")}
+  for batch in data_lib.batch_iterator(arrays, batch_size, seed=0, shuffle=False, drop_remainder=False):
+    batch.pop("batch_valid")  # filler rows repeat real ones at the end and are cut off below
+    out.append(np.asarray(predict_fn(params, ts.device_batch(batch, mesh))))
+  return np.concatenate(out)[:n]
+
+
+def bootstrap_targets(q_next: np.ndarray, rewards: np.ndarray, next_index: np.ndarray, done: np.ndarray,
+                      gamma: float, lam: float | None) -> np.ndarray:
+  """TD(0) (lam None) or TD(lambda) targets for logged examples, from target-network Q of each example.
+
+  Examples of one conversation are chained by `next_index` (-1 at the last). Q_bar(s_{i+1}, a_{i+1}) is
+  `q_next[next_index[i]]`. The chains are packed into [conversations, turns] arrays for the scans above.
+  """
+  n = len(rewards)
+  succ_value = np.where(next_index >= 0, q_next[np.maximum(next_index, 0)], 0.0)
+  if lam is None:
+    return np.asarray(td_targets(jnp.asarray(rewards[None]), jnp.asarray(succ_value[None]),
+                                 jnp.asarray(done[None]), jnp.ones((1, n), bool), gamma))[0]
+  heads = sorted(set(range(n)) - set(int(j) for j in next_index if j >= 0))
+  chains = []
+  for h in heads:
+    chain, i = [], h
+    while i >= 0:
+      chain.append(i)
+      i = int(next_index[i])
+    chains.append(chain)
+  width = max(len(c) for c in chains)
+  idx = np.full((len(chains), width), -1)
+  for r, c in enumerate(chains):
+    idx[r, :len(c)] = c
+  mask = idx >= 0
+  take = lambda a: np.where(mask, a[np.maximum(idx, 0)], 0)
+  packed = np.asarray(td_lambda_targets(jnp.asarray(take(rewards), jnp.float32),
+                                        jnp.asarray(take(succ_value), jnp.float32),
+                                        jnp.asarray(take(done.astype(np.float32))), jnp.asarray(mask),
+                                        gamma, lam))
+  out = np.zeros(n, np.float32)
+  out[idx[mask]] = packed[mask]
+  return out
+
+
+def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bce", steps: int,
+          batch_size: int, seed: int, gamma: float, lam: float = 0.9, refresh_every: int = 50,
+          target_update: str = "polyak", tau: float = 0.05, period: int = 50, writer=None,
+          log_every: int = 50, desc: str = "qfit"):
+  """Fits the Q-model on logged examples; returns (state, last metrics).
+
+  arrays: data.encode_pairs arrays plus 'target' (Monte Carlo return), 'reward', 'next_index', 'done'.
+  method: 'mc' regresses on the Monte Carlo return; 'td' / 'td_lambda' on bootstrapped targets from the
+  target network, recomputed every `refresh_every` steps.
+  """
+  if method not in METHODS:
+    raise ValueError(f"unknown Q-fit method {method!r}; expected one of {', '.join(METHODS)}")
+  if method != "mc" and state.target_params is None:
+    raise ValueError(f"method {method!r} needs a target network: init_trainable(..., with_target=True)")
+  step_fn = make_qfit_step(trainable, kind=kind, target_update=target_update, tau=tau, period=period)
+  predict_fn = make_predict_fn(trainable, kind)
+  arrays = dict(arrays)
+  last = {}
+  it = None
+  for i in metrics_lib.progress(range(steps), total=steps, desc=desc):
+    if it is None or (method != "mc" and i % refresh_every == 0):
+      if method != "mc":
+        q_bar = predict(predict_fn, state.target_params, arrays, batch_size, trainable.mesh)
+        arrays["target"] = bootstrap_targets(q_bar, arrays["reward"], arrays["next_index"], arrays["done"],
+                                             gamma, lam if method == "td_lambda" else None)
+      it = data_lib.batch_iterator(arrays, batch_size, seed=seed + i, epochs=1_000_000, shuffle=True)
+    state, m = step_fn(state, ts.device_batch(_model_batch(next(it)), trainable.mesh))
+    if (i + 1) % log_every == 0 or i + 1 == steps:
+      last = {f"qfit/{k}": float(v) for k, v in m.items()}
+      if writer is not None:
+        writer.write(i + 1, last, phase=desc)
+  return state, last
+
+
+def _model_batch(batch: dict) -> dict:
+  keys = ("tokens", "positions", "valid", "last_index", "target")
+  return {k: batch[k] for k in keys}
+
+
+def evaluate_q(q: np.ndarray, outcomes: np.ndarray, true_q: np.ndarray | None = None) -> dict:
+  """Calibration and ranking of predicted Q against outcomes (and against true Q from a simulator)."""
+  out = {"brier": brier(q, outcomes), "ece": expected_calibration_error(q, outcomes),
+         "auc": auc(q, outcomes), "q_mean": float(np.mean(q)), "outcome_mean": float(np.mean(outcomes))}
+  if true_q is not None:
+    out["true_q_corr"] = pearson(q, true_q)
+    out["true_q_mae"] = float(np.mean(np.abs(q - true_q)))
+  return out

@@ -1,0 +1,45 @@
+"""Runs Iterative PPO on the sales simulator (or one offline iteration on your logs).
+
+  python -m experiments.iterative_ppo                       # defaults: configs/sales.py, a fresh workdir
+  python -m experiments.iterative_ppo --workdir=/tmp/ippo --config.loop.iterations=4
+  python -m experiments.iterative_ppo --config.loop.logs='/data/chats/*.jsonl' --workdir=/tmp/offline
+
+Rerunning with the same --workdir resumes from the last completed phase.
+"""
+
+import os
+import time
+
+import jax
+from absl import flags
+from absl import logging
+
+from experiments import cli
+from iterppo_jax import loop
+
+_CONFIG = cli.define_config("configs/sales.py")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: a fresh one under ./runs/).")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
+  print(f"workdir: {os.path.abspath(workdir)}  devices: {jax.devices()}")
+  summary = loop.run(config, workdir)
+  if summary.get("offline"):
+    print(f"offline iteration on {summary['conversations']} logged conversations")
+    print(f"Q-fit: {summary['qfit']}")
+    print(f"new policy: {summary['policy_checkpoint']}")
+    return
+  print(summary["table"])
+  print(f"plot: {os.path.abspath(summary['plot'])}")
+  print(f"metrics: {os.path.abspath(os.path.join(workdir, 'metrics.jsonl'))} (TensorBoard: --logdir {workdir})")
+  print(f"logs of every iteration: {os.path.abspath(os.path.join(workdir, 'data'))}")
+  print(f"checkpoints: {os.path.abspath(os.path.join(workdir, 'checkpoints'))}")
+  print(f"took {summary['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+  cli.run(main)

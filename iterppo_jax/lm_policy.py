@@ -1,0 +1,69 @@
+"""A language model as a policy of the SR MDP: rendered states in, suggestions out (envs.base.Policy).
+
+Prompts are tokenized, left-truncated and left-padded to a fixed length; the number of rows is padded up to
+a power-of-two bucket, so a whole simulation compiles the sampler a handful of times, not once per batch.
+Randomness is folded from (seed, call number), and the env runner calls in a fixed order, so a seeded run
+replays exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import data as data_lib
+from iterppo_jax import sampling
+
+
+def bucket_size(n: int, smallest: int = 8) -> int:
+  size = smallest
+  while size < n:
+    size *= 2
+  return size
+
+
+class LMPolicy:
+  """Samples suggestions from a Transformer (graphdef + params) given rendered states."""
+
+  def __init__(self, name: str, graphdef, params, tokenizer, *, max_prompt_len: int, max_new_tokens: int,
+               seed: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
+               max_batch: int = 512):
+    self.name, self.graphdef, self.params, self.tokenizer = name, graphdef, params, tokenizer
+    self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
+    self.temperature, self.top_p, self.greedy = temperature, top_p, greedy
+    self.key = jax.random.key(seed)
+    self.calls = 0
+    self.max_batch = max_batch
+
+  def generate(self, prompts: Sequence[str]) -> list[str]:
+    """Decoded suggestion texts ('' = abstain) for rendered prompts."""
+    out: list[str] = []
+    for start in range(0, len(prompts), self.max_batch):
+      chunk = list(prompts[start:start + self.max_batch])
+      n = len(chunk)
+      rows = bucket_size(n)
+      padded = chunk + [chunk[-1]] * (rows - n)
+      enc = data_lib.encode_prompts(self.tokenizer, padded, self.max_prompt_len)
+      key = jax.random.fold_in(self.key, self.calls)
+      self.calls += 1
+      res = sampling.sample(self.graphdef, self.params, enc["tokens"], enc["valid"], key,
+                            max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                            top_p=self.top_p, greedy=self.greedy, eos_id=self.tokenizer.eot_id,
+                            pad_id=self.tokenizer.pad_id)
+      tokens, valid = jax.device_get((res.tokens, res.valid))
+      for b in range(n):
+        ids = [int(t) for t, v in zip(tokens[b], valid[b]) if v]
+        out.append(conv_lib.parse_action(self.tokenizer.decode(ids)))
+    return out
+
+  def __call__(self, observations) -> list[str]:
+    return self.generate([o.text for o in observations])
+
+
+def recognised_rate(texts: Sequence[str], parse_fn) -> float:
+  """Share of messages the simulator's parser reads as an on-topic dialogue act."""
+  acts = [parse_fn(t).kind for t in texts if t]
+  return float(np.mean([a != "off_topic" for a in acts])) if acts else 0.0

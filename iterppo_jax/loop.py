@@ -1,0 +1,453 @@
+"""The outer Iterative PPO loop (Algorithm 1 of Jiang et al. 2025; PAPER.md).
+
+  setup:  behaviour logs -> tokenizer -> SFT pi_0 (behaviour cloning of what the business sent)
+  for k = 0 .. K-1:
+    collect   deploy pi_k in the simulator, log D_k (JSONL under workdir/data/)
+    qfit      fit Q_k ~ Q^{pi_k} on D_k (Monte Carlo, TD(0) or TD(lambda))
+    ppo       solve max_pi E_{s~D_k, a~pi}[Q_k(s, a)] - beta KL(pi || pi_k) with token-level PPO -> pi_{k+1}
+    eval      play pi_{k+1} on held-out simulated conversations: conversion (95% interval), turns, accept
+              rate, KL to pi_0, and Q_k's calibration against true outcomes and the simulator's true Q
+
+Every phase ends with a checkpoint and a line in workdir/progress.json, so rerunning with the same workdir
+continues from the last completed phase (PPO also checkpoints inside the phase) and ends with the same
+parameters as an uninterrupted run: all randomness is folded from (seed, iteration, phase, step).
+
+With `loop.logs` set, one offline iteration runs on a user's own logs instead (no simulator): Q-fit on the
+logs, PPO on their states, and the new policy is written to workdir/checkpoints/policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from iterppo_jax import checkpoint as ckpt_lib
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import data as data_lib
+from iterppo_jax import io_utils
+from iterppo_jax import lm_policy
+from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import ppo as ppo_lib
+from iterppo_jax import qfit as qfit_lib
+from iterppo_jax import sampling
+from iterppo_jax import sft as sft_lib
+from iterppo_jax import sharding
+from iterppo_jax import tokenizer as tok_lib
+from iterppo_jax import train_state as ts
+from iterppo_jax.envs import base as env_base
+from iterppo_jax.envs import registry
+from iterppo_jax.models import heads
+from iterppo_jax.models import transformer as tf
+
+
+# ---- progress bookkeeping (which phases are done) ----
+
+class Progress:
+  """workdir/progress.json: completed phases and what they produced (small JSON, written atomically)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "progress.json")
+    self.done: dict[str, Any] = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.done = json.load(f)
+
+  def get(self, phase: str):
+    return self.done.get(phase)
+
+  def mark(self, phase: str, payload: Any = True) -> None:
+    self.done[phase] = payload
+    io_utils.atomic_write_json(self.path, self.done)
+
+
+# ---- building pieces from the config ----
+
+def model_config(config, vocab_size: int) -> tf.TransformerConfig:
+  m = config.model
+  return tf.TransformerConfig(
+      vocab_size=vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
+      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
+      max_len=config.data.max_prompt_len + config.data.max_action_len, style=m.style,
+      tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+
+
+def optimizer(section) -> Any:
+  return ts.make_optimizer(ts.OptimizerConfig(
+      learning_rate=section.learning_rate, warmup_steps=section.warmup_steps,
+      weight_decay=section.weight_decay, clip_norm=section.clip_norm, grad_accum=section.grad_accum))
+
+
+def ppo_config(config) -> ppo_lib.PPOConfig:
+  p = config.ppo
+  return ppo_lib.PPOConfig(
+      kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, kl_target=p.kl_target or None,
+      kl_horizon=p.kl_horizon, gamma=p.gamma, lam=p.lam, clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps,
+      entropy_coef=p.entropy_coef, epochs=p.epochs, minibatch_size=p.minibatch_size,
+      whiten_advantages=p.whiten_advantages, max_new_tokens=config.data.max_action_len,
+      temperature=p.temperature, top_p=1.0)
+
+
+def seed_for(config, *parts: int) -> int:
+  """A seed folded from the run seed and (iteration, phase, ...), so a resume replays exactly."""
+  return int(np.random.SeedSequence([config.seed, *parts]).generate_state(1)[0])
+
+
+PHASE_IDS = {"behavior": 1, "sft": 2, "collect": 3, "qfit": 4, "ppo": 5, "eval": 6, "true_q": 7}
+
+
+@dataclasses.dataclass
+class Run:
+  """What a run holds while it goes: config, workdir, world, tokenizer, mesh, writers, checkpoints."""
+  config: Any
+  workdir: str
+  env: env_base.TextEnv | None
+  tokenizer: tok_lib.Tokenizer
+  model_cfg: tf.TransformerConfig
+  mesh: Any
+  writer: metrics_lib.MetricWriter
+  progress: Progress
+  graphdef: Any = None
+
+  def checkpointer(self, name: str, max_to_keep: int | None = None) -> ckpt_lib.Checkpointer:
+    return ckpt_lib.Checkpointer(self.workdir, name, max_to_keep=max_to_keep)
+
+  def policy_trainable(self, params=None, lr_section=None):
+    section = lr_section or self.config.sft
+    return ts.init_trainable(lambda: tf.Transformer(self.model_cfg, rngs=nnx.Rngs(seed_for(self.config, 0, 2))),
+                             optimizer(section), self.mesh, params=params)
+
+  def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
+    d = self.config.data
+    return lm_policy.LMPolicy(name, graphdef, params, self.tokenizer, max_prompt_len=d.max_prompt_len,
+                              max_new_tokens=d.max_action_len, seed=seed,
+                              temperature=self.config.loop.deploy_temperature)
+
+  def log(self, step: int, metrics: dict, phase: str, iteration: int | None = None) -> None:
+    self.writer.write(step, metrics, phase=phase, iteration=iteration)
+
+
+def _save_params(run: Run, name: str, step: int, params, metadata=None) -> None:
+  c = run.checkpointer(name)
+  c.save(step, params, metadata or {}, overwrite=True)
+  c.close()
+
+
+def _restore_params(run: Run, name: str, step: int, template):
+  c = run.checkpointer(name)
+  tree, _ = c.restore(step, ckpt_lib.abstract_like(template))
+  c.close()
+  return tree
+
+
+def _records_path(run: Run, name: str) -> str:
+  return os.path.join(run.workdir, "data", f"{name}.jsonl")
+
+
+def _play_and_log(run: Run, policy, n: int, seed: int, name: str) -> list[conv_lib.Conversation]:
+  """Plays n conversations (or reloads them if this phase already wrote them) and keeps the JSONL."""
+  path = _records_path(run, name)
+  if os.path.exists(path):
+    return conv_lib.read_jsonl(path)
+  bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)
+  records = run.env.play(policy, n, seed=seed, batch_size=run.config.loop.play_batch, progress=bar)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  conv_lib.write_jsonl(path, records)
+  return records
+
+
+# ---- phases ----
+
+def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
+  """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers."""
+  os.makedirs(workdir, exist_ok=True)
+  io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  progress = Progress(workdir)
+  # Losses must stay finite; eval statistics may be NaN (an AUC with one class in a tiny held-out set).
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.loop.tensorboard,
+                                    fail_on_nonfinite=("sft/loss", "qfit/loss", "ppo/policy_loss",
+                                                       "ppo/value_loss"))
+  mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+  env = None if config.loop.logs else registry.make_env(config.env)
+  if config.loop.logs:
+    report = conv_lib.ReadReport()
+    logs = conv_lib.read_glob(config.loop.logs, skip_invalid=config.loop.skip_invalid, report=report)
+    if report.skipped:
+      print(f"skipped {report.skipped} invalid lines; first: {report.errors[:3]}")
+  else:
+    behaviour = registry.make_policy(config.env.domain, "behavior", config.env)
+    tmp = Run(config, workdir, env, None, None, mesh, writer, progress)  # type: ignore[arg-type]
+    logs = _play_and_log(tmp, behaviour, config.sft.behavior_conversations,
+                         seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
+  tok_dir = os.path.join(workdir, "tokenizer")
+  if config.tokenizer.path:
+    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path)
+  elif os.path.isdir(tok_dir):
+    tokenizer = tok_lib.load_tokenizer(tok_dir)
+  else:
+    tokenizer = tok_lib.train_bpe(tok_lib.corpus_from_conversations(logs), config.tokenizer.vocab_size, tok_dir)
+  run = Run(config, workdir, env, tokenizer, model_config(config, tokenizer.vocab_size), mesh, writer, progress)
+  return run, logs
+
+
+def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
+  """SFT pi_0 on what the business sent in the logs (checkpoint 'policy' step 0)."""
+  c = run.config
+  trainable, state = run.policy_trainable()
+  if run.progress.get("sft"):
+    return trainable, _restore_params(run, "policy", 0, state.params)
+  examples = [e for e in data_lib.examples_from_conversations(logs, c.gamma, c.env.max_render_turns)
+              if e.sent is not None]
+  arrays = data_lib.example_arrays(run.tokenizer, examples, c.data.max_prompt_len, c.data.max_action_len,
+                                   action="sent")
+  n_hold = max(len(examples) // 10, 1)
+  held = {k: v[:n_hold] for k, v in arrays.items()}
+  train = {k: v[n_hold:] for k, v in arrays.items()}
+  eval_fn = sft_lib.make_eval_fn(trainable)
+  before = sft_lib.evaluate(eval_fn, state.params, held, c.sft.batch_size, run.mesh)
+  state, _ = sft_lib.train_sft(trainable, state, train, steps=c.sft.steps, batch_size=c.sft.batch_size,
+                               seed=seed_for(c, 0, PHASE_IDS["sft"]), writer=run.writer, desc="sft")
+  after = sft_lib.evaluate(eval_fn, state.params, held, c.sft.batch_size, run.mesh)
+  run.log(c.sft.steps, {"sft/heldout_nll_before": before["nll"], "sft/heldout_nll": after["nll"],
+                        "sft/heldout_accuracy": after["accuracy"]}, phase="sft", iteration=0)
+  _save_params(run, "policy", 0, state.params, {"phase": "sft"})
+  run.progress.mark("sft", {"heldout_nll": after["nll"], "heldout_nll_before": before["nll"]})
+  return trainable, state.params
+
+
+def fit_q(run: Run, k: int, records, policy_params, previous_q=None):
+  """Q_k on D_k; returns (q trainable, params, eval metrics)."""
+  c = run.config
+  q_cfg = c.qfit
+  make_q = (lambda: heads.scalar_model_from_policy(nnx.merge(run_policy_graphdef(run), policy_params),
+                                                    rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"]))))
+  if q_cfg.init == "scratch":
+    make_q = lambda: heads.ScalarModel(run.model_cfg, rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])))
+  init_params = previous_q if (q_cfg.init == "previous" and previous_q is not None) else None
+  trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, params=init_params,
+                                       with_target=q_cfg.method != "mc")
+  done = run.progress.get(f"qfit/{k}")
+  if done:
+    return trainable, _restore_params(run, "qmodel", k, state.params), done
+  examples = data_lib.examples_from_conversations(records, c.gamma, c.env.max_render_turns)
+  arrays = data_lib.example_arrays(run.tokenizer, examples, c.data.max_prompt_len, c.data.max_action_len)
+  # Hold out whole conversations (the last tenth) for calibration.
+  conv_ids = sorted({e.conversation_id for e in examples})
+  held_ids = set(conv_ids[-max(len(conv_ids) // 10, 1):])
+  held = np.asarray([e.conversation_id in held_ids for e in examples])
+  train = {k_: v[~held] for k_, v in arrays.items()}
+  train["next_index"] = _reindex(arrays["next_index"], ~held)
+  state, _ = qfit_lib.fit_q(trainable, state, train, method=q_cfg.method, kind=q_cfg.kind, steps=q_cfg.steps,
+                            batch_size=q_cfg.batch_size, seed=seed_for(c, k, PHASE_IDS["qfit"]), gamma=c.gamma,
+                            lam=q_cfg.lam, refresh_every=q_cfg.refresh_every,
+                            target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
+                            desc=f"qfit/{k}")
+  predict_fn = qfit_lib.make_predict_fn(trainable, q_cfg.kind)
+  held_arrays = {k_: v[held] for k_, v in arrays.items()}
+  q = qfit_lib.predict(predict_fn, state.params, held_arrays, q_cfg.batch_size, run.mesh)
+  metrics = qfit_lib.evaluate_q(q, held_arrays["outcome"])
+  metrics["target_corr"] = qfit_lib.pearson(q, held_arrays["target"])
+  if run.env is not None and c.loop.true_q_states > 0:
+    metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q[:], policy_params,
+                                 records))
+  run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
+  _save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
+  run.progress.mark(f"qfit/{k}", metrics)
+  return trainable, state.params, metrics
+
+
+def _reindex(next_index: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """next_index after dropping rows (whole conversations are dropped, so links stay inside `keep`)."""
+  new_pos = np.cumsum(keep) - 1
+  out = np.where(next_index >= 0, new_pos[np.maximum(next_index, 0)], -1)
+  return out[keep].astype(np.int32)
+
+
+def _true_q_error(run: Run, k: int, held_examples, q_pred, policy_params, records) -> dict:
+  """Q_k against the simulator's Monte Carlo Q^{pi_k} on a few held-out logged (state, suggestion) pairs."""
+  c = run.config
+  by_id = {r.id: r for r in records}
+  rng = np.random.default_rng(seed_for(c, k, PHASE_IDS["true_q"]))
+  pick = rng.choice(len(held_examples), size=min(c.loop.true_q_states, len(held_examples)), replace=False)
+  episodes, suggestions = [], []
+  for i in pick:
+    e = held_examples[i]
+    record = by_id[e.conversation_id]
+    n_turns = record.agent_steps()[e.turn]
+    episodes.append(run.env.restore(record, n_turns))
+    suggestions.append("" if e.suggestion == conv_lib.ABSTAIN_TEXT else e.suggestion)
+  policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["true_q"], 1))
+  true_q, _ = run.env.estimate_q(episodes, suggestions, policy, c.gamma, n_rollouts=c.loop.true_q_rollouts,
+                                 seed=seed_for(c, k, PHASE_IDS["true_q"], 2))
+  predicted = np.asarray(q_pred)[pick]
+  return {"true_q_mae": float(np.mean(np.abs(predicted - true_q))),
+          "true_q_corr": qfit_lib.pearson(predicted, true_q), "true_q_mean": float(np.mean(true_q))}
+
+
+def run_policy_graphdef(run: Run):
+  """The policy's graph (static structure); params come from checkpoints or training."""
+  if run.graphdef is None:
+    run.graphdef = nnx.split(nnx.eval_shape(lambda: tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0))))[0]
+  return run.graphdef
+
+
+def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_params, pi0_params):
+  """PPO on the single-turn problem of iteration k; returns pi_{k+1}'s params (checkpointed inside)."""
+  c = run.config
+  cfg = ppo_config(c)
+  ref_params = pi0_params if c.ppo.reference == "sft" else policy_params
+  policy_tr, policy_state = ts.init_trainable(
+      lambda: tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0)), optimizer(c.ppo), run.mesh,
+      params=ts.copy_params(policy_params))
+  critic_tr, critic_state = ts.init_trainable(
+      lambda: heads.scalar_model_from_policy(nnx.merge(policy_tr.graphdef, policy_params),
+                                             rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["ppo"]))),
+      optimizer(c.ppo.critic), run.mesh)
+  state = ppo_lib.PPOState(policy=policy_state, critic=critic_state)
+  ckpt = run.checkpointer(f"ppo/{k}", max_to_keep=2)
+  start, kl_coef = 0, c.ppo.kl_coef
+  if ckpt.latest_step() is not None:
+    template = {"state": state, "kl_coef": jnp.float32(0)}
+    restored, meta = ckpt.restore(None, ckpt_lib.abstract_like(template))
+    state, kl_coef, start = restored["state"], float(restored["kl_coef"]), int(meta["step"])
+  examples = data_lib.examples_from_conversations(records, c.gamma, c.env.max_render_turns)
+  prompts = data_lib.encode_prompts(run.tokenizer, [e.prompt for e in examples], c.data.max_prompt_len)
+
+  def on_step(step, state_, coef):
+    if step % c.ppo.checkpoint_every == 0 or step == c.ppo.steps:
+      ckpt.save(step, {"state": state_, "kl_coef": jnp.float32(coef)}, {"step": step}, overwrite=True)
+    if c.loop.stop_after_ppo_step and step == c.loop.stop_after_ppo_step:
+      raise Interrupted(f"stopped after PPO step {step} (loop.stop_after_ppo_step)")
+
+  reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
+  state, kl_coef, last = ppo_lib.train_ppo(
+      policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts, cfg, steps=c.ppo.steps,
+      batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]), eos_id=run.tokenizer.eot_id,
+      pad_id=run.tokenizer.pad_id, writer=run.writer, desc=f"ppo/{k}", start_step=start, kl_coef=kl_coef,
+      on_step=on_step)
+  ckpt.close()
+  return state.policy.params, last
+
+
+class Interrupted(RuntimeError):
+  """Raised on purpose to test resuming (loop.stop_after_* keys)."""
+
+
+def policy_kl(run: Run, params, ref_params, prompts: dict, seed: int) -> float:
+  """KL(pi || pi_ref) per response, estimated with k1 on responses sampled from pi."""
+  d = run.config.data
+  graphdef = run_policy_graphdef(run)
+  out = sampling.sample(graphdef, params, prompts["tokens"], prompts["valid"], jax.random.key(seed),
+                        max_new_tokens=d.max_action_len, eos_id=run.tokenizer.eot_id, pad_id=run.tokenizer.pad_id)
+  lp = _logprob_fn(graphdef)(params, out.prompt_tokens, out.prompt_valid, out.tokens, out.valid)
+  lp_ref = _logprob_fn(graphdef)(ref_params, out.prompt_tokens, out.prompt_valid, out.tokens, out.valid)
+  return float(jnp.mean(jnp.sum(jnp.where(out.valid, lp - lp_ref, 0.0), axis=1)))
+
+
+_LOGPROB_FNS: dict[Any, Any] = {}
+
+
+def _logprob_fn(graphdef):
+  if graphdef not in _LOGPROB_FNS:
+    def fn(params, prompt_tokens, prompt_valid, response, response_valid):
+      tokens, valid, positions = ppo_lib.sequence_layout(prompt_tokens, prompt_valid, response, response_valid)
+      logits, _, _ = nnx.merge(graphdef, params)(tokens, positions, valid=valid)
+      return ppo_lib.response_logprobs(logits, tokens, prompt_tokens.shape[1])[0]
+    _LOGPROB_FNS[graphdef] = jax.jit(fn)
+  return _LOGPROB_FNS[graphdef]
+
+
+def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
+  """Plays the held-out evaluation conversations (same seed every iteration) with pi_k."""
+  c = run.config
+  done = run.progress.get(f"eval/{k}")
+  if done:
+    return done
+  policy = run.lm_policy(label, run_policy_graphdef(run), params, seed_for(c, k, PHASE_IDS["eval"]))
+  records = _play_and_log(run, policy, c.loop.eval_conversations, seed_for(c, 10_000, PHASE_IDS["eval"]),
+                          f"eval_{k}")
+  summary = env_base.summarize(records)
+  states = [conv_lib.render_state(r.turns[:i], c.env.max_render_turns)
+            for r in records[:32] for i in r.agent_steps()[:2]]
+  prompts = data_lib.encode_prompts(run.tokenizer, states, c.data.max_prompt_len)
+  summary["kl_to_pi0"] = policy_kl(run, params, pi0_params, prompts, seed_for(c, k, PHASE_IDS["eval"], 1))
+  run.log(k, {f"eval/{n}": v for n, v in summary.items()}, phase="eval", iteration=k)
+  run.progress.mark(f"eval/{k}", summary)
+  return summary
+
+
+def reference_lines(run: Run) -> dict:
+  """Conversion of the scripted behaviour staff and the oracle on the same evaluation seed."""
+  done = run.progress.get("reference")
+  if done:
+    return done
+  c = run.config
+  out = {}
+  for name in ("behavior", "oracle"):
+    policy = registry.make_policy(c.env.domain, name, c.env)
+    records = run.env.play(policy, c.loop.eval_conversations, seed=seed_for(c, 10_000, PHASE_IDS["eval"]))
+    out[name] = env_base.summarize(records)
+  run.progress.mark("reference", out)
+  return out
+
+
+# ---- the whole run ----
+
+def run(config, workdir: str) -> dict:
+  """Runs (or resumes) Iterative PPO; returns the per-iteration summary written to workdir/summary.json."""
+  start_time = time.perf_counter()
+  run_, logs = setup(config, workdir)
+  trainable, pi0 = train_pi0(run_, logs)
+  if config.loop.stop_after_phase == "sft":
+    raise Interrupted("stopped after sft (loop.stop_after_phase)")
+  if config.loop.logs:
+    return offline_iteration(run_, logs, pi0)
+  refs = reference_lines(run_)
+  history = [evaluate_policy(run_, 0, pi0, pi0, "pi_0")]
+  params, q_prev = pi0, None
+  for k in range(config.loop.iterations):
+    if run_.progress.get(f"policy/{k + 1}"):
+      params = _restore_params(run_, "policy", k + 1, params)
+      q_prev = None
+      history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
+      continue
+    policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params, seed_for(config, k, PHASE_IDS["collect"]))
+    records = _play_and_log(run_, policy, config.loop.conversations, seed_for(config, k, PHASE_IDS["collect"], 1),
+                            f"iter_{k}")
+    if config.loop.stop_after_phase == f"collect/{k}":
+      raise Interrupted(f"stopped after collect/{k}")
+    q_tr, q_params, _ = fit_q(run_, k, records, params, q_prev)
+    if config.loop.stop_after_phase == f"qfit/{k}":
+      raise Interrupted(f"stopped after qfit/{k}")
+    new_params, _ = improve_policy(run_, k, records, params, q_tr, q_params, pi0)
+    _save_params(run_, "policy", k + 1, new_params, {"phase": "ppo", "iteration": k + 1})
+    run_.progress.mark(f"policy/{k + 1}")
+    params, q_prev = new_params, q_params
+    history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
+  summary = {"iterations": history, "reference": refs, "seconds": time.perf_counter() - start_time}
+  io_utils.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+  from iterppo_jax import report  # matplotlib only when a plot is made
+  summary["plot"] = report.plot_conversion(summary, os.path.join(workdir, "conversion.png"))
+  summary["table"] = report.table(summary)
+  run_.writer.close()
+  return summary
+
+
+def offline_iteration(run_: Run, logs, pi0) -> dict:
+  """One iteration on a user's logs: Q-fit on them, PPO on their states; writes policy step 1."""
+  q_tr, q_params, q_metrics = fit_q(run_, 0, logs, pi0)
+  new_params, ppo_metrics = improve_policy(run_, 0, logs, pi0, q_tr, q_params, pi0)
+  _save_params(run_, "policy", 1, new_params, {"phase": "ppo", "iteration": 1, "offline": True})
+  run_.progress.mark("policy/1")
+  summary = {"offline": True, "logs": run_.config.loop.logs, "conversations": len(logs), "qfit": q_metrics,
+             "ppo": ppo_metrics, "policy_checkpoint": os.path.join(run_.workdir, "checkpoints", "policy", "1")}
+  io_utils.atomic_write_json(os.path.join(run_.workdir, "summary.json"), summary)
+  run_.writer.close()
+  return summary

@@ -1,0 +1,133 @@
+"""Train state, optimizers and the one way every step is built: `step(state, batch) -> (state, metrics)`.
+
+Shapes before arrays (STYLE.md section 3): the model is built abstractly with `nnx.eval_shape`, its
+logical axis names give the shardings (sharding.py), and only then is the state materialised by a jitted
+init with those out_shardings, so nothing is ever built unsharded. Steps are jitted once with explicit
+in/out shardings and the state donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from iterppo_jax import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # [] int32, optimizer steps taken
+  params: Any  # nnx.State of the model's Params
+  opt_state: Any  # optax state over `params`
+  target_params: Any = None  # TD target network for Q-fit; None elsewhere
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  learning_rate: float = 3e-4
+  warmup_steps: int = 10
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0  # global-norm gradient clipping
+  grad_accum: int = 1  # optimizer update every `grad_accum` micro-batches (optax.MultiSteps)
+  b2: float = 0.95
+
+
+def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
+  schedule = optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
+  tx = optax.chain(optax.clip_by_global_norm(c.clip_norm),
+                   optax.adamw(schedule, b2=c.b2, weight_decay=c.weight_decay))
+  if c.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=c.grad_accum)
+  return tx
+
+
+@dataclasses.dataclass
+class Trainable:
+  """What is static about a trained model: its graph, optimizer and shardings (not a pytree)."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  state_shardings: Any  # TrainState of NamedShardings
+  mesh: Any
+
+  def merge(self, params):
+    return nnx.merge(self.graphdef, params)
+
+
+def _split(model):
+  graphdef, params = nnx.split(model)
+  return graphdef, params
+
+
+def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
+                   rules=sharding.DEFAULT_RULES, *, with_target: bool = False,
+                   params: Any = None) -> tuple[Trainable, TrainState]:
+  """Builds a sharded TrainState without ever materialising the model unsharded.
+
+  Args:
+    make_model: () -> a fresh nnx.Module (seeded inside).
+    tx: the optimizer.
+    mesh, rules: where parameters live (sharding.make_mesh / DEFAULT_RULES).
+    with_target: also keep a target copy of the params (TD Q-fit).
+    params: start from these parameters (e.g. pi_k) instead of a fresh init.
+  """
+  graphdef, abstract_params = _split(nnx.eval_shape(make_model))
+
+  def init(p):
+    if p is None:
+      p = _split(make_model())[1]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
+                      target_params=jax.tree.map(jnp.copy, p) if with_target else None)
+
+  abstract = jax.eval_shape(lambda: init(None))
+  shardings = sharding.state_shardings(mesh, rules, abstract)
+  if params is None:
+    state = jax.jit(lambda: init(None), out_shardings=shardings)()
+  else:
+    params = jax.device_put(params, shardings.params)
+    state = jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
+  del abstract_params
+  return Trainable(graphdef=graphdef, tx=tx, state_shardings=shardings, mesh=mesh), state
+
+
+def make_train_step(trainable: Trainable, loss_fn: Callable, *, donate: bool = True,
+                    post_update: Callable | None = None):
+  """Jits `step(state, batch) -> (state, metrics)` for `loss_fn(model, batch) -> (loss, aux)`.
+
+  `post_update(state) -> state` runs inside the step (e.g. the Polyak update of a target network).
+  """
+  graphdef, tx = trainable.graphdef, trainable.tx
+
+  def step(state: TrainState, batch):
+    def objective(params):
+      return loss_fn(nnx.merge(graphdef, params), batch)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if post_update is not None:
+      state = post_update(state)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+    return state, metrics
+
+  replicated = NamedSharding(trainable.mesh, PartitionSpec())
+  return jax.jit(step, in_shardings=(trainable.state_shardings, sharding.batch_sharding(trainable.mesh)),
+                 out_shardings=(trainable.state_shardings, replicated),
+                 donate_argnums=(0,) if donate else ())
+
+
+def device_batch(batch: dict, mesh) -> dict:
+  """Puts a host batch (dict of numpy arrays) on the mesh, leading dimension over (data, fsdp)."""
+  return jax.device_put(dict(batch), sharding.batch_sharding(mesh))
+
+
+def copy_params(params):
+  """A fresh copy (so a donated step cannot delete the arrays another model shares)."""
+  return jax.tree.map(jnp.copy, params)
