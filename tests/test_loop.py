@@ -1,0 +1,94 @@
+"""The Iterative PPO loop end to end at tiny sizes: phases, checkpoints, metrics, and exact resume."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import sales as sales_config
+from iterppo_jax import checkpoint as ckpt_lib
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import loop
+from iterppo_jax import metrics as metrics_lib
+
+
+def tiny_config(**loop_overrides):
+  c = sales_config.get_config("tiny")
+  c.loop.tensorboard = False
+  for k, v in loop_overrides.items():
+    c.loop[k] = v
+  return c
+
+
+def final_policy(workdir, step):
+  c = ckpt_lib.Checkpointer(workdir, "policy")
+  tree, _ = c.restore(step)
+  c.close()
+  return jax.tree.leaves(tree)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  summary = loop.run(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_phases_checkpoints_and_metrics(full_run):
+  workdir, summary = full_run
+  assert len(summary["iterations"]) == 3  # pi_0, pi_1, pi_2
+  assert set(summary["reference"]) == {"behavior", "oracle"}
+  assert summary["reference"]["oracle"]["conversion"] > summary["reference"]["behavior"]["conversion"]
+  for s in summary["iterations"]:
+    assert 0 <= s["conversion_lo"] <= s["conversion"] <= s["conversion_hi"] <= 1
+  assert os.path.exists(summary["plot"]) and os.path.getsize(summary["plot"]) > 1000
+  assert "pi_2" in summary["table"]
+  for name, steps in (("policy", [0, 1, 2]), ("qmodel", [0, 1])):
+    c = ckpt_lib.Checkpointer(workdir, name)
+    assert c.all_steps() == steps
+    c.close()
+  records = metrics_lib.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  phases = {r.get("phase") for r in records}
+  assert {"sft", "qfit/0", "qfit_eval", "ppo/0", "ppo/1", "eval"} <= phases
+  assert any("ppo/kl" in r for r in records) and any("eval/conversion" in r for r in records)
+  # The logs of every iteration are kept and readable.
+  for name in ("behavior", "iter_0", "iter_1", "eval_0", "eval_2"):
+    assert conv_lib.read_jsonl(os.path.join(workdir, "data", f"{name}.jsonl"))
+  with open(os.path.join(workdir, "progress.json")) as f:
+    progress = json.load(f)
+  assert {"sft", "qfit/0", "policy/1", "policy/2", "eval/2"} <= set(progress)
+
+
+@pytest.mark.parametrize("stop", [{"stop_after_phase": "qfit/0"}, {"stop_after_ppo_step": 2}],
+                         ids=["between_phases", "inside_ppo"])
+def test_resume_gives_identical_parameters(full_run, tmp_path, stop):
+  workdir, _ = full_run
+  resumed = str(tmp_path / "resumed")
+  with pytest.raises(loop.Interrupted):
+    loop.run(tiny_config(**stop), resumed)
+  assert not os.path.exists(os.path.join(resumed, "summary.json"))
+  loop.run(tiny_config(), resumed)
+  for a, b in zip(final_policy(workdir, 2), final_policy(resumed, 2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # And the policy really changed during the run (so equality above is not vacuous).
+  changed = any(not np.array_equal(np.asarray(a), np.asarray(b))
+                for a, b in zip(final_policy(workdir, 0), final_policy(workdir, 2)))
+  assert changed
+
+
+def test_offline_iteration_on_user_logs(full_run, tmp_path):
+  workdir, _ = full_run
+  logs = os.path.join(workdir, "data", "iter_0.jsonl")
+  out = str(tmp_path / "offline")
+  summary = loop.run(tiny_config(logs=logs), out)
+  assert summary["offline"] and summary["conversations"] == 16
+  c = ckpt_lib.Checkpointer(out, "policy")
+  assert c.all_steps() == [0, 1]
+  c.close()
+  # A bad log fails with file:line before anything is trained.
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"outcome": 1, "turns": [{"role": "robot", "text": "hi"}]}\n')
+  with pytest.raises(conv_lib.ConversationFormatError, match=r"bad\.jsonl:1: .*unknown role"):
+    loop.run(tiny_config(logs=str(bad)), str(tmp_path / "offline_bad"))
