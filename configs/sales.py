@@ -73,7 +73,7 @@ def get_config(arg=None):
   c.qfit.tau = 0.05  # Polyak step of the target network
 
   # ---- PPO on the single-turn problem ----
-  c.ppo = _optimizer_section(learning_rate=5e-5, warmup_steps=2)
+  c.ppo = _optimizer_section(learning_rate=3e-4, warmup_steps=2)
   c.ppo.critic = _optimizer_section(learning_rate=2e-4, warmup_steps=2)
   c.ppo.kl_coef = 0.05  # beta in max E[Q] - beta KL(pi || pi_k)
   c.ppo.kl_estimator = "k1"  # k1 | k2 | k3 per-token estimator in the reward
@@ -96,7 +96,8 @@ def get_config(arg=None):
   # ---- the outer loop ----
   c.loop = ml_collections.ConfigDict()
   c.loop.iterations = 3  # K
-  c.loop.conversations = 512  # |D_k| logged with pi_k per iteration
+  c.loop.first_data = "behavior"  # D_0: 'behavior' (the logs pi_0 was cloned from) | 'policy' (deploy pi_0)
+  c.loop.conversations = 512  # |D_k| logged with pi_k per iteration (k >= 1, or k = 0 with first_data=policy)
   c.loop.eval_conversations = 500  # held-out conversations per evaluation (+-4 points at 95%)
   c.loop.play_batch = 256  # conversations advanced in lock-step when a model plays
   c.loop.deploy_temperature = 1.0  # pi_k is deployed as sampled (its Q is what is fitted)

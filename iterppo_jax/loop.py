@@ -18,6 +18,7 @@ logs, PPO on their states, and the new policy is written to workdir/checkpoints/
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -400,11 +401,20 @@ def reference_lines(run: Run) -> dict:
 
 # ---- the whole run ----
 
+@contextlib.contextmanager
+def timed(run_: Run, phase: str, iteration: int):
+  """Logs the wall time of a phase as time/<phase> (seconds)."""
+  start = time.perf_counter()
+  yield
+  run_.log(iteration, {f"time/{phase}": time.perf_counter() - start}, phase="time", iteration=iteration)
+
+
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) Iterative PPO; returns the per-iteration summary written to workdir/summary.json."""
   start_time = time.perf_counter()
   run_, logs = setup(config, workdir)
-  trainable, pi0 = train_pi0(run_, logs)
+  with timed(run_, "sft", 0):
+    trainable, pi0 = train_pi0(run_, logs)
   if config.loop.stop_after_phase == "sft":
     raise Interrupted("stopped after sft (loop.stop_after_phase)")
   if config.loop.logs:
@@ -418,19 +428,27 @@ def run(config, workdir: str) -> dict:
       q_prev = None
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
       continue
-    policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params, seed_for(config, k, PHASE_IDS["collect"]))
-    records = _play_and_log(run_, policy, config.loop.conversations, seed_for(config, k, PHASE_IDS["collect"], 1),
-                            f"iter_{k}")
+    with timed(run_, "collect", k):
+      if k == 0 and config.loop.first_data == "behavior":
+        records = logs  # D_0: the behaviour logs pi_0 was cloned from stand in for pi_0's own
+      else:
+        policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
+                                seed_for(config, k, PHASE_IDS["collect"]))
+        records = _play_and_log(run_, policy, config.loop.conversations,
+                                seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")
     if config.loop.stop_after_phase == f"collect/{k}":
       raise Interrupted(f"stopped after collect/{k}")
-    q_tr, q_params, _ = fit_q(run_, k, records, params, q_prev)
+    with timed(run_, "qfit", k):
+      q_tr, q_params, _ = fit_q(run_, k, records, params, q_prev)
     if config.loop.stop_after_phase == f"qfit/{k}":
       raise Interrupted(f"stopped after qfit/{k}")
-    new_params, _ = improve_policy(run_, k, records, params, q_tr, q_params, pi0)
+    with timed(run_, "ppo", k):
+      new_params, _ = improve_policy(run_, k, records, params, q_tr, q_params, pi0)
     _save_params(run_, "policy", k + 1, new_params, {"phase": "ppo", "iteration": k + 1})
     run_.progress.mark(f"policy/{k + 1}")
     params, q_prev = new_params, q_params
-    history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
+    with timed(run_, "eval", k + 1):
+      history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
   summary = {"iterations": history, "reference": refs, "seconds": time.perf_counter() - start_time}
   io_utils.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   from iterppo_jax import report  # matplotlib only when a plot is made

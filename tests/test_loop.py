@@ -54,7 +54,9 @@ def test_phases_checkpoints_and_metrics(full_run):
   assert {"sft", "qfit/0", "qfit_eval", "ppo/0", "ppo/1", "eval"} <= phases
   assert any("ppo/kl" in r for r in records) and any("eval/conversion" in r for r in records)
   # The logs of every iteration are kept and readable.
-  for name in ("behavior", "iter_0", "iter_1", "eval_0", "eval_2"):
+  # D_0 is the behaviour logs (loop.first_data='behavior'); later iterations deploy pi_k.
+  assert not os.path.exists(os.path.join(workdir, "data", "iter_0.jsonl"))
+  for name in ("behavior", "iter_1", "eval_0", "eval_2"):
     assert conv_lib.read_jsonl(os.path.join(workdir, "data", f"{name}.jsonl"))
   with open(os.path.join(workdir, "progress.json")) as f:
     progress = json.load(f)
@@ -80,7 +82,7 @@ def test_resume_gives_identical_parameters(full_run, tmp_path, stop):
 
 def test_offline_iteration_on_user_logs(full_run, tmp_path):
   workdir, _ = full_run
-  logs = os.path.join(workdir, "data", "iter_0.jsonl")
+  logs = os.path.join(workdir, "data", "iter_1.jsonl")
   out = str(tmp_path / "offline")
   summary = loop.run(tiny_config(logs=logs), out)
   assert summary["offline"] and summary["conversations"] == 16
