@@ -77,7 +77,9 @@ def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTrans
     with_target: also keep a target copy of the params (TD Q-fit).
     params: start from these parameters (e.g. pi_k) instead of a fresh init.
   """
-  graphdef, abstract_params = _split(nnx.eval_shape(make_model))
+  # jax.eval_shape rather than nnx.eval_shape: under an active mesh (sharding.use_mesh) the latter reads the
+  # params' *logical* names as mesh axes and fails ("Resource axis: embed ... not found in mesh").
+  graphdef = jax.eval_shape(lambda: _split(make_model()))[0]
 
   def init(p):
     if p is None:
@@ -92,7 +94,6 @@ def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTrans
   else:
     params = jax.device_put(params, shardings.params)
     state = jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
-  del abstract_params
   return Trainable(graphdef=graphdef, tx=tx, state_shardings=shardings, mesh=mesh), state
 
 

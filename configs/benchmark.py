@@ -1,0 +1,70 @@
+r"""Throughput of the jitted pieces: sampler, SFT step, Q-fit step, and a PPO iteration split by phase.
+
+  python -m experiments.benchmark --config=configs/benchmark.py                 # ppo_tiny, CPU-sized
+  python -m experiments.benchmark --config=configs/benchmark.py:ppo_0p5b        # Qwen2.5-0.5B shapes, a GPU
+  python -m experiments.benchmark --config=configs/benchmark.py --config.iterations=10
+
+Workloads are named shapes (a plain lookup below); any key can still be overridden with --config.key=value.
+"""
+
+import ml_collections
+
+# Named workloads: model shape and batch. Everything not named here takes the defaults in get_config.
+WORKLOADS = {
+    # A CPU-sized policy: every number in the table comes back in about a minute on two cores.
+    "ppo_tiny": dict(model=dict(num_layers=4, embed_dim=256, mlp_dim=1024, num_heads=4, num_kv_heads=4,
+                                head_dim=64, vocab_size=2048, tie_embeddings=False),
+                     batch=dict(prompts=16, prompt_len=48, new_tokens=32)),
+    # Qwen2.5-0.5B shapes (24 layers, GQA 14/2, vocab 151936, untied here), bf16 compute over f32 params.
+    "ppo_0p5b": dict(model=dict(num_layers=24, embed_dim=896, mlp_dim=4864, num_heads=14, num_kv_heads=2,
+                                head_dim=64, vocab_size=151936, tie_embeddings=False, dtype="bfloat16",
+                                param_dtype="float32", rope_theta=1000000.0),
+                     batch=dict(prompts=32, prompt_len=48, new_tokens=128)),
+    # Smaller than tiny, for the benchmark's own smoke test.
+    "smoke": dict(model=dict(num_layers=1, embed_dim=64, mlp_dim=128, num_heads=2, num_kv_heads=2, head_dim=32,
+                             vocab_size=128, tie_embeddings=False),
+                  batch=dict(prompts=8, prompt_len=8, new_tokens=4), ppo=dict(minibatch_size=4)),
+}
+
+
+def get_config(arg=None):
+  workload = arg or "ppo_tiny"
+  if workload not in WORKLOADS:
+    raise ValueError(f"unknown benchmark workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
+  c = ml_collections.ConfigDict()
+  c.workload = workload  # the name printed with the table
+  c.seed = 0  # parameters, prompts and sampling keys
+  c.iterations = 5  # timed calls of each piece after the first (compiling) call; the table shows their mean
+
+  c.model = ml_collections.ConfigDict()
+  c.model.style = "llama"  # llama | gpt2
+  c.model.num_layers = 4
+  c.model.embed_dim = 256
+  c.model.mlp_dim = 1024
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 64
+  c.model.vocab_size = 2048
+  c.model.tie_embeddings = False
+  c.model.rope_theta = 10000.0
+  c.model.dtype = "float32"  # compute dtype: bfloat16 on accelerators
+  c.model.param_dtype = "float32"  # master weights and optimizer state stay f32
+  c.model.remat = False  # recompute blocks in the backward pass (memory for compute)
+
+  c.batch = ml_collections.ConfigDict()
+  c.batch.prompts = 16  # rows of every batch (sampler, SFT, Q-fit, PPO rollout)
+  c.batch.prompt_len = 48  # prompt tokens; SFT / Q-fit sequences are prompt_len + new_tokens long
+  c.batch.new_tokens = 32  # sampled tokens per row (the sampler row ignores end tokens: always all of them)
+
+  c.ppo = ml_collections.ConfigDict()
+  c.ppo.epochs = 2  # passes over each rollout batch, as in training
+  c.ppo.minibatch_size = 16  # rows per PPO update step; must divide batch.prompts
+  c.ppo.kl_coef = 0.05
+
+  c.learning_rate = 1e-4  # all optimizers (the value does not change the timings)
+  # (axis, size) pairs for sharding.make_mesh; -1 takes the remaining devices.
+  c.mesh = [("data", -1), ("fsdp", 1), ("tensor", 1)]
+
+  for section, values in WORKLOADS[workload].items():
+    c[section].update(values)
+  return c
