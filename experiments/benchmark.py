@@ -44,8 +44,10 @@ def _timed(fn, iterations):
   return first, float(np.mean(times))
 
 
-def _row(name, first, steady, tokens):
-  return {"name": name, "ms": 1e3 * steady, "tokens_per_s": tokens / steady, "compile_s": max(first - steady, 0.0)}
+def _row(name, first, steady, tokens, flops=0.0, peak_flops=0.0):
+  """A table row; MFU = model FLOPs per second / the device's peak (0 when the peak is not configured)."""
+  return {"name": name, "ms": 1e3 * steady, "tokens_per_s": tokens / steady, "compile_s": max(first - steady, 0.0),
+          "mfu": (flops / steady / peak_flops) if peak_flops else 0.0}
 
 
 def run_benchmark(config) -> list[dict]:
@@ -73,15 +75,19 @@ def run_benchmark(config) -> list[dict]:
               "loss_mask": (np.arange(L) >= P)[None].repeat(B, 0).astype(np.float32),
               "last_index": np.full((B,), L - 1, np.int32), "target": rng.uniform(size=B).astype(np.float32)}
   rows = []
+  peak = config.peak_tflops * 1e12 * jax.device_count()
   with sharding.use_mesh(mesh):
     policy, policy_state = ts.init_trainable(make_policy, tx(), mesh)
+    # Model FLOPs (Kaplan et al.): 2 per parameter per token forward, 6 forward + backward.
+    n = tf.num_params(policy_state.params)
+    fwd, train = (lambda t: 2.0 * n * t), (lambda t: 6.0 * n * t)  # noqa: E731
 
     # ---- sampler ----
     def sample_once(key=jax.random.key(config.seed)):
       out = sampling.sample(policy.graphdef, policy_state.params, prompt_tokens, prompt_valid, key,
                             max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
       jax.block_until_ready(out.tokens)
-    rows.append(_row("sampler", *_timed(sample_once, config.iterations), B * N))
+    rows.append(_row("sampler", *_timed(sample_once, config.iterations), B * N, fwd(B * L), peak))
 
     # ---- SFT and Q-fit steps ----
     sft_batch = ts.device_batch({k: sequence[k] for k in ("tokens", "positions", "valid", "loss_mask")}, mesh)
@@ -90,7 +96,7 @@ def run_benchmark(config) -> list[dict]:
     def sft_once(step=sft.make_sft_step(policy)):
       holder["state"], metrics = step(holder["state"], sft_batch)
       jax.block_until_ready(metrics)
-    rows.append(_row("sft step", *_timed(sft_once, config.iterations), B * L))
+    rows.append(_row("sft step", *_timed(sft_once, config.iterations), B * L, train(B * L), peak))
     policy_state = holder.pop("state")
 
     q_tr, q_state = ts.init_trainable(make_scalar, tx(), mesh)
@@ -101,7 +107,7 @@ def run_benchmark(config) -> list[dict]:
     def qfit_once(step=qfit.make_qfit_step(q_tr)):
       holder["state"], metrics = step(holder["state"], q_batch)
       jax.block_until_ready(metrics)
-    rows.append(_row("qfit step", *_timed(qfit_once, config.iterations), B * L))
+    rows.append(_row("qfit step", *_timed(qfit_once, config.iterations), B * L, train(B * L), peak))
     q_params = holder.pop("state").params
 
     # ---- one PPO iteration, by phase (the body of ppo.train_ppo) ----
@@ -137,18 +143,21 @@ def run_benchmark(config) -> list[dict]:
     response_tokens = B * N  # with a random policy, end tokens are rare: about every row runs to N
     n_updates = cfg.epochs * (B // cfg.minibatch_size)
     tokens = {"generation": response_tokens, "scoring": B * L, "update": n_updates * cfg.minibatch_size * L}
+    # Scoring runs four forward passes (policy, reference, critic, reward model); the update trains two models.
+    flops = {"generation": fwd(B * L), "scoring": 4 * fwd(B * L), "update": 2 * train(tokens["update"])}
     for name, times in phases.items():
-      rows.append(_row(f"ppo {name}", times[0], float(np.mean(times[1:])), tokens[name]))
+      rows.append(_row(f"ppo {name}", times[0], float(np.mean(times[1:])), tokens[name], flops[name], peak))
     total = [sum(t) for t in zip(*phases.values())]
-    rows.append(_row("ppo iteration", total[0], float(np.mean(total[1:])), B * L))
+    rows.append(_row("ppo iteration", total[0], float(np.mean(total[1:])), B * L, sum(flops.values()), peak))
   return rows
 
 
 def format_table(rows, title="") -> str:
   lines = [title] if title else []
-  lines.append(f"{'piece':<16}{'ms':>12}{'tokens/s':>14}{'compile s':>12}")
+  lines.append(f"{'piece':<16}{'ms':>12}{'tokens/s':>14}{'compile s':>12}{'MFU':>8}")
   for r in rows:
-    lines.append(f"{r['name']:<16}{r['ms']:>12.1f}{r['tokens_per_s']:>14.0f}{r['compile_s']:>12.2f}")
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+    lines.append(f"{r['name']:<16}{r['ms']:>12.1f}{r['tokens_per_s']:>14.0f}{r['compile_s']:>12.2f}{mfu:>8}")
   return "\n".join(lines)
 
 

@@ -40,7 +40,9 @@ class OptimizerConfig:
 
 
 def make_optimizer(c: OptimizerConfig) -> optax.GradientTransformation:
-  schedule = optax.linear_schedule(0.0, c.learning_rate, max(c.warmup_steps, 1))
+  warmup = max(c.warmup_steps, 1)
+  # Linear warmup that starts at lr / warmup, not at 0: a first update with learning rate 0 is a wasted step.
+  schedule = lambda count: c.learning_rate * jnp.minimum(1.0, (count + 1) / warmup)  # noqa: E731
   tx = optax.chain(optax.clip_by_global_norm(c.clip_norm),
                    optax.adamw(schedule, b2=c.b2, weight_decay=c.weight_decay))
   if c.grad_accum > 1:
