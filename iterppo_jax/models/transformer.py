@@ -7,6 +7,12 @@ Two families share one code path, picked by ``TransformerConfig.style``:
     tied LM head (Radford et al. 2019).
 Both are pre-norm residual stacks with a final norm.
 
+Options for imported Hugging Face checkpoints (``models/hf.py``), all off by default: q/k/v biases
+(``qkv_bias``, Qwen2), the MLP activation (``mlp_activation``: Gemma's GeGLU is the gated MLP with
+tanh-GELU), a scale on token embeddings (``embed_scale``, Gemma: sqrt(D)), zero-centred RMSNorm
+scales (``norm_offset``, Gemma multiplies by 1 + w), RoPE frequency scaling (``rope_scaling``:
+'linear' or Llama-3's 'llama3'), and a sliding attention window (``sliding_window``, Mistral v0.1).
+
 Every parameter carries logical axis names (``vocab, embed, heads, kv_heads, kv, mlp, norm``) where
 it is created; ``iterppo_jax.sharding`` maps them to mesh axes. Activations are constrained only at
 block boundaries (``act_batch, act_len, act_embed``), a no-op when no mesh is active.
@@ -60,10 +66,30 @@ class TransformerConfig:
   dtype: str = 'float32'        # compute dtype; 'bfloat16' keeps f32 params and f32 logits
   param_dtype: str = 'float32'
   remat: bool = False           # recompute each block in the backward pass to save memory
+  # ---- options for imported checkpoints (models/hf.py); the defaults are the two styles above ----
+  mlp_activation: str = ''      # '' = the style's own (llama: silu, gpt2: gelu_tanh); or 'silu' |
+                                # 'gelu_tanh' | 'gelu' (exact erf); llama style gates it (GLU)
+  qkv_bias: bool = False        # biases on the q/k/v projections only (Qwen2); gpt2 has all biases
+  embed_scale: float = 1.0      # token embeddings are multiplied by this (Gemma: sqrt(D))
+  norm_offset: float = 0.0      # RMSNorm multiplies by (norm_offset + scale) (Gemma: 1, zero-init)
+  rope_scaling: str = ''        # '' (none) | 'linear' | 'llama3' (Llama-3.1 frequency scaling)
+  rope_factor: float = 1.0      # linear / llama3: long wavelengths are stretched by this
+  rope_low_freq_factor: float = 1.0   # llama3: wavelengths above orig_len / this are scaled fully
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths below orig_len / this are left alone
+  rope_original_max_len: int = 8192   # llama3: the pretraining context length
+  sliding_window: int = 0       # > 0: query i sees only keys j with i - j < sliding_window
+  family: str = ''              # Hugging Face model_type this config was read from ('' = ours)
 
   def __post_init__(self):
     if self.style not in ('llama', 'gpt2'):
       raise ValueError(f"style must be 'llama' or 'gpt2', got {self.style!r}")
+    if self.mlp_activation not in ('', 'silu', 'gelu_tanh', 'gelu'):
+      raise ValueError(f"mlp_activation must be '', 'silu', 'gelu_tanh' or 'gelu', "
+                       f'got {self.mlp_activation!r}')
+    if self.rope_scaling not in ('', 'linear', 'llama3'):
+      raise ValueError(f"rope_scaling must be '', 'linear' or 'llama3', got {self.rope_scaling!r}")
+    if self.sliding_window < 0:
+      raise ValueError(f'sliding_window must be >= 0, got {self.sliding_window}')
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f'num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}')
     if self.style == 'llama' and self.head_dim % 2:
@@ -130,15 +156,42 @@ def positions_from_valid(valid: Array) -> Array:
   return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def apply_rope(x: Array, positions: Array, theta: float) -> Array:
+def rope_inv_freq(config: TransformerConfig) -> Array:
+  """RoPE inverse frequencies [H/2] f32 with the config's frequency scaling.
+
+  'linear' divides every frequency by ``rope_factor``. 'llama3' (Llama 3.1) leaves wavelengths
+  shorter than ``orig / high_freq_factor`` alone, divides those longer than
+  ``orig / low_freq_factor`` by ``rope_factor``, and interpolates smoothly in between.
+  """
+  c = config
+  half = c.head_dim // 2
+  inv_freq = c.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if c.rope_scaling == 'linear':
+    return inv_freq / c.rope_factor
+  if c.rope_scaling == 'llama3':
+    orig = float(c.rope_original_max_len)
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > orig / c.rope_low_freq_factor, inv_freq / c.rope_factor, inv_freq)
+    smooth = (orig / wavelen - c.rope_low_freq_factor) / (
+        c.rope_high_freq_factor - c.rope_low_freq_factor)
+    smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
+    medium = (wavelen >= orig / c.rope_high_freq_factor) & (wavelen <= orig / c.rope_low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: Array, positions: Array, theta: float, inv_freq: Optional[Array] = None) -> Array:
   """Rotary embedding in the rotate-half layout used by Hugging Face Llama checkpoints.
 
   Args:
     x: [B,T,N,H] queries or keys.
     positions: [B,T] int.
+    theta: RoPE base, used when ``inv_freq`` is None.
+    inv_freq: optional [H/2] frequencies (``rope_inv_freq``, for scaled RoPE).
   """
   half = x.shape[-1] // 2
-  inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+  if inv_freq is None:
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
   angle = positions.astype(jnp.float32)[..., None] * inv_freq          # [B,T,H/2]
   sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -146,14 +199,22 @@ def apply_rope(x: Array, positions: Array, theta: float) -> Array:
 
 
 class RMSNorm(nnx.Module):
-  def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs):
-    self.scale = logical_param(rngs, nnx.initializers.ones, (dim,), ('norm',), param_dtype)
-    self.eps, self.dtype = eps, jnp.dtype(dtype)
+  """RMSNorm; with ``offset`` (Gemma: 1) the stored scale is zero-centred: x * (offset + scale)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype: Any, param_dtype: Any, rngs: nnx.Rngs,
+               offset: float = 0.0):
+    init = (nnx.initializers.ones if offset == 0.0
+            else nnx.initializers.constant(1.0 - offset))  # starts at an identity scale either way
+    self.scale = logical_param(rngs, init, (dim,), ('norm',), param_dtype)
+    self.eps, self.dtype, self.offset = eps, jnp.dtype(dtype), offset
 
   def __call__(self, x: Array) -> Array:
     x = x.astype(jnp.float32)  # statistics in f32 even under bf16 compute
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+    scale = self.scale[...].astype(jnp.float32)
+    if self.offset != 0.0:
+      scale = scale + self.offset
+    return (x * scale).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -171,9 +232,18 @@ class LayerNorm(nnx.Module):
 
 
 def _norm(config: TransformerConfig, rngs: nnx.Rngs) -> nnx.Module:
-  cls = RMSNorm if config.style == 'llama' else LayerNorm
-  return cls(config.embed_dim, eps=config.norm_eps, dtype=config.dtype,
-             param_dtype=config.param_dtype, rngs=rngs)
+  if config.style == 'llama':
+    return RMSNorm(config.embed_dim, eps=config.norm_eps, dtype=config.dtype,
+                   param_dtype=config.param_dtype, rngs=rngs, offset=config.norm_offset)
+  return LayerNorm(config.embed_dim, eps=config.norm_eps, dtype=config.dtype,
+                   param_dtype=config.param_dtype, rngs=rngs)
+
+
+def _activation(config: TransformerConfig, x: Array) -> Array:
+  name = config.mlp_activation or ('silu' if config.style == 'llama' else 'gelu_tanh')
+  if name == 'silu':
+    return jax.nn.silu(x)
+  return jax.nn.gelu(x, approximate=name == 'gelu_tanh')
 
 
 def _bias(rngs, shape, names, config, enabled):
@@ -192,6 +262,7 @@ class Attention(nnx.Module):
     c, pd = config, config.param_dtype
     D, N, K, H = c.embed_dim, c.num_heads, c.num_kv_heads, c.head_dim
     biases = c.style == 'gpt2'
+    qkv_biases = biases or c.qkv_bias
     self.q_proj = logical_param(rngs, _fan_in_init(0, (1, 2)), (D, N, H),
                                 ('embed', 'heads', 'kv'), pd)
     self.k_proj = logical_param(rngs, _fan_in_init(0, (1, 2)), (D, K, H),
@@ -200,9 +271,9 @@ class Attention(nnx.Module):
                                 ('embed', 'kv_heads', 'kv'), pd)
     self.o_proj = logical_param(rngs, _fan_in_init((0, 1), 2), (N, H, D),
                                 ('heads', 'kv', 'embed'), pd)
-    self.q_bias = _bias(rngs, (N, H), ('heads', 'kv'), c, biases)
-    self.k_bias = _bias(rngs, (K, H), ('kv_heads', 'kv'), c, biases)
-    self.v_bias = _bias(rngs, (K, H), ('kv_heads', 'kv'), c, biases)
+    self.q_bias = _bias(rngs, (N, H), ('heads', 'kv'), c, qkv_biases)
+    self.k_bias = _bias(rngs, (K, H), ('kv_heads', 'kv'), c, qkv_biases)
+    self.v_bias = _bias(rngs, (K, H), ('kv_heads', 'kv'), c, qkv_biases)
     self.o_bias = _bias(rngs, (D,), ('embed',), c, biases)
     self.config = config
 
@@ -219,7 +290,9 @@ class Attention(nnx.Module):
     k = _add(jnp.einsum('BTD,DKH->BTKH', x, self.k_proj[...].astype(dt)), self.k_bias)
     v = _add(jnp.einsum('BTD,DKH->BTKH', x, self.v_proj[...].astype(dt)), self.v_bias)
     if c.style == 'llama':
-      q, k = apply_rope(q, positions, c.rope_theta), apply_rope(k, positions, c.rope_theta)
+      inv_freq = rope_inv_freq(c) if c.rope_scaling else None
+      q = apply_rope(q, positions, c.rope_theta, inv_freq)
+      k = apply_rope(k, positions, c.rope_theta, inv_freq)
 
     new_cache = None
     if layer_cache is not None:
@@ -240,7 +313,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU (llama) or GELU (gpt2) feed-forward block."""
+  """Gated (llama: SwiGLU, or GeGLU with ``mlp_activation``) or plain GELU (gpt2) feed-forward."""
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c, pd = config, config.param_dtype
@@ -253,14 +326,15 @@ class MLP(nnx.Module):
     self.up_bias = _bias(rngs, (F,), ('mlp',), c, gpt2)
     self.down_bias = _bias(rngs, (D,), ('embed',), c, gpt2)
     self.dtype = jnp.dtype(c.dtype)
+    self.config = c
 
   def __call__(self, x: Array) -> Array:
     dt = self.dtype
     h = _add(jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt)), self.up_bias)
     if self.gate is None:
-      h = jax.nn.gelu(h, approximate=True)  # GPT-2 uses the tanh approximation
+      h = _activation(self.config, h)  # GPT-2 uses the tanh approximation
     else:
-      h = jax.nn.silu(jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))) * h
+      h = _activation(self.config, jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))) * h
     return _add(jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt)), self.down_bias)
 
 
@@ -339,11 +413,15 @@ class Trunk(nnx.Module):
       mask = visible[None] & kv_valid[:, None, :]
       if attn_mask is not None:
         mask = mask & attn_mask
+    if c.sliding_window:
+      mask = mask & self._window(positions, cache, cache_index, mask.shape)
 
     # Gather from a table gathered over 'embed' (fsdp): a lookup from an fsdp-sharded table into
     # batch-over-fsdp activations makes GSPMD replicate the whole result (slow, warns).
     table = constrain(self.embedding[...], ('vocab', None))
     x = jnp.take(table, tokens, axis=0).astype(dt)
+    if c.embed_scale != 1.0:
+      x = x * jnp.asarray(c.embed_scale, dt)
     if self.pos_embedding is not None:
       x = x + jnp.take(self.pos_embedding[...], jnp.clip(positions, 0, c.max_len - 1),
                        axis=0).astype(dt)
@@ -358,6 +436,21 @@ class Trunk(nnx.Module):
     hidden = self.final_norm(x)
     new_cache = None if cache is None else {'valid': kv_valid, 'layers': tuple(layer_caches)}
     return hidden, new_cache
+
+  def _window(self, positions: Array, cache: Optional[Cache], cache_index: Any,
+              mask_shape: Tuple[int, ...]) -> Array:
+    """Sliding-window part of the mask: [B,T,S] bool, True where query - key < window.
+
+    Without a cache the distance is taken between positions (exact under any padding); with a
+    cache between slots, which equals the position distance because cached rows are left-padded
+    and contiguous.
+    """
+    w = self.config.sliding_window
+    if cache is None:
+      return (positions[:, :, None] - positions[:, None, :]) < w
+    _, T, S = mask_shape
+    query_slot = cache_index + jnp.arange(T)[:, None]  # [T,1]
+    return ((query_slot - jnp.arange(S)[None, :]) < w)[None]
 
 
 class Transformer(nnx.Module):
