@@ -303,11 +303,19 @@ class Attention(nnx.Module):
       k, v = k.astype(dt), v.astype(dt)
 
     K, H = c.num_kv_heads, c.head_dim
-    q = q.reshape(B, T, K, c.num_heads // K, H)
-    scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * H ** -0.5, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(B, T, c.num_heads, H)
+    if K == c.num_heads:
+      # Plain multi-head attention: 4-D einsums. The grouped 5-D form below costs XLA:CPU about twice
+      # as much in the backward pass (transposes), and the tiny CPU models do not use GQA.
+      scores = jnp.einsum('BTNH,BSNH->BNTS', q, k, preferred_element_type=jnp.float32)
+      scores = jnp.where(mask[:, None], scores * H ** -0.5, _MASK_VALUE)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum('BNTS,BSNH->BTNH', probs, v)
+    else:
+      q = q.reshape(B, T, K, c.num_heads // K, H)
+      scores = jnp.einsum('BTKGH,BSKH->BKGTS', q, k, preferred_element_type=jnp.float32)
+      scores = jnp.where(mask[:, None, None], scores * H ** -0.5, _MASK_VALUE)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(B, T, c.num_heads, H)
     y = _add(jnp.einsum('BTNH,NHD->BTD', out, self.o_proj[...].astype(dt)), self.o_bias)
     return y, new_cache
 
