@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import rendering
 from iterppo_jax.envs import base
 
 
@@ -43,16 +44,18 @@ class Example:
 
 
 def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma: float,
-                                max_render_turns: int | None = None) -> list[Example]:
+                                max_render_turns: int | None = None, renderer=None) -> list[Example]:
   """Every decision point of every conversation, in order.
 
   Args:
     records: logged conversations.
     gamma: discount of the Monte Carlo returns (0 <= gamma <= 1).
     max_render_turns: rounds of history kept in each prompt (conversation.render_state).
+    renderer: how prompts are written (rendering.Renderer); default our role tags.
   Returns:
     Examples grouped by conversation, decisions in turn order; `next_index` points into this list.
   """
+  renderer = renderer or rendering.TAGS
   out: list[Example] = []
   for record in records:
     steps = record.agent_steps()
@@ -72,7 +75,7 @@ def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma:
       last = k == len(steps) - 1
       out.append(Example(
           conversation_id=record.id, turn=k,
-          prompt=conv_lib.render_state(turns[:i], max_render_turns),
+          prompt=renderer.state(turns[:i], max_render_turns),
           suggestion=conv_lib.ABSTAIN_TEXT if suggestion.abstain else suggestion.text,
           sent=sent, feedback=feedback, target=float(targets[k]), reward=reward,
           next_index=-1 if last else first + k + 1, done=last, outcome=float(record.outcome)))
@@ -106,24 +109,26 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str,
   return {"tokens": tokens, "valid": valid}
 
 
-def encode_actions(tokenizer, actions: Sequence[str], max_len: int) -> list[list[int]]:
+def encode_actions(tokenizer, actions: Sequence[str], max_len: int, renderer=None) -> list[list[int]]:
   """Action ids as the model emits them (render_action), at most `max_len` and always ending in <eot>.
 
   An empty action means abstaining and is encoded as ABSTAIN_TEXT (what parse_action maps to '').
   """
   if max_len < 2:
     raise ValueError(f"max_action_len must leave room for a token and <eot>, got {max_len}")
-  texts = [conv_lib.render_action(a if a.strip() else conv_lib.ABSTAIN_TEXT) for a in actions]
+  renderer = renderer or rendering.TAGS
+  end_id = renderer.end_id(tokenizer)
+  texts = [renderer.action(a) for a in actions]
   out = []
   for ids in tokenizer.encode_batch(texts):
-    if ids[-1] != tokenizer.eot_id:  # render_action ends with <eot>; a special token is never merged
-      raise ValueError("encoded action does not end with <eot>; is <eot> a special token?")
-    out.append(ids if len(ids) <= max_len else ids[:max_len - 1] + [tokenizer.eot_id])
+    if ids[-1] != end_id:  # the action ends with its end marker; a special token is never merged
+      raise ValueError(f"encoded action does not end with {renderer.end_text!r}; is it a special token?")
+    out.append(ids if len(ids) <= max_len else ids[:max_len - 1] + [end_id])
   return out
 
 
 def encode_pairs(tokenizer, prompts: Sequence[str], actions: Sequence[str], max_prompt_len: int,
-                 max_action_len: int) -> dict[str, np.ndarray]:
+                 max_action_len: int, renderer=None) -> dict[str, np.ndarray]:
   """(state, action) pairs as one right-padded sequence each, for SFT, Q-fitting and PPO scoring.
 
   Prompts keep their last `max_prompt_len` tokens; actions are cut to `max_action_len` keeping the final
@@ -152,7 +157,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], actions: Sequence[str], max_
   last_index = np.zeros((n,), dtype=np.int32)
   prompt_len = np.zeros((n,), dtype=np.int32)
   prompt_ids = tokenizer.encode_batch(list(prompts))
-  action_ids = encode_actions(tokenizer, actions, max_action_len)
+  action_ids = encode_actions(tokenizer, actions, max_action_len, renderer)
   for b, (p, a) in enumerate(zip(prompt_ids, action_ids)):
     p = _truncate_left(p, max_prompt_len)
     total = len(p) + len(a)
@@ -167,7 +172,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], actions: Sequence[str], max_
 
 
 def example_arrays(tokenizer, examples: Sequence[Example], max_prompt_len: int, max_action_len: int,
-                   action: str = "suggestion") -> dict[str, np.ndarray]:
+                   action: str = "suggestion", renderer=None) -> dict[str, np.ndarray]:
   """encode_pairs over examples, plus their targets, rewards and links; row r is examples[r].
 
   Args:
@@ -181,7 +186,7 @@ def example_arrays(tokenizer, examples: Sequence[Example], max_prompt_len: int, 
   texts = [getattr(e, action) for e in examples]
   if any(t is None for t in texts):
     raise ValueError("some examples have no sent message; filter them before action='sent'")
-  out = encode_pairs(tokenizer, [e.prompt for e in examples], texts, max_prompt_len, max_action_len)
+  out = encode_pairs(tokenizer, [e.prompt for e in examples], texts, max_prompt_len, max_action_len, renderer)
   out["target"] = np.asarray([e.target for e in examples], dtype=np.float32)
   out["reward"] = np.asarray([e.reward for e in examples], dtype=np.float32)
   out["outcome"] = np.asarray([e.outcome for e in examples], dtype=np.float32)

@@ -13,8 +13,8 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import rendering
 from iterppo_jax import sampling
 
 
@@ -30,13 +30,18 @@ class LMPolicy:
 
   def __init__(self, name: str, graphdef, params, tokenizer, *, max_prompt_len: int, max_new_tokens: int,
                seed: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
-               max_batch: int = 512):
+               max_batch: int = 512, renderer: rendering.Renderer | None = None,
+               max_render_turns: int | None = None):
     self.name, self.graphdef, self.params, self.tokenizer = name, graphdef, params, tokenizer
     self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
     self.temperature, self.top_p, self.greedy = temperature, top_p, greedy
     self.key = jax.random.key(seed)
     self.calls = 0
     self.max_batch = max_batch
+    # With our own tags the environment's rendering (Observation.text) is already the prompt.
+    self.renderer = renderer or rendering.TAGS
+    self.max_render_turns = max_render_turns
+    self.end_id = self.renderer.end_id(tokenizer)
 
   def generate(self, prompts: Sequence[str]) -> list[str]:
     """Decoded suggestion texts ('' = abstain) for rendered prompts."""
@@ -51,16 +56,18 @@ class LMPolicy:
       self.calls += 1
       res = sampling.sample(self.graphdef, self.params, enc["tokens"], enc["valid"], key,
                             max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                            top_p=self.top_p, greedy=self.greedy, eos_id=self.tokenizer.eot_id,
+                            top_p=self.top_p, greedy=self.greedy, eos_id=self.end_id,
                             pad_id=self.tokenizer.pad_id)
       tokens, valid = jax.device_get((res.tokens, res.valid))
       for b in range(n):
         ids = [int(t) for t, v in zip(tokens[b], valid[b]) if v]
-        out.append(conv_lib.parse_action(self.tokenizer.decode(ids)))
+        out.append(self.renderer.parse(self.tokenizer.decode(ids)))
     return out
 
   def __call__(self, observations) -> list[str]:
-    return self.generate([o.text for o in observations])
+    if self.renderer is rendering.TAGS:
+      return self.generate([o.text for o in observations])
+    return self.generate([self.renderer.state(o.conversation.turns, self.max_render_turns) for o in observations])
 
 
 def recognised_rate(texts: Sequence[str], parse_fn) -> float:

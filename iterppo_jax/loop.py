@@ -38,6 +38,7 @@ from iterppo_jax import lm_policy
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import ppo as ppo_lib
 from iterppo_jax import qfit as qfit_lib
+from iterppo_jax import rendering
 from iterppo_jax import sampling
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import sharding
@@ -46,6 +47,7 @@ from iterppo_jax import train_state as ts
 from iterppo_jax.envs import base as env_base
 from iterppo_jax.envs import registry
 from iterppo_jax.models import heads
+from iterppo_jax.models import hf as hf_lib
 from iterppo_jax.models import transformer as tf
 
 
@@ -115,6 +117,7 @@ class Run:
   mesh: Any
   writer: metrics_lib.MetricWriter
   progress: Progress
+  renderer: rendering.Renderer = rendering.TAGS
   graphdef: Any = None
 
   def checkpointer(self, name: str, max_to_keep: int | None = None) -> ckpt_lib.Checkpointer:
@@ -129,7 +132,17 @@ class Run:
     d = self.config.data
     return lm_policy.LMPolicy(name, graphdef, params, self.tokenizer, max_prompt_len=d.max_prompt_len,
                               max_new_tokens=d.max_action_len, seed=seed,
-                              temperature=self.config.loop.deploy_temperature)
+                              temperature=self.config.loop.deploy_temperature, renderer=self.renderer,
+                              max_render_turns=self.config.env.max_render_turns)
+
+  def examples(self, records):
+    return data_lib.examples_from_conversations(records, self.config.gamma, self.config.env.max_render_turns,
+                                                renderer=self.renderer)
+
+  def arrays(self, examples, action="suggestion"):
+    d = self.config.data
+    return data_lib.example_arrays(self.tokenizer, examples, d.max_prompt_len, d.max_action_len, action=action,
+                                   renderer=self.renderer)
 
   def log(self, step: int, metrics: dict, phase: str, iteration: int | None = None) -> None:
     self.writer.write(step, metrics, phase=phase, iteration=iteration)
@@ -188,26 +201,42 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     logs = _play_and_log(tmp, behaviour, config.sft.behavior_conversations,
                          seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
-  if config.tokenizer.path:
-    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path)
-  elif os.path.isdir(tok_dir):
+  model_dir = config.get("model_dir", "")
+  if os.path.isdir(tok_dir):
     tokenizer = tok_lib.load_tokenizer(tok_dir)
+  elif config.tokenizer.path or model_dir:
+    # A pretrained tokenizer gains our role / end-of-turn tokens; keep that version with the run.
+    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path or model_dir)
+    tokenizer.save(tok_dir)
   else:
     tokenizer = tok_lib.train_bpe(tok_lib.corpus_from_conversations(logs), config.tokenizer.vocab_size, tok_dir)
-  run = Run(config, workdir, env, tokenizer, model_config(config, tokenizer.vocab_size), mesh, writer, progress)
+  if model_dir:
+    hf_cfg = hf_lib.config_from_hf(hf_lib.read_config(model_dir), dtype=config.model.dtype,
+                                   param_dtype=config.model.param_dtype)
+    model_cfg = dataclasses.replace(hf_cfg, vocab_size=max(hf_cfg.vocab_size, tokenizer.vocab_size),
+                                    remat=config.model.remat)
+  else:
+    model_cfg = model_config(config, tokenizer.vocab_size)
+  renderer = rendering.chat(tokenizer.hf) if config.data.get("chat_template", False) else rendering.TAGS
+  run = Run(config, workdir, env, tokenizer, model_cfg, mesh, writer, progress, renderer)
   return run, logs
 
 
 def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   """SFT pi_0 on what the business sent in the logs (checkpoint 'policy' step 0)."""
   c = run.config
-  trainable, state = run.policy_trainable()
+  pretrained = None
+  model_dir = c.get("model_dir", "")
+  if model_dir and not run.progress.get("sft"):
+    hf_cfg, pretrained = hf_lib.load_pretrained(model_dir, mesh=run.mesh, dtype=c.model.dtype,
+                                                param_dtype=c.model.param_dtype)
+    if run.model_cfg.vocab_size > hf_cfg.vocab_size:
+      _, pretrained = hf_lib.resize_vocab(hf_cfg, pretrained, run.model_cfg.vocab_size, mesh=run.mesh)
+  trainable, state = run.policy_trainable(params=pretrained)
   if run.progress.get("sft"):
     return trainable, _restore_params(run, "policy", 0, state.params)
-  examples = [e for e in data_lib.examples_from_conversations(logs, c.gamma, c.env.max_render_turns)
-              if e.sent is not None]
-  arrays = data_lib.example_arrays(run.tokenizer, examples, c.data.max_prompt_len, c.data.max_action_len,
-                                   action="sent")
+  examples = [e for e in run.examples(logs) if e.sent is not None]
+  arrays = run.arrays(examples, action="sent")
   n_hold = max(len(examples) // 10, 1)
   held = {k: v[:n_hold] for k, v in arrays.items()}
   train = {k: v[n_hold:] for k, v in arrays.items()}
@@ -237,8 +266,8 @@ def fit_q(run: Run, k: int, records, policy_params, previous_q=None):
   done = run.progress.get(f"qfit/{k}")
   if done:
     return trainable, _restore_params(run, "qmodel", k, state.params), done
-  examples = data_lib.examples_from_conversations(records, c.gamma, c.env.max_render_turns)
-  arrays = data_lib.example_arrays(run.tokenizer, examples, c.data.max_prompt_len, c.data.max_action_len)
+  examples = run.examples(records)
+  arrays = run.arrays(examples)
   # Hold out whole conversations (the last tenth) for calibration.
   conv_ids = sorted({e.conversation_id for e in examples})
   held_ids = set(conv_ids[-max(len(conv_ids) // 10, 1):])
@@ -318,7 +347,7 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
     template = {"state": state, "kl_coef": jnp.float32(0)}
     restored, meta = ckpt.restore(None, ckpt_lib.abstract_like(template))
     state, kl_coef, start = restored["state"], float(restored["kl_coef"]), int(meta["step"])
-  examples = data_lib.examples_from_conversations(records, c.gamma, c.env.max_render_turns)
+  examples = run.examples(records)
   prompts = data_lib.encode_prompts(run.tokenizer, [e.prompt for e in examples], c.data.max_prompt_len)
 
   def on_step(step, state_, coef):
@@ -330,7 +359,7 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
   reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
   state, kl_coef, last = ppo_lib.train_ppo(
       policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts, cfg, steps=c.ppo.steps,
-      batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]), eos_id=run.tokenizer.eot_id,
+      batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]), eos_id=run.renderer.end_id(run.tokenizer),
       pad_id=run.tokenizer.pad_id, writer=run.writer, desc=f"ppo/{k}", start_step=start, kl_coef=kl_coef,
       on_step=on_step)
   ckpt.close()
@@ -346,7 +375,8 @@ def policy_kl(run: Run, params, ref_params, prompts: dict, seed: int) -> float:
   d = run.config.data
   graphdef = run_policy_graphdef(run)
   out = sampling.sample(graphdef, params, prompts["tokens"], prompts["valid"], jax.random.key(seed),
-                        max_new_tokens=d.max_action_len, eos_id=run.tokenizer.eot_id, pad_id=run.tokenizer.pad_id)
+                        max_new_tokens=d.max_action_len, eos_id=run.renderer.end_id(run.tokenizer),
+                        pad_id=run.tokenizer.pad_id)
   lp = _logprob_fn(graphdef)(params, out.prompt_tokens, out.prompt_valid, out.tokens, out.valid)
   lp_ref = _logprob_fn(graphdef)(ref_params, out.prompt_tokens, out.prompt_valid, out.tokens, out.valid)
   return float(jnp.mean(jnp.sum(jnp.where(out.valid, lp - lp_ref, 0.0), axis=1)))
@@ -375,7 +405,7 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
   records = _play_and_log(run, policy, c.loop.eval_conversations, seed_for(c, 10_000, PHASE_IDS["eval"]),
                           f"eval_{k}")
   summary = env_base.summarize(records)
-  states = [conv_lib.render_state(r.turns[:i], c.env.max_render_turns)
+  states = [run.renderer.state(r.turns[:i], c.env.max_render_turns)
             for r in records[:32] for i in r.agent_steps()[:2]]
   prompts = data_lib.encode_prompts(run.tokenizer, states, c.data.max_prompt_len)
   summary["kl_to_pi0"] = policy_kl(run, params, pi0_params, prompts, seed_for(c, k, PHASE_IDS["eval"], 1))
@@ -450,12 +480,23 @@ def run(config, workdir: str) -> dict:
     with timed(run_, "eval", k + 1):
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
   summary = {"iterations": history, "reference": refs, "seconds": time.perf_counter() - start_time}
+  export_dir = export_policy(run_, params)
+  if export_dir:
+    summary["export_dir"] = export_dir
   io_utils.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   from iterppo_jax import report  # matplotlib only when a plot is made
   summary["plot"] = report.plot_conversion(summary, os.path.join(workdir, "conversion.png"))
   summary["table"] = report.table(summary)
   run_.writer.close()
   return summary
+
+
+def export_policy(run_: Run, params) -> str:
+  """Writes the final policy as a Hugging Face model directory when `export_dir` is configured."""
+  out = run_.config.get("export_dir", "")
+  if not out:
+    return ""
+  return hf_lib.export(run_.model_cfg, params, out, tokenizer_dir=os.path.join(run_.workdir, "tokenizer"))
 
 
 def offline_iteration(run_: Run, logs, pi0) -> dict:
@@ -465,7 +506,8 @@ def offline_iteration(run_: Run, logs, pi0) -> dict:
   _save_params(run_, "policy", 1, new_params, {"phase": "ppo", "iteration": 1, "offline": True})
   run_.progress.mark("policy/1")
   summary = {"offline": True, "logs": run_.config.loop.logs, "conversations": len(logs), "qfit": q_metrics,
-             "ppo": ppo_metrics, "policy_checkpoint": os.path.join(run_.workdir, "checkpoints", "policy", "1")}
+             "ppo": ppo_metrics, "policy_checkpoint": os.path.join(run_.workdir, "checkpoints", "policy", "1"),
+             "export_dir": export_policy(run_, new_params)}
   io_utils.atomic_write_json(os.path.join(run_.workdir, "summary.json"), summary)
   run_.writer.close()
   return summary
