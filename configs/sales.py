@@ -64,7 +64,8 @@ def get_config(arg=None):
   c.qfit = _optimizer_section(learning_rate=3e-4, warmup_steps=10)
   c.qfit.method = "mc"  # mc | td | td_lambda
   c.qfit.kind = "bce"  # bce (binary outcome; Q = sigmoid) | mse (real-valued outcomes)
-  c.qfit.init = "policy"  # trunk from pi_k ('policy'), fresh ('scratch') or Q_{k-1} ('previous')
+  c.qfit.init = "previous"  # Q_{k-1} warm start (k >= 1; Q_0 from pi_0's trunk) | 'policy' (pi_k) | 'scratch'
+
   c.qfit.steps = 200
   c.qfit.batch_size = 32
   c.qfit.lam = 0.9  # TD(lambda)
@@ -95,9 +96,9 @@ def get_config(arg=None):
 
   # ---- the outer loop ----
   c.loop = ml_collections.ConfigDict()
-  c.loop.iterations = 3  # K
+  c.loop.iterations = 2  # K: two iterations fit the 15-minute CPU budget
   c.loop.first_data = "behavior"  # D_0: 'behavior' (the logs pi_0 was cloned from) | 'policy' (deploy pi_0)
-  c.loop.conversations = 512  # |D_k| logged with pi_k per iteration (k >= 1, or k = 0 with first_data=policy)
+  c.loop.conversations = 768  # |D_k| logged with pi_k per iteration (k >= 1, or k = 0 with first_data=policy)
   c.loop.eval_conversations = 400  # held-out conversations per evaluation (+-4 points at 95%)
   c.loop.play_batch = 256  # conversations advanced in lock-step when a model plays
   c.loop.deploy_temperature = 1.0  # pi_k is deployed as sampled (its Q is what is fitted)

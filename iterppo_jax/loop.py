@@ -252,17 +252,23 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   return trainable, state.params
 
 
-def fit_q(run: Run, k: int, records, policy_params, previous_q=None):
-  """Q_k on D_k; returns (q trainable, params, eval metrics)."""
+def fit_q(run: Run, k: int, records, policy_params):
+  """Q_k on D_k; returns (q trainable, params, eval metrics).
+
+  qfit.init: 'policy' starts the trunk from pi_k, 'scratch' from a fresh init, 'previous' from Q_{k-1}
+  (read back from its checkpoint, so a resumed run starts from exactly the same weights).
+  """
   c = run.config
   q_cfg = c.qfit
   make_q = (lambda: heads.scalar_model_from_policy(nnx.merge(run_policy_graphdef(run), policy_params),
                                                     rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"]))))
   if q_cfg.init == "scratch":
     make_q = lambda: heads.ScalarModel(run.model_cfg, rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])))
-  init_params = previous_q if (q_cfg.init == "previous" and previous_q is not None) else None
-  trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, params=init_params,
-                                       with_target=q_cfg.method != "mc")
+  trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, with_target=q_cfg.method != "mc")
+  if q_cfg.init == "previous" and k > 0 and not run.progress.get(f"qfit/{k}"):
+    previous = _restore_params(run, "qmodel", k - 1, state.params)
+    trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, params=previous,
+                                         with_target=q_cfg.method != "mc")
   done = run.progress.get(f"qfit/{k}")
   if done:
     return trainable, _restore_params(run, "qmodel", k, state.params), done
@@ -451,11 +457,10 @@ def run(config, workdir: str) -> dict:
     return offline_iteration(run_, logs, pi0)
   refs = reference_lines(run_)
   history = [evaluate_policy(run_, 0, pi0, pi0, "pi_0")]
-  params, q_prev = pi0, None
+  params = pi0
   for k in range(config.loop.iterations):
     if run_.progress.get(f"policy/{k + 1}"):
       params = _restore_params(run_, "policy", k + 1, params)
-      q_prev = None
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
       continue
     with timed(run_, "collect", k):
@@ -469,14 +474,14 @@ def run(config, workdir: str) -> dict:
     if config.loop.stop_after_phase == f"collect/{k}":
       raise Interrupted(f"stopped after collect/{k}")
     with timed(run_, "qfit", k):
-      q_tr, q_params, _ = fit_q(run_, k, records, params, q_prev)
+      q_tr, q_params, _ = fit_q(run_, k, records, params)
     if config.loop.stop_after_phase == f"qfit/{k}":
       raise Interrupted(f"stopped after qfit/{k}")
     with timed(run_, "ppo", k):
       new_params, _ = improve_policy(run_, k, records, params, q_tr, q_params, pi0)
     _save_params(run_, "policy", k + 1, new_params, {"phase": "ppo", "iteration": k + 1})
     run_.progress.mark(f"policy/{k + 1}")
-    params, q_prev = new_params, q_params
+    params = new_params
     with timed(run_, "eval", k + 1):
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
   summary = {"iterations": history, "reference": refs, "seconds": time.perf_counter() - start_time}
