@@ -100,7 +100,11 @@ def _turn_from_json(obj: Any, where: str) -> Turn:
   text = obj.get("text", "")
   if not isinstance(text, str):
     _fail(where, f"turn text must be a string, got {type(text).__name__}")
-  abstain = bool(obj.get("abstain", False))
+  abstain = obj.get("abstain", False)
+  if not isinstance(abstain, bool):
+    _fail(where, f"abstain must be true or false, got {abstain!r}")
+  if abstain and text.strip():
+    _fail(where, "an abstaining suggestion must have empty text")
   if role != "suggestion" and abstain:
     _fail(where, f"only suggestion turns may abstain, got abstain on a {role} turn")
   if not text.strip() and not abstain:
@@ -109,7 +113,7 @@ def _turn_from_json(obj: Any, where: str) -> Turn:
   if role == "customer":
     if flag is None:
       flag = 0
-    if flag not in (0, 1):
+    if isinstance(flag, bool) or flag not in (0, 1) or not isinstance(flag, int):
       _fail(where, f"customer flag must be 0 or 1, got {flag!r}")
   elif flag is not None:
     _fail(where, f"only customer turns carry an outcome flag, got one on a {role} turn")
@@ -130,8 +134,8 @@ def conversation_from_json(obj: Any, where: str = "<record>") -> Conversation:
   if "outcome" not in obj or obj["outcome"] is None:
     _fail(where, "missing outcome (expected a number, e.g. 0 or 1)")
   outcome = obj["outcome"]
-  if isinstance(outcome, bool) or not isinstance(outcome, (int, float)):
-    _fail(where, f"outcome must be a number, got {outcome!r}")
+  if isinstance(outcome, bool) or not isinstance(outcome, (int, float)) or outcome != outcome or abs(outcome) == float("inf"):
+    _fail(where, f"outcome must be a finite number, got {outcome!r}")
   turns_obj = obj.get("turns")
   if not isinstance(turns_obj, list) or not turns_obj:
     _fail(where, "missing or empty 'turns' list")

@@ -124,3 +124,18 @@ def test_render_state_and_parse_action():
   # Generation past the end of turn is ignored.
   assert conv_lib.parse_action(" Hello there <eot> <business> junk") == "Hello there"
   assert conv_lib.parse_action(" no end marker") == "no end marker"
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"outcome": 1, "turns": [{"role": "suggestion", "text": "", "abstain": "false"}]}, "abstain must be true or false"),
+    ({"outcome": 1, "turns": [{"role": "suggestion", "text": "hi", "abstain": True}]}, "abstaining suggestion"),
+    ({"outcome": 1, "turns": [{"role": "customer", "text": "hi", "flag": True},
+                              {"role": "business", "text": "hello"}]}, "flag must be 0 or 1"),
+    ({"outcome": float("nan"), "turns": [{"role": "business", "text": "hello"}]}, "finite number"),
+])
+def test_strict_field_types(tmp_path, record, reason):
+  path = tmp_path / "strict.jsonl"
+  path.write_text(json.dumps(record) + "\n")
+  with pytest.raises(conv_lib.ConversationFormatError, match=reason) as e:
+    conv_lib.read_jsonl(str(path))
+  assert "strict.jsonl:1" in str(e.value)
