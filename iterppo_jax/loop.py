@@ -161,17 +161,14 @@ def _restore_params(run: Run, name: str, step: int, template):
   return tree
 
 
-def _records_path(run: Run, name: str) -> str:
-  return os.path.join(run.workdir, "data", f"{name}.jsonl")
-
-
-def _play_and_log(run: Run, policy, n: int, seed: int, name: str) -> list[conv_lib.Conversation]:
-  """Plays n conversations (or reloads them if this phase already wrote them) and keeps the JSONL."""
-  path = _records_path(run, name)
+def _play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
+                  name: str) -> list[conv_lib.Conversation]:
+  """Plays n conversations (or reloads them if this phase already wrote them) and keeps workdir/data/name.jsonl."""
+  path = os.path.join(workdir, "data", f"{name}.jsonl")
   if os.path.exists(path):
     return conv_lib.read_jsonl(path)
-  bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)
-  records = run.env.play(policy, n, seed=seed, batch_size=run.config.loop.play_batch, progress=bar)
+  bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)  # noqa: E731
+  records = env.play(policy, n, seed=seed, batch_size=play_batch, progress=bar)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   conv_lib.write_jsonl(path, records)
   return records
@@ -197,8 +194,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
       print(f"skipped {report.skipped} invalid lines; first: {report.errors[:3]}")
   else:
     behaviour = registry.make_policy(config.env.domain, "behavior", config.env)
-    tmp = Run(config, workdir, env, None, None, mesh, writer, progress)  # type: ignore[arg-type]
-    logs = _play_and_log(tmp, behaviour, config.sft.behavior_conversations,
+    logs = _play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
                          seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
   model_dir = config.get("model_dir", "")
@@ -408,8 +404,8 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
   if done:
     return done
   policy = run.lm_policy(label, run_policy_graphdef(run), params, seed_for(c, k, PHASE_IDS["eval"]))
-  records = _play_and_log(run, policy, c.loop.eval_conversations, seed_for(c, 10_000, PHASE_IDS["eval"]),
-                          f"eval_{k}")
+  records = _play_and_log(run.workdir, run.env, c.loop.play_batch, policy, c.loop.eval_conversations,
+                          seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{k}")
   summary = env_base.summarize(records)
   states = [run.renderer.state(r.turns[:i], c.env.max_render_turns)
             for r in records[:32] for i in r.agent_steps()[:2]]
@@ -469,7 +465,7 @@ def run(config, workdir: str) -> dict:
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
                                 seed_for(config, k, PHASE_IDS["collect"]))
-        records = _play_and_log(run_, policy, config.loop.conversations,
+        records = _play_and_log(run_.workdir, run_.env, config.loop.play_batch, policy, config.loop.conversations,
                                 seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")
     if config.loop.stop_after_phase == f"collect/{k}":
       raise Interrupted(f"stopped after collect/{k}")
