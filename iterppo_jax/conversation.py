@@ -259,9 +259,3 @@ def render_action(text: str) -> str:
   """The action a_i as the model emits it after the state prompt (ends with end-of-turn)."""
   return f" {text} {END_OF_TURN}"
 
-
-def parse_action(generated: str) -> str:
-  """Decoded model output -> suggestion text (up to the first end-of-turn); '' means abstain."""
-  text = generated.split(END_OF_TURN, 1)[0].strip()
-  return "" if text == ABSTAIN_TEXT else text
-

@@ -112,7 +112,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str,
 def encode_actions(tokenizer, actions: Sequence[str], max_len: int, renderer=None) -> list[list[int]]:
   """Action ids as the model emits them (render_action), at most `max_len` and always ending in <eot>.
 
-  An empty action means abstaining and is encoded as ABSTAIN_TEXT (what parse_action maps to '').
+  An empty action means abstaining and is encoded as ABSTAIN_TEXT (what rendering.Renderer.parse maps to '').
   """
   if max_len < 2:
     raise ValueError(f"max_action_len must leave room for a token and <eot>, got {max_len}")

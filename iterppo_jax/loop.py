@@ -123,10 +123,9 @@ class Run:
   def checkpointer(self, name: str, max_to_keep: int | None = None) -> ckpt_lib.Checkpointer:
     return ckpt_lib.Checkpointer(self.workdir, name, max_to_keep=max_to_keep)
 
-  def policy_trainable(self, params=None, lr_section=None):
-    section = lr_section or self.config.sft
+  def policy_trainable(self, params=None):
     return ts.init_trainable(lambda: tf.Transformer(self.model_cfg, rngs=nnx.Rngs(seed_for(self.config, 0, 2))),
-                             optimizer(section), self.mesh, params=params)
+                             optimizer(self.config.sft), self.mesh, params=params)
 
   def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
     d = self.config.data
@@ -287,7 +286,7 @@ def fit_q(run: Run, k: int, records, policy_params):
   metrics = qfit_lib.evaluate_q(q, held_arrays["outcome"])
   metrics["target_corr"] = qfit_lib.pearson(q, held_arrays["target"])
   if run.env is not None and c.loop.true_q_states > 0:
-    metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q[:], policy_params,
+    metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q, policy_params,
                                  records))
   run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
   _save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})

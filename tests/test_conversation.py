@@ -8,6 +8,7 @@ import pytest
 
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
+from iterppo_jax import rendering
 from iterppo_jax.envs import policies, sales
 
 
@@ -119,11 +120,11 @@ def test_render_state_and_parse_action():
   assert conv_lib.render_state([]) == "<suggestion>"
   # Abstaining round-trips through the rendered action: '' -> ABSTAIN_TEXT -> ''.
   assert conv_lib.render_turn(turns[1]) == "<suggestion> <no suggestion> <eot>"
-  assert conv_lib.parse_action(conv_lib.render_action(conv_lib.ABSTAIN_TEXT)) == ""
-  assert conv_lib.parse_action(conv_lib.render_action("Try the Nimbus Pro.")) == "Try the Nimbus Pro."
+  assert rendering.TAGS.parse(conv_lib.render_action(conv_lib.ABSTAIN_TEXT)) == ""
+  assert rendering.TAGS.parse(conv_lib.render_action("Try the Nimbus Pro.")) == "Try the Nimbus Pro."
   # Generation past the end of turn is ignored.
-  assert conv_lib.parse_action(" Hello there <eot> <business> junk") == "Hello there"
-  assert conv_lib.parse_action(" no end marker") == "no end marker"
+  assert rendering.TAGS.parse(" Hello there <eot> <business> junk") == "Hello there"
+  assert rendering.TAGS.parse(" no end marker") == "no end marker"
 
 
 @pytest.mark.parametrize("record, reason", [

@@ -102,7 +102,7 @@ def test_encode_pairs_masks_exactly_the_action(tok):
     np.testing.assert_array_equal(out["positions"][b][:n], np.arange(n))
     # What a sampler produces: the prompt ids followed by the action ids.
     assert list(tokens[:n]) == tok.encode(prompt + conv_lib.render_action(action))
-  # '' abstains, like parse_action's output.
+  # '' abstains, like rendering.Renderer.parse's output.
   empty = data.encode_pairs(tok, prompts[:1], [""], 96, 24)
   abstain = data.encode_pairs(tok, prompts[:1], [conv_lib.ABSTAIN_TEXT], 96, 24)
   np.testing.assert_array_equal(empty["tokens"], abstain["tokens"])
