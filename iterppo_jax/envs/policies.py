@@ -82,3 +82,8 @@ def make_sales_policy(name: str, skill_mean: float = 0.35):
   if name not in table:
     raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(table)}")
   return table[name]()
+
+
+def make_policy(name: str, env_config):
+  """The registry's entry point (envs/registry.py): a sales policy for the `env` config section."""
+  return make_sales_policy(name, skill_mean=env_config.skill_mean)

@@ -1,22 +1,36 @@
 """Builds an environment and its shipped policies from the `env` config section, by domain name.
 
-A plain lookup table (STYLE.md: select components by name with a dict), so a new domain adds one entry.
+A plain lookup table (STYLE.md: select components by name with a dict of module paths, imported on use): a new
+domain adds a module that defines `make_env(env_config)` and `make_policy(name, env_config)`, and one row here.
 """
 
+import importlib
+
 from iterppo_jax.envs import base
-from iterppo_jax.envs import policies
-from iterppo_jax.envs import sales
+
+# domain -> (module with make_env, module with make_policy)
+DOMAINS = {
+    "sales": ("iterppo_jax.envs.sales", "iterppo_jax.envs.policies"),
+    "support": ("iterppo_jax.envs.support", "iterppo_jax.envs.support"),
+    "booking": ("iterppo_jax.envs.booking", "iterppo_jax.envs.booking"),
+    "negotiation": ("iterppo_jax.envs.negotiation", "iterppo_jax.envs.negotiation"),
+}
+
+
+def _module(domain: str, which: int):
+  if domain not in DOMAINS:
+    raise ValueError(f"unknown env.domain {domain!r}; expected one of: {', '.join(DOMAINS)}")
+  return importlib.import_module(DOMAINS[domain][which])
+
+
+def business_user(env_config) -> base.BusinessUserConfig:
+  return base.BusinessUserConfig(mode=env_config.business_user)
 
 
 def make_env(env_config) -> base.TextEnv:
-  bu = base.BusinessUserConfig(mode=env_config.business_user)
-  if env_config.domain == "sales":
-    return sales.SalesEnv(business_user=bu, max_turns=env_config.max_turns,
-                          max_render_turns=env_config.max_render_turns, skill_mean=env_config.skill_mean)
-  raise ValueError(f"unknown env.domain {env_config.domain!r}; expected one of: sales")
+  return _module(env_config.domain, 0).make_env(env_config)
 
 
 def make_policy(domain: str, name: str, env_config):
-  if domain == "sales":
-    return policies.make_sales_policy(name, skill_mean=env_config.skill_mean)
-  raise ValueError(f"unknown env.domain {domain!r}; expected one of: sales")
+  """A shipped scripted policy of `domain`: behavior | oracle | random (and any the domain adds)."""
+  return _module(domain, 1).make_policy(name, env_config)

@@ -456,3 +456,10 @@ def staff_act(v: Visible, skill: float, rng: np.random.Generator) -> Act:
   if m == "discount":
     return Act("discount")
   return Act(m)
+
+
+def make_env(env_config) -> SalesEnv:
+  """The sales simulator from the `env` config section (envs/registry.py)."""
+  return SalesEnv(business_user=base.BusinessUserConfig(mode=env_config.business_user),
+                  max_turns=env_config.max_turns, max_render_turns=env_config.max_render_turns,
+                  skill_mean=env_config.skill_mean)
