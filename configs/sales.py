@@ -28,7 +28,7 @@ def get_config(arg=None):
   c.env.max_render_turns = 5  # rounds of history a model sees (prompt length is what CPU time scales with)
 
   # ---- simulate: play conversations with a shipped policy (experiments.simulate) ----
-  c.policy = "behavior"  # behavior | oracle | random
+  c.policy = "behavior"  # behavior | oracle | random | explore | noisy_oracle
   c.num_conversations = 5000  # enough for a +-1.3 point 95% interval on conversion
   c.batch_size = 1024  # conversations advanced in lock-step
 
@@ -62,7 +62,7 @@ def get_config(arg=None):
 
   # ---- Q-fit: Q_k ~ Q^{pi_k} on D_k ----
   c.qfit = _optimizer_section(learning_rate=3e-4, warmup_steps=10)
-  c.qfit.method = "mc"  # mc | td | td_lambda
+  c.qfit.method = "mc"  # mc | td | td_lambda | fqe (off-policy: bootstraps from pi_k's sampled responses)
   c.qfit.kind = "bce"  # bce (binary outcome; Q = sigmoid) | mse (real-valued outcomes)
   c.qfit.init = "previous"  # Q_{k-1} warm start (k >= 1; Q_0 from pi_0's trunk) | 'policy' (pi_k) | 'scratch'
 
@@ -72,8 +72,23 @@ def get_config(arg=None):
   c.qfit.refresh_every = 50  # TD targets recomputed from the target network every this many steps
   c.qfit.target_update = "polyak"  # polyak | periodic
   c.qfit.tau = 0.05  # Polyak step of the target network
+  # Degrading Q on purpose (experiments/ablate_q.py, issue #10); the defaults change nothing.
+  c.qfit.label_flip = 0.0  # flip each D_k conversation's outcome label with this probability before the Q-fit
+  c.qfit.data_fraction = 1.0  # share of D_k's conversations the Q-fit sees (PPO still uses all of D_k's states)
+  c.qfit.model = ml_collections.ConfigDict()  # a Q-model size of its own; 0 keeps the policy's (non-zero: no
+  c.qfit.model.num_layers = 0  # warm start from pi_k's trunk, so qfit.init must be 'scratch' or 'previous')
+  c.qfit.model.embed_dim = 0  # = num_heads * head_dim
+  c.qfit.model.mlp_dim = 0
+  c.qfit.model.num_heads = 0
+  c.qfit.model.num_kv_heads = 0  # must divide num_heads
+  c.qfit.model.head_dim = 0
+  c.qfit.fqe_samples = 4  # fqe: responses of pi_k per logged next state averaged in the target (expected SARSA)
 
-  # ---- PPO on the single-turn problem ----
+  # ---- the inner solver of the single-turn problem ----
+  c.inner = "ppo"  # ppo (critic + GAE) | grpo (group-normalised, no critic) | rloo (leave-one-out, no critic)
+
+  # ---- PPO on the single-turn problem (also the shared settings of grpo / rloo: steps, batch_size = sampled
+  # responses per batch, minibatch_size, epochs, clip_eps, kl_coef, kl_estimator, kl_target, optimizer) ----
   c.ppo = _optimizer_section(learning_rate=3e-4, warmup_steps=2)
   c.ppo.critic = _optimizer_section(learning_rate=2e-4, warmup_steps=2)
   c.ppo.kl_coef = 0.05  # beta in max E[Q] - beta KL(pi || pi_k)
@@ -94,10 +109,18 @@ def get_config(arg=None):
   c.ppo.temperature = 1.0  # PPO's importance ratio assumes sampling at temperature 1
   c.ppo.checkpoint_every = 5  # PPO steps between checkpoints (resume inside the phase)
 
+  # ---- GRPO / RLOO (inner = grpo | rloo): G responses per state, the group is the baseline ----
+  c.group = ml_collections.ConfigDict()
+  c.group.size = 4  # G; ppo.batch_size / G states per batch, so as many sampled responses as PPO
+  c.group.kl_in = "reward"  # reward: r = Q - beta KL (fixed point pi_k exp(Q/beta)) | loss: GRPO's in-loss k3
+  c.group.std_eps = 1e-6  # GRPO: floor on the group's reward std (a group of equal rewards gets 0 advantage)
+
   # ---- the outer loop ----
   c.loop = ml_collections.ConfigDict()
   c.loop.iterations = 2  # K: two iterations fit the 15-minute CPU budget
-  c.loop.first_data = "behavior"  # D_0: 'behavior' (the logs pi_0 was cloned from) | 'policy' (deploy pi_0)
+  # D_0: 'behavior' (the logs pi_0 was cloned from) | 'policy' (deploy pi_0) | 'explore' (loop.conversations of
+  # the exploratory policy, envs/policies.py; use with qfit.method=fqe, since their Q is not pi_0's)
+  c.loop.first_data = "behavior"
   c.loop.conversations = 768  # |D_k| logged with pi_k per iteration (k >= 1, or k = 0 with first_data=policy)
   c.loop.eval_conversations = 400  # held-out conversations per evaluation (+-4 points at 95%)
   c.loop.play_batch = 256  # conversations advanced in lock-step when a model plays
@@ -109,6 +132,19 @@ def get_config(arg=None):
   c.loop.skip_invalid = False  # with logs: skip (and count) invalid lines instead of failing
   c.loop.stop_after_phase = ""  # testing resume: stop after e.g. 'sft', 'collect/0', 'qfit/0'
   c.loop.stop_after_ppo_step = 0  # testing resume: stop inside PPO after this many steps
+
+  # ---- baselines at the same conversation budget (experiments.baselines; iterppo_jax/baselines.py) ----
+  c.baselines = ml_collections.ConfigDict()
+  c.baselines.budget = 1536  # conversations each method may play and learn from (beyond the shared behaviour logs)
+  c.baselines.seeds = (0, 1, 2)  # replicates (own behaviour logs, pi_0, eval set): a 95% interval needs >= 3
+  c.baselines.ks = (1, 2, 4, 8)  # Iterative PPO's K, budget / K conversations per iteration (each divides budget)
+  c.baselines.iterations = 4  # K of filtered BC and of the myopic learner (the middle of ks)
+  c.baselines.online_batch = 32  # conversations online PPO plays between updates (~220 decisions)
+  c.baselines.online_lam = 0.95  # GAE lambda over the decisions of a conversation (online PPO)
+  c.baselines.online_eval_every = 384  # conversations between online PPO's evaluations (0: only at the end)
+  c.baselines.bc_steps = 50  # filtered BC SFT steps per iteration (~8 epochs of ~30 successful conversations)
+  c.baselines.methods = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "myopic", "online_ppo",
+                         "iterative_ppo")  # iterppo_jax/baselines.METHODS; iterative_ppo runs every K in ks
 
   # ---- devices ----
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))  # one -1 takes the remaining devices
@@ -140,6 +176,13 @@ def get_config(arg=None):
     c.loop.true_q_rollouts = 2
     c.num_conversations = 200
     c.batch_size = 64
+    c.baselines.budget = 16
+    c.baselines.seeds = (0,)
+    c.baselines.ks = (1, 2)
+    c.baselines.iterations = 2
+    c.baselines.online_batch = 8
+    c.baselines.online_eval_every = 8
+    c.baselines.bc_steps = 2
   return c
 
 

@@ -65,9 +65,9 @@ VARIANTS: dict[str, Callable] = {
 }
 
 _CONFIG = cli.define_config("configs/sales.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs, the tables and the plot go.", required=True)
-_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), f"Variants to run, of {list(VARIANTS)}.")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only read the variants' runs so far; run nothing.")
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where the runs, the tables and the plot go.", required=True)
+_VARIANTS = cli.define(flags.DEFINE_list, "variants", list(VARIANTS), f"Variants to run, of {list(VARIANTS)}.")
+_REPORT_ONLY = cli.define(flags.DEFINE_bool, "report_only", False, "Only read the variants' runs so far; run nothing.")
 
 
 # ---- configs ----

@@ -12,16 +12,17 @@ import glob
 from absl import app
 from absl import flags
 
+from experiments import cli
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import tfds_conversations
 
-_LOGS = flags.DEFINE_string("logs", None, "Glob (or comma-separated globs) of JSONL log files.",
+_LOGS = cli.define(flags.DEFINE_string, "logs", None, "Glob (or comma-separated globs) of JSONL log files.",
                             required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "TFDS data dir the dataset is written under.", required=True)
-_SKIP_INVALID = flags.DEFINE_bool("skip_invalid", False, "Skip and count malformed lines instead of failing.")
-_HELDOUT = flags.DEFINE_float("heldout_fraction", 0.0,
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "TFDS data dir the dataset is written under.", required=True)
+_SKIP_INVALID = cli.define(flags.DEFINE_bool, "skip_invalid", False, "Skip and count malformed lines instead of failing.")
+_HELDOUT = cli.define(flags.DEFINE_float, "heldout_fraction", 0.0,
                                "Share of conversation ids (by hash) in a 'heldout' split.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing dataset of the same version.")
+_OVERWRITE = cli.define(flags.DEFINE_bool, "overwrite", False, "Replace an existing dataset of the same version.")
 
 
 def main(argv):

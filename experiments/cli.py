@@ -10,11 +10,25 @@ import importlib.util
 import sys
 
 from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 
+def define(define_fn, name: str, *args, **kwargs):
+  """`define_fn(name, ...)` unless `name` is already a flag, then a holder of that one.
+
+  Entry points define their flags at import, as absl wants; tests import several entry points into one process,
+  where a second `--workdir` or `--config` would otherwise be a DuplicateFlagError. Flags are only parsed by
+  the entry point that runs, so sharing one definition is safe.
+  """
+  if name in flags.FLAGS:
+    return flags.FlagHolder(flags.FLAGS, flags.FLAGS[name])
+  return define_fn(name, *args, **kwargs)
+
+
 def define_config(default="configs/sales.py"):
-  return config_flags.DEFINE_config_file("config", default, "Config file (path[:arg]).", lock_config=True)
+  return define(config_flags.DEFINE_config_file, "config", default, "Config file (path[:arg]).",
+                lock_config=True)
 
 
 def _load(spec: str):

@@ -18,7 +18,7 @@ from experiments import cli
 from iterppo_jax import loop
 
 _CONFIG = cli.define_config("configs/sales.py")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: a fresh one under ./runs/).")
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Run directory (default: a fresh one under ./runs/).")
 
 
 def main(argv):

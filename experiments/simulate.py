@@ -17,7 +17,7 @@ from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
 
 _CONFIG = cli.define_config()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the logs and the summary go.", required=True)
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where the logs and the summary go.", required=True)
 
 
 def main(argv):

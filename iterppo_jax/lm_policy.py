@@ -46,6 +46,8 @@ class LMPolicy:
   def generate(self, prompts: Sequence[str]) -> list[str]:
     """Decoded suggestion texts ('' = abstain) for rendered prompts."""
     out: list[str] = []
+    # The sampled token ids of the last call, per prompt (online PPO learns on these exact tokens).
+    self.last_ids: list[list[int]] = []
     for start in range(0, len(prompts), self.max_batch):
       chunk = list(prompts[start:start + self.max_batch])
       n = len(chunk)
@@ -61,6 +63,7 @@ class LMPolicy:
       tokens, valid = jax.device_get((res.tokens, res.valid))
       for b in range(n):
         ids = [int(t) for t, v in zip(tokens[b], valid[b]) if v]
+        self.last_ids.append(ids)
         out.append(self.renderer.parse(self.tokenizer.decode(ids)))
     return out
 

@@ -33,7 +33,9 @@ from flax import nnx
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import group_pg
 from iterppo_jax import io_utils
+from iterppo_jax import label_noise
 from iterppo_jax import lm_policy
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import ppo as ppo_lib
@@ -82,6 +84,12 @@ def model_config(config, vocab_size: int) -> tf.TransformerConfig:
       tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
 
 
+def q_model_config(run) -> tf.TransformerConfig:
+  """The Q-model's shape: the policy's, with every non-zero qfit.model.* size in its place (issue #10)."""
+  sizes = {n: v for n, v in run.config.qfit.get("model", {}).items() if v}
+  return dataclasses.replace(run.model_cfg, **sizes)
+
+
 def optimizer(section) -> Any:
   return ts.make_optimizer(ts.OptimizerConfig(
       learning_rate=section.learning_rate, warmup_steps=section.warmup_steps,
@@ -96,6 +104,19 @@ def ppo_config(config) -> ppo_lib.PPOConfig:
       entropy_coef=p.entropy_coef, epochs=p.epochs, minibatch_size=p.minibatch_size,
       whiten_advantages=p.whiten_advantages, max_new_tokens=config.data.max_action_len,
       temperature=p.temperature, top_p=1.0)
+
+
+INNER_SOLVERS = ("ppo", "grpo", "rloo")
+
+
+def group_config(config) -> group_pg.GroupConfig:
+  """GRPO / RLOO settings: the group keys of config.group, everything shared with PPO from config.ppo."""
+  p, g = config.ppo, config.group
+  return group_pg.GroupConfig(
+      algorithm=config.inner, group_size=g.size, kl_coef=p.kl_coef, kl_in=g.kl_in, kl_estimator=p.kl_estimator,
+      kl_target=p.kl_target or None, kl_horizon=p.kl_horizon, std_eps=g.std_eps, clip_eps=p.clip_eps,
+      entropy_coef=p.entropy_coef, epochs=p.epochs, minibatch_size=p.minibatch_size,
+      max_new_tokens=config.data.max_action_len, temperature=p.temperature, top_p=1.0)
 
 
 def seed_for(config, *parts: int) -> int:
@@ -177,6 +198,8 @@ def _play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
 
 def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers."""
+  if config.get("inner", "ppo") not in INNER_SOLVERS:  # fail before any work, not after SFT and the Q-fit
+    raise ValueError(f"config.inner must be one of {INNER_SOLVERS}, got {config.inner!r}")
   os.makedirs(workdir, exist_ok=True)
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   progress = Progress(workdir)
@@ -255,10 +278,14 @@ def fit_q(run: Run, k: int, records, policy_params):
   """
   c = run.config
   q_cfg = c.qfit
+  q_model = q_model_config(run)
+  own_size = q_model != run.model_cfg  # a Q-model of its own size cannot start from a policy's trunk
+  if own_size and q_cfg.init == "policy":
+    raise ValueError("qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' or 'previous'")
   make_q = (lambda: heads.scalar_model_from_policy(nnx.merge(run_policy_graphdef(run), policy_params),
                                                     rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"]))))
-  if q_cfg.init == "scratch":
-    make_q = lambda: heads.ScalarModel(run.model_cfg, rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])))
+  if q_cfg.init == "scratch" or own_size:  # own size with 'previous': Q_0 from scratch, then Q_k from Q_{k-1}
+    make_q = lambda: heads.ScalarModel(q_model, rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])))
   trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, with_target=q_cfg.method != "mc")
   if q_cfg.init == "previous" and k > 0 and not run.progress.get(f"qfit/{k}"):
     previous = _restore_params(run, "qmodel", k - 1, state.params)
@@ -267,6 +294,11 @@ def fit_q(run: Run, k: int, records, policy_params):
   done = run.progress.get(f"qfit/{k}")
   if done:
     return trainable, _restore_params(run, "qmodel", k, state.params), done
+  # Issue #10: degrade what the Q-fit sees on purpose (flipped outcome labels, fewer conversations); by default
+  # (label_flip 0, data_fraction 1) the records pass through unchanged.
+  records = label_noise.qfit_records(records, label_flip=q_cfg.get("label_flip", 0.0),
+                                     data_fraction=q_cfg.get("data_fraction", 1.0),
+                                     seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
   examples = run.examples(records)
   arrays = run.arrays(examples)
   # Hold out whole conversations (the last tenth) for calibration.
@@ -275,11 +307,15 @@ def fit_q(run: Run, k: int, records, policy_params):
   held = np.asarray([e.conversation_id in held_ids for e in examples])
   train = {k_: v[~held] for k_, v in arrays.items()}
   train["next_index"] = _reindex(arrays["next_index"], ~held)
+  next_actions = None
+  if q_cfg.method == "fqe":  # off-policy: bootstrap from pi_k's own responses at the logged next states
+    next_actions = _fqe_next_actions(run, k, policy_params, [e for e, h in zip(examples, held) if not h],
+                                     train["next_index"])
   state, _ = qfit_lib.fit_q(trainable, state, train, method=q_cfg.method, kind=q_cfg.kind, steps=q_cfg.steps,
                             batch_size=q_cfg.batch_size, seed=seed_for(c, k, PHASE_IDS["qfit"]), gamma=c.gamma,
                             lam=q_cfg.lam, refresh_every=q_cfg.refresh_every,
                             target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
-                            desc=f"qfit/{k}")
+                            desc=f"qfit/{k}", next_actions=next_actions)
   predict_fn = qfit_lib.make_predict_fn(trainable, q_cfg.kind)
   held_arrays = {k_: v[held] for k_, v in arrays.items()}
   q = qfit_lib.predict(predict_fn, state.params, held_arrays, q_cfg.batch_size, run.mesh)
@@ -288,10 +324,28 @@ def fit_q(run: Run, k: int, records, policy_params):
   if run.env is not None and c.loop.true_q_states > 0:
     metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q, policy_params,
                                  records))
+  if any("true_outcome" in r.metadata for r in records):  # simulator logs: how wrong the fitted labels are
+    metrics.update({f"label_{n}": v for n, v in label_noise.classifier_error(records).items()})
   run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
   _save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
   run.progress.mark(f"qfit/{k}", metrics)
   return trainable, state.params, metrics
+
+
+def _fqe_next_actions(run: Run, k: int, policy_params, examples, next_index: np.ndarray) -> dict:
+  """FQE's (s_{i+1}, a'_m) pairs: qfit.fqe_samples responses of pi_k at the next state of every example.
+
+  `examples` and `next_index` are the training rows; the pairs follow qfit.fqe_bootstrap_targets' layout.
+  pi_k is sampled as it is deployed (loop.deploy_temperature), play_batch rows per compiled sampler call.
+  """
+  c = run.config
+  prompts = [examples[j].prompt for j in next_index if j >= 0]
+  pairs, _ = qfit_lib.sample_next_actions(
+      run_policy_graphdef(run), policy_params, run.tokenizer, prompts, c.qfit.fqe_samples,
+      key=jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], 1)), max_prompt_len=c.data.max_prompt_len,
+      max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
+      renderer=run.renderer)
+  return pairs
 
 
 def _reindex(next_index: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -315,11 +369,14 @@ def _true_q_error(run: Run, k: int, held_examples, q_pred, policy_params, record
     episodes.append(run.env.restore(record, n_turns))
     suggestions.append("" if e.suggestion == conv_lib.ABSTAIN_TEXT else e.suggestion)
   policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["true_q"], 1))
-  true_q, _ = run.env.estimate_q(episodes, suggestions, policy, c.gamma, n_rollouts=c.loop.true_q_rollouts,
-                                 seed=seed_for(c, k, PHASE_IDS["true_q"], 2))
+  true_q, true_q_se = run.env.estimate_q(episodes, suggestions, policy, c.gamma,
+                                         n_rollouts=c.loop.true_q_rollouts,
+                                         seed=seed_for(c, k, PHASE_IDS["true_q"], 2))
   predicted = np.asarray(q_pred)[pick]
   return {"true_q_mae": float(np.mean(np.abs(predicted - true_q))),
-          "true_q_corr": qfit_lib.pearson(predicted, true_q), "true_q_mean": float(np.mean(true_q))}
+          "true_q_max_err": float(np.max(np.abs(predicted - true_q))),  # eps_Q of the bound is a sup (bound.py)
+          "true_q_corr": qfit_lib.pearson(predicted, true_q), "true_q_mean": float(np.mean(true_q)),
+          "true_q_se": float(np.mean(true_q_se))}  # Monte Carlo noise of the true Q itself
 
 
 def run_policy_graphdef(run: Run):
@@ -330,19 +387,28 @@ def run_policy_graphdef(run: Run):
 
 
 def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_params, pi0_params):
-  """PPO on the single-turn problem of iteration k; returns pi_{k+1}'s params (checkpointed inside)."""
+  """The single-turn step of iteration k with the solver config.inner; returns pi_{k+1}'s params and metrics.
+
+  ppo: token-level PPO with a critic (ppo.py); grpo | rloo: G responses per state with the group as baseline and
+  no critic (group_pg.py). All maximise E_{s~D_k, a~pi}[Q_k] - beta KL(pi || pi_k) on the same rollout and reward
+  code and checkpoint inside the phase (workdir/checkpoints/<inner>/<k>), so a resumed run replays exactly.
+  Afterwards KL(pi_{k+1} || pi_k) is measured on states of D_k (improve/kl_to_pi_k).
+  """
   c = run.config
-  cfg = ppo_config(c)
+  inner = c.get("inner", "ppo")
+  if inner not in INNER_SOLVERS:
+    raise ValueError(f"config.inner must be one of {INNER_SOLVERS}, got {inner!r}")
   ref_params = pi0_params if c.ppo.reference == "sft" else policy_params
-  policy_tr, policy_state = ts.init_trainable(
+  policy_tr, state = ts.init_trainable(
       lambda: tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0)), optimizer(c.ppo), run.mesh,
       params=ts.copy_params(policy_params))
-  critic_tr, critic_state = ts.init_trainable(
-      lambda: heads.scalar_model_from_policy(nnx.merge(policy_tr.graphdef, policy_params),
-                                             rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["ppo"]))),
-      optimizer(c.ppo.critic), run.mesh)
-  state = ppo_lib.PPOState(policy=policy_state, critic=critic_state)
-  ckpt = run.checkpointer(f"ppo/{k}", max_to_keep=2)
+  if inner == "ppo":
+    critic_tr, critic_state = ts.init_trainable(
+        lambda: heads.scalar_model_from_policy(nnx.merge(policy_tr.graphdef, policy_params),
+                                               rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["ppo"]))),
+        optimizer(c.ppo.critic), run.mesh)
+    state = ppo_lib.PPOState(policy=state, critic=critic_state)
+  ckpt = run.checkpointer(f"{inner}/{k}", max_to_keep=2)
   start, kl_coef = 0, c.ppo.kl_coef
   if ckpt.latest_step() is not None:
     template = {"state": state, "kl_coef": jnp.float32(0)}
@@ -355,16 +421,29 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
     if step % c.ppo.checkpoint_every == 0 or step == c.ppo.steps:
       ckpt.save(step, {"state": state_, "kl_coef": jnp.float32(coef)}, {"step": step}, overwrite=True)
     if c.loop.stop_after_ppo_step and step == c.loop.stop_after_ppo_step:
-      raise Interrupted(f"stopped after PPO step {step} (loop.stop_after_ppo_step)")
+      raise Interrupted(f"stopped after {inner} step {step} (loop.stop_after_ppo_step)")
 
   reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
-  state, kl_coef, last = ppo_lib.train_ppo(
-      policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts, cfg, steps=c.ppo.steps,
-      batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]), eos_id=run.renderer.end_id(run.tokenizer),
-      pad_id=run.tokenizer.pad_id, writer=run.writer, desc=f"ppo/{k}", start_step=start, kl_coef=kl_coef,
-      on_step=on_step)
+  common = dict(steps=c.ppo.steps, batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]),
+                eos_id=run.renderer.end_id(run.tokenizer), pad_id=run.tokenizer.pad_id, writer=run.writer,
+                desc=f"{inner}/{k}", start_step=start, kl_coef=kl_coef, on_step=on_step)
+  if inner == "ppo":
+    state, kl_coef, last = ppo_lib.train_ppo(policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts,
+                                             ppo_config(c), **common)
+    new_params = state.policy.params
+  else:
+    state, kl_coef, last = group_pg.train_group(policy_tr, state, ref_params, reward_fn, q_params, prompts,
+                                                group_config(c), **common)
+    new_params = state.params
   ckpt.close()
-  return state.policy.params, last
+  # The same measurement for every solver: KL(pi_{k+1} || pi_k) on a fixed sample of D_k's states (the
+  # distribution the inner objective's KL is taken over), not the last rollout's estimate during training.
+  rows = np.random.default_rng(seed_for(c, k, PHASE_IDS["ppo"], 1)).choice(
+      len(examples), size=min(c.ppo.batch_size, len(examples)), replace=False)
+  kl = policy_kl(run, new_params, policy_params, {n: v[rows] for n, v in prompts.items()},
+                 seed_for(c, k, PHASE_IDS["ppo"], 2))
+  run.log(k, {"improve/kl_to_pi_k": kl}, phase="improve", iteration=k)
+  return new_params, {**last, "improve/kl_to_pi_k": kl}
 
 
 class Interrupted(RuntimeError):
@@ -406,6 +485,9 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
   records = _play_and_log(run.workdir, run.env, c.loop.play_batch, policy, c.loop.eval_conversations,
                           seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{k}")
   summary = env_base.summarize(records)
+  label_error = label_noise.classifier_error(records)  # the outcome classifier against the simulator's truth
+  summary.update({f"classifier_{n}": label_error[n]
+                  for n in ("false_positive_rate", "false_negative_rate", "error_rate")})
   states = [run.renderer.state(r.turns[:i], c.env.max_render_turns)
             for r in records[:32] for i in r.agent_steps()[:2]]
   prompts = data_lib.encode_prompts(run.tokenizer, states, c.data.max_prompt_len)
@@ -461,6 +543,11 @@ def run(config, workdir: str) -> dict:
     with timed(run_, "collect", k):
       if k == 0 and config.loop.first_data == "behavior":
         records = logs  # D_0: the behaviour logs pi_0 was cloned from stand in for pi_0's own
+      elif k == 0 and config.loop.first_data == "explore":
+        # D_0: logs of the exploratory behaviour policy; Q^{pi_0} from them needs qfit.method=fqe (off-policy)
+        explore = registry.make_policy(config.env.domain, "explore", config.env)
+        records = _play_and_log(run_.workdir, run_.env, config.loop.play_batch, explore, config.loop.conversations,
+                                seed_for(config, k, PHASE_IDS["collect"], 2), "explore")
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
                                 seed_for(config, k, PHASE_IDS["collect"]))

@@ -4,7 +4,8 @@ The Q-model scores (state s_i, suggestion a_i) with the discounted return that f
 G_i = sum_{j >= i} gamma^{j - i} r_j with r_j = o_j (the outcome flag, PAPER.md "SR MDP"). This file holds:
   * the losses: Monte Carlo regression (BCE on logits, since returns lie in [0, 1]; or MSE), and the lower-variance
     alternatives the note names, TD(0)/SARSA and TD(lambda), whose bootstrap values come from target parameters
-    updated by Polyak averaging or periodic copies;
+    updated by Polyak averaging or periodic copies; and fitted Q evaluation (FQE, expected SARSA over actions
+    sampled from the evaluated policy), which estimates Q^pi from logs of another, exploratory policy;
   * evaluation metrics for a fitted Q (Brier score, expected calibration error, AUC, Pearson correlation), host
     side in NumPy;
   * the jitted fit step (appended below the maths).
@@ -20,6 +21,8 @@ import numpy as np
 
 from iterppo_jax import data as data_lib
 from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import rendering
+from iterppo_jax import sampling
 from iterppo_jax import train_state as ts
 
 # ---- Q-fit maths ----
@@ -189,6 +192,36 @@ def td_lambda_targets(
   return jax.lax.stop_gradient(targets)
 
 
+def fqe_targets(
+    rewards: jax.Array,
+    next_values: jax.Array,
+    dones: jax.Array,
+    gamma: float | jax.Array,
+) -> jax.Array:
+  """Fitted Q evaluation (expected SARSA) targets of a target policy pi from logs of another policy.
+
+    y_i = r_i + gamma * (1 - done_i) * (1/M) sum_m Q_bar(s_{i+1}, a'_m),   a'_m ~ pi(. | s_{i+1})
+
+  Unlike SARSA (``td_targets``), the successor action is not the logged one (the behaviour policy's) but M
+  samples from pi, so the fixed point is Q^pi whatever policy wrote the logs (as long as they cover the
+  (state, action) pairs pi reaches). ``next_values[i, m]`` is the *target-network* value of the m-th sample.
+
+  Args:
+    rewards: [B] per-decision rewards r_i (the outcome flag after a_i).
+    next_values: [B, M] Q_bar(s_{i+1}, a'_m) (any value, even NaN, where done).
+    dones: [B] 1 where nothing is bootstrapped (the episode ended after a_i).
+    gamma: discount.
+
+  Returns:
+    [B] targets (constants: no gradient).
+  """
+  dtype = jnp.promote_types(jnp.result_type(rewards, next_values), jnp.float32)
+  expected = jnp.mean(next_values.astype(dtype), axis=1)
+  # where() rather than multiply: a done row's successor values may be garbage.
+  bootstrap = jnp.where(jnp.asarray(dones).astype(bool), 0.0, gamma * expected)
+  return jax.lax.stop_gradient(rewards.astype(dtype) + bootstrap)
+
+
 def polyak_update(target_params: Any, online_params: Any, tau: float | jax.Array) -> Any:
   """Polyak averaging of target parameters: theta_bar <- (1 - tau) * theta_bar + tau * theta.
 
@@ -298,9 +331,11 @@ def pearson(x, y) -> float:
 # Q(s, a) is the Q-model's scalar at the last action token of [state][action] (data.encode_pairs). For 'bce'
 # the scalar is a logit and Q = sigmoid(logit); for 'mse' it is Q itself. TD targets are computed on the host
 # from the target network's predictions at the next logged (state, suggestion) pair (SARSA: evaluation of
-# the logged policy pi_k, never a max over responses, PAPER.md step 2) and refreshed every few steps.
+# the logged policy pi_k, never a max over responses, PAPER.md step 2) and refreshed every few steps. FQE
+# bootstraps instead from M responses sampled from the policy being evaluated at each logged next state, so the
+# logs may come from another (exploratory) policy: PAPER.md step 2, "an off-policy evaluation is needed".
 
-METHODS = ("mc", "td", "td_lambda")
+METHODS = ("mc", "td", "td_lambda", "fqe")
 
 
 def q_scalar(model, batch) -> jax.Array:
@@ -395,20 +430,104 @@ def bootstrap_targets(q_next: np.ndarray, rewards: np.ndarray, next_index: np.nd
   return out
 
 
+def fqe_sample_count(next_index: np.ndarray, next_actions: dict) -> int:
+  """M, the sampled next actions per logged next state; checks the layout `fqe_bootstrap_targets` reads.
+
+  Raises:
+    ValueError: when the rows of `next_actions` are not M per example with a successor (next_index >= 0).
+  """
+  live = int(np.sum(np.asarray(next_index) >= 0))
+  rows = len(next_actions["tokens"])
+  if live == 0 or rows == 0 or rows % live:
+    raise ValueError(f"next_actions has {rows} rows; expected M >= 1 rows per example with a next state "
+                     f"({live} examples have next_index >= 0)")
+  return rows // live
+
+
+def fqe_bootstrap_targets(q_next: np.ndarray, rewards: np.ndarray, next_index: np.ndarray, done: np.ndarray,
+                          gamma: float, samples: int) -> np.ndarray:
+  """FQE targets (``fqe_targets``) for logged examples from the target network's Q of sampled next actions.
+
+  `q_next` holds Q_bar(s_{i+1}, a'_m) for the examples i with a next state (next_index[i] >= 0), in example
+  order, M = `samples` consecutive rows each: row r * M + m is the m-th sample of the r-th such example. An
+  example without a next state is not bootstrapped (its conversation ended after it).
+  """
+  n = len(rewards)
+  live = np.flatnonzero(np.asarray(next_index) >= 0)
+  if len(q_next) != len(live) * samples:
+    raise ValueError(f"{len(q_next)} next-action values; expected {len(live)} next states x {samples} samples")
+  next_values = np.zeros((n, samples), np.float32)
+  next_values[live] = np.asarray(q_next, np.float32).reshape(len(live), samples)
+  no_bootstrap = np.asarray(done, bool) | (np.asarray(next_index) < 0)
+  return np.asarray(fqe_targets(jnp.asarray(rewards, jnp.float32), jnp.asarray(next_values),
+                                jnp.asarray(no_bootstrap), gamma))
+
+
+def sample_next_actions(graphdef, params, tokenizer, prompts: list[str], samples: int, *, key: jax.Array,
+                        max_prompt_len: int, max_action_len: int, batch_size: int, temperature: float = 1.0,
+                        renderer: rendering.Renderer | None = None) -> tuple[dict, list[str]]:
+  """Draws a'_m ~ pi(. | s) for FQE: `samples` responses of a language-model policy to each prompt.
+
+  Rows are (prompt, sample) in order, M = `samples` per prompt, cut into fixed batches of `batch_size` rows (the
+  last one filled up with repeats), so the sampler compiles once; batch b uses fold_in(key, b). The responses
+  are decoded and parsed as the policy's suggestions would be (lm_policy.LMPolicy), then encoded with their
+  prompts like logged pairs (data.encode_pairs), so the Q-model scores them exactly as it scores the logs.
+
+  Args:
+    graphdef, params: the policy (nnx.split of a models.transformer.Transformer).
+    tokenizer: a tokenizer.Tokenizer.
+    prompts: S rendered next states.
+    samples: M >= 1.
+    key: PRNG key.
+    max_prompt_len, max_action_len: the data budgets (prompts keep their last tokens).
+    batch_size: rows per sampler call.
+    temperature: sampling temperature (1: pi itself).
+    renderer: how states and actions are written (default our role tags).
+
+  Returns:
+    (encode_pairs arrays with S * M rows, the S * M suggestion texts; '' = abstain).
+  """
+  if samples < 1 or batch_size < 1:
+    raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
+  renderer = renderer or rendering.TAGS
+  rows = [p for p in prompts for _ in range(samples)]
+  texts: list[str] = []
+  if rows:
+    encoded = data_lib.encode_prompts(tokenizer, prompts, max_prompt_len)
+    tokens, valid = (np.repeat(encoded[name], samples, axis=0) for name in ("tokens", "valid"))
+    end_id = renderer.end_id(tokenizer)
+    for b, start in enumerate(range(0, len(rows), batch_size)):
+      take = np.minimum(np.arange(start, start + batch_size), len(rows) - 1)  # static shape: repeat the last row
+      out = sampling.sample(graphdef, params, tokens[take], valid[take], jax.random.fold_in(key, b),
+                            max_new_tokens=max_action_len, temperature=temperature, eos_id=end_id,
+                            pad_id=tokenizer.pad_id)
+      new_tokens, new_valid = jax.device_get((out.tokens, out.valid))
+      for r in range(min(batch_size, len(rows) - start)):
+        texts.append(renderer.parse(tokenizer.decode(new_tokens[r][new_valid[r]])))
+  pairs = data_lib.encode_pairs(tokenizer, rows, texts, max_prompt_len, max_action_len, renderer)
+  return pairs, texts
+
+
 def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bce", steps: int,
           batch_size: int, seed: int, gamma: float, lam: float = 0.9, refresh_every: int = 50,
           target_update: str = "polyak", tau: float = 0.05, period: int = 50, writer=None,
-          log_every: int = 50, desc: str = "qfit"):
+          log_every: int = 50, desc: str = "qfit", next_actions: dict | None = None):
   """Fits the Q-model on logged examples; returns (state, last metrics).
 
   arrays: data.encode_pairs arrays plus 'target' (Monte Carlo return), 'reward', 'next_index', 'done'.
   method: 'mc' regresses on the Monte Carlo return; 'td' / 'td_lambda' on bootstrapped targets from the
-  target network, recomputed every `refresh_every` steps.
+  target network, recomputed every `refresh_every` steps; 'fqe' likewise on expected-SARSA targets over
+  `next_actions`: data.encode_pairs arrays of (s_{i+1}, a'_m), a'_m sampled from the policy to evaluate, M rows
+  per example with next_index >= 0 in example order (see `fqe_bootstrap_targets`).
   """
   if method not in METHODS:
     raise ValueError(f"unknown Q-fit method {method!r}; expected one of {', '.join(METHODS)}")
   if method != "mc" and state.target_params is None:
     raise ValueError(f"method {method!r} needs a target network: init_trainable(..., with_target=True)")
+  if method == "fqe":
+    if next_actions is None:
+      raise ValueError("method 'fqe' needs next_actions: encoded (next state, sampled action) pairs")
+    samples = fqe_sample_count(arrays["next_index"], next_actions)
   step_fn = make_qfit_step(trainable, kind=kind, target_update=target_update, tau=tau, period=period)
   predict_fn = make_predict_fn(trainable, kind)
   arrays = dict(arrays)
@@ -416,7 +535,11 @@ def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bc
   it = None
   for i in metrics_lib.progress(range(steps), total=steps, desc=desc):
     if it is None or (method != "mc" and i % refresh_every == 0):
-      if method != "mc":
+      if method == "fqe":
+        q_bar = predict(predict_fn, state.target_params, next_actions, batch_size, trainable.mesh)
+        arrays["target"] = fqe_bootstrap_targets(q_bar, arrays["reward"], arrays["next_index"], arrays["done"],
+                                                 gamma, samples)
+      elif method != "mc":
         q_bar = predict(predict_fn, state.target_params, arrays, batch_size, trainable.mesh)
         arrays["target"] = bootstrap_targets(q_bar, arrays["reward"], arrays["next_index"], arrays["done"],
                                              gamma, lam if method == "td_lambda" else None)
