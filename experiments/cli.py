@@ -27,6 +27,9 @@ def define(define_fn, name: str, *args, **kwargs):
 
 
 def define_config(default="configs/sales.py"):
+  # ml_collections applies --config.key=value overrides while the flag is being defined (at import), and an
+  # unknown key would end in a long AttributeError: check them first, with the clear message.
+  check_overrides(sys.argv[1:], default)
   return define(config_flags.DEFINE_config_file, "config", default, "Config file (path[:arg]).",
                 lock_config=True)
 

@@ -1,0 +1,22 @@
+"""Entry points refuse an unknown --config key at once, naming it and the closest known keys."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("module,config", [("experiments.iterative_ppo", "configs/sales.py"),
+                                           ("experiments.simulate", "configs/booking.py")])
+def test_unknown_override_fails_before_any_work(module, config, tmp_path):
+  out = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--config.loop.iteratons=3",
+                        f"--workdir={tmp_path}/w"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+  assert out.returncode != 0
+  assert "unknown config key 'loop.iteratons'" in out.stderr
+  assert "loop.iterations" in out.stderr  # the suggestion
+  assert "Traceback" not in out.stderr
+  assert not os.path.exists(tmp_path / "w")  # nothing was started
