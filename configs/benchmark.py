@@ -19,12 +19,14 @@ WORKLOADS = {
     "ppo_0p5b": dict(model=dict(num_layers=24, embed_dim=896, mlp_dim=4864, num_heads=14, num_kv_heads=2,
                                 head_dim=64, vocab_size=151936, tie_embeddings=False, dtype="bfloat16",
                                 param_dtype="float32", rope_theta=1000000.0),
-                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0),
+                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
+                     peak_hbm_gbps=3350.0),
     # Llama-3.2-1B shapes (16 layers, width 2048, GQA 32/8, vocab 128256, tied), bf16 compute: issue 3's GPU row.
     "llama_1b": dict(model=dict(num_layers=16, embed_dim=2048, mlp_dim=8192, num_heads=32, num_kv_heads=8,
                                 head_dim=64, vocab_size=128256, tie_embeddings=True, dtype="bfloat16",
                                 param_dtype="float32", rope_theta=500000.0),
-                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0),
+                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
+                     peak_hbm_gbps=3350.0),
     # Smaller than tiny, for the benchmark's own smoke test.
     "smoke": dict(model=dict(num_layers=1, embed_dim=64, mlp_dim=128, num_heads=2, num_kv_heads=2, head_dim=32,
                              vocab_size=128, tie_embeddings=False),
@@ -41,6 +43,8 @@ def get_config(arg=None):
   c.seed = 0  # parameters, prompts and sampling keys
   c.iterations = 5  # timed calls of each piece after the first (compiling) call; the table shows their mean
   c.peak_tflops = 0.0  # per-device peak for MFU (H100 bf16 dense: 989); 0 leaves the MFU column empty
+  c.peak_hbm_gbps = 0.0  # per-device memory bandwidth for the HBM column (H100 SXM: 3350); 0 leaves it empty
+  c.xla_flags = ""  # appended to XLA_FLAGS before jax opens its backend (threading experiments on CPU)
 
   c.model = ml_collections.ConfigDict()
   c.model.style = "llama"  # llama | gpt2
@@ -63,7 +67,8 @@ def get_config(arg=None):
   c.batch.new_tokens = 32  # sampled tokens per row (the sampler row ignores end tokens: always all of them)
 
   c.ppo = ml_collections.ConfigDict()
-  c.ppo.epochs = 2  # passes over each rollout batch, as in training
+  # Issue 7's iteration: one epoch of one minibatch (the whole batch); training configs use more.
+  c.ppo.epochs = 1  # passes over each rollout batch
   c.ppo.minibatch_size = 16  # rows per PPO update step; must divide batch.prompts
   c.ppo.kl_coef = 0.05
 

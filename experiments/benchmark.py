@@ -4,15 +4,24 @@
   python -m experiments.benchmark --config=configs/benchmark.py:ppo_0p5b   # for a GPU
 
 Rows: the sampler alone (ignore_eos, so every row makes all its tokens), one SFT step, one Q-fit step, and one
-PPO iteration split into generation (the sampler as train_ppo calls it), scoring (ppo.make_experience_fn: policy,
-reference, critic and reward passes, token rewards, GAE) and update (every minibatch step of the iteration,
-with train_ppo's host round trip). Each piece is called once to compile, then `iterations` more times; "ms" is the
-steady-state mean, "compile s" the first call minus that mean. tokens/s counts generated tokens for sampling
-and every sequence token (prompt + response) for the passes over whole sequences.
+PPO iteration split into generation (the sampler as train_ppo calls it, every row making all its tokens),
+scoring (ppo.make_experience_fn as train_ppo calls it: reference, critic and reward passes, the policy's too
+unless the sampler's log-probs stand in (float32 compute), token rewards, GAE) and update (every minibatch step
+of the iteration, cut on the device, and the one metrics transfer, as in train_ppo). Each piece is called once
+to compile, then `iterations` more times.
+
+Columns: "ms" is the steady-state mean wall time and "cpu ms" the mean process CPU time over the same calls
+(all threads: on an idle machine cpu / wall is the parallelism, on a shared one wall is inflated by the other
+jobs and cpu is the steadier number); "compile s" is the first call minus the mean. tokens/s counts generated
+tokens for sampling and every sequence token (prompt + response) for the passes over whole sequences. MFU =
+model FLOPs (2 per parameter per token forward, 6 forward + backward) per second over `peak_tflops`; HBM =
+a lower bound on the bytes the piece must move (below, `_traffic`) per second over `peak_hbm_gbps`. Both are
+left out ("-") when the peak is 0, as on CPU.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -31,23 +40,49 @@ from iterppo_jax.models import transformer as tf
 EOS_ID, PAD_ID = 2, 0
 
 
+def _clock():
+  return time.perf_counter(), time.process_time()
+
+
 def _timed(fn, iterations):
-  """(first call seconds, mean of the next `iterations` calls); fn must block on its own result."""
+  """(first call s, mean wall s, mean process CPU s) of fn, the means over the `iterations` calls after the first.
+
+  fn must block on its own result.
+  """
   start = time.perf_counter()
   fn()
   first = time.perf_counter() - start
-  times = []
+  wall, cpu = [], []
   for _ in range(iterations):
-    start = time.perf_counter()
+    w, c = _clock()
     fn()
-    times.append(time.perf_counter() - start)
-  return first, float(np.mean(times))
+    wall.append(time.perf_counter() - w)
+    cpu.append(time.process_time() - c)
+  return first, float(np.mean(wall)), float(np.mean(cpu))
 
 
-def _row(name, first, steady, tokens, flops=0.0, peak_flops=0.0):
-  """A table row; MFU = model FLOPs per second / the device's peak (0 when the peak is not configured)."""
-  return {"name": name, "ms": 1e3 * steady, "tokens_per_s": tokens / steady, "compile_s": max(first - steady, 0.0),
-          "mfu": (flops / steady / peak_flops) if peak_flops else 0.0}
+def _row(name, first, steady, cpu, tokens, flops=0.0, peak_flops=0.0, hbm_bytes=0.0, peak_bandwidth=0.0):
+  """A table row; MFU and HBM are shares of the configured peaks (0 when the peak is not configured)."""
+  return {"name": name, "ms": 1e3 * steady, "cpu_ms": 1e3 * cpu, "tokens_per_s": tokens / steady,
+          "compile_s": max(first - steady, 0.0), "mfu": (flops / steady / peak_flops) if peak_flops else 0.0,
+          "hbm": (hbm_bytes / steady / peak_bandwidth) if peak_bandwidth else 0.0}
+
+
+def _traffic(n_params, param_bytes, model_config, B, P, N):
+  """Lower bounds on the bytes each piece must move through device memory: weights and KV cache only.
+
+  Activations are left out (they can stay on chip for small batches), so the HBM share is a floor.
+    forward pass over whole sequences: the weights once;
+    sampling: the weights at the prefill and at every one of the N - 1 decoding forwards, plus every step's read
+      of the KV cache filled so far (2 L K H values per slot per row);
+    training step: weights read forward and backward, the gradient written, and AdamW reading parameter,
+      gradient and both moments and writing parameter and moments (f32): 10 parameter-sized transfers.
+  """
+  c = model_config
+  weights = n_params * param_bytes
+  slot = 2 * c.num_layers * c.num_kv_heads * c.head_dim * jnp.dtype(c.dtype).itemsize * B
+  kv_reads = sum((P + i + 1) * slot for i in range(N - 1))
+  return {"forward": weights, "sample": N * weights + kv_reads, "train": 10 * n_params * 4}
 
 
 def run_benchmark(config) -> list[dict]:
@@ -76,18 +111,21 @@ def run_benchmark(config) -> list[dict]:
               "last_index": np.full((B,), L - 1, np.int32), "target": rng.uniform(size=B).astype(np.float32)}
   rows = []
   peak = config.peak_tflops * 1e12 * jax.device_count()
+  bandwidth = config.peak_hbm_gbps * 1e9 * jax.device_count()
   with sharding.use_mesh(mesh):
     policy, policy_state = ts.init_trainable(make_policy, tx(), mesh)
     # Model FLOPs (Kaplan et al.): 2 per parameter per token forward, 6 forward + backward.
     n = tf.num_params(policy_state.params)
     fwd, train = (lambda t: 2.0 * n * t), (lambda t: 6.0 * n * t)  # noqa: E731
+    traffic = _traffic(n, jnp.dtype(m.param_dtype).itemsize, model_config, B, P, N)
 
     # ---- sampler ----
     def sample_once(key=jax.random.key(config.seed)):
       out = sampling.sample(policy.graphdef, policy_state.params, prompt_tokens, prompt_valid, key,
                             max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
       jax.block_until_ready(out.tokens)
-    rows.append(_row("sampler", *_timed(sample_once, config.iterations), B * N, fwd(B * L), peak))
+    rows.append(_row("sampler", *_timed(sample_once, config.iterations), B * N, fwd(B * L), peak,
+                     traffic["sample"], bandwidth))
 
     # ---- SFT and Q-fit steps ----
     sft_batch = ts.device_batch({k: sequence[k] for k in ("tokens", "positions", "valid", "loss_mask")}, mesh)
@@ -96,7 +134,8 @@ def run_benchmark(config) -> list[dict]:
     def sft_once(step=sft.make_sft_step(policy)):
       holder["state"], metrics = step(holder["state"], sft_batch)
       jax.block_until_ready(metrics)
-    rows.append(_row("sft step", *_timed(sft_once, config.iterations), B * L, train(B * L), peak))
+    rows.append(_row("sft step", *_timed(sft_once, config.iterations), B * L, train(B * L), peak, traffic["train"],
+                     bandwidth))
     policy_state = holder.pop("state")
 
     q_tr, q_state = ts.init_trainable(make_scalar, tx(), mesh)
@@ -107,7 +146,8 @@ def run_benchmark(config) -> list[dict]:
     def qfit_once(step=qfit.make_qfit_step(q_tr)):
       holder["state"], metrics = step(holder["state"], q_batch)
       jax.block_until_ready(metrics)
-    rows.append(_row("qfit step", *_timed(qfit_once, config.iterations), B * L, train(B * L), peak))
+    rows.append(_row("qfit step", *_timed(qfit_once, config.iterations), B * L, train(B * L), peak,
+                     traffic["train"], bandwidth))
     q_params = holder.pop("state").params
 
     # ---- one PPO iteration, by phase (the body of ppo.train_ppo) ----
@@ -117,57 +157,73 @@ def run_benchmark(config) -> list[dict]:
                         minibatch_size=config.ppo.minibatch_size, max_new_tokens=N)
     experience_fn = ppo.make_experience_fn(policy, critic, ppo.make_q_reward_fn(q_tr), cfg)
     update_fn = ppo.make_update_step(policy, critic, cfg, P)
+    take_rows = ppo.make_take_rows(mesh)
+    reuse_logprobs = ppo.sampler_logprobs_reusable(policy, policy_state.params)
     state = ppo.PPOState(policy=policy_state, critic=critic_state)
     phases = {"generation": [], "scoring": [], "update": []}
     for i in range(config.iterations + 1):
-      start = time.perf_counter()
+      t0 = _clock()
       out = sampling.sample(policy.graphdef, state.policy.params, prompt_tokens, prompt_valid,
-                            jax.random.key(i), max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID)
+                            jax.random.key(i), max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
       jax.block_until_ready(out.tokens)
-      generated = time.perf_counter()
+      t1 = _clock()
       exp = experience_fn(state.policy.params, ref_params, state.critic.params, q_params, out.prompt_tokens,
-                          out.prompt_valid, out.tokens, out.valid, jnp.float32(cfg.kl_coef))
+                          out.prompt_valid, out.tokens, out.valid, jnp.float32(cfg.kl_coef),
+                          old_logprobs=out.logprobs if reuse_logprobs else None)
       jax.block_until_ready(exp)
-      scored = time.perf_counter()
-      exp = jax.device_get(exp)
+      t2 = _clock()
+      step_metrics = []
       for epoch in range(cfg.epochs):
         order = np.random.default_rng([config.seed, i, epoch]).permutation(B)
         for mb in range(B // cfg.minibatch_size):
-          idx = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
-          state, metrics = update_fn(state, ts.device_batch({k: exp[k][idx] for k in ppo._UPDATE_KEYS}, mesh))
-      jax.block_until_ready(metrics)
-      done = time.perf_counter()
-      for name, seconds in (("generation", generated - start), ("scoring", scored - generated),
-                            ("update", done - scored)):
-        phases[name].append(seconds)
-    response_tokens = B * N  # with a random policy, end tokens are rare: about every row runs to N
+          state, metrics = update_fn(state, take_rows(exp, order[mb * cfg.minibatch_size:][:cfg.minibatch_size]))
+          step_metrics.append(metrics)
+      jax.device_get(step_metrics)
+      t3 = _clock()
+      for name, (a, z) in (("generation", (t0, t1)), ("scoring", (t1, t2)), ("update", (t2, t3))):
+        phases[name].append((z[0] - a[0], z[1] - a[1]))
     n_updates = cfg.epochs * (B // cfg.minibatch_size)
-    tokens = {"generation": response_tokens, "scoring": B * L, "update": n_updates * cfg.minibatch_size * L}
-    # Scoring runs four forward passes (policy, reference, critic, reward model); the update trains two models.
-    flops = {"generation": fwd(B * L), "scoring": 4 * fwd(B * L), "update": 2 * train(tokens["update"])}
+    tokens = {"generation": B * N, "scoring": B * L, "update": n_updates * cfg.minibatch_size * L}
+    # Scoring runs the reference, critic and reward passes, and the policy's unless its log-probs come from the
+    # sampler (float32 compute); the update trains two models.
+    passes = 3 if reuse_logprobs else 4
+    flops = {"generation": fwd(B * L), "scoring": passes * fwd(B * L), "update": 2 * train(tokens["update"])}
+    hbm = {"generation": traffic["sample"], "scoring": passes * traffic["forward"],
+           "update": 2 * n_updates * traffic["train"]}
+
+    def steady(times, column):
+      return float(np.mean([t[column] for t in times[1:]]))
     for name, times in phases.items():
-      rows.append(_row(f"ppo {name}", times[0], float(np.mean(times[1:])), tokens[name], flops[name], peak))
-    total = [sum(t) for t in zip(*phases.values())]
-    rows.append(_row("ppo iteration", total[0], float(np.mean(total[1:])), B * L, sum(flops.values()), peak))
+      rows.append(_row(f"ppo {name}", times[0][0], steady(times, 0), steady(times, 1), tokens[name], flops[name],
+                       peak, hbm[name], bandwidth))
+    total = [tuple(map(sum, zip(*ts_))) for ts_ in zip(*phases.values())]
+    rows.append(_row("ppo iteration", total[0][0], steady(total, 0), steady(total, 1), B * L,
+                     sum(flops.values()), peak, sum(hbm.values()), bandwidth))
   return rows
 
 
 def format_table(rows, title="") -> str:
   lines = [title] if title else []
-  lines.append(f"{'piece':<16}{'ms':>12}{'tokens/s':>14}{'compile s':>12}{'MFU':>8}")
+  lines.append(f"{'piece':<16}{'ms':>10}{'cpu ms':>10}{'tokens/s':>12}{'compile s':>11}{'MFU':>8}{'HBM':>8}")
   for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-    lines.append(f"{r['name']:<16}{r['ms']:>12.1f}{r['tokens_per_s']:>14.0f}{r['compile_s']:>12.2f}{mfu:>8}")
+    hbm = f"{100 * r['hbm']:.1f}%" if r["hbm"] else "-"
+    lines.append(f"{r['name']:<16}{r['ms']:>10.1f}{r['cpu_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
+                 f"{r['compile_s']:>11.2f}{mfu:>8}{hbm:>8}")
   return "\n".join(lines)
 
 
 def main(argv):
   del argv
   config = flags.FLAGS.config
+  if config.xla_flags:
+    # Read when jax opens its backend, which it has not done yet (nothing above has touched a device).
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {config.xla_flags}".strip()
   m, b = config.model, config.batch
   title = (f"workload {config.workload}: {m.num_layers} layers, width {m.embed_dim}, vocab {m.vocab_size}, "
-           f"{m.dtype} compute; {b.prompts} prompts x {b.prompt_len} tokens, {b.new_tokens} new; "
-           f"mean of {config.iterations} calls after the first; devices {jax.devices()}")
+           f"{m.dtype} compute; {b.prompts} prompts x {b.prompt_len} tokens, {b.new_tokens} new; PPO "
+           f"{config.ppo.epochs} epoch(s) of minibatches of {config.ppo.minibatch_size}; mean of "
+           f"{config.iterations} calls after the first; devices {jax.devices()}")
   print(format_table(run_benchmark(config), title))
 
 

@@ -391,6 +391,28 @@ def response_logprobs(logits, tokens, prompt_len):
   return jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0], step_logits
 
 
+def policy_response_logprobs(model, tokens, positions, valid, prompt_len):
+  """``response_logprobs(model(tokens, positions, valid=valid)[0], tokens, prompt_len)``, cheaper.
+
+  The LM head runs only at the N slots whose logits predict a response token: the other P slots'
+  [V]-wide logits would be computed (and, in a training step, differentiated) only to be sliced
+  away. Same numbers: every slot's logits depend on its own hidden state only.
+
+  Args:
+    model: a ``Transformer`` (``trunk`` and ``logits``).
+    tokens, positions, valid: [B, P + N] (``sequence_layout``).
+    prompt_len: P.
+
+  Returns:
+    (log pi of the response tokens [B, N], their logits [B, N, V]).
+  """
+  hidden, _ = model.trunk(tokens, positions, valid=valid)
+  step_logits = model.logits(hidden[:, prompt_len - 1:-1])
+  logp = jax.nn.log_softmax(step_logits, axis=-1)
+  resp = tokens[:, prompt_len:]
+  return jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0], step_logits
+
+
 def make_q_reward_fn(q_trainable: ts.Trainable, kind: str = "bce") -> Callable:
   """reward_fn(q_params, tokens, positions, valid, last_index) -> Q(s, a) [B] from a fitted Q-model."""
 
@@ -405,18 +427,25 @@ def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Ca
   """Jitted scoring passes: old log-probs, reference log-probs, values, reward, then token rewards and GAE.
 
   Returns fn(policy_params, ref_params, critic_params, reward_params, prompt_tokens, prompt_valid,
-  response, response_valid, kl_coef) -> dict of [B, ...] arrays for the update step.
+  response, response_valid, kl_coef, old_logprobs=None) -> dict of [B, ...] arrays for the update step.
+
+  ``old_logprobs`` [B, N]: the sampler's own ``SampleOutput.logprobs`` of this response under these
+  ``policy_params`` (log pi at temperature 1, untruncated, whatever the sampling temperature). Given,
+  the policy's forward pass is skipped: in float32 the numbers are the same up to rounding (the sampler
+  computes them from its KV cache; tests/test_benchmark.py checks the two agree to 1e-4), see
+  ``sampler_logprobs_reusable``. Left out, the policy pass computes them.
   """
 
   def experience(policy_params, ref_params, critic_params, reward_params, prompt_tokens, prompt_valid,
-                 response, response_valid, kl_coef):
+                 response, response_valid, kl_coef, old_logprobs=None):
     P = prompt_tokens.shape[1]
     tokens, valid, positions = sequence_layout(prompt_tokens, prompt_valid, response, response_valid)
     mask = response_valid
-    logits, _, _ = policy.merge(policy_params)(tokens, positions, valid=valid)
-    logprobs, _ = response_logprobs(logits, tokens, P)
-    ref_logits, _, _ = policy.merge(ref_params)(tokens, positions, valid=valid)
-    ref_logprobs, _ = response_logprobs(ref_logits, tokens, P)
+    if old_logprobs is None:
+      logprobs, _ = policy_response_logprobs(policy.merge(policy_params), tokens, positions, valid, P)
+    else:
+      logprobs = old_logprobs.astype(jnp.float32)
+    ref_logprobs, _ = policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
     values = critic.merge(critic_params)(tokens, positions, valid=valid)[:, P - 1:-1]
     last, _ = last_valid_index(mask)
     score = reward_fn(reward_params, tokens, positions, valid, P + last)
@@ -439,9 +468,12 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig,
     mask = batch["mask"]
 
     def policy_objective(params):
-      logits, _, _ = policy.merge(params)(batch["tokens"], batch["positions"], valid=batch["valid"])
-      logp, step_logits = response_logprobs(logits, batch["tokens"], P)
+      logp, step_logits = policy_response_logprobs(policy.merge(params), batch["tokens"], batch["positions"],
+                                                   batch["valid"], P)
       loss, aux = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
+      if not cfg.entropy_coef:  # a metric only: no backward pass through the [B, N, V] softmax
+        return loss, {**aux, "entropy": entropy_from_logits(jax.lax.stop_gradient(step_logits), mask),
+                      "policy_loss": loss}
       entropy = entropy_from_logits(step_logits, mask)
       return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
 
@@ -469,6 +501,25 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig,
 _UPDATE_KEYS = ("tokens", "valid", "positions", "mask", "old_logprobs", "old_values", "advantages", "returns")
 
 
+def sampler_logprobs_reusable(policy: ts.Trainable, params) -> bool:
+  """Whether the sampler's log-probs may stand in for the policy's scoring pass: float32 compute only.
+
+  In float32 the KV-cache decode and the full forward round alike (ppo_tiny: at most 4e-6 apart). In bfloat16
+  they differ by up to ~4e-2, which would show up as a spurious PPO ratio away from 1 at the first update.
+  """
+  return jnp.dtype(policy.merge(params).config.dtype) == jnp.float32
+
+
+def make_take_rows(mesh) -> Callable:
+  """Jitted `take(exp, idx) -> minibatch`: rows `idx` of the update keys of an experience dict.
+
+  The minibatch is cut where the experience lives and placed as a batch (sharding.batch_sharding), so a
+  PPO iteration never copies its experience to the host and back.
+  """
+  return jax.jit(lambda exp, idx: {k: exp[k][idx] for k in _UPDATE_KEYS},
+                 out_shardings=sharding.batch_sharding(mesh))
+
+
 def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_params: Any,
               reward_fn: Callable, reward_params: Any, prompts: dict, cfg: PPOConfig, *, steps: int,
               batch_size: int, seed: int, eos_id: int, pad_id: int, writer=None, desc: str = "ppo",
@@ -491,6 +542,8 @@ def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_p
   n_prompts, P = prompts["tokens"].shape
   experience_fn = make_experience_fn(policy, critic, reward_fn, cfg)
   update_fn = make_update_step(policy, critic, cfg, P)
+  take_rows = make_take_rows(policy.mesh)
+  reuse_logprobs = sampler_logprobs_reusable(policy, state.policy.params)
   kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
   base_key = jax.random.key(seed)
   last = {}
@@ -503,18 +556,23 @@ def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_p
     out = sampling.sample(policy.graphdef, state.policy.params, prompt_tokens, prompt_valid,
                           jax.random.fold_in(key, 0), max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id)
+    # The sampler's log-probs are the old policy's (same parameters): in float32, no forward pass for them.
     exp = experience_fn(state.policy.params, ref_params, state.critic.params, reward_params,
-                        out.prompt_tokens, out.prompt_valid, out.tokens, out.valid, jnp.float32(kl_coef))
-    exp = jax.device_get(exp)
-    sums = {}
+                        out.prompt_tokens, out.prompt_valid, out.tokens, out.valid, jnp.float32(kl_coef),
+                        old_logprobs=out.logprobs if reuse_logprobs else None)
+    step_metrics = []
     for epoch in range(cfg.epochs):
       order = np.random.default_rng([seed, i, epoch + 1]).permutation(batch_size)
       for mb in range(batch_size // cfg.minibatch_size):
         idx = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
-        batch = ts.device_batch({k: exp[k][idx] for k in _UPDATE_KEYS}, policy.mesh)
-        state, m = update_fn(state, batch)
-        for k, v in m.items():
-          sums[k] = sums.get(k, 0.0) + float(v)
+        state, m = update_fn(state, take_rows(exp, idx))
+        step_metrics.append(m)
+    # One host transfer per iteration, after every step is queued; the sums are taken in step order.
+    step_metrics, exp = jax.device_get((step_metrics, {k: exp[k] for k in ("kl", "score", "exact_kl_k1", "mask")}))
+    sums = {}
+    for m in step_metrics:
+      for k, v in m.items():
+        sums[k] = sums.get(k, 0.0) + float(v)
     n_updates = cfg.epochs * (batch_size // cfg.minibatch_size)
     mean_kl = float(np.mean(exp["kl"]))
     last = {f"ppo/{k}": v / n_updates for k, v in sums.items()}

@@ -105,18 +105,16 @@ def _sample(graphdef, state, prompt_tokens, prompt_valid, key, temperature, *, m
   N = max_new_tokens
   tokens, valid = left_pad(prompt_tokens, prompt_valid.astype(bool), pad_id)
 
-  # ---- prefill: the whole prompt in one pass, cache slots [0, P)
+  # ---- prefill: the whole prompt in one pass, cache slots [0, P); only the last slot's logits
+  # are needed (the LM head over every prompt slot would be thrown away)
   cache = init_cache(model.config, B, P + N)
-  logits, _, cache = model(tokens, positions_from_valid(valid), None, cache, 0, valid=valid)
+  hidden, cache = model.trunk(tokens, positions_from_valid(valid), None, cache, 0, valid=valid)
+  logits = model.logits(hidden[:, -1:])[:, 0]
   next_position = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B]
 
   # ---- decode: token i is chosen from `logits`, then written to cache slot P + i
-  def cond(carry):
-    i, done = carry[0], carry[3]
-    return (i < N) & ~jnp.all(done) if not ignore_eos else i < N
-
-  def body(carry):
-    i, cache, last_logits, done, position, out = carry
+  def emit(i, last_logits, done, out):
+    """Chooses token i of every row and writes it to column i of `out`."""
     token, sampling_logp = _choose(last_logits, jax.random.fold_in(key, i), temperature, top_p,
                                    greedy)
     active = ~done
@@ -129,7 +127,16 @@ def _sample(graphdef, state, prompt_tokens, prompt_valid, key, temperature, *, m
            for k, v in out.items()}
     if not ignore_eos:
       done = done | (active & jnp.isin(token, jnp.asarray(eos_ids)))
-    # One forward more than strictly needed on the last step: it keeps the loop body uniform.
+    return token, active, done, out
+
+  # The loop stops one token short: the last token needs no forward pass after it.
+  def cond(carry):
+    i, done = carry[0], carry[3]
+    return (i < N - 1) & ~jnp.all(done) if not ignore_eos else i < N - 1
+
+  def body(carry):
+    i, cache, last_logits, done, position, out = carry
+    token, active, done, out = emit(i, last_logits, done, out)
     logits, _, cache = model(token[:, None], position[:, None], None, cache, P + i,
                              valid=active[:, None])
     return i + 1, cache, logits[:, 0], done, position + 1, out
@@ -137,8 +144,10 @@ def _sample(graphdef, state, prompt_tokens, prompt_valid, key, temperature, *, m
   out = {'tokens': jnp.full((B, N), pad_id, jnp.int32), 'valid': jnp.zeros((B, N), bool),
          'logprobs': jnp.zeros((B, N), jnp.float32),
          'sampling_logprobs': jnp.zeros((B, N), jnp.float32)}
-  carry = (jnp.int32(0), cache, logits[:, -1], jnp.zeros((B,), bool), next_position, out)
-  out = jax.lax.while_loop(cond, body, carry)[-1]
+  carry = (jnp.int32(0), cache, logits, jnp.zeros((B,), bool), next_position, out)
+  i, _, logits, done, _, out = jax.lax.while_loop(cond, body, carry)
+  if N:  # token N-1, or (when every row has ended early) a column of padding that is already there
+    out = emit(i, logits, done, out)[-1]
   return SampleOutput(tokens=out['tokens'], logprobs=out['logprobs'],
                       sampling_logprobs=out['sampling_logprobs'], valid=out['valid'],
                       lengths=jnp.sum(out['valid'], axis=1).astype(jnp.int32),

@@ -1,11 +1,22 @@
-"""Smoke test of experiments/benchmark.py: one timed call of every piece on a workload smaller than ppo_tiny."""
+"""experiments/benchmark.py (a smoke run of every piece on a workload smaller than ppo_tiny), and the changes behind
+its CPU numbers, each against the plain computation it replaces: the custom-VJP dense, the LM head on response slots
+only, the sampler's log-probs in place of the policy's scoring pass, minibatches cut on the device."""
 
 import importlib.util
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from experiments import benchmark
+from iterppo_jax import ppo, sampling, sharding
+from iterppo_jax import train_state as ts
+from iterppo_jax.models import heads
+from iterppo_jax.models import transformer as tf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("sampler", "sft step", "qfit step", "ppo generation", "ppo scoring", "ppo update", "ppo iteration")
@@ -32,9 +43,112 @@ def test_benchmark_table():
 
 def test_workloads():
   tiny, big = _config(None), _config("ppo_0p5b")
-  assert (tiny.model.num_layers, tiny.model.embed_dim, tiny.model.vocab_size, tiny.batch.new_tokens) == (4, 256, 2048, 32)
+  tiny_shape = (tiny.model.num_layers, tiny.model.embed_dim, tiny.model.vocab_size, tiny.batch.new_tokens)
+  assert tiny_shape == (4, 256, 2048, 32)
+  assert (tiny.ppo.epochs, tiny.batch.prompts // tiny.ppo.minibatch_size) == (1, 1)  # issue 7: one epoch, one minibatch
   assert (big.model.num_layers, big.model.embed_dim, big.model.num_heads, big.model.num_kv_heads) == (24, 896, 14, 2)
   assert (big.model.vocab_size, big.model.dtype, big.model.param_dtype) == (151936, "bfloat16", "float32")
   assert (big.batch.prompts, big.batch.new_tokens) == (32, 128)
   with pytest.raises(ValueError, match="unknown benchmark workload"):
     _config("nope")
+
+
+# ---- the speed-ups compute the same numbers ----
+# Each change behind the benchmark's numbers is checked against the plain computation it replaces.
+
+SMALL = dict(vocab_size=67, num_layers=2, embed_dim=32, mlp_dim=64, num_heads=4, num_kv_heads=2, head_dim=8, max_len=16)
+
+
+@pytest.mark.parametrize("spec,x_shape,w_shape", [("BTD,DF->BTF", (2, 3, 5), (5, 7)),
+                                                  ("BTD,DNH->BTNH", (2, 3, 5), (5, 4, 6)),
+                                                  ("BTNH,NHD->BTD", (2, 3, 4, 6), (4, 6, 5))])
+@pytest.mark.parametrize("dtype,preferred", [(jnp.float32, None), (jnp.bfloat16, jnp.float32)])
+def test_dense_gradient_is_autodiffs(spec, x_shape, w_shape, dtype, preferred):
+  """transformer.dense (custom VJP, weight gradient laid out as the weight) against jnp.einsum under autodiff."""
+  kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape).astype(dtype)
+  w = jax.random.normal(kw, w_shape).astype(dtype)
+  out_shape = jnp.einsum(spec, x, w).shape
+  cotangent = jax.random.normal(kc, out_shape)
+
+  def loss(f):
+    return lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * cotangent)
+  ours = jax.grad(loss(lambda x, w: tf.dense(spec, x, w, preferred)), argnums=(0, 1))(x, w)
+  theirs = jax.grad(loss(lambda x, w: jnp.einsum(spec, x, w, preferred_element_type=preferred)), argnums=(0, 1))(x, w)
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  for a, b in zip(ours, theirs):
+    assert a.dtype == b.dtype == dtype and a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
+  np.testing.assert_array_equal(tf.dense(spec, x, w, preferred),
+                                jnp.einsum(spec, x, w, preferred_element_type=preferred))
+
+
+def _small_ppo():
+  """A policy, critic and Q-model of SMALL shape on a one-device mesh, and one sampled batch."""
+  config = tf.TransformerConfig(**SMALL, tie_embeddings=False)
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  with sharding.use_mesh(mesh):
+    policy, policy_state = ts.init_trainable(lambda: tf.Transformer(config, rngs=nnx.Rngs(0)), optax.adamw(1e-3), mesh)
+    critic, critic_state = ts.init_trainable(lambda: heads.ScalarModel(config, rngs=nnx.Rngs(1)), optax.adamw(1e-3),
+                                             mesh)
+    q_tr, q_state = ts.init_trainable(lambda: heads.ScalarModel(config, rngs=nnx.Rngs(2)), optax.adamw(1e-3), mesh)
+  prompt_tokens = jnp.asarray(np.random.default_rng(0).integers(3, SMALL["vocab_size"], size=(4, 6)), jnp.int32)
+  prompt_valid = jnp.asarray(np.arange(6)[None] >= np.array([[0], [2], [4], [1]]))  # ragged, left-padded prompts
+  return mesh, (policy, policy_state), (critic, critic_state), (q_tr, q_state), prompt_tokens, prompt_valid
+
+
+def test_policy_response_logprobs_is_the_full_head_sliced():
+  _, (policy, state), *_, prompt_tokens, prompt_valid = _small_ppo()
+  model = policy.merge(state.params)
+  response = jnp.asarray(np.random.default_rng(1).integers(3, SMALL["vocab_size"], size=(4, 5)), jnp.int32)
+  tokens, valid, positions = ppo.sequence_layout(prompt_tokens, prompt_valid, response, jnp.ones((4, 5), bool))
+  fast, fast_logits = ppo.policy_response_logprobs(model, tokens, positions, valid, 6)
+  slow, slow_logits = ppo.response_logprobs(model(tokens, positions, valid=valid)[0], tokens, 6)
+  assert fast.shape == (4, 5) and fast_logits.shape == (4, 5, SMALL["vocab_size"])
+  np.testing.assert_allclose(fast, slow, atol=1e-5)
+  np.testing.assert_allclose(fast_logits, slow_logits, atol=1e-5)
+
+
+def test_sampler_logprobs_stand_in_for_the_policy_pass():
+  """Experience from the sampler's log-probs (train_ppo, the benchmark) against the policy's own forward pass."""
+  mesh, (policy, policy_state), (critic, critic_state), (q_tr, q_state), prompt_tokens, prompt_valid = _small_ppo()
+  cfg = ppo.PPOConfig(kl_coef=0.1, max_new_tokens=5)
+  with sharding.use_mesh(mesh):
+    experience_fn = ppo.make_experience_fn(policy, critic, ppo.make_q_reward_fn(q_tr), cfg)
+    ref_params = jax.tree.map(lambda p: p * 1.01, policy_state.params)  # a reference that differs from the policy
+    for seed in range(2):
+      out = sampling.sample(policy.graphdef, policy_state.params, prompt_tokens, prompt_valid, jax.random.key(seed),
+                            max_new_tokens=5, eos_id=3, pad_id=0, temperature=0.8)
+      args = (policy_state.params, ref_params, critic_state.params, q_state.params, out.prompt_tokens,
+              out.prompt_valid, out.tokens, out.valid, jnp.float32(0.1))
+      slow = experience_fn(*args)
+      fast = experience_fn(*args, old_logprobs=out.logprobs)
+      mask = np.asarray(out.valid)
+      np.testing.assert_allclose(np.asarray(fast["old_logprobs"])[mask], np.asarray(slow["old_logprobs"])[mask],
+                                 atol=1e-4)
+      for key in ("advantages", "returns", "kl", "exact_kl_k1", "score", "old_values"):
+        np.testing.assert_allclose(fast[key], slow[key], atol=1e-4, err_msg=key)
+      assert float(np.abs(np.asarray(slow["kl"])).max()) > 1e-3  # the KL term is really exercised
+    # One compiled program per variant, whatever the samples: nothing recompiles between iterations.
+    assert experience_fn._cache_size() == 2
+
+
+def test_take_rows_cuts_minibatches_on_device():
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  exp = {k: jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3) + i for i, k in enumerate(ppo._UPDATE_KEYS)}
+  exp["score"] = jnp.zeros(12)  # keys outside the update are left out
+  idx = np.array([5, 0, 11, 2])
+  batch = ppo.make_take_rows(mesh)(exp, idx)
+  assert set(batch) == set(ppo._UPDATE_KEYS)
+  for k in ppo._UPDATE_KEYS:
+    np.testing.assert_array_equal(batch[k], np.asarray(exp[k])[idx])
+
+
+def test_sampler_logprobs_reused_in_float32_only():
+  """bf16 decode and full forward round differently (~1e-2 in log-prob): there train_ppo keeps the policy pass."""
+  mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
+  for dtype, reusable in (("float32", True), ("bfloat16", False)):
+    config = tf.TransformerConfig(**SMALL, dtype=dtype)
+    with sharding.use_mesh(mesh):
+      policy, state = ts.init_trainable(lambda: tf.Transformer(config, rngs=nnx.Rngs(0)), optax.adamw(1e-3), mesh)
+    assert ppo.sampler_logprobs_reusable(policy, state.params) is reusable

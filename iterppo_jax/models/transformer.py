@@ -30,6 +30,7 @@ starts at position 0 at its first real token (``positions_from_valid``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional, Sequence, Tuple
 
@@ -40,7 +41,7 @@ from flax import nnx
 from iterppo_jax.sharding import constrain
 
 Array = jax.Array
-Cache = dict  # {'valid': [B,S] bool, 'layers': tuple of {'k': [B,S,K,H], 'v': [B,S,K,H]}}
+Cache = dict  # {'valid': [B,S] bool, 'layers': tuple of {'k': [B,K,S,H], 'v': [B,K,S,H]}}
 
 ACT_BTD = ('act_batch', 'act_len', 'act_embed')
 ACT_BTV = ('act_batch', 'act_len', 'act_vocab')
@@ -255,6 +256,68 @@ def _add(x: Array, bias: Optional[nnx.Param]) -> Array:
   return x if bias is None else x + bias[...].astype(x.dtype)
 
 
+def _einsum_grad_specs(spec: str) -> Tuple[str, str]:
+  """For 'x,w->y' with every letter in exactly two of x, w, y: the specs of dx and dw."""
+  inputs, out = spec.split('->')
+  x, w = inputs.split(',')
+  return f'{out},{w}->{x}', f'{x},{out}->{w}'
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def dense(spec: str, x: Array, w: Array, preferred_element_type: Any = None) -> Array:
+  """``jnp.einsum(spec, x, w)`` of an activation and a weight, with the same gradient as autodiff.
+
+  Why not plain einsum: JAX differentiates ``dot_general`` w.r.t. its second operand as
+  ``transpose(dot(dy, x))``, and XLA:CPU then moves that transpose onto the big [B*T, F] cotangent
+  (a strided copy fused with the activation's backward; the CPU benchmark's policy step took 30%
+  less CPU time without it). Here the weight gradient is ``einsum(x, dy)``, laid out as the weight.
+  The maths, dtypes and shapes are those of autodiff (preferred type, then cast to the input's);
+  GPUs, whose matmuls take transposed operands for free, compute the same thing either way.
+  """
+  return jnp.einsum(spec, x, w, preferred_element_type=preferred_element_type)
+
+
+def _dense_fwd(spec, x, w, preferred_element_type):
+  return dense(spec, x, w, preferred_element_type), (x, w)
+
+
+def _dense_bwd(spec, preferred_element_type, residuals, dy):
+  x, w = residuals
+  dx_spec, dw_spec = _einsum_grad_specs(spec)
+  dx = jnp.einsum(dx_spec, dy, w, preferred_element_type=preferred_element_type)
+  dw = jnp.einsum(dw_spec, x, dy, preferred_element_type=preferred_element_type)
+  return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+def _cached_attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """Attention of T new tokens over a KV cache laid out [B,K,S,H].
+
+  The cache keeps each kv head's slots contiguous so that XLA:CPU can read it as the batched
+  matmuls below without copying it: the [B,S,K,H] layout made every decoding step copy every
+  layer's k and v transposed (a fifth of the sampler's time). The query, a few tokens, is what
+  gets transposed instead.
+
+  Args:
+    q: [B,T,N,H] queries of the new tokens.
+    k, v: [B,K,S,H] the cache, already holding the new tokens; N // K query heads per kv head.
+    mask: [B,T,S] visible slots.
+
+  Returns:
+    [B,T,N,H].
+  """
+  B, T, N, H = q.shape
+  K = k.shape[1]
+  q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,H]
+  scores = jnp.einsum('BKGTH,BKSH->BKGTS', q, k, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask[:, None, None], scores * H ** -0.5, _MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum('BKGTS,BKSH->BKGTH', probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
 class Attention(nnx.Module):
   """Multi-head / grouped-query self-attention with an optional functional KV cache."""
 
@@ -286,24 +349,25 @@ class Attention(nnx.Module):
     c = self.config
     dt = jnp.dtype(c.dtype)
     B, T, _ = x.shape
-    q = _add(jnp.einsum('BTD,DNH->BTNH', x, self.q_proj[...].astype(dt)), self.q_bias)
-    k = _add(jnp.einsum('BTD,DKH->BTKH', x, self.k_proj[...].astype(dt)), self.k_bias)
-    v = _add(jnp.einsum('BTD,DKH->BTKH', x, self.v_proj[...].astype(dt)), self.v_bias)
+    q = _add(dense('BTD,DNH->BTNH', x, self.q_proj[...].astype(dt)), self.q_bias)
+    k = _add(dense('BTD,DKH->BTKH', x, self.k_proj[...].astype(dt)), self.k_bias)
+    v = _add(dense('BTD,DKH->BTKH', x, self.v_proj[...].astype(dt)), self.v_bias)
     if c.style == 'llama':
       inv_freq = rope_inv_freq(c) if c.rope_scaling else None
       q = apply_rope(q, positions, c.rope_theta, inv_freq)
       k = apply_rope(k, positions, c.rope_theta, inv_freq)
 
     new_cache = None
-    if layer_cache is not None:
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(layer_cache['k'], k.astype(layer_cache['k'].dtype), start)
-      v = jax.lax.dynamic_update_slice(layer_cache['v'], v.astype(layer_cache['v'].dtype), start)
-      new_cache = {'k': k, 'v': v}
-      k, v = k.astype(dt), v.astype(dt)
-
     K, H = c.num_kv_heads, c.head_dim
-    if K == c.num_heads:
+    if layer_cache is not None:
+      start = (0, 0, cache_index, 0)  # the cache is [B,K,S,H]
+      k = jax.lax.dynamic_update_slice(
+          layer_cache['k'], k.transpose(0, 2, 1, 3).astype(layer_cache['k'].dtype), start)
+      v = jax.lax.dynamic_update_slice(
+          layer_cache['v'], v.transpose(0, 2, 1, 3).astype(layer_cache['v'].dtype), start)
+      new_cache = {'k': k, 'v': v}
+      out = _cached_attention(q, k.astype(dt), v.astype(dt), mask)
+    elif K == c.num_heads:
       # Plain multi-head attention: 4-D einsums. The grouped 5-D form below costs XLA:CPU about twice
       # as much in the backward pass (transposes), and the tiny CPU models do not use GQA.
       scores = jnp.einsum('BTNH,BSNH->BNTS', q, k, preferred_element_type=jnp.float32)
@@ -316,7 +380,7 @@ class Attention(nnx.Module):
       scores = jnp.where(mask[:, None, None], scores * H ** -0.5, _MASK_VALUE)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
       out = jnp.einsum('BKGTS,BSKH->BTKGH', probs, v).reshape(B, T, c.num_heads, H)
-    y = _add(jnp.einsum('BTNH,NHD->BTD', out, self.o_proj[...].astype(dt)), self.o_bias)
+    y = _add(dense('BTNH,NHD->BTD', out, self.o_proj[...].astype(dt)), self.o_bias)
     return y, new_cache
 
 
@@ -338,12 +402,12 @@ class MLP(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     dt = self.dtype
-    h = _add(jnp.einsum('BTD,DF->BTF', x, self.up[...].astype(dt)), self.up_bias)
+    h = _add(dense('BTD,DF->BTF', x, self.up[...].astype(dt)), self.up_bias)
     if self.gate is None:
       h = _activation(self.config, h)  # GPT-2 uses the tanh approximation
     else:
-      h = _activation(self.config, jnp.einsum('BTD,DF->BTF', x, self.gate[...].astype(dt))) * h
-    return _add(jnp.einsum('BTF,FD->BTD', h, self.down[...].astype(dt)), self.down_bias)
+      h = _activation(self.config, dense('BTD,DF->BTF', x, self.gate[...].astype(dt))) * h
+    return _add(dense('BTF,FD->BTD', h, self.down[...].astype(dt)), self.down_bias)
 
 
 class Block(nnx.Module):
@@ -475,11 +539,9 @@ class Transformer(nnx.Module):
     """[B,T,D] hidden -> [B,T,V] float32 logits (f32 accumulation even under bf16)."""
     dt = jnp.dtype(self.config.dtype)
     if self.lm_head is None:
-      logits = jnp.einsum('BTD,VD->BTV', hidden, self.trunk.embedding[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+      logits = dense('BTD,VD->BTV', hidden, self.trunk.embedding[...].astype(dt), jnp.float32)
     else:
-      logits = jnp.einsum('BTD,DV->BTV', hidden, self.lm_head[...].astype(dt),
-                          preferred_element_type=jnp.float32)
+      logits = dense('BTD,DV->BTV', hidden, self.lm_head[...].astype(dt), jnp.float32)
     return constrain(logits, ACT_BTV)
 
   def __call__(self, tokens: Array, positions: Array, attn_mask: Optional[Array] = None,
@@ -495,9 +557,9 @@ class Transformer(nnx.Module):
 
 def init_cache(config: TransformerConfig, batch: int, cache_len: int,
                dtype: Any = None) -> Cache:
-  """An empty KV cache: per layer k/v [B,S,K,H] zeros, and 'valid' [B,S] all False."""
+  """An empty KV cache: per layer k/v [B,K,S,H] zeros, and 'valid' [B,S] all False."""
   dtype = jnp.dtype(dtype or config.dtype)
-  shape = (batch, cache_len, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, cache_len, config.head_dim)
   layers = tuple({'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
                  for _ in range(config.num_layers))
   return {'valid': jnp.zeros((batch, cache_len), bool), 'layers': layers}
