@@ -9,9 +9,10 @@ Each section names the piece it runs, the domains it runs it on (each domain's o
 `--config.key=value` would set on the piece's own command line (values are Python literals, else strings).
 
 Expected wall time on 2 idle CPU cores, from the pieces' own measurements and estimates:
-  small  about 40 minutes: the simulator tables (~3 min for 24 cells of 5,000 conversations), shared SFT
-         prefixes (~4 min each, twice), the sales baselines at 384 conversations with 1 seed (offline = K=1
-         ~5 min, K=2 ~8 min) and the Q-quality ablation with 2 variants of one iteration (~5 min each).
+  small  about 50 minutes: the simulator tables (~3 min for 24 cells of 5,000 conversations), shared SFT
+         prefixes (~4 min each, three times), the sales baselines at 384 conversations with 1 seed (offline =
+         K=1 ~5 min, K=2 ~8 min), the Q-quality ablation with 2 variants of one iteration (~5 min each) and
+         the inner-solver ablation with one iteration of ppo, grpo and rloo (~2.5 min each).
   full   about 30 hours (not run): the baselines' defaults (1,536 conversations, 3 seeds, K = 1, 2, 4, 8, every
          method) take ~6 h per domain for sales (README), support and booking ~1.2x that (longer prompts) and
          negotiation ~1.7x (longer prompts and conversations), ~28 h together; all six Q-ablation variants
@@ -67,7 +68,8 @@ def get_config(arg=None):
   c.ablate_q.variants = ("baseline", "flip_10")  # experiments/ablate_q.VARIANTS: clean labels vs 10% flipped
 
   # ---- inner-solver ablation (experiments/ablate_inner.py): ppo vs grpo vs rloo from the same pi_0 and Q_0 ----
-  c.ablate_inner = _piece(False, ("sales",), "", ())  # ~30 min at default sizes: the full preset only
+  # Small: one iteration of each solver from the same pi_0 and Q_0 (~11 min); the full preset runs the default two.
+  c.ablate_inner = _piece(True, ("sales",), "", ("loop.iterations=1",))
   c.ablate_inner.inners = ("ppo", "grpo", "rloo")  # iterppo_jax/loop.INNER_SOLVERS
 
   # ---- the improvement bound (iterppo_jax/bound.py) on the ablation runs above; runs nothing of its own ----

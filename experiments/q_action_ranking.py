@@ -10,7 +10,6 @@ oracle's act at the state. A Q-model with a high outcome AUC can still rank acti
 its errors (README, "What this shows, honestly").
 """
 
-import collections
 import json
 import os
 

@@ -278,7 +278,6 @@ def expected_calibration_error(probs, outcomes, n_bins: int = 10) -> float:
   probs = np.asarray(probs, np.float64).ravel()
   outcomes = np.asarray(outcomes, np.float64).ravel()
   bins = np.clip(np.floor(probs * n_bins).astype(np.int64), 0, n_bins - 1)
-  counts = np.bincount(bins, minlength=n_bins)
   prob_sums = np.bincount(bins, weights=probs, minlength=n_bins)
   outcome_sums = np.bincount(bins, weights=outcomes, minlength=n_bins)
   # |sum p - sum y| / N == (n_b / N) * |mean p - mean y|, and is 0 for empty bins without dividing by 0.

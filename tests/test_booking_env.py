@@ -190,7 +190,7 @@ def test_abstain_and_bad_input(sr_env, direct_env):
   assert sum(r.outcome for r in recs) > 0  # the staff's own messages can still book
   # With nobody else to write, abstaining means the business sends nothing and the episode ends.
   assert all(r.end_reason == "business_silent" for r in direct_env.play(abstain, 20, seed=0))
-  with pytest.raises(ValueError, match="unknown policy"):
+  with pytest.raises(ValueError, match="unknown booking policy"):
     booking.make_booking_policy("nope")
   sales_record = sales.SalesEnv().play(policies.make_sales_policy("oracle"), 1, seed=0)[0]
   with pytest.raises(ValueError, match="not logged by BookingEnv"):

@@ -53,7 +53,8 @@ def test_presets_and_config_checks():
   small, full, tiny = (report_config.get_config(a) for a in (None, "full", "tiny"))
   assert (small.preset, full.preset, tiny.preset) == ("small", "full", "tiny")
   assert report_config.get_config("small").to_dict() == small.to_dict()
-  assert not small.ablate_inner.enabled and full.ablate_inner.enabled and tiny.ablate_inner.enabled
+  assert small.ablate_inner.enabled and full.ablate_inner.enabled and tiny.ablate_inner.enabled
+  assert tuple(small.ablate_inner.overrides) == ("loop.iterations=1",) and not full.ablate_inner.overrides
   assert tuple(small.ablate_q.variants) == ("baseline", "flip_10")
   assert tuple(full.baselines.domains) == ("sales", "support", "booking", "negotiation")
   assert not full.baselines.overrides and len(full.ablate_q.variants) == 6

@@ -255,7 +255,7 @@ def test_registry_and_policy_names():
   c = support_config.get_config()
   assert isinstance(registry.make_env(c.env), support.SupportEnv)
   assert registry.make_policy("support", "oracle", c.env).name == "oracle"
-  with pytest.raises(ValueError, match="unknown policy"):
+  with pytest.raises(ValueError, match="unknown support policy"):
     registry.make_policy("support", "expert", c.env)
 
 

@@ -150,6 +150,26 @@ class TextEnv:
     """JSON-serialisable ground truth to keep in the log (profile, persona)."""
     return {}
 
+  def restore(self, record: conv_lib.Conversation, n_turns: int) -> Episode:
+    """Rebuilds the live episode at turn `n_turns` of a logged conversation of this domain (for true Q)."""
+    raise NotImplementedError
+
+  # ---- helpers for the domains ----
+  def restored_episode(self, record: conv_lib.Conversation, n_turns: int, hidden: Any) -> Episode:
+    """The live episode at turn `n_turns` of `record`, whose hidden state the domain has replayed to `hidden`.
+
+    The record is cut to its first `n_turns` turns (outcome unknown yet); the random stream is re-seeded from
+    the record's (seed, index) and `n_turns`, so a restored state supports Monte Carlo rollouts.
+    """
+    if not 0 <= n_turns <= len(record.turns):
+      raise ValueError(f"n_turns must be in [0, {len(record.turns)}] for record {record.id}, got {n_turns}")
+    turns = record.turns[:n_turns]
+    key = (int(record.metadata.get("seed", 0)), int(record.metadata.get("index", 0)))
+    rec = dataclasses.replace(record, turns=list(turns), outcome=0.0, end_reason="max_turns",
+                              metadata=dict(record.metadata))
+    return Episode(uid=record.id, record=rec, hidden=hidden, rng=np.random.default_rng(key + (n_turns,)),
+                   seed_key=key, turns_played=sum(1 for t in turns if t.role == "suggestion"))
+
   # ---- common machinery ----
   def reset(self, n: int, seed: int, start: int = 0, policy_name: str = "unknown") -> list[Episode]:
     """Starts conversations start..start+n-1 of stream `seed`; each is seeded on its own index."""

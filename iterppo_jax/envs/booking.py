@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -603,12 +602,7 @@ class BookingEnv(base.TextEnv):
     for t in turns:
       if t.role == "business" and self.transition(s, t.text)[0][0] == "ready":
         s.annoyance += 0.5  # the logged conversation went on, so the customer did not confirm then
-    plays = sum(1 for t in turns if t.role == "suggestion")
-    key = (int(record.metadata.get("seed", 0)), int(record.metadata.get("index", 0)))
-    rec = dataclasses.replace(record, turns=list(turns), outcome=0.0, end_reason="max_turns",
-                              metadata=dict(record.metadata))
-    return base.Episode(uid=record.id, record=rec, hidden=s, rng=np.random.default_rng(key + (n_turns,)),
-                        seed_key=key, turns_played=plays)
+    return self.restored_episode(record, n_turns, s)
 
   # -- the business user --
   def judge(self, s: BookingState, record, suggestion: str) -> str:
@@ -640,42 +634,28 @@ class BookingEnv(base.TextEnv):
 
 # ---- the shipped policies (they read only the transcript) ----
 
-class BookingBehaviorPolicy:
-  """The historical front-desk staff: each conversation gets a staff member of some skill.
+SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text)
 
-  Skills follow Beta(mean * 6, (1 - mean) * 6); a staff member plays the oracle's act with probability
-  equal to its skill and otherwise a common mistake (`staff_act`).
-  """
+
+class BookingBehaviorPolicy(policies.StaffPolicy):
+  """The historical front-desk staff (mistakes: `staff_act`)."""
 
   def __init__(self, skill_mean: float = 0.38, name: str = "behavior"):
-    self.skill_mean, self.name = skill_mean, name
-
-  def skill(self, uid: str) -> float:
-    rng = np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), 17])
-    k = 6.0
-    return float(rng.beta(self.skill_mean * k, (1 - self.skill_mean) * k))
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    return [business_text(staff_act(visible_facts(o.conversation.turns), self.skill(o.uid), o.rng), o.rng)
-            for o in observations]
+    super().__init__(SCRIPT, skill_mean, salt=17, name=name)
 
 
-class BookingOraclePolicy:
+class BookingOraclePolicy(policies.OraclePolicy):
   """Asks the service, days, time of day and staff, offers the first fitting slot, then books."""
 
-  name = "oracle"
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    return [business_text(oracle_act(visible_facts(o.conversation.turns)), o.rng) for o in observations]
+  def __init__(self):
+    super().__init__(SCRIPT)
 
 
 def make_booking_policy(name: str, skill_mean: float = 0.38):
   """Looks a shipped booking policy up by name: behavior | oracle | random."""
-  table = {"behavior": lambda: BookingBehaviorPolicy(skill_mean),
-           "oracle": BookingOraclePolicy, "random": policies.RandomTextPolicy}
-  if name not in table:
-    raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(table)}")
-  return table[name]()
+  return policies.lookup("booking", name, {
+      "behavior": lambda: BookingBehaviorPolicy(skill_mean), "oracle": BookingOraclePolicy,
+      "random": policies.RandomTextPolicy})
 
 
 def make_policy(name: str, env_config):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -828,12 +827,7 @@ class NegotiationEnv(base.TextEnv):
     for t in turns:
       if t.role == "business" and transition(s, t.text) == [("ready",)]:
         _not_bought(s)
-    plays = sum(1 for t in turns if t.role == "suggestion")
-    key = (int(record.metadata.get("seed", 0)), int(record.metadata.get("index", 0)))
-    rec = dataclasses.replace(record, turns=list(turns), outcome=0.0, end_reason="max_turns",
-                              metadata=dict(record.metadata))
-    return base.Episode(uid=record.id, record=rec, hidden=s, rng=np.random.default_rng(key + (n_turns,)),
-                        seed_key=key, turns_played=plays)
+    return self.restored_episode(record, n_turns, s)
 
   # -- the business user --
   def judge(self, s: NegotiationState, record, suggestion: str) -> str:
@@ -865,43 +859,29 @@ class NegotiationEnv(base.TextEnv):
 
 # ---- scripted policies (they read only the transcript) ----
 
-class NegotiationBehaviorPolicy:
-  """The historical sales reps: each conversation gets a rep whose skill is drawn from Beta.
+SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text)
 
-  Skills follow Beta(mean * 6, (1 - mean) * 6); a rep plays the oracle's act with probability equal to its
-  skill and otherwise a common mistake (discounting up front, pushing to close, ignoring an objection,
-  small talk, pitching the wrong plan, asking again, answering the wrong objection).
-  """
+
+class NegotiationBehaviorPolicy(policies.StaffPolicy):
+  """The historical sales reps (mistakes: discounting up front, pushing to close, ignoring an objection, small
+  talk, pitching the wrong plan, asking again, answering the wrong objection)."""
 
   def __init__(self, skill_mean: float = 0.48, name: str = "behavior"):
-    self.skill_mean, self.name = skill_mean, name
-
-  def skill(self, uid: str) -> float:
-    rng = np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), 23])
-    k = 6.0
-    return float(rng.beta(self.skill_mean * k, (1 - self.skill_mean) * k))
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    return [business_text(staff_act(visible_facts(o.conversation.turns), self.skill(o.uid), o.rng), o.rng)
-            for o in observations]
+    super().__init__(SCRIPT, skill_mean, salt=23, name=name)
 
 
-class NegotiationOraclePolicy:
+class NegotiationOraclePolicy(policies.OraclePolicy):
   """Discovers every requirement, pitches the fitting plan, handles each objection and blocker, closes."""
 
-  name = "oracle"
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    return [business_text(oracle_act(visible_facts(o.conversation.turns)), o.rng) for o in observations]
+  def __init__(self):
+    super().__init__(SCRIPT)
 
 
 def make_negotiation_policy(name: str, skill_mean: float = 0.48):
   """Looks a shipped negotiation policy up by name: behavior | oracle | random."""
-  table = {"behavior": lambda: NegotiationBehaviorPolicy(skill_mean), "oracle": NegotiationOraclePolicy,
-           "random": policies.RandomTextPolicy}
-  if name not in table:
-    raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(table)}")
-  return table[name]()
+  return policies.lookup("negotiation", name, {
+      "behavior": lambda: NegotiationBehaviorPolicy(skill_mean), "oracle": NegotiationOraclePolicy,
+      "random": policies.RandomTextPolicy})
 
 
 def make_policy(name: str, env_config):

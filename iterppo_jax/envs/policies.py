@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -21,37 +21,84 @@ _RANDOM_WORDS = (
     "when how why which can will would should our your their and or but with for from into about").split()
 
 
-class SalesBehaviorPolicy:
-  """The population of historical business staff: each conversation gets a staff member of some skill.
+def _conversation_rng(uid: str, salt: int) -> np.random.Generator:
+  # Keyed on the conversation id without the '/q<r>' of estimate_q's rollout clones: a persona (or skill)
+  # belongs to the conversation and stays the same in every rollout from its states.
+  return np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), salt])
 
-  Skills follow Beta(mean * 6, (1 - mean) * 6); a staff member plays the oracle's act with probability
-  equal to its skill and otherwise a common mistake (guessing a product, closing early, chit-chat, ...).
+
+class Script(NamedTuple):
+  """A domain's scripted staff, as four functions of its module (sales.py, support.py, ...):
+
+  visible_facts(turns) -> what the transcript reveals; oracle_act(visible) -> the best act;
+  staff_act(visible, skill, rng) -> the oracle's act with probability `skill`, else a common mistake;
+  business_text(act, rng) -> the act as a templated business message.
+  """
+  visible_facts: Callable
+  oracle_act: Callable
+  staff_act: Callable
+  business_text: Callable
+
+
+class StaffPolicy:
+  """A population of historical staff: each conversation gets a staff member of some skill.
+
+  Skills follow Beta(mean * 6, (1 - mean) * 6), drawn from the conversation's id and `salt` (so a conversation
+  keeps its staff member in every Monte Carlo rollout from its states); each turn the staff member plays
+  `script.staff_act`.
   """
 
-  def __init__(self, skill_mean: float = 0.35, name: str = "behavior"):
-    self.skill_mean, self.name = skill_mean, name
+  def __init__(self, script: Script, skill_mean: float, salt: int = 17, name: str = "behavior"):
+    if not 0.0 < skill_mean < 1.0:
+      raise ValueError(f"skill_mean must be in (0, 1) (a Beta mean), got {skill_mean}")
+    self.script, self.skill_mean, self.salt, self.name = script, skill_mean, salt, name
 
   def skill(self, uid: str) -> float:
-    rng = np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), 17])
     k = 6.0
-    return float(rng.beta(self.skill_mean * k, (1 - self.skill_mean) * k))
+    return float(_conversation_rng(uid, self.salt).beta(self.skill_mean * k, (1 - self.skill_mean) * k))
 
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    out = []
-    for obs in observations:
-      v = sales.visible_facts(obs.conversation.turns)
-      out.append(sales.business_text(sales.staff_act(v, self.skill(obs.uid), obs.rng), obs.rng))
-    return out
+    s = self.script
+    return [s.business_text(s.staff_act(s.visible_facts(o.conversation.turns), self.skill(o.uid), o.rng), o.rng)
+            for o in observations]
 
 
-class SalesOraclePolicy:
-  """Asks the need, then the budget, recommends the fitting product, handles objections, then closes."""
+class OraclePolicy:
+  """The domain's best scripted act at every turn (`script.oracle_act`), read from the transcript alone."""
 
   name = "oracle"
 
+  def __init__(self, script: Script):
+    self.script = script
+
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    return [sales.business_text(sales.oracle_act(sales.visible_facts(o.conversation.turns)), o.rng)
-            for o in observations]
+    s = self.script
+    return [s.business_text(s.oracle_act(s.visible_facts(o.conversation.turns)), o.rng) for o in observations]
+
+
+def lookup(domain: str, name: str, table: dict[str, Callable[[], base.Policy]]) -> base.Policy:
+  """table[name]() with an error that lists the domain's policies."""
+  if name not in table:
+    raise ValueError(f"unknown {domain} policy {name!r}; expected one of {', '.join(table)}")
+  return table[name]()
+
+
+SALES = Script(sales.visible_facts, sales.oracle_act, sales.staff_act, sales.business_text)
+
+
+class SalesBehaviorPolicy(StaffPolicy):
+  """The historical business staff of the sales simulator (mistakes: guessing a product, closing early,
+  chit-chat, ...)."""
+
+  def __init__(self, skill_mean: float = 0.35, name: str = "behavior"):
+    super().__init__(SALES, skill_mean, salt=17, name=name)
+
+
+class SalesOraclePolicy(OraclePolicy):
+  """Asks the need, then the budget, recommends the fitting product, handles objections, then closes."""
+
+  def __init__(self):
+    super().__init__(SALES)
 
 
 class RandomTextPolicy:
@@ -95,12 +142,6 @@ class Persona:
   tone: str
   emoji: bool
   long: bool
-
-
-def _conversation_rng(uid: str, salt: int) -> np.random.Generator:
-  # Keyed on the conversation id without the '/q<r>' of estimate_q's rollout clones: a persona (or skill)
-  # belongs to the conversation and stays the same in every rollout from its states.
-  return np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), salt])
 
 
 def style_text(text: str, act_kind: str, persona: Persona, rng: np.random.Generator) -> str:
@@ -200,12 +241,9 @@ def make_sales_policy(name: str, skill_mean: float = 0.35):
   'explore' is the historical staff population (same skill_mean) with personas and random acts
   (ExploratoryPolicy); 'noisy_oracle' the oracle with 20% random acts.
   """
-  table = {"behavior": lambda: SalesBehaviorPolicy(skill_mean),
-           "oracle": SalesOraclePolicy, "random": RandomTextPolicy,
-           "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean), "noisy_oracle": NoisyOraclePolicy}
-  if name not in table:
-    raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(table)}")
-  return table[name]()
+  return lookup("sales", name, {
+      "behavior": lambda: SalesBehaviorPolicy(skill_mean), "oracle": SalesOraclePolicy, "random": RandomTextPolicy,
+      "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean), "noisy_oracle": NoisyOraclePolicy})
 
 
 def make_policy(name: str, env_config):

@@ -409,12 +409,7 @@ class SalesEnv(base.TextEnv):
         kind = self.transition(s, t.text)
         if kind == "ready":
           s.annoyance += 0.5  # the logged conversation went on, so the customer did not buy then
-    plays = sum(1 for t in turns if t.role == "suggestion")
-    key = (int(record.metadata.get("seed", 0)), int(record.metadata.get("index", 0)))
-    rec = dataclasses.replace(record, turns=list(turns), outcome=0.0, end_reason="max_turns",
-                              metadata=dict(record.metadata))
-    return base.Episode(uid=record.id, record=rec, hidden=s, rng=np.random.default_rng(key + (n_turns,)),
-                        seed_key=key, turns_played=plays)
+    return self.restored_episode(record, n_turns, s)
 
   # -- the business user --
   def judge(self, s: SalesState, record, suggestion: str) -> str:

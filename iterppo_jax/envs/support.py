@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import zlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -538,12 +537,7 @@ class SupportEnv(base.TextEnv):
         kind = self.transition(s, t.text)
         if kind in CONFIRM_KINDS:
           self._not_confirmed(s, kind)
-    plays = sum(1 for t in turns if t.role == "suggestion")
-    key = (int(record.metadata.get("seed", 0)), int(record.metadata.get("index", 0)))
-    rec = dataclasses.replace(record, turns=list(turns), outcome=0.0, end_reason="max_turns",
-                              metadata=dict(record.metadata))
-    return base.Episode(uid=record.id, record=rec, hidden=s, rng=np.random.default_rng(key + (n_turns,)),
-                        seed_key=key, turns_played=plays)
+    return self.restored_episode(record, n_turns, s)
 
   # -- the business user --
   def judge(self, s: SupportState, record, suggestion: str) -> str:
@@ -575,42 +569,29 @@ class SupportEnv(base.TextEnv):
 
 # ---- scripted policies (they read only the transcript) ----
 
-class SupportBehaviorPolicy:
-  """The population of historical support agents: each conversation gets an agent of some skill.
+SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text)
 
-  Skills follow Beta(mean * 6, (1 - mean) * 6); an agent plays the oracle's act with probability equal to its
-  skill and otherwise a common mistake (guessing a fix, jumping to reinstall, escalating or closing early, ...).
-  """
+
+class SupportBehaviorPolicy(policies.StaffPolicy):
+  """The historical support agents (mistakes: guessing a fix, jumping to reinstall, escalating or closing
+  early, ...)."""
 
   def __init__(self, skill_mean: float = 0.2, name: str = "behavior"):
-    self.skill_mean, self.name = skill_mean, name
-
-  def skill(self, uid: str) -> float:
-    rng = np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), 17])
-    k = 6.0
-    return float(rng.beta(self.skill_mean * k, (1 - self.skill_mean) * k))
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    return [business_text(staff_act(visible_facts(o.conversation.turns), self.skill(o.uid), o.rng), o.rng)
-            for o in observations]
+    super().__init__(SCRIPT, skill_mean, salt=17, name=name)
 
 
-class SupportOraclePolicy:
+class SupportOraclePolicy(policies.OraclePolicy):
   """Asks the error, then when it started if that is ambiguous; fixes in order or escalates; then confirms."""
 
-  name = "oracle"
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    return [business_text(oracle_act(visible_facts(o.conversation.turns)), o.rng) for o in observations]
+  def __init__(self):
+    super().__init__(SCRIPT)
 
 
 def make_support_policy(name: str, skill_mean: float = 0.2):
   """Looks a shipped support policy up by name: behavior | oracle | random."""
-  table = {"behavior": lambda: SupportBehaviorPolicy(skill_mean), "oracle": SupportOraclePolicy,
-           "random": policies.RandomTextPolicy}
-  if name not in table:
-    raise ValueError(f"unknown policy {name!r}; expected one of {', '.join(table)}")
-  return table[name]()
+  return policies.lookup("support", name, {
+      "behavior": lambda: SupportBehaviorPolicy(skill_mean), "oracle": SupportOraclePolicy,
+      "random": policies.RandomTextPolicy})
 
 
 def make_env(env_config) -> SupportEnv:
