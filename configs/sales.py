@@ -18,6 +18,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.seed = 0  # every random stream is folded from this and (iteration, phase, step)
   c.gamma = 0.95  # discount of returns and Q targets: a sale sooner is worth more (PAPER.md)
+  # A rerun with the same --workdir continues its run from the last completed phase (same settings, except
+  # loop.iterations and the others in loop.RESUMABLE_CHANGES); False refuses a workdir that holds a run.
+  c.resume = True
 
   # ---- the world ----
   c.env = ml_collections.ConfigDict()

@@ -4,10 +4,12 @@
   python -m experiments.iterative_ppo --workdir=/tmp/ippo --config.loop.iterations=4
   python -m experiments.iterative_ppo --config.loop.logs='/data/chats/*.jsonl' --workdir=/tmp/offline
 
-Rerunning with the same --workdir resumes from the last completed phase.
+Rerunning with the same --workdir (and the same settings; more loop.iterations may be asked for) resumes from
+the last completed phase; --config.resume=False refuses a workdir that already holds a run.
 """
 
 import os
+import sys
 import time
 
 import jax
@@ -26,7 +28,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
+  try:
+    loop.check_resumable(config, workdir)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   print(f"workdir: {os.path.abspath(workdir)}  devices: {jax.devices()}")
+  if not _WORKDIR.value:
+    print(f"(interrupted? the same command with --workdir={workdir} continues from the last completed phase)")
   summary = loop.run(config, workdir)
   if summary.get("offline"):
     print(f"offline iteration on {summary['conversations']} logged conversations")

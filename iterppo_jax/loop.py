@@ -108,6 +108,51 @@ def ppo_config(config) -> ppo_lib.PPOConfig:
 
 INNER_SOLVERS = ("ppo", "grpo", "rloo")
 
+# Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
+# what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
+RESUMABLE_CHANGES = ("resume", "loop.iterations", "loop.stop_after_phase", "loop.stop_after_ppo_step",
+                     "loop.tensorboard", "export_dir", "mesh")
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Refuses, before anything is written, to continue the run in `workdir` under other settings.
+
+  A workdir without config.json holds no run: nothing to check. With `resume` False an existing run is
+  refused outright. Otherwise every setting but RESUMABLE_CHANGES must equal the one the run began with
+  (more iterations may be asked for: the run goes on from its last completed phase).
+
+  Raises:
+    ValueError: naming the file and each differing setting with its old and new value.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  if not config.get("resume", True):
+    raise ValueError(f"{workdir} already holds a run ({path}) and resume is False: pick a new --workdir, or "
+                     "pass --config.resume=True to continue it")
+  try:
+    with open(path) as f:
+      saved = _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a readable run config ({e}); pick a new --workdir") from e
+  now = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
+  if changed:
+    listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+    raise ValueError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
+                     "settings to continue it, or pick a new --workdir for the new ones.")
+
 
 def group_config(config) -> group_pg.GroupConfig:
   """GRPO / RLOO settings: the group keys of config.group, everything shared with PPO from config.ppo."""

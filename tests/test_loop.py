@@ -94,3 +94,27 @@ def test_offline_iteration_on_user_logs(full_run, tmp_path):
   bad.write_text('{"outcome": 1, "turns": [{"role": "robot", "text": "hi"}]}\n')
   with pytest.raises(conv_lib.ConversationFormatError, match=r"bad\.jsonl:1: .*unknown role"):
     loop.run(tiny_config(logs=str(bad)), str(tmp_path / "offline_bad"))
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path):
+  workdir = str(tmp_path)
+  c = tiny_config()
+  loop.check_resumable(c, workdir)  # no run there yet
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort(indent=2))
+  loop.check_resumable(c, workdir)  # the same settings continue the run
+  more = tiny_config(iterations=5, stop_after_phase="sft")
+  loop.check_resumable(more, workdir)  # going further is a continuation
+  other = tiny_config()
+  other.ppo.kl_coef = 0.5
+  other.qfit.method = "td"
+  with pytest.raises(ValueError, match=r"ppo\.kl_coef: 0\.1 -> 0\.5; qfit\.method: 'mc' -> 'td'"):
+    loop.check_resumable(other, workdir)
+  fresh_only = tiny_config()
+  fresh_only.resume = False
+  with pytest.raises(ValueError, match="already holds a run"):
+    loop.check_resumable(fresh_only, workdir)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write('{"seed": 0,')  # a truncated file
+  with pytest.raises(ValueError, match="not a readable run config"):
+    loop.check_resumable(c, workdir)
