@@ -86,6 +86,20 @@ def _tokens(seed, shape=(3, T)):
   return np.random.default_rng(seed).integers(0, V, size=shape).astype(np.int32)
 
 
+def _tensor_index(directory):
+  """{tensor name: (shape, dtype)} over every *.safetensors file of a model directory."""
+  from safetensors import safe_open
+  index = {}
+  for name in sorted(os.listdir(directory)):
+    if name.endswith('.safetensors'):
+      with safe_open(os.path.join(directory, name), framework='pt') as f:
+        for key in f.keys():
+          t = f.get_slice(key)
+          index[key] = (tuple(t.get_shape()), t.get_dtype())
+  assert index, f'no safetensors in {directory}'
+  return index
+
+
 @pytest.fixture(scope='module', params=sorted(FAMILIES))
 def loaded(request, tmp_path_factory):
   family = request.param
@@ -127,6 +141,10 @@ def test_export_reloads_in_transformers(loaded, tmp_path):
     written = json.load(f)
   assert written['model_type'] == model.config.model_type
   assert written['eos_token_id'] == model.config.eos_token_id
+  # What a serving engine (vLLM) reads besides config.json: the architecture class and the tensors by their
+  # Hugging Face names. Both must be exactly what transformers itself writes for this model.
+  assert written['architectures'] == model.config.architectures == [type(model).__name__]
+  assert _tensor_index(out) == _tensor_index(path)
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
   assert type(reloaded) is type(model)
   tokens = _tokens(3)
