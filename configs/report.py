@@ -10,8 +10,8 @@ Each section names the piece it runs, the domains it runs it on (each domain's o
 
 Expected wall time on 2 idle CPU cores, from the pieces' own measurements and estimates:
   small  about 50 minutes: the simulator tables (~3 min for 24 cells of 5,000 conversations), shared SFT
-         prefixes (~4 min each, three times), the sales baselines at 384 conversations with 1 seed (offline =
-         K=1 ~5 min, K=2 ~8 min), the Q-quality ablation with 2 variants of one iteration (~5 min each) and
+         prefixes (~4 min each, three times), the sales baselines at 1,536 conversations with 1 seed
+         (offline = K=1 ~5 min, K=2 ~8 min), the Q-quality ablation with 2 variants of one iteration (~5 min each) and
          the inner-solver ablation with one iteration of ppo, grpo and rloo (~2.5 min each).
   full   about 30 hours (not run): the baselines' defaults (1,536 conversations, 3 seeds, K = 1, 2, 4, 8, every
          method) take ~6 h per domain for sales (README), support and booking ~1.2x that (longer prompts) and
@@ -57,10 +57,10 @@ def get_config(arg=None):
   c.simulator.batch_size = 1024  # conversations advanced in lock-step (logs do not depend on it)
 
   # ---- baselines at equal conversation budget (experiments/baselines.py, iterppo_jax/baselines.py) ----
-  # Small: the reference lines, pi_0, fully offline (= Iterative PPO K=1) and Iterative PPO K=2, one seed, a
-  # quarter of the default budget (~17 min on 2 cores).
+  # Small: the reference lines, pi_0, fully offline (= Iterative PPO K=1) and Iterative PPO K=2, one seed, the
+  # default budget (~14 min on 2 cores: the fixed SFT, Q-fit and PPO steps cost more than playing conversations).
   c.baselines = _piece(True, ("sales",), "", (
-      "baselines.budget=384", "baselines.seeds=(0,)", "baselines.ks=(2,)",
+      "baselines.budget=1536", "baselines.seeds=(0,)", "baselines.ks=(2,)",
       'baselines.methods=("behavior", "oracle", "pi0", "offline", "iterative_ppo")'))
 
   # ---- Q-quality ablation (experiments/ablate_q.py): degrade Q on purpose ----

@@ -62,7 +62,7 @@ def test_presets_and_config_checks():
   for c in (small, full, tiny):
     report.check_config(c)  # builds every sub-config; runs nothing
   small_baselines = report.piece_config("sales", small.baselines.config_arg, small.baselines.overrides)
-  assert small_baselines.baselines.budget == 384 and tuple(small_baselines.baselines.seeds) == (0,)
+  assert small_baselines.baselines.budget == 1536 and tuple(small_baselines.baselines.seeds) == (0,)
   with pytest.raises(ValueError, match="one preset"):
     report_config.get_config("full,tiny")
   with pytest.raises(ValueError, match="unknown config argument 'huge'"):
