@@ -1,6 +1,6 @@
 r"""The whole report of issue #10 in one command (experiments/report.py), in three sizes.
 
-  python -m experiments.report --config=configs/report.py --workdir=/tmp/report            # small: < 1 h, 2 cores
+  python -m experiments.report --config=configs/report.py --workdir=/tmp/report            # small: ~30 min, 2 cores
   python -m experiments.report --config=configs/report.py:full --workdir=/tmp/report_full  # full: ~30 h, 2 cores
   python -m experiments.report --config=configs/report.py:tiny --workdir=/tmp/report_tiny  # minutes, for tests
 
@@ -9,7 +9,8 @@ Each section names the piece it runs, the domains it runs it on (each domain's o
 `--config.key=value` would set on the piece's own command line (values are Python literals, else strings).
 
 Expected wall time on 2 idle CPU cores, from the pieces' own measurements and estimates:
-  small  about 50 minutes: the simulator tables (~3 min for 24 cells of 5,000 conversations), shared SFT
+  small  30 minutes measured on 2026-11-29 (simulator 113 s, baselines 716 s, Q ablation 472 s, inner-solver
+         ablation 490 s; README "Results"): the simulator tables (24 cells of 5,000 conversations), shared SFT
          prefixes (~4 min each, three times), the sales baselines at 1,536 conversations with 1 seed
          (offline = K=1 ~5 min, K=2 ~8 min), the Q-quality ablation with 2 variants of one iteration (~5 min each) and
          the inner-solver ablation with one iteration of ppo, grpo and rloo (~2.5 min each).
