@@ -594,8 +594,6 @@ class BookingEnv(base.TextEnv):
     if prof is None or set(prof) != set(_PROFILE):
       raise ValueError(f"record {record.id} has no booking metadata.profile with keys {_PROFILE}; "
                        "it was not logged by BookingEnv")
-    if not 0 <= n_turns <= len(record.turns):
-      raise ValueError(f"n_turns must be in [0, {len(record.turns)}], got {n_turns}")
     s = BookingState(**{**prof, "days": tuple(prof["days"])})
     s.service_known = s.opens_with_service
     turns = record.turns[:n_turns]

@@ -179,8 +179,7 @@ class ExploratoryPolicy:
   def __init__(self, eps: float = 0.3, skill_mean: float = 0.35, name: str = "explore"):
     if not 0.0 <= eps <= 1.0:
       raise ValueError(f"eps must be a probability in [0, 1], got {eps}")
-    if not 0.0 < skill_mean < 1.0:
-      raise ValueError(f"skill_mean must be in (0, 1) (a Beta mean), got {skill_mean}")
+    self._staff = StaffPolicy(SALES, skill_mean, salt=29)  # its skills (and the check of skill_mean)
     self.eps, self.skill_mean, self.name = eps, skill_mean, name
 
   def persona(self, uid: str) -> Persona:
@@ -189,8 +188,7 @@ class ExploratoryPolicy:
                    long=bool(rng.random() < 0.5))
 
   def skill(self, uid: str) -> float:
-    k = 6.0
-    return float(_conversation_rng(uid, 29).beta(self.skill_mean * k, (1 - self.skill_mean) * k))
+    return self._staff.skill(uid)
 
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
     out = []
