@@ -210,10 +210,8 @@ def make_experience_fn(policy: ts.Trainable, reward_fn: Callable, cfg: GroupConf
     P = prompt_tokens.shape[1]
     tokens, valid, positions = ppo.sequence_layout(prompt_tokens, prompt_valid, response, response_valid)
     mask = response_valid
-    logits, _, _ = policy.merge(policy_params)(tokens, positions, valid=valid)
-    logprobs, _ = ppo.response_logprobs(logits, tokens, P)
-    ref_logits, _, _ = policy.merge(ref_params)(tokens, positions, valid=valid)
-    ref_logprobs, _ = ppo.response_logprobs(ref_logits, tokens, P)
+    logprobs, _ = ppo.policy_response_logprobs(policy.merge(policy_params), tokens, positions, valid, P)
+    ref_logprobs, _ = ppo.policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
     last, _ = ppo.last_valid_index(mask)
     score = reward_fn(reward_params, tokens, positions, valid, P + last)
     regularised, kl_sum = sequence_rewards(score, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
@@ -236,8 +234,8 @@ def make_update_step(policy: ts.Trainable, cfg: GroupConfig, prompt_len: int):
   """`step(TrainState, minibatch) -> (TrainState, metrics)`, jitted with shardings and the state donated."""
 
   def loss_fn(model, batch):
-    logits, _, _ = model(batch["tokens"], batch["positions"], valid=batch["valid"])
-    logprobs, step_logits = ppo.response_logprobs(logits, batch["tokens"], prompt_len)
+    logprobs, step_logits = ppo.policy_response_logprobs(model, batch["tokens"], batch["positions"],
+                                                         batch["valid"], prompt_len)
     loss, aux = group_policy_loss(logprobs, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
                                   batch["mask"], cfg.clip_eps, jnp.mean(batch["loss_kl_coef"]))
     entropy = ppo.entropy_from_logits(step_logits, batch["mask"])

@@ -514,8 +514,8 @@ def _logprob_fn(graphdef):
   if graphdef not in _LOGPROB_FNS:
     def fn(params, prompt_tokens, prompt_valid, response, response_valid):
       tokens, valid, positions = ppo_lib.sequence_layout(prompt_tokens, prompt_valid, response, response_valid)
-      logits, _, _ = nnx.merge(graphdef, params)(tokens, positions, valid=valid)
-      return ppo_lib.response_logprobs(logits, tokens, prompt_tokens.shape[1])[0]
+      return ppo_lib.policy_response_logprobs(nnx.merge(graphdef, params), tokens, positions, valid,
+                                              prompt_tokens.shape[1])[0]
     _LOGPROB_FNS[graphdef] = jax.jit(fn)
   return _LOGPROB_FNS[graphdef]
 

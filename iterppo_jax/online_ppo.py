@@ -155,12 +155,11 @@ def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, prompt_len: i
 
   def experience(policy_params, ref_params, critic_params, batch):
     tokens, valid, positions = batch["tokens"], batch["valid"], batch["positions"]
-    logits, _, _ = policy.merge(policy_params)(tokens, positions, valid=valid)
-    ref_logits, _, _ = policy.merge(ref_params)(tokens, positions, valid=valid)
+    old_logprobs, _ = ppo.policy_response_logprobs(policy.merge(policy_params), tokens, positions, valid, P)
+    ref_logprobs, _ = ppo.policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
     # Causal attention: the critic's output at the last prompt column has seen the state s_i and nothing else.
-    values = critic.merge(critic_params)(tokens, positions, valid=valid)[:, P - 1]
-    return {"old_logprobs": ppo.response_logprobs(logits, tokens, P)[0],
-            "ref_logprobs": ppo.response_logprobs(ref_logits, tokens, P)[0], "values": values}
+    values = critic.merge(critic_params)(tokens, positions, valid=valid, out_slots=(P - 1, 1))[:, 0]
+    return {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "values": values}
 
   return jax.jit(experience)
 
@@ -179,15 +178,14 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: OnlineConf
     tokens, valid, positions = batch["tokens"], batch["valid"], batch["positions"]
 
     def policy_objective(params):
-      logits, _, _ = policy.merge(params)(tokens, positions, valid=valid)
-      logp, step_logits = ppo.response_logprobs(logits, tokens, P)
+      logp, step_logits = ppo.policy_response_logprobs(policy.merge(params), tokens, positions, valid, P)
       loss, aux = ppo.policy_loss(logp, batch["old_logprobs"], token_advantages(batch["advantages"], mask), mask,
                                   cfg.clip_eps)
       entropy = ppo.entropy_from_logits(step_logits, mask)
       return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
 
     def value_objective(params):
-      values = critic.merge(params)(tokens, positions, valid=valid)[:, P - 1]
+      values = critic.merge(params)(tokens, positions, valid=valid, out_slots=(P - 1, 1))[:, 0]
       return ppo.value_loss(values[:, None], batch["old_values"][:, None], batch["returns"][:, None],
                             batch["row_valid"][:, None], cfg.value_clip_eps)
 

@@ -391,12 +391,22 @@ def response_logprobs(logits, tokens, prompt_len):
   return jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0], step_logits
 
 
+def response_slots(tokens, prompt_len) -> tuple[int, int]:
+  """``out_slots`` of the slots whose outputs predict (or value) the response tokens: P-1 .. P+N-2."""
+  return (prompt_len - 1, tokens.shape[1] - prompt_len)
+
+
+def critic_values(critic_model, tokens, positions, valid, prompt_len):
+  """V(s_t) [B, N] before each response token, from slots P-1 .. P+N-2 only (``response_slots``)."""
+  return critic_model(tokens, positions, valid=valid, out_slots=response_slots(tokens, prompt_len))
+
+
 def policy_response_logprobs(model, tokens, positions, valid, prompt_len):
   """``response_logprobs(model(tokens, positions, valid=valid)[0], tokens, prompt_len)``, cheaper.
 
-  The LM head runs only at the N slots whose logits predict a response token: the other P slots'
-  [V]-wide logits would be computed (and, in a training step, differentiated) only to be sliced
-  away. Same numbers: every slot's logits depend on its own hidden state only.
+  The LM head, and the trunk's last block, run only at the N slots whose logits predict a response
+  token (``response_slots``): the other P slots' [V]-wide logits and last-block outputs would be
+  computed (and, in a training step, differentiated) only to be sliced away. Same numbers.
 
   Args:
     model: a ``Transformer`` (``trunk`` and ``logits``).
@@ -406,8 +416,8 @@ def policy_response_logprobs(model, tokens, positions, valid, prompt_len):
   Returns:
     (log pi of the response tokens [B, N], their logits [B, N, V]).
   """
-  hidden, _ = model.trunk(tokens, positions, valid=valid)
-  step_logits = model.logits(hidden[:, prompt_len - 1:-1])
+  hidden, _ = model.trunk(tokens, positions, valid=valid, out_slots=response_slots(tokens, prompt_len))
+  step_logits = model.logits(hidden)
   logp = jax.nn.log_softmax(step_logits, axis=-1)
   resp = tokens[:, prompt_len:]
   return jnp.take_along_axis(logp, resp[..., None], axis=-1)[..., 0], step_logits
@@ -446,7 +456,7 @@ def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Ca
     else:
       logprobs = old_logprobs.astype(jnp.float32)
     ref_logprobs, _ = policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
-    values = critic.merge(critic_params)(tokens, positions, valid=valid)[:, P - 1:-1]
+    values = critic_values(critic.merge(critic_params), tokens, positions, valid, P)
     last, _ = last_valid_index(mask)
     score = reward_fn(reward_params, tokens, positions, valid, P + last)
     rewards, kl_sum = token_rewards(score, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
@@ -478,7 +488,7 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig,
       return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
 
     def value_objective(params):
-      values = critic.merge(params)(batch["tokens"], batch["positions"], valid=batch["valid"])[:, P - 1:-1]
+      values = critic_values(critic.merge(params), batch["tokens"], batch["positions"], batch["valid"], P)
       return value_loss(values, batch["old_values"], batch["returns"], mask, cfg.value_clip_eps)
 
     (_, p_aux), p_grads = jax.value_and_grad(policy_objective, has_aux=True)(state.policy.params)

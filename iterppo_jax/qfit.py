@@ -339,8 +339,9 @@ METHODS = ("mc", "td", "td_lambda", "fqe")
 
 def q_scalar(model, batch) -> jax.Array:
   """[B] raw Q-model output at each row's last action token."""
-  values = model(batch["tokens"], batch["positions"], valid=batch["valid"])
-  return jnp.take_along_axis(values, batch["last_index"][:, None], axis=1)[:, 0]
+  # Only the last action token's output is needed: the trunk's last block runs for that slot alone.
+  return model(batch["tokens"], batch["positions"], valid=batch["valid"],
+               out_slots=batch["last_index"][:, None].astype(jnp.int32))[:, 0]
 
 
 def to_q(raw: jax.Array, kind: str) -> jax.Array:

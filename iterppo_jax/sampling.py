@@ -106,10 +106,11 @@ def _sample(graphdef, state, prompt_tokens, prompt_valid, key, temperature, *, m
   tokens, valid = left_pad(prompt_tokens, prompt_valid.astype(bool), pad_id)
 
   # ---- prefill: the whole prompt in one pass, cache slots [0, P); only the last slot's logits
-  # are needed (the LM head over every prompt slot would be thrown away)
+  # are needed, so the LM head and the last block's queries and MLP run for that slot alone
   cache = init_cache(model.config, B, P + N)
-  hidden, cache = model.trunk(tokens, positions_from_valid(valid), None, cache, 0, valid=valid)
-  logits = model.logits(hidden[:, -1:])[:, 0]
+  hidden, cache = model.trunk(tokens, positions_from_valid(valid), None, cache, 0, valid=valid,
+                              out_slots=(P - 1, 1))
+  logits = model.logits(hidden)[:, 0]
   next_position = jnp.sum(valid, axis=1).astype(jnp.int32)  # [B]
 
   # ---- decode: token i is chosen from `logits`, then written to cache slot P + i

@@ -211,3 +211,70 @@ def test_config_validation():
   assert dataclasses.replace(config, remat=True).remat
   n = tr.num_params(nnx.eval_shape(lambda: tr.Transformer(config, rngs=nnx.Rngs(0))))
   assert 1.1e9 < n < 1.4e9
+
+
+# ---- out_slots: the last block computes only the slots a caller reads ----
+
+@pytest.mark.parametrize('style,kv_heads', [('llama', 2), ('llama', 4), ('gpt2', 4)])
+def test_out_slots_equal_slicing_the_full_output(style, kv_heads):
+  """A static slice and a per-row gather give the full forward's hidden states at those slots, and a
+  loss on them has the full forward's gradients (the last block's other slots feed nothing)."""
+  model = make_model(style, num_kv_heads=kv_heads, remat=True)  # remat: the last block runs unrematted
+  tokens, valid = left_padded_batch([9, 6, 4], 9, seed=2)
+  positions = tr.positions_from_valid(valid)
+  slots = jnp.asarray([[8, 3], [5, 8], [7, 7]], jnp.int32)
+
+  @nnx.jit
+  def hiddens(model):
+    full, _ = model.trunk(tokens, positions, valid=valid)
+    sliced, _ = model.trunk(tokens, positions, valid=valid, out_slots=(4, 5))
+    gathered, _ = model.trunk(tokens, positions, valid=valid, out_slots=slots)
+    return full, sliced, gathered
+
+  full, sliced, gathered = hiddens(model)
+  assert sliced.shape == (3, 5, 64) and gathered.shape == (3, 2, 64)
+  np.testing.assert_allclose(sliced, full[:, 4:9], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(gathered, jnp.take_along_axis(full, slots[..., None], axis=1), atol=1e-5,
+                             rtol=1e-5)
+
+  def loss(model, out_slots):
+    hidden, _ = model.trunk(tokens, positions, valid=valid, out_slots=out_slots)
+    if out_slots is None:
+      hidden = hidden[:, 4:9]
+    return jnp.sum(jnp.sin(model.logits(hidden)))
+
+  g_full = nnx.jit(nnx.grad(lambda m: loss(m, None)))(model)
+  g_slots = nnx.jit(nnx.grad(lambda m: loss(m, (4, 5))))(model)
+  leaves_full, leaves_slots = jax.tree.leaves(g_full), jax.tree.leaves(g_slots)
+  assert len(leaves_full) == len(leaves_slots)
+  for a, b in zip(leaves_full, leaves_slots):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+  assert any(float(jnp.max(jnp.abs(a))) > 0 for a in leaves_full)
+
+
+def test_out_slots_in_a_cached_prefill():
+  """The sampler's prefill (cache, last slot only) writes the same cache and the same last hidden."""
+  model = make_model('llama')
+  tokens, valid = left_padded_batch([7, 4], 7, seed=3)
+  positions = tr.positions_from_valid(valid)
+  cache = tr.init_cache(model.config, batch=2, cache_len=10)
+  _, hidden, full_cache = call(model, tokens, positions, cache, 0, valid=valid)
+
+  @nnx.jit
+  def pruned(model, cache):
+    return model(tokens, positions, None, cache, 0, valid=valid, out_slots=(6, 1))
+
+  _, last, pruned_cache = pruned(model, cache)
+  assert last.shape == (2, 1, 64)
+  np.testing.assert_allclose(last[:, 0], hidden[:, 6], atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(full_cache), jax.tree.leaves(pruned_cache)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_scalar_model_out_slots():
+  model = heads.ScalarModel(small_config('llama'), rngs=nnx.Rngs(4))
+  tokens, valid = left_padded_batch([8, 5], 8, seed=4)
+  positions = tr.positions_from_valid(valid)
+  full = nnx.jit(lambda m: m(tokens, positions, valid=valid))(model)
+  last = nnx.jit(lambda m: m(tokens, positions, valid=valid, out_slots=jnp.asarray([[7], [6]])))(model)
+  np.testing.assert_allclose(last[:, 0], jnp.asarray([full[0, 7], full[1, 6]]), atol=1e-5, rtol=1e-5)

@@ -32,7 +32,7 @@ class ScalarModel(nnx.Module):
                                    config.param_dtype)
 
   def __call__(self, tokens: Array, positions: Array, attn_mask: Optional[Array] = None, *,
-               valid: Optional[Array] = None) -> Array:
+               valid: Optional[Array] = None, out_slots: Any = None) -> Array:
     """Per-token scalars.
 
     Args:
@@ -40,11 +40,13 @@ class ScalarModel(nnx.Module):
       positions: [B,T] int32.
       attn_mask: optional [B,T,T] bool (default causal).
       valid: optional [B,T] bool, False at padding (ANDed into the mask).
+      out_slots: optional slots to compute, as in ``Trunk.__call__`` (T -> M): the critic reads the
+        response slots, the Q-model each row's last token.
 
     Returns:
-      values: [B,T] float32. Entries at padding are meaningless; mask them in the loss.
+      values: [B,T] (or [B,M]) float32. Entries at padding are meaningless; mask them in the loss.
     """
-    hidden, _ = self.trunk(tokens, positions, attn_mask, valid=valid)
+    hidden, _ = self.trunk(tokens, positions, attn_mask, valid=valid, out_slots=out_slots)
     kernel = self.head_kernel[...].astype(hidden.dtype)
     values = jnp.einsum('BTD,DO->BTO', hidden, kernel, preferred_element_type=jnp.float32)
     return values[..., 0] + self.head_bias[...].astype(jnp.float32)[0]

@@ -341,20 +341,26 @@ class Attention(nnx.Module):
     self.config = config
 
   def __call__(self, x: Array, positions: Array, mask: Array,
-               layer_cache: Optional[dict] = None, cache_index: Any = None):
-    """x: [B,T,D]; positions: [B,T]; mask: [B,T,S] (S = T without a cache).
+               layer_cache: Optional[dict] = None, cache_index: Any = None,
+               query: Optional[Tuple[Array, Array]] = None):
+    """x: [B,T,D]; positions: [B,T]; mask: [B,T',S] (S = T without a cache).
 
-    Returns ([B,T,D], new layer cache or None).
+    ``query``: optional (x [B,T',D], positions [B,T']) of the tokens that ask (a subset of x's,
+    ``Trunk``'s ``out_slots``); by default every token of x asks (T' = T). Keys and values always
+    come from all of x.
+
+    Returns ([B,T',D], new layer cache or None).
     """
     c = self.config
     dt = jnp.dtype(c.dtype)
-    B, T, _ = x.shape
-    q = _add(dense('BTD,DNH->BTNH', x, self.q_proj[...].astype(dt)), self.q_bias)
+    query_x, query_positions = (x, positions) if query is None else query
+    B, T, _ = query_x.shape
+    q = _add(dense('BTD,DNH->BTNH', query_x, self.q_proj[...].astype(dt)), self.q_bias)
     k = _add(dense('BTD,DKH->BTKH', x, self.k_proj[...].astype(dt)), self.k_bias)
     v = _add(dense('BTD,DKH->BTKH', x, self.v_proj[...].astype(dt)), self.v_bias)
     if c.style == 'llama':
       inv_freq = rope_inv_freq(c) if c.rope_scaling else None
-      q = apply_rope(q, positions, c.rope_theta, inv_freq)
+      q = apply_rope(q, query_positions, c.rope_theta, inv_freq)
       k = apply_rope(k, positions, c.rope_theta, inv_freq)
 
     new_cache = None
@@ -419,12 +425,30 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(config, rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None):
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, out_slots=None):
+    """``out_slots`` (see ``take_slots``): only these tokens' outputs are computed and returned;
+    every token still writes its key and value (the cache, and the keys the kept tokens see)."""
     x = constrain(x, ACT_BTD)
-    h, new_cache = self.attn(self.attn_norm(x), positions, mask, layer_cache, cache_index)
+    normed = self.attn_norm(x)
+    query = None
+    if out_slots is not None:
+      query = (take_slots(normed, out_slots), take_slots(positions, out_slots))
+      mask = take_slots(mask, out_slots)
+      x = take_slots(x, out_slots)
+    h, new_cache = self.attn(normed, positions, mask, layer_cache, cache_index, query)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, ACT_BTD), new_cache
+
+
+def take_slots(x: Array, out_slots: Any) -> Array:
+  """Slots of ``x`` [B,T,...] along axis 1: ``(start, length)`` a static slice, the same for every
+  row; an int array [B,M] a per-row gather (e.g. each row's last token). Returns [B,M,...]."""
+  if isinstance(out_slots, tuple):
+    start, length = out_slots
+    return jax.lax.slice_in_dim(x, start, start + length, axis=1)
+  index = out_slots.reshape(out_slots.shape + (1,) * (x.ndim - 2))
+  return jnp.take_along_axis(x, index, axis=1)
 
 
 def _run_block(block, x, positions, mask, layer_cache, cache_index):
@@ -452,7 +476,7 @@ class Trunk(nnx.Module):
 
   def __call__(self, tokens: Array, positions: Array, attn_mask: Optional[Array] = None,
                cache: Optional[Cache] = None, cache_index: Any = None, *,
-               valid: Optional[Array] = None) -> Tuple[Array, Optional[Cache]]:
+               valid: Optional[Array] = None, out_slots: Any = None) -> Tuple[Array, Optional[Cache]]:
     """Runs the trunk.
 
     Args:
@@ -464,9 +488,15 @@ class Trunk(nnx.Module):
       cache_index: scalar int, slot where token 0 of this call is written (same for all rows).
       valid: optional [B,T] bool, False at padding. Without a cache it is ANDed into the mask;
         with a cache it is what the cache records for the new slots (default: all valid).
+      out_slots: optional; only these slots' hidden states are wanted: ``(start, length)``, the
+        same slice of every row, or an int array [B,M] of per-row slots (``take_slots``). The last
+        block then computes queries, attention output and MLP for those slots only (keys and values
+        for all): a PPO batch reads N response slots of P + N, a Q-model one slot per row. Same
+        numbers as slicing the full output.
 
     Returns:
-      (hidden [B,T,D] after the final norm, in the compute dtype; new cache or None).
+      (hidden [B,T,D] after the final norm, or [B,M,D] with ``out_slots``, in the compute dtype;
+      new cache or None).
     """
     c = self.config
     dt = jnp.dtype(c.dtype)
@@ -501,9 +531,13 @@ class Trunk(nnx.Module):
 
     run = nnx.remat(_run_block) if c.remat else _run_block
     layer_caches = []
+    last = len(self.blocks) - 1
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else cache['layers'][i]
-      x, new_layer_cache = run(block, x, positions, mask, layer_cache, cache_index)
+      if i == last and out_slots is not None:  # not rematerialised: one block, and out_slots is static
+        x, new_layer_cache = block(x, positions, mask, layer_cache, cache_index, out_slots)
+      else:
+        x, new_layer_cache = run(block, x, positions, mask, layer_cache, cache_index)
       layer_caches.append(new_layer_cache)
     hidden = self.final_norm(x)
     new_cache = None if cache is None else {'valid': kv_valid, 'layers': tuple(layer_caches)}
@@ -546,12 +580,15 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens: Array, positions: Array, attn_mask: Optional[Array] = None,
                cache: Optional[Cache] = None, cache_index: Any = None, *,
-               valid: Optional[Array] = None) -> Tuple[Array, Array, Optional[Cache]]:
-    """Returns (logits [B,T,V] float32, hidden [B,T,D], new cache or None).
+               valid: Optional[Array] = None, out_slots: Any = None
+               ) -> Tuple[Array, Array, Optional[Cache]]:
+    """Returns (logits [B,T,V] float32, hidden [B,T,D], new cache or None); T -> M with
+    ``out_slots``.
 
     Arguments as in ``Trunk.__call__``.
     """
-    hidden, new_cache = self.trunk(tokens, positions, attn_mask, cache, cache_index, valid=valid)
+    hidden, new_cache = self.trunk(tokens, positions, attn_mask, cache, cache_index, valid=valid,
+                                   out_slots=out_slots)
     return self.logits(hidden), hidden, new_cache
 
 
