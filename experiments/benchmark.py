@@ -199,16 +199,44 @@ def run_benchmark(config) -> list[dict]:
     total = [tuple(map(sum, zip(*ts_))) for ts_ in zip(*phases.values())]
     rows.append(_row("ppo iteration", total[0][0], steady(total, 0), steady(total, 1), B * L,
                      sum(flops.values()), peak, sum(hbm.values()), bandwidth))
+
+    # ---- the same iteration as train_ppo runs it when one update takes the whole batch (ppo.fuses): the
+    # update's policy and critic passes also give the old log-probs and values, so scoring runs only the
+    # reference and the reward model, inside the update's program ----
+    if ppo.fuses(cfg, B):
+      fused_fn = ppo.make_fused_step(policy, critic, ppo.make_q_reward_fn(q_tr), cfg, P)
+      fused_phases = {"generation": [], "fused": []}
+      for i in range(config.iterations + 1):
+        t0 = _clock()
+        out = sampling.sample(policy.graphdef, state.policy.params, prompt_tokens, prompt_valid,
+                              jax.random.key(i), max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
+        jax.block_until_ready(out.tokens)
+        t1 = _clock()
+        state, metrics, _ = fused_fn(state, ref_params, q_params, out.prompt_tokens, out.prompt_valid, out.tokens,
+                                     out.valid, jnp.float32(cfg.kl_coef),
+                                     old_logprobs=out.logprobs if reuse_logprobs else None)
+        jax.device_get(metrics)
+        t2 = _clock()
+        for name, (a, z) in (("generation", (t0, t1)), ("fused", (t1, t2))):
+          fused_phases[name].append((z[0] - a[0], z[1] - a[1]))
+      fused_flops = 2 * fwd(B * L) + 2 * train(B * L)
+      fused_hbm = 2 * traffic["forward"] + 2 * traffic["train"]
+      times = fused_phases["fused"]
+      rows.append(_row("ppo scoring+update, fused", times[0][0], steady(times, 0), steady(times, 1), B * L,
+                       fused_flops, peak, fused_hbm, bandwidth))
+      total = [tuple(map(sum, zip(*ts_))) for ts_ in zip(*fused_phases.values())]
+      rows.append(_row("ppo iteration, fused", total[0][0], steady(total, 0), steady(total, 1), B * L,
+                       flops["generation"] + fused_flops, peak, hbm["generation"] + fused_hbm, bandwidth))
   return rows
 
 
 def format_table(rows, title="") -> str:
   lines = [title] if title else []
-  lines.append(f"{'piece':<16}{'ms':>10}{'cpu ms':>10}{'tokens/s':>12}{'compile s':>11}{'MFU':>8}{'HBM':>8}")
+  lines.append(f"{'piece':<27}{'ms':>10}{'cpu ms':>10}{'tokens/s':>12}{'compile s':>11}{'MFU':>8}{'HBM':>8}")
   for r in rows:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
     hbm = f"{100 * r['hbm']:.1f}%" if r["hbm"] else "-"
-    lines.append(f"{r['name']:<16}{r['ms']:>10.1f}{r['cpu_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
+    lines.append(f"{r['name']:<27}{r['ms']:>10.1f}{r['cpu_ms']:>10.1f}{r['tokens_per_s']:>12.0f}"
                  f"{r['compile_s']:>11.2f}{mfu:>8}{hbm:>8}")
   return "\n".join(lines)
 

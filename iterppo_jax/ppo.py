@@ -508,6 +508,84 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig,
                  out_shardings=(shardings, replicated), donate_argnums=(0,))
 
 
+def fuses(cfg: PPOConfig, batch_size: int) -> bool:
+  """Whether an iteration is one update on the whole batch (one epoch, one minibatch): ``make_fused_step``."""
+  return cfg.epochs == 1 and cfg.minibatch_size == batch_size
+
+
+def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Callable, cfg: PPOConfig,
+                    prompt_len: int):
+  """Scoring and the update of an iteration with one epoch of one minibatch, as one jitted step.
+
+  With a single update on the whole batch, the policy and critic at scoring time are the ones the update
+  starts from, so the update's own forward passes give the old log-probs and old values: the policy pass and
+  the critic pass of ``make_experience_fn`` are not run separately. Their outputs' vector-Jacobian products
+  (``jax.vjp``) turn the losses' gradients into parameter gradients after the advantages are computed from
+  the same outputs. Same numbers as ``make_experience_fn`` followed by ``make_update_step`` (tested); the
+  ratio is exactly 1 and nothing clips, as in that first update.
+
+  Returns step(PPOState, ref_params, reward_params, prompt_tokens, prompt_valid, response, response_valid,
+  kl_coef, old_logprobs=None) -> (PPOState, metrics, summary), metrics as ``make_update_step``'s and summary
+  the per-row 'score', 'kl', 'exact_kl_k1' and the response 'mask' (the experience keys train_ppo logs).
+  ``old_logprobs``: the sampler's (``sampler_logprobs_reusable``); left out, the update's forward gives them.
+  """
+  P = prompt_len
+
+  def step(state: PPOState, ref_params, reward_params, prompt_tokens, prompt_valid, response,
+           response_valid, kl_coef, old_logprobs=None):
+    tokens, valid, positions = sequence_layout(prompt_tokens, prompt_valid, response, response_valid)
+    mask = response_valid
+    ref_logprobs, _ = policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
+    last, _ = last_valid_index(mask)
+    score = reward_fn(reward_params, tokens, positions, valid, P + last)
+
+    def policy_forward(params):
+      logp, step_logits = policy_response_logprobs(policy.merge(params), tokens, positions, valid, P)
+      if cfg.entropy_coef:
+        return (logp, step_logits), None
+      return (logp,), step_logits  # the logits only feed the entropy metric: no cotangent for them
+    outputs, policy_vjp, aux_logits = jax.vjp(policy_forward, state.policy.params, has_aux=True)
+    logp, step_logits = outputs[0], outputs[1] if cfg.entropy_coef else aux_logits
+    values, critic_vjp = jax.vjp(
+        lambda params: critic_values(critic.merge(params), tokens, positions, valid, P), state.critic.params)
+
+    old = jax.lax.stop_gradient(logp) if old_logprobs is None else old_logprobs.astype(jnp.float32)
+    old_values = jax.lax.stop_gradient(values)
+    rewards, kl_sum = token_rewards(score, old, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+      advantages = whiten(advantages, mask)
+    maskf = mask.astype(jnp.float32)
+
+    def policy_objective(outs):
+      loss, aux = policy_loss(outs[0], old, advantages, maskf, cfg.clip_eps)
+      if not cfg.entropy_coef:
+        return loss, {**aux, "entropy": entropy_from_logits(jax.lax.stop_gradient(step_logits), maskf),
+                      "policy_loss": loss}
+      entropy = entropy_from_logits(outs[1], maskf)
+      return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
+
+    (_, p_aux), d_outputs = jax.value_and_grad(policy_objective, has_aux=True)(outputs)
+    (v_loss, v_aux), d_values = jax.value_and_grad(
+        lambda v: value_loss(v, old_values, returns, maskf, cfg.value_clip_eps), has_aux=True)(values)
+    p_grads, = policy_vjp(d_outputs)
+    v_grads, = critic_vjp(d_values)
+    new = []
+    for s, g, tr in ((state.policy, p_grads, policy), (state.critic, v_grads, critic)):
+      updates, opt_state = tr.tx.update(g, s.opt_state, s.params)
+      new.append(s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
+                           opt_state=opt_state))
+    metrics = {**p_aux, **v_aux, "value_loss": v_loss, "policy_grad_norm": optax.global_norm(p_grads),
+               "value_grad_norm": optax.global_norm(v_grads)}
+    summary = {"score": score, "kl": kl_sum, "mask": maskf,
+               "exact_kl_k1": jnp.sum(jnp.where(mask, old - ref_logprobs, 0.), 1)}
+    return PPOState(policy=new[0], critic=new[1]), metrics, summary
+
+  shardings = PPOState(policy=policy.state_shardings, critic=critic.state_shardings)
+  replicated = NamedSharding(policy.mesh, PartitionSpec())
+  return jax.jit(step, out_shardings=(shardings, replicated, replicated), donate_argnums=(0,))
+
+
 _UPDATE_KEYS = ("tokens", "valid", "positions", "mask", "old_logprobs", "old_values", "advantages", "returns")
 
 
@@ -550,9 +628,13 @@ def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_p
   if batch_size % cfg.minibatch_size:
     raise ValueError(f"PPO batch_size {batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
   n_prompts, P = prompts["tokens"].shape
-  experience_fn = make_experience_fn(policy, critic, reward_fn, cfg)
-  update_fn = make_update_step(policy, critic, cfg, P)
-  take_rows = make_take_rows(policy.mesh)
+  fused = fuses(cfg, batch_size)
+  if fused:
+    fused_fn = make_fused_step(policy, critic, reward_fn, cfg, P)
+  else:
+    experience_fn = make_experience_fn(policy, critic, reward_fn, cfg)
+    update_fn = make_update_step(policy, critic, cfg, P)
+    take_rows = make_take_rows(policy.mesh)
   reuse_logprobs = sampler_logprobs_reusable(policy, state.policy.params)
   kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
   base_key = jax.random.key(seed)
@@ -567,16 +649,22 @@ def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_p
                           jax.random.fold_in(key, 0), max_new_tokens=cfg.max_new_tokens,
                           temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id)
     # The sampler's log-probs are the old policy's (same parameters): in float32, no forward pass for them.
-    exp = experience_fn(state.policy.params, ref_params, state.critic.params, reward_params,
-                        out.prompt_tokens, out.prompt_valid, out.tokens, out.valid, jnp.float32(kl_coef),
-                        old_logprobs=out.logprobs if reuse_logprobs else None)
+    old_logprobs = out.logprobs if reuse_logprobs else None
     step_metrics = []
-    for epoch in range(cfg.epochs):
-      order = np.random.default_rng([seed, i, epoch + 1]).permutation(batch_size)
-      for mb in range(batch_size // cfg.minibatch_size):
-        idx = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
-        state, m = update_fn(state, take_rows(exp, idx))
-        step_metrics.append(m)
+    if fused:  # one update on the whole batch: scoring and update share the policy's and critic's passes
+      state, m, exp = fused_fn(state, ref_params, reward_params, out.prompt_tokens, out.prompt_valid, out.tokens,
+                               out.valid, jnp.float32(kl_coef), old_logprobs=old_logprobs)
+      step_metrics.append(m)
+    else:
+      exp = experience_fn(state.policy.params, ref_params, state.critic.params, reward_params,
+                          out.prompt_tokens, out.prompt_valid, out.tokens, out.valid, jnp.float32(kl_coef),
+                          old_logprobs=old_logprobs)
+      for epoch in range(cfg.epochs):
+        order = np.random.default_rng([seed, i, epoch + 1]).permutation(batch_size)
+        for mb in range(batch_size // cfg.minibatch_size):
+          idx = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
+          state, m = update_fn(state, take_rows(exp, idx))
+          step_metrics.append(m)
     # One host transfer per iteration, after every step is queued; the sums are taken in step order.
     step_metrics, exp = jax.device_get((step_metrics, {k: exp[k] for k in ("kl", "score", "exact_kl_k1", "mask")}))
     sums = {}

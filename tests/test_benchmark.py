@@ -29,11 +29,15 @@ def _config(arg):
   return module.get_config(arg)
 
 
-def test_benchmark_table():
+@pytest.mark.parametrize("minibatch", [4, 8])
+def test_benchmark_table(minibatch):
+  """Smoke: 8 prompts in minibatches of 4 (separate scoring and update), or one minibatch (also fused)."""
   config = _config("smoke")
   config.iterations = 1
+  config.ppo.minibatch_size = minibatch
   rows = benchmark.run_benchmark(config)
-  assert [r["name"] for r in rows] == list(ROWS)
+  fused = ("ppo scoring+update, fused", "ppo iteration, fused") if minibatch == 8 else ()
+  assert [r["name"] for r in rows] == list(ROWS + fused)
   for r in rows:
     assert r["ms"] > 0 and r["tokens_per_s"] > 0 and r["compile_s"] >= 0, r
   table = benchmark.format_table(rows, "smoke")
@@ -152,3 +156,41 @@ def test_sampler_logprobs_reused_in_float32_only():
     with sharding.use_mesh(mesh):
       policy, state = ts.init_trainable(lambda: tf.Transformer(config, rngs=nnx.Rngs(0)), optax.adamw(1e-3), mesh)
     assert ppo.sampler_logprobs_reusable(policy, state.params) is reusable
+
+
+@pytest.mark.parametrize("entropy_coef,with_sampler_logprobs", [(0.0, True), (0.0, False), (0.01, False)])
+def test_fused_step_equals_experience_then_update(entropy_coef, with_sampler_logprobs):
+  """One epoch of one minibatch: the fused step (scoring shares the update's policy and critic passes) moves
+  both models exactly as make_experience_fn followed by make_update_step, and reports the same numbers."""
+  mesh, (policy, policy_state), (critic, critic_state), (q_tr, q_state), prompt_tokens, prompt_valid = _small_ppo()
+  cfg = ppo.PPOConfig(kl_coef=0.1, max_new_tokens=5, epochs=1, minibatch_size=4, entropy_coef=entropy_coef)
+  assert ppo.fuses(cfg, 4) and not ppo.fuses(cfg, 8)
+  reward_fn = ppo.make_q_reward_fn(q_tr)
+  with sharding.use_mesh(mesh):
+    ref_params = jax.tree.map(lambda p: p * 1.01, policy_state.params)
+    out = sampling.sample(policy.graphdef, policy_state.params, prompt_tokens, prompt_valid, jax.random.key(3),
+                          max_new_tokens=5, eos_id=3, pad_id=0)
+    old = out.logprobs if with_sampler_logprobs else None
+    args = (out.prompt_tokens, out.prompt_valid, out.tokens, out.valid, jnp.float32(0.1))
+    exp = ppo.make_experience_fn(policy, critic, reward_fn, cfg)(
+        policy_state.params, ref_params, critic_state.params, q_state.params, *args, old_logprobs=old)
+    copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731 (both steps donate their state)
+    start = ppo.PPOState(policy=copy(policy_state), critic=copy(critic_state))
+    slow_state, slow_metrics = ppo.make_update_step(policy, critic, cfg, 6)(
+        start, ppo.make_take_rows(mesh)(exp, np.arange(4)))
+    start = ppo.PPOState(policy=copy(policy_state), critic=copy(critic_state))
+    fast_state, fast_metrics, summary = ppo.make_fused_step(policy, critic, reward_fn, cfg, 6)(
+        start, ref_params, q_state.params, *args, old_logprobs=old)
+  for key in ("score", "kl", "exact_kl_k1", "mask"):
+    np.testing.assert_allclose(summary[key], exp[key], atol=1e-5, err_msg=key)
+  assert set(fast_metrics) == set(slow_metrics)
+  for key in slow_metrics:
+    np.testing.assert_allclose(fast_metrics[key], slow_metrics[key], atol=1e-5, rtol=1e-4, err_msg=key)
+  assert float(slow_metrics["policy_grad_norm"]) > 0 and float(slow_metrics["value_grad_norm"]) > 0
+  moved = 0.0
+  for fast, slow, before in zip(jax.tree.leaves((fast_state.policy.params, fast_state.critic.params)),
+                                jax.tree.leaves((slow_state.policy.params, slow_state.critic.params)),
+                                jax.tree.leaves((policy_state.params, critic_state.params))):
+    np.testing.assert_allclose(fast, slow, atol=1e-6)
+    moved = max(moved, float(jnp.max(jnp.abs(slow - before))))
+  assert moved > 1e-4  # the update really changed the parameters
