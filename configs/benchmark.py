@@ -69,7 +69,7 @@ def get_config(arg=None):
   c.ppo = ml_collections.ConfigDict()
   # Issue 7's iteration: one epoch of one minibatch (the whole batch); training configs use more.
   c.ppo.epochs = 1  # passes over each rollout batch
-  c.ppo.minibatch_size = 16  # rows per PPO update step; must divide batch.prompts
+  c.ppo.minibatch_size = 0  # rows per PPO update step; must divide batch.prompts; 0: all of them (one minibatch)
   c.ppo.kl_coef = 0.05
 
   c.learning_rate = 1e-4  # all optimizers (the value does not change the timings)

@@ -89,8 +89,9 @@ def run_benchmark(config) -> list[dict]:
   """Runs every timing of `config` (configs/benchmark.py) and returns the table rows."""
   m, b = config.model, config.batch
   B, P, N = b.prompts, b.prompt_len, b.new_tokens
-  if B % config.ppo.minibatch_size:
-    raise ValueError(f"batch.prompts {B} must be a multiple of ppo.minibatch_size {config.ppo.minibatch_size}")
+  minibatch = config.ppo.minibatch_size or B  # 0: the whole batch, issue #7's one minibatch
+  if B % minibatch:
+    raise ValueError(f"batch.prompts {B} must be a multiple of ppo.minibatch_size {minibatch}")
   model_config = tf.TransformerConfig(
       vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_len=P + N, style=m.style,
@@ -154,7 +155,7 @@ def run_benchmark(config) -> list[dict]:
     critic, critic_state = ts.init_trainable(make_scalar, tx(), mesh)
     ref_params = ts.copy_params(policy_state.params)
     cfg = ppo.PPOConfig(kl_coef=config.ppo.kl_coef, epochs=config.ppo.epochs,
-                        minibatch_size=config.ppo.minibatch_size, max_new_tokens=N)
+                        minibatch_size=minibatch, max_new_tokens=N)
     experience_fn = ppo.make_experience_fn(policy, critic, ppo.make_q_reward_fn(q_tr), cfg)
     update_fn = ppo.make_update_step(policy, critic, cfg, P)
     take_rows = ppo.make_take_rows(mesh)
@@ -248,9 +249,10 @@ def main(argv):
     # Read when jax opens its backend, which it has not done yet (nothing above has touched a device).
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {config.xla_flags}".strip()
   m, b = config.model, config.batch
+  minibatch = config.ppo.minibatch_size or b.prompts
   title = (f"workload {config.workload}: {m.num_layers} layers, width {m.embed_dim}, vocab {m.vocab_size}, "
            f"{m.dtype} compute; {b.prompts} prompts x {b.prompt_len} tokens, {b.new_tokens} new; PPO "
-           f"{config.ppo.epochs} epoch(s) of minibatches of {config.ppo.minibatch_size}; mean of "
+           f"{config.ppo.epochs} epoch(s) of minibatches of {minibatch}; mean of "
            f"{config.iterations} calls after the first; devices {jax.devices()}")
   print(format_table(run_benchmark(config), title))
 

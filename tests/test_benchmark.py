@@ -49,7 +49,8 @@ def test_workloads():
   tiny, big = _config(None), _config("ppo_0p5b")
   tiny_shape = (tiny.model.num_layers, tiny.model.embed_dim, tiny.model.vocab_size, tiny.batch.new_tokens)
   assert tiny_shape == (4, 256, 2048, 32)
-  assert (tiny.ppo.epochs, tiny.batch.prompts // tiny.ppo.minibatch_size) == (1, 1)  # issue 7: one epoch, one minibatch
+  for workload in (tiny, big):  # issue 7: one epoch of one minibatch (0 = the whole batch)
+    assert (workload.ppo.epochs, workload.ppo.minibatch_size) == (1, 0)
   assert (big.model.num_layers, big.model.embed_dim, big.model.num_heads, big.model.num_kv_heads) == (24, 896, 14, 2)
   assert (big.model.vocab_size, big.model.dtype, big.model.param_dtype) == (151936, "bfloat16", "float32")
   assert (big.batch.prompts, big.batch.new_tokens) == (32, 128)
