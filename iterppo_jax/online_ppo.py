@@ -31,7 +31,6 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from iterppo_jax import data as data_lib
@@ -191,13 +190,7 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: OnlineConf
 
     (_, p_aux), p_grads = jax.value_and_grad(policy_objective, has_aux=True)(state.policy.params)
     (v_loss, v_aux), v_grads = jax.value_and_grad(value_objective, has_aux=True)(state.critic.params)
-    new = []
-    for s, g, tr in ((state.policy, p_grads, policy), (state.critic, v_grads, critic)):
-      updates, opt_state = tr.tx.update(g, s.opt_state, s.params)
-      new.append(s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates), opt_state=opt_state))
-    metrics = {**p_aux, **v_aux, "value_loss": v_loss, "policy_grad_norm": optax.global_norm(p_grads),
-               "value_grad_norm": optax.global_norm(v_grads)}
-    return ppo.PPOState(policy=new[0], critic=new[1]), metrics
+    return ppo.apply_gradients(state, policy, critic, p_grads, v_grads, {**p_aux, **v_aux, "value_loss": v_loss})
 
   shardings = ppo.PPOState(policy=policy.state_shardings, critic=critic.state_shardings)
   replicated = NamedSharding(policy.mesh, PartitionSpec())

@@ -470,6 +470,16 @@ def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Ca
   return jax.jit(experience)
 
 
+def apply_gradients(state: PPOState, policy: ts.Trainable, critic: ts.Trainable, p_grads, v_grads, metrics):
+  """One optimizer step of the policy and of the critic; metrics gain both gradients' global norms."""
+  new = []
+  for s, g, tr in ((state.policy, p_grads, policy), (state.critic, v_grads, critic)):
+    updates, opt_state = tr.tx.update(g, s.opt_state, s.params)
+    new.append(s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates), opt_state=opt_state))
+  metrics = {**metrics, "policy_grad_norm": optax.global_norm(p_grads), "value_grad_norm": optax.global_norm(v_grads)}
+  return PPOState(policy=new[0], critic=new[1]), metrics
+
+
 def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig, prompt_len: int):
   """`step(PPOState, minibatch) -> (PPOState, metrics)`: clipped policy loss and clipped value loss."""
   P = prompt_len
@@ -493,14 +503,7 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig,
 
     (_, p_aux), p_grads = jax.value_and_grad(policy_objective, has_aux=True)(state.policy.params)
     (v_loss, v_aux), v_grads = jax.value_and_grad(value_objective, has_aux=True)(state.critic.params)
-    new = []
-    for s, g, tr in ((state.policy, p_grads, policy), (state.critic, v_grads, critic)):
-      updates, opt_state = tr.tx.update(g, s.opt_state, s.params)
-      new.append(s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
-                           opt_state=opt_state))
-    metrics = {**p_aux, **v_aux, "value_loss": v_loss, "policy_grad_norm": optax.global_norm(p_grads),
-               "value_grad_norm": optax.global_norm(v_grads)}
-    return PPOState(policy=new[0], critic=new[1]), metrics
+    return apply_gradients(state, policy, critic, p_grads, v_grads, {**p_aux, **v_aux, "value_loss": v_loss})
 
   shardings = PPOState(policy=policy.state_shardings, critic=critic.state_shardings)
   replicated = NamedSharding(policy.mesh, PartitionSpec())
@@ -568,18 +571,12 @@ def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Calla
     (_, p_aux), d_outputs = jax.value_and_grad(policy_objective, has_aux=True)(outputs)
     (v_loss, v_aux), d_values = jax.value_and_grad(
         lambda v: value_loss(v, old_values, returns, maskf, cfg.value_clip_eps), has_aux=True)(values)
-    p_grads, = policy_vjp(d_outputs)
-    v_grads, = critic_vjp(d_values)
-    new = []
-    for s, g, tr in ((state.policy, p_grads, policy), (state.critic, v_grads, critic)):
-      updates, opt_state = tr.tx.update(g, s.opt_state, s.params)
-      new.append(s.replace(step=s.step + 1, params=optax.apply_updates(s.params, updates),
-                           opt_state=opt_state))
-    metrics = {**p_aux, **v_aux, "value_loss": v_loss, "policy_grad_norm": optax.global_norm(p_grads),
-               "value_grad_norm": optax.global_norm(v_grads)}
+    (p_grads,), (v_grads,) = policy_vjp(d_outputs), critic_vjp(d_values)
+    state, metrics = apply_gradients(state, policy, critic, p_grads, v_grads,
+                                      {**p_aux, **v_aux, "value_loss": v_loss})
     summary = {"score": score, "kl": kl_sum, "mask": maskf,
                "exact_kl_k1": jnp.sum(jnp.where(mask, old - ref_logprobs, 0.), 1)}
-    return PPOState(policy=new[0], critic=new[1]), metrics, summary
+    return state, metrics, summary
 
   shardings = PPOState(policy=policy.state_shardings, critic=critic.state_shardings)
   replicated = NamedSharding(policy.mesh, PartitionSpec())
