@@ -162,11 +162,16 @@ def run_benchmark(config) -> list[dict]:
     reuse_logprobs = ppo.sampler_logprobs_reusable(policy, policy_state.params)
     state = ppo.PPOState(policy=policy_state, critic=critic_state)
     phases = {"generation": [], "scoring": [], "update": []}
+
+    def generate(params, i):
+      out = sampling.sample(policy.graphdef, params, prompt_tokens, prompt_valid, jax.random.key(i),
+                            max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
+      jax.block_until_ready(out.tokens)
+      return out
+
     for i in range(config.iterations + 1):
       t0 = _clock()
-      out = sampling.sample(policy.graphdef, state.policy.params, prompt_tokens, prompt_valid,
-                            jax.random.key(i), max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
-      jax.block_until_ready(out.tokens)
+      out = generate(state.policy.params, i)
       t1 = _clock()
       exp = experience_fn(state.policy.params, ref_params, state.critic.params, q_params, out.prompt_tokens,
                           out.prompt_valid, out.tokens, out.valid, jnp.float32(cfg.kl_coef),
@@ -209,9 +214,7 @@ def run_benchmark(config) -> list[dict]:
       fused_phases = {"generation": [], "fused": []}
       for i in range(config.iterations + 1):
         t0 = _clock()
-        out = sampling.sample(policy.graphdef, state.policy.params, prompt_tokens, prompt_valid,
-                              jax.random.key(i), max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
-        jax.block_until_ready(out.tokens)
+        out = generate(state.policy.params, i)
         t1 = _clock()
         state, metrics, _ = fused_fn(state, ref_params, q_params, out.prompt_tokens, out.prompt_valid, out.tokens,
                                      out.valid, jnp.float32(cfg.kl_coef),
