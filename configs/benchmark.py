@@ -27,6 +27,18 @@ WORKLOADS = {
                                 param_dtype="float32", rope_theta=500000.0),
                      batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
                      peak_hbm_gbps=3350.0),
+    # Llama-3.2-3B and Llama-3.1-8B shapes, for the largest-model search on one GPU (sweep.workloads); add
+    # --config.model.remat=True, --config.model.param_dtype=bfloat16 to trade compute and precision for memory.
+    "llama_3b": dict(model=dict(num_layers=28, embed_dim=3072, mlp_dim=8192, num_heads=24, num_kv_heads=8,
+                                head_dim=128, vocab_size=128256, tie_embeddings=True, dtype="bfloat16",
+                                param_dtype="float32", rope_theta=500000.0),
+                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
+                     peak_hbm_gbps=3350.0),
+    "llama_8b": dict(model=dict(num_layers=32, embed_dim=4096, mlp_dim=14336, num_heads=32, num_kv_heads=8,
+                                head_dim=128, vocab_size=128256, tie_embeddings=False, dtype="bfloat16",
+                                param_dtype="float32", rope_theta=500000.0),
+                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
+                     peak_hbm_gbps=3350.0),
     # Smaller than tiny, for the benchmark's own smoke test.
     "smoke": dict(model=dict(num_layers=1, embed_dim=64, mlp_dim=128, num_heads=2, num_kv_heads=2, head_dim=32,
                              vocab_size=128, tie_embeddings=False),
@@ -45,6 +57,15 @@ def get_config(arg=None):
   c.peak_tflops = 0.0  # per-device peak for MFU (H100 bf16 dense: 989); 0 leaves the MFU column empty
   c.peak_hbm_gbps = 0.0  # per-device memory bandwidth for the HBM column (H100 SXM: 3350); 0 leaves it empty
   c.xla_flags = ""  # appended to XLA_FLAGS before jax opens its backend (threading experiments on CPU)
+  c.pieces = ("sampler", "sft", "qfit", "ppo")  # which rows to time; the sweep times "ppo" only
+  c.json_out = ""  # also write the rows and the peak device memory to this JSON file
+
+  # ---- issue #7's scaling table: one PPO iteration per (new_tokens, prompts) cell, each in its own process
+  # (a clean peak-memory reading, and a cell that runs out of memory is a row, not the end of the sweep) ----
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.new_tokens = ()  # e.g. (128, 512, 2048); empty: no sweep, the usual table
+  c.sweep.prompts = ()  # e.g. (32, 128); empty: batch.prompts only
+  c.sweep.workloads = ()  # e.g. ("llama_1b", "llama_3b"): the same iteration per named shape (largest that fits)
 
   c.model = ml_collections.ConfigDict()
   c.model.style = "llama"  # llama | gpt2

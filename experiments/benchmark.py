@@ -2,6 +2,13 @@
 
   python -m experiments.benchmark --config=configs/benchmark.py            # ppo_tiny on whatever jax sees
   python -m experiments.benchmark --config=configs/benchmark.py:ppo_0p5b   # for a GPU
+  python -m experiments.benchmark --config=configs/benchmark.py:ppo_0p5b \
+      '--config.sweep.new_tokens=(128, 512, 2048)' '--config.sweep.prompts=(32, 128)'   # issue #7's scaling table
+  python -m experiments.benchmark --config=configs/benchmark.py:ppo_0p5b --config.model.remat=True \
+      '--config.sweep.workloads=("llama_1b", "llama_3b", "llama_8b")'                  # the largest that fits
+
+A sweep runs one PPO iteration per cell, each cell in a process of its own (`--config.pieces=('ppo',)`): the
+peak device memory is then that cell's, and a cell that runs out of memory becomes a "failed" row.
 
 Rows: the sampler alone (ignore_eos, so every row makes all its tokens), one SFT step, one Q-fit step, and one
 PPO iteration split into generation (the sampler as train_ppo calls it, every row making all its tokens),
@@ -21,7 +28,11 @@ left out ("-") when the peak is 0, as on CPU.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -38,6 +49,8 @@ from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
 
 EOS_ID, PAD_ID = 2, 0
+PIECES = ("sampler", "sft", "qfit", "ppo")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: cells run `-m experiments...`
 
 
 def _clock():
@@ -120,13 +133,19 @@ def run_benchmark(config) -> list[dict]:
     fwd, train = (lambda t: 2.0 * n * t), (lambda t: 6.0 * n * t)  # noqa: E731
     traffic = _traffic(n, jnp.dtype(m.param_dtype).itemsize, model_config, B, P, N)
 
+    pieces = set(config.pieces)
+    unknown = pieces - set(PIECES)
+    if unknown:
+      raise ValueError(f"unknown benchmark pieces {sorted(unknown)}; expected some of {PIECES}")
+
     # ---- sampler ----
     def sample_once(key=jax.random.key(config.seed)):
       out = sampling.sample(policy.graphdef, policy_state.params, prompt_tokens, prompt_valid, key,
                             max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
       jax.block_until_ready(out.tokens)
-    rows.append(_row("sampler", *_timed(sample_once, config.iterations), B * N, fwd(B * L), peak,
-                     traffic["sample"], bandwidth))
+    if "sampler" in pieces:
+      rows.append(_row("sampler", *_timed(sample_once, config.iterations), B * N, fwd(B * L), peak,
+                       traffic["sample"], bandwidth))
 
     # ---- SFT and Q-fit steps ----
     sft_batch = ts.device_batch({k: sequence[k] for k in ("tokens", "positions", "valid", "loss_mask")}, mesh)
@@ -135,8 +154,9 @@ def run_benchmark(config) -> list[dict]:
     def sft_once(step=sft.make_sft_step(policy)):
       holder["state"], metrics = step(holder["state"], sft_batch)
       jax.block_until_ready(metrics)
-    rows.append(_row("sft step", *_timed(sft_once, config.iterations), B * L, train(B * L), peak, traffic["train"],
-                     bandwidth))
+    if "sft" in pieces:
+      rows.append(_row("sft step", *_timed(sft_once, config.iterations), B * L, train(B * L), peak,
+                       traffic["train"], bandwidth))
     policy_state = holder.pop("state")
 
     q_tr, q_state = ts.init_trainable(make_scalar, tx(), mesh)
@@ -147,9 +167,13 @@ def run_benchmark(config) -> list[dict]:
     def qfit_once(step=qfit.make_qfit_step(q_tr)):
       holder["state"], metrics = step(holder["state"], q_batch)
       jax.block_until_ready(metrics)
-    rows.append(_row("qfit step", *_timed(qfit_once, config.iterations), B * L, train(B * L), peak,
-                     traffic["train"], bandwidth))
+    if "qfit" in pieces:
+      rows.append(_row("qfit step", *_timed(qfit_once, config.iterations), B * L, train(B * L), peak,
+                       traffic["train"], bandwidth))
     q_params = holder.pop("state").params
+
+    if "ppo" not in pieces:
+      return rows
 
     # ---- one PPO iteration, by phase (the body of ppo.train_ppo) ----
     critic, critic_state = ts.init_trainable(make_scalar, tx(), mesh)
@@ -245,19 +269,99 @@ def format_table(rows, title="") -> str:
   return "\n".join(lines)
 
 
+def peak_memory_bytes() -> int | None:
+  """The first local device's peak allocation so far (GPU/TPU), or None where jax does not report it (CPU)."""
+  stats = jax.local_devices()[0].memory_stats()
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def _title(config) -> str:
+  m, b = config.model, config.batch
+  return (f"workload {config.workload}: {m.num_layers} layers, width {m.embed_dim}, vocab {m.vocab_size}, "
+          f"{m.dtype} compute over {m.param_dtype} params{', remat' if m.remat else ''}; {b.prompts} prompts x "
+          f"{b.prompt_len} tokens, {b.new_tokens} new; PPO {config.ppo.epochs} epoch(s) of minibatches of "
+          f"{config.ppo.minibatch_size or b.prompts}; mean of {config.iterations} calls after the first; "
+          f"devices {jax.devices()}")
+
+
+_SWEPT = ("--config.sweep.", "--config.batch.new_tokens", "--config.batch.prompts", "--config.pieces",
+          "--config.json_out")
+
+
+def sweep_cells(config) -> list[dict]:
+  """The sweep's cells: every (workload, new_tokens, prompts), an empty axis standing for the config's own value."""
+  return [{"workload": w, "new_tokens": n, "prompts": p}
+          for w in (config.sweep.workloads or (config.workload,))
+          for n in (config.sweep.new_tokens or (config.batch.new_tokens,))
+          for p in (config.sweep.prompts or (config.batch.prompts,))]
+
+
+def run_sweep(config, argv) -> list[dict]:
+  """One process per cell (this module, `pieces=('ppo',)`): its rows and peak memory, or why it failed.
+
+  argv: this command's own arguments; the cell's keys replace any the command set.
+  """
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/benchmark.py")
+  path = spec.partition(":")[0]
+  kept = [a for a in argv if not a.startswith("--config=") and not a.startswith(_SWEPT)]
+  results = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i, cell in enumerate(sweep_cells(config)):
+      out = os.path.join(tmp, f"cell_{i}.json")
+      cmd = [sys.executable, "-m", "experiments.benchmark", f"--config={path}:{cell['workload']}", *kept,
+             f"--config.batch.new_tokens={cell['new_tokens']}", f"--config.batch.prompts={cell['prompts']}",
+             "--config.pieces=('ppo',)", f"--config.json_out={out}"]
+      print("sweep:", " ".join(cmd[3:]), flush=True)
+      done = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT)
+      if done.returncode == 0 and os.path.exists(out):
+        with open(out) as f:
+          results.append({**cell, **json.load(f), "error": ""})
+      else:
+        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
+        results.append({**cell, "rows": [], "peak_bytes": None,
+                        "error": (lines[-1] if lines else f"exit status {done.returncode}")[:200]})
+  return results
+
+
+def format_sweep(results) -> str:
+  """The scaling table: per cell generation, decoding per token, scoring + update and the whole iteration."""
+  lines = [f"{'workload':<12}{'prompts':>8}{'new':>6}{'gen ms':>10}{'ms/token':>10}{'score+upd ms':>14}"
+           f"{'iter ms':>10}{'iter MFU':>10}{'peak GiB':>10}  status"]
+  for r in results:
+    rows = {row["name"]: row for row in r["rows"]}
+    peak = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "-"
+    if r["error"] or "ppo generation" not in rows:
+      lines.append(f"{r['workload']:<12}{r['prompts']:>8}{r['new_tokens']:>6}{'-':>10}{'-':>10}{'-':>14}{'-':>10}"
+                   f"{'-':>10}{peak:>10}  failed: {r['error']}")
+      continue
+    gen = rows["ppo generation"]["ms"]
+    fused = "ppo iteration, fused" in rows
+    rest = rows["ppo scoring+update, fused"]["ms"] if fused else rows["ppo scoring"]["ms"] + rows["ppo update"]["ms"]
+    iteration = rows["ppo iteration, fused" if fused else "ppo iteration"]
+    mfu = f"{100 * iteration['mfu']:.1f}%" if iteration["mfu"] else "-"
+    lines.append(f"{r['workload']:<12}{r['prompts']:>8}{r['new_tokens']:>6}{gen:>10.1f}{gen / r['new_tokens']:>10.2f}"
+                 f"{rest:>14.1f}{iteration['ms']:>10.1f}{mfu:>10}{peak:>10}  ok")
+  return "\n".join(lines)
+
+
 def main(argv):
-  del argv
   config = flags.FLAGS.config
+  if config.sweep.new_tokens or config.sweep.prompts or config.sweep.workloads:
+    results = run_sweep(config, sys.argv[1:])
+    print(format_sweep(results))
+    return
+  del argv
   if config.xla_flags:
     # Read when jax opens its backend, which it has not done yet (nothing above has touched a device).
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {config.xla_flags}".strip()
-  m, b = config.model, config.batch
-  minibatch = config.ppo.minibatch_size or b.prompts
-  title = (f"workload {config.workload}: {m.num_layers} layers, width {m.embed_dim}, vocab {m.vocab_size}, "
-           f"{m.dtype} compute; {b.prompts} prompts x {b.prompt_len} tokens, {b.new_tokens} new; PPO "
-           f"{config.ppo.epochs} epoch(s) of minibatches of {minibatch}; mean of "
-           f"{config.iterations} calls after the first; devices {jax.devices()}")
-  print(format_table(run_benchmark(config), title))
+  rows = run_benchmark(config)
+  peak_bytes = peak_memory_bytes()
+  print(format_table(rows, _title(config)))
+  print(f"peak device memory: {peak_bytes / 2**30:.2f} GiB" if peak_bytes else
+        "peak device memory: not reported by this backend")
+  if config.json_out:
+    with open(config.json_out, "w") as f:
+      json.dump({"title": _title(config), "rows": rows, "peak_bytes": peak_bytes}, f)
 
 
 if __name__ == "__main__":

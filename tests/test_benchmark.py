@@ -195,3 +195,32 @@ def test_fused_step_equals_experience_then_update(entropy_coef, with_sampler_log
     np.testing.assert_allclose(fast, slow, atol=1e-6)
     moved = max(moved, float(jnp.max(jnp.abs(slow - before))))
   assert moved > 1e-4  # the update really changed the parameters
+
+
+def test_pieces_pick_the_rows():
+  config = _config("smoke")
+  config.iterations = 1
+  config.pieces = ("qfit",)
+  assert [r["name"] for r in benchmark.run_benchmark(config)] == ["qfit step"]
+  config.pieces = ("ppo", "sampling")
+  with pytest.raises(ValueError, match="unknown benchmark pieces"):
+    benchmark.run_benchmark(config)
+
+
+def test_sweep_runs_each_cell_in_its_own_process_and_keeps_failures(capsys):
+  """Issue #7's scaling table on the smoke shape: one process per cell; a cell that fails (6 prompts do not split
+  into minibatches of 4) is a row saying why, and the other cells still run."""
+  config = _config("smoke")
+  config.sweep.new_tokens = (2, 4)
+  config.sweep.prompts = (4, 6)
+  assert len(benchmark.sweep_cells(config)) == 4
+  results = benchmark.run_sweep(config, ["--config=configs/benchmark.py:smoke", "--config.iterations=1",
+                                         "--config.batch.prompts=99"])  # replaced by each cell's own value
+  assert [(r["new_tokens"], r["prompts"], bool(r["error"])) for r in results] == [
+      (2, 4, False), (2, 6, True), (4, 4, False), (4, 6, True)]
+  assert all("multiple of ppo.minibatch_size" in r["error"] for r in results if r["error"])
+  ok = results[0]
+  names = [row["name"] for row in ok["rows"]]
+  assert names[0] == "ppo generation" and "ppo iteration, fused" in names  # 4 prompts: one minibatch
+  table = benchmark.format_sweep(results)
+  assert table.count("  ok") == 2 and table.count("failed: ") == 2
