@@ -534,8 +534,15 @@ def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Calla
   """
   P = prompt_len
 
+  rows = sharding.batch_sharding(policy.mesh)
+
   def step(state: PPOState, ref_params, reward_params, prompt_tokens, prompt_valid, response,
            response_valid, kl_coef, old_logprobs=None):
+    # The rollout's rows are split over (data, fsdp), as make_update_step's in_shardings place a minibatch.
+    prompt_tokens, prompt_valid, response, response_valid = (
+        jax.lax.with_sharding_constraint(x, rows) for x in (prompt_tokens, prompt_valid, response, response_valid))
+    if old_logprobs is not None:
+      old_logprobs = jax.lax.with_sharding_constraint(old_logprobs, rows)
     tokens, valid, positions = sequence_layout(prompt_tokens, prompt_valid, response, response_valid)
     mask = response_valid
     ref_logprobs, _ = policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)

@@ -1,4 +1,5 @@
-"""The jitted steps give the same numbers on every mesh: SFT, Q-fit and the PPO scoring + update step.
+"""The jitted steps give the same numbers on every mesh: SFT, Q-fit, the PPO scoring + update step, and the fused
+PPO step (scoring inside the update, ppo.make_fused_step).
 
 On 8 forced host CPU devices, one SFT step, one Q-fit step (TD target network on, so the Polyak update runs too),
 the PPO experience function (policy, reference, critic and Q-reward passes, token rewards, GAE, whitening) and one
@@ -121,6 +122,16 @@ def _worker() -> dict:
       state, metrics = update(state, batch)
       res["ppo"] = (jax.device_get(metrics), {**flat(state.policy.params),
                                               **{"critic" + k: v for k, v in flat(state.critic.params).items()}})
+
+      # The fused scoring + update step (one epoch of one minibatch) from the same start, on this mesh's rows.
+      _, p_state = ts.init_trainable(make_policy, tx, mesh, params=policy_init)
+      _, c_state = ts.init_trainable(make_scalar, tx, mesh, params=scalar_init)
+      fused = ppo.make_fused_step(policy, critic, ppo.make_q_reward_fn(reward_tr), ppo_cfg, PROMPT)
+      state, metrics, _ = fused(ppo.PPOState(policy=p_state, critic=c_state), ref_params, r_state.params,
+                                put(prompt_tokens), put(prompt_valid), put(response), put(response_valid),
+                                jnp.float32(0.1))
+      res["fused"] = (jax.device_get(metrics), {**flat(state.policy.params),
+                                                **{"critic" + k: v for k, v in flat(state.critic.params).items()}})
       return res
 
   reference = run(one, None)
@@ -129,6 +140,7 @@ def _worker() -> dict:
   policy_flat, scalar_flat = flat(policy_init), flat(scalar_init)
   initial = {"sft": policy_flat, "qfit": {**scalar_flat, **{"target" + k: v for k, v in scalar_flat.items()}},
              "ppo": {**policy_flat, **{"critic" + k: v for k, v in scalar_flat.items()}}}
+  initial["fused"] = initial["ppo"]
 
   def rel(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
@@ -136,7 +148,7 @@ def _worker() -> dict:
 
   report = {"num_devices": jax.device_count(), "meshes": {},
             "reference": {name: {k: float(v) for k, v in reference[name][0].items()}
-                          for name in ("sft", "qfit", "ppo")},
+                          for name in ("sft", "qfit", "ppo", "fused")},
             "response_tokens": int(response_valid.sum())}
   for name, (data, fsdp, tensor) in MESHES.items():
     mesh = sharding.make_mesh([("data", data), ("fsdp", fsdp), ("tensor", tensor)])
@@ -144,7 +156,7 @@ def _worker() -> dict:
     res = run(mesh, fixed_experience)
     print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     entry = {"up_spec": res["up_spec"], "up_spec_after": res["up_spec_after"]}
-    for step in ("sft", "qfit", "ppo"):
+    for step in ("sft", "qfit", "ppo", "fused"):
       metrics, params = res[step]
       ref_metrics, ref_params = reference[step]
       # Metrics on the scale max(|reference|, 1): some sit at ~0 (a mean of whitened advantages), where a
@@ -191,7 +203,7 @@ def test_embed_mlp_param_is_sharded(report):
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
-@pytest.mark.parametrize("step", ["sft", "qfit", "ppo"])
+@pytest.mark.parametrize("step", ["sft", "qfit", "ppo", "fused"])
 def test_step_matches_single_device(report, mesh, step):
   entry = report["meshes"][mesh][step]
   assert entry["same_keys"]
