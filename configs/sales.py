@@ -4,6 +4,7 @@ r"""Iterative PPO on the sales suggested-response simulator, and the simulator r
   python -m experiments.iterative_ppo --workdir=/tmp/ippo --config.loop.iterations=4 --config.ppo.kl_coef=0.02
   python -m experiments.iterative_ppo --config=configs/sales.py:tiny --workdir=/tmp/t   # seconds, for tests
   python -m experiments.simulate --config=configs/sales.py --workdir=/tmp/sim --config.policy=oracle
+  python -m experiments.iterative_ppo --config=configs/sales.py:hf --config.model_dir=DIR   # = configs/sales_hf.py
 
 Any key can be overridden with --config.key=value; an unknown key fails before any work starts.
 """
@@ -14,7 +15,10 @@ from configs import common
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, tiny=False)
+  args = common.parse_arg(arg, tiny=False, hf=False)
+  if args["hf"]:  # `configs/sales.py:hf`: start from a local Hugging Face checkpoint (--config.model_dir=DIR)
+    from configs import sales_hf  # sales_hf builds on this module's config
+    return sales_hf.get_config("tiny" if args["tiny"] else None)
   c = ml_collections.ConfigDict()
   c.seed = 0  # every random stream is folded from this and (iteration, phase, step)
   c.gamma = 0.95  # discount of returns and Q targets: a sale sooner is worth more (PAPER.md)

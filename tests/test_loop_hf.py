@@ -71,3 +71,11 @@ def test_loop_from_a_hf_checkpoint_renders_chats_and_exports(model_dir, tmp_path
     theirs = model(torch.tensor(ids)).logits.numpy()
   ours = nnx.merge(hf_lib.abstract_model(cfg)[0], exported)(ids, np.arange(4)[None])[0]
   np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+def test_sales_hf_argument_is_the_hf_config():
+  """`--config=configs/sales.py:hf` (the issue's spelling) is configs/sales_hf.py; `:hf,tiny` its tiny sizes."""
+  from configs import sales
+  assert sales.get_config("hf").to_dict() == sales_hf.get_config().to_dict()
+  assert sales.get_config("hf,tiny").to_dict() == sales_hf.get_config("tiny").to_dict()
+  assert "model_dir" in sales.get_config("hf") and "model_dir" not in sales.get_config()
