@@ -72,7 +72,8 @@ class BagOfTokensQ(nnx.Module):
   what follows the last `<customer>` tag before it. A ReLU layer reads [state, last turn, action,
   (state + last turn) * action], so state-action interactions are easy. Word order is lost, which the templated
   simulator language mostly does not need, and a step costs about as much as an embedding lookup. Same call
-  signature as heads.ScalarModel (one scalar per token; here the same at every token).
+  signature as heads.ScalarModel (one scalar per token, or per slot of ``out_slots``; here the same at every
+  token).
   """
 
   def __init__(self, vocab_size: int, suggestion_id: int, customer_id: int, *, dim: int = 32, hidden: int = 64,
@@ -90,7 +91,7 @@ class BagOfTokensQ(nnx.Module):
     self.head_bias = logical_param(rngs, nnx.initializers.zeros, (1,), (None,), f32)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array, attn_mask=None, *,
-               valid: jax.Array | None = None) -> jax.Array:
+               valid: jax.Array | None = None, out_slots=None) -> jax.Array:
     del positions, attn_mask  # a bag of tokens has no order
     valid = jnp.ones(tokens.shape, bool) if valid is None else valid.astype(bool)
     action = _after_last(tokens, valid, self.suggestion_id)
@@ -104,7 +105,10 @@ class BagOfTokensQ(nnx.Module):
     s, c, a = pool(0, state), pool(1, last_turn), pool(2, action)
     h = jax.nn.relu(jnp.concatenate([s, c, a, (s + c) * a], -1) @ self.hidden_kernel[...] + self.hidden_bias[...])
     value = (h @ self.head_kernel[...])[:, 0] + self.head_bias[...][0]
-    return jnp.broadcast_to(value[:, None], tokens.shape)
+    if out_slots is None:
+      return jnp.broadcast_to(value[:, None], tokens.shape)
+    slots = out_slots[1] if isinstance(out_slots, tuple) else out_slots.shape[1]  # as transformer.take_slots
+    return jnp.broadcast_to(value[:, None], (tokens.shape[0], slots))
 
 
 # ---- data pieces ----
