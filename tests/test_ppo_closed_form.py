@@ -72,12 +72,14 @@ def _make_reference(config):
   return model
 
 
-@pytest.mark.slow  # ~15 s per beta on two cores
-@pytest.mark.parametrize("beta", [0.5, 1.0])
-def test_ppo_reaches_kl_regularised_optimum(beta):
+@pytest.mark.slow  # ~15 s per case on two cores
+@pytest.mark.parametrize("beta,fused", [(0.5, False), (1.0, False), (1.0, True)])
+def test_ppo_reaches_kl_regularised_optimum(beta, fused):
+  """fused: one epoch of one minibatch per iteration, which train_ppo runs as ppo.make_fused_step."""
   config = _config()
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
-  n_updates = STEPS * 2 * (BATCH // MINIBATCH)
+  epochs, minibatch, steps = (1, BATCH, 4 * STEPS) if fused else (2, MINIBATCH, STEPS)
+  n_updates = steps * epochs * (BATCH // minibatch)
   # A decaying step size: Adam (and advantage whitening) keep the step ~lr however close the policy is to
   # pi*, so a constant lr would leave it jittering at a distance set by lr rather than converging.
   policy_tx = optax.adam(optax.linear_schedule(LEARNING_RATE, 0.0, n_updates))
@@ -100,11 +102,12 @@ def test_ppo_reaches_kl_regularised_optimum(beta):
   # the centred advantages vanish exactly there, whatever the critic says: pi* is a fixed point of each batch
   # update, not only in expectation. The division by the std only rescales the step (Adam rescales anyway).
   cfg = ppo.PPOConfig(kl_coef=beta, kl_estimator="k1", entropy_coef=0.0, whiten_advantages=True, gamma=1.0,
-                      lam=1.0, epochs=2, minibatch_size=MINIBATCH, max_new_tokens=1, temperature=1.0)
+                      lam=1.0, epochs=epochs, minibatch_size=minibatch, max_new_tokens=1, temperature=1.0)
+  assert ppo.fuses(cfg, BATCH) is fused
   prompts = {"tokens": np.full((1, 1), PROMPT_TOKEN, np.int32), "valid": np.ones((1, 1), bool)}
   state = ppo.PPOState(policy=policy_state, critic=critic_state)
   state, _, metrics = ppo.train_ppo(policy, critic, state, ref_params, _reward_fn, jnp.asarray(REWARDS),
-                                    prompts, cfg, steps=STEPS, batch_size=BATCH, seed=0, eos_id=VOCAB - 1,
+                                    prompts, cfg, steps=steps, batch_size=BATCH, seed=0, eos_id=VOCAB - 1,
                                     pad_id=0)
 
   trained = _next_token_probs(policy, state.policy.params)
