@@ -433,6 +433,34 @@ def make_q_reward_fn(q_trainable: ts.Trainable, kind: str = "bce") -> Callable:
   return reward_fn
 
 
+def _advantages(score, logprobs, ref_logprobs, values, mask, kl_coef, cfg: PPOConfig):
+  """Token rewards (score at the end, KL penalty at every token), GAE and whitening, for one rollout batch.
+
+  Returns (advantages [B, N], returns [B, N], logged) with logged the per-row 'score', 'kl' (sum of the KL
+  estimates), 'exact_kl_k1' (sum of log pi - log pi_ref) and the float response 'mask'.
+  """
+  rewards, kl_sum = token_rewards(score, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
+  advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+  if cfg.whiten_advantages:
+    advantages = whiten(advantages, mask)
+  logged = {"score": score, "kl": kl_sum, "mask": mask.astype(jnp.float32),
+            "exact_kl_k1": jnp.sum(jnp.where(mask, logprobs - ref_logprobs, 0.), 1)}
+  return advantages, returns, logged
+
+
+def _policy_objective(logp, step_logits, old_logprobs, advantages, mask, cfg: PPOConfig):
+  """(loss, aux): the clipped policy loss, minus the entropy bonus when cfg.entropy_coef is set.
+
+  Without a bonus the entropy is a metric only: no gradient flows through the [B, N, V] softmax.
+  """
+  loss, aux = policy_loss(logp, old_logprobs, advantages, mask, cfg.clip_eps)
+  if not cfg.entropy_coef:
+    return loss, {**aux, "entropy": entropy_from_logits(jax.lax.stop_gradient(step_logits), mask),
+                  "policy_loss": loss}
+  entropy = entropy_from_logits(step_logits, mask)
+  return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
+
+
 def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Callable, cfg: PPOConfig):
   """Jitted scoring passes: old log-probs, reference log-probs, values, reward, then token rewards and GAE.
 
@@ -459,13 +487,9 @@ def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Ca
     values = critic_values(critic.merge(critic_params), tokens, positions, valid, P)
     last, _ = last_valid_index(mask)
     score = reward_fn(reward_params, tokens, positions, valid, P + last)
-    rewards, kl_sum = token_rewards(score, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
-    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-      advantages = whiten(advantages, mask)
-    return {"tokens": tokens, "valid": valid, "positions": positions, "mask": mask.astype(jnp.float32),
-            "old_logprobs": logprobs, "old_values": values, "advantages": advantages, "returns": returns,
-            "score": score, "kl": kl_sum, "exact_kl_k1": jnp.sum(jnp.where(mask, logprobs - ref_logprobs, 0.), 1)}
+    advantages, returns, logged = _advantages(score, logprobs, ref_logprobs, values, mask, kl_coef, cfg)
+    return {"tokens": tokens, "valid": valid, "positions": positions, "old_logprobs": logprobs,
+            "old_values": values, "advantages": advantages, "returns": returns, **logged}
 
   return jax.jit(experience)
 
@@ -490,12 +514,7 @@ def make_update_step(policy: ts.Trainable, critic: ts.Trainable, cfg: PPOConfig,
     def policy_objective(params):
       logp, step_logits = policy_response_logprobs(policy.merge(params), batch["tokens"], batch["positions"],
                                                    batch["valid"], P)
-      loss, aux = policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, cfg.clip_eps)
-      if not cfg.entropy_coef:  # a metric only: no backward pass through the [B, N, V] softmax
-        return loss, {**aux, "entropy": entropy_from_logits(jax.lax.stop_gradient(step_logits), mask),
-                      "policy_loss": loss}
-      entropy = entropy_from_logits(step_logits, mask)
-      return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
+      return _policy_objective(logp, step_logits, batch["old_logprobs"], batch["advantages"], mask, cfg)
 
     def value_objective(params):
       values = critic_values(critic.merge(params), batch["tokens"], batch["positions"], batch["valid"], P)
@@ -561,19 +580,11 @@ def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Calla
 
     old = jax.lax.stop_gradient(logp) if old_logprobs is None else old_logprobs.astype(jnp.float32)
     old_values = jax.lax.stop_gradient(values)
-    rewards, kl_sum = token_rewards(score, old, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
-    advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-      advantages = whiten(advantages, mask)
-    maskf = mask.astype(jnp.float32)
+    advantages, returns, summary = _advantages(score, old, ref_logprobs, old_values, mask, kl_coef, cfg)
+    maskf = summary["mask"]
 
     def policy_objective(outs):
-      loss, aux = policy_loss(outs[0], old, advantages, maskf, cfg.clip_eps)
-      if not cfg.entropy_coef:
-        return loss, {**aux, "entropy": entropy_from_logits(jax.lax.stop_gradient(step_logits), maskf),
-                      "policy_loss": loss}
-      entropy = entropy_from_logits(outs[1], maskf)
-      return loss - cfg.entropy_coef * entropy, {**aux, "entropy": entropy, "policy_loss": loss}
+      return _policy_objective(outs[0], outs[1] if cfg.entropy_coef else step_logits, old, advantages, maskf, cfg)
 
     (_, p_aux), d_outputs = jax.value_and_grad(policy_objective, has_aux=True)(outputs)
     (v_loss, v_aux), d_values = jax.value_and_grad(
@@ -581,8 +592,6 @@ def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Calla
     (p_grads,), (v_grads,) = policy_vjp(d_outputs), critic_vjp(d_values)
     state, metrics = apply_gradients(state, policy, critic, p_grads, v_grads,
                                       {**p_aux, **v_aux, "value_loss": v_loss})
-    summary = {"score": score, "kl": kl_sum, "mask": maskf,
-               "exact_kl_k1": jnp.sum(jnp.where(mask, old - ref_logprobs, 0.), 1)}
     return state, metrics, summary
 
   shardings = PPOState(policy=policy.state_shardings, critic=critic.state_shardings)
