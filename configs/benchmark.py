@@ -9,36 +9,32 @@ Workloads are named shapes (a plain lookup below); any key can still be overridd
 
 import ml_collections
 
+
+def _gpu(**model) -> dict:
+  """An accelerator workload: bf16 compute over f32 params, 32 prompts of 48 tokens and 128 new ones, H100 peaks
+  (bf16 dense 989 TFLOP/s, SXM HBM 3350 GB/s) for the MFU and HBM columns."""
+  return dict(model=dict(dtype="bfloat16", param_dtype="float32", **model),
+              batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0, peak_hbm_gbps=3350.0)
+
+
 # Named workloads: model shape and batch. Everything not named here takes the defaults in get_config.
 WORKLOADS = {
     # A CPU-sized policy: every number in the table comes back in about a minute on two cores.
     "ppo_tiny": dict(model=dict(num_layers=4, embed_dim=256, mlp_dim=1024, num_heads=4, num_kv_heads=4,
                                 head_dim=64, vocab_size=2048, tie_embeddings=False),
                      batch=dict(prompts=16, prompt_len=48, new_tokens=32)),
-    # Qwen2.5-0.5B shapes (24 layers, GQA 14/2, vocab 151936, untied here), bf16 compute over f32 params.
-    "ppo_0p5b": dict(model=dict(num_layers=24, embed_dim=896, mlp_dim=4864, num_heads=14, num_kv_heads=2,
-                                head_dim=64, vocab_size=151936, tie_embeddings=False, dtype="bfloat16",
-                                param_dtype="float32", rope_theta=1000000.0),
-                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
-                     peak_hbm_gbps=3350.0),
-    # Llama-3.2-1B shapes (16 layers, width 2048, GQA 32/8, vocab 128256, tied), bf16 compute: issue 3's GPU row.
-    "llama_1b": dict(model=dict(num_layers=16, embed_dim=2048, mlp_dim=8192, num_heads=32, num_kv_heads=8,
-                                head_dim=64, vocab_size=128256, tie_embeddings=True, dtype="bfloat16",
-                                param_dtype="float32", rope_theta=500000.0),
-                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
-                     peak_hbm_gbps=3350.0),
+    # Qwen2.5-0.5B shapes (24 layers, GQA 14/2, vocab 151936, untied here).
+    "ppo_0p5b": _gpu(num_layers=24, embed_dim=896, mlp_dim=4864, num_heads=14, num_kv_heads=2, head_dim=64,
+                     vocab_size=151936, tie_embeddings=False, rope_theta=1000000.0),
+    # Llama-3.2-1B shapes (16 layers, width 2048, GQA 32/8, vocab 128256, tied): issue 3's GPU row.
+    "llama_1b": _gpu(num_layers=16, embed_dim=2048, mlp_dim=8192, num_heads=32, num_kv_heads=8, head_dim=64,
+                     vocab_size=128256, tie_embeddings=True, rope_theta=500000.0),
     # Llama-3.2-3B and Llama-3.1-8B shapes, for the largest-model search on one GPU (sweep.workloads); add
     # --config.model.remat=True, --config.model.param_dtype=bfloat16 to trade compute and precision for memory.
-    "llama_3b": dict(model=dict(num_layers=28, embed_dim=3072, mlp_dim=8192, num_heads=24, num_kv_heads=8,
-                                head_dim=128, vocab_size=128256, tie_embeddings=True, dtype="bfloat16",
-                                param_dtype="float32", rope_theta=500000.0),
-                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
-                     peak_hbm_gbps=3350.0),
-    "llama_8b": dict(model=dict(num_layers=32, embed_dim=4096, mlp_dim=14336, num_heads=32, num_kv_heads=8,
-                                head_dim=128, vocab_size=128256, tie_embeddings=False, dtype="bfloat16",
-                                param_dtype="float32", rope_theta=500000.0),
-                     batch=dict(prompts=32, prompt_len=48, new_tokens=128), peak_tflops=989.0,
-                     peak_hbm_gbps=3350.0),
+    "llama_3b": _gpu(num_layers=28, embed_dim=3072, mlp_dim=8192, num_heads=24, num_kv_heads=8, head_dim=128,
+                     vocab_size=128256, tie_embeddings=True, rope_theta=500000.0),
+    "llama_8b": _gpu(num_layers=32, embed_dim=4096, mlp_dim=14336, num_heads=32, num_kv_heads=8, head_dim=128,
+                     vocab_size=128256, tie_embeddings=False, rope_theta=500000.0),
     # Smaller than tiny, for the benchmark's own smoke test.
     "smoke": dict(model=dict(num_layers=1, embed_dim=64, mlp_dim=128, num_heads=2, num_kv_heads=2, head_dim=32,
                              vocab_size=128, tie_embeddings=False),

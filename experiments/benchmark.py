@@ -98,11 +98,16 @@ def _traffic(n_params, param_bytes, model_config, B, P, N):
   return {"forward": weights, "sample": N * weights + kv_reads, "train": 10 * n_params * 4}
 
 
+def _minibatch(config) -> int:
+  """config.ppo.minibatch_size, 0 meaning the whole batch (issue #7's one minibatch)."""
+  return config.ppo.minibatch_size or config.batch.prompts
+
+
 def run_benchmark(config) -> list[dict]:
   """Runs every timing of `config` (configs/benchmark.py) and returns the table rows."""
   m, b = config.model, config.batch
   B, P, N = b.prompts, b.prompt_len, b.new_tokens
-  minibatch = config.ppo.minibatch_size or B  # 0: the whole batch, issue #7's one minibatch
+  minibatch = _minibatch(config)
   if B % minibatch:
     raise ValueError(f"batch.prompts {B} must be a multiple of ppo.minibatch_size {minibatch}")
   model_config = tf.TransformerConfig(
@@ -221,14 +226,19 @@ def run_benchmark(config) -> list[dict]:
     hbm = {"generation": traffic["sample"], "scoring": passes * traffic["forward"],
            "update": 2 * n_updates * traffic["train"]}
 
-    def steady(times, column):
-      return float(np.mean([t[column] for t in times[1:]]))
+    def phase_row(name, times, n_tokens, n_flops, n_bytes):
+      """A row from one phase's (wall, cpu) per call: the first call, then the mean of the others."""
+      steady = [float(np.mean([t[column] for t in times[1:]])) for column in (0, 1)]
+      return _row(name, times[0][0], *steady, n_tokens, n_flops, peak, n_bytes, bandwidth)
+
+    def summed(phase_times):
+      """Per call, the sum of the phases' (wall, cpu): the whole iteration."""
+      return [tuple(map(sum, zip(*calls))) for calls in zip(*phase_times)]
+
     for name, times in phases.items():
-      rows.append(_row(f"ppo {name}", times[0][0], steady(times, 0), steady(times, 1), tokens[name], flops[name],
-                       peak, hbm[name], bandwidth))
-    total = [tuple(map(sum, zip(*ts_))) for ts_ in zip(*phases.values())]
-    rows.append(_row("ppo iteration", total[0][0], steady(total, 0), steady(total, 1), B * L,
-                     sum(flops.values()), peak, sum(hbm.values()), bandwidth))
+      rows.append(phase_row(f"ppo {name}", times, tokens[name], flops[name], hbm[name]))
+    rows.append(phase_row("ppo iteration", summed(phases.values()), B * L, sum(flops.values()),
+                          sum(hbm.values())))
 
     # ---- the same iteration as train_ppo runs it when one update takes the whole batch (ppo.fuses): the
     # update's policy and critic passes also give the old log-probs and values, so scoring runs only the
@@ -249,12 +259,9 @@ def run_benchmark(config) -> list[dict]:
           fused_phases[name].append((z[0] - a[0], z[1] - a[1]))
       fused_flops = 2 * fwd(B * L) + 2 * train(B * L)
       fused_hbm = 2 * traffic["forward"] + 2 * traffic["train"]
-      times = fused_phases["fused"]
-      rows.append(_row("ppo scoring+update, fused", times[0][0], steady(times, 0), steady(times, 1), B * L,
-                       fused_flops, peak, fused_hbm, bandwidth))
-      total = [tuple(map(sum, zip(*ts_))) for ts_ in zip(*fused_phases.values())]
-      rows.append(_row("ppo iteration, fused", total[0][0], steady(total, 0), steady(total, 1), B * L,
-                       flops["generation"] + fused_flops, peak, hbm["generation"] + fused_hbm, bandwidth))
+      rows.append(phase_row("ppo scoring+update, fused", fused_phases["fused"], B * L, fused_flops, fused_hbm))
+      rows.append(phase_row("ppo iteration, fused", summed(fused_phases.values()), B * L,
+                            flops["generation"] + fused_flops, hbm["generation"] + fused_hbm))
   return rows
 
 
@@ -280,7 +287,7 @@ def _title(config) -> str:
   return (f"workload {config.workload}: {m.num_layers} layers, width {m.embed_dim}, vocab {m.vocab_size}, "
           f"{m.dtype} compute over {m.param_dtype} params{', remat' if m.remat else ''}; {b.prompts} prompts x "
           f"{b.prompt_len} tokens, {b.new_tokens} new; PPO {config.ppo.epochs} epoch(s) of minibatches of "
-          f"{config.ppo.minibatch_size or b.prompts}; mean of {config.iterations} calls after the first; "
+          f"{_minibatch(config)}; mean of {config.iterations} calls after the first; "
           f"devices {jax.devices()}")
 
 
