@@ -248,7 +248,8 @@ def test_out_slots_equal_slicing_the_full_output(style, kv_heads):
   leaves_full, leaves_slots = jax.tree.leaves(g_full), jax.tree.leaves(g_slots)
   assert len(leaves_full) == len(leaves_slots)
   for a, b in zip(leaves_full, leaves_slots):
-    np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
+    # f32 rounding: the embedding's gradient sums a row's cotangents in another order (seen: 4e-5).
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
   assert any(float(jnp.max(jnp.abs(a))) > 0 for a in leaves_full)
 
 

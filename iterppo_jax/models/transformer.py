@@ -36,6 +36,7 @@ from typing import Any, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from iterppo_jax.sharding import constrain
@@ -157,8 +158,8 @@ def positions_from_valid(valid: Array) -> Array:
   return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def rope_inv_freq(config: TransformerConfig) -> Array:
-  """RoPE inverse frequencies [H/2] f32 with the config's frequency scaling.
+def rope_inv_freq(config: TransformerConfig) -> np.ndarray:
+  """RoPE inverse frequencies [H/2] f32 with the config's frequency scaling (numpy: static config maths).
 
   'linear' divides every frequency by ``rope_factor``. 'llama3' (Llama 3.1) leaves wavelengths
   shorter than ``orig / high_freq_factor`` alone, divides those longer than
@@ -166,35 +167,59 @@ def rope_inv_freq(config: TransformerConfig) -> Array:
   """
   c = config
   half = c.head_dim // 2
-  inv_freq = c.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  f32 = np.float32
+  inv_freq = (f32(c.rope_theta) ** (-np.arange(half, dtype=f32) / f32(half))).astype(f32)
   if c.rope_scaling == 'linear':
-    return inv_freq / c.rope_factor
+    return (inv_freq / f32(c.rope_factor)).astype(f32)
   if c.rope_scaling == 'llama3':
-    orig = float(c.rope_original_max_len)
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > orig / c.rope_low_freq_factor, inv_freq / c.rope_factor, inv_freq)
-    smooth = (orig / wavelen - c.rope_low_freq_factor) / (
-        c.rope_high_freq_factor - c.rope_low_freq_factor)
-    smoothed = (1 - smooth) * scaled / c.rope_factor + smooth * scaled
-    medium = (wavelen >= orig / c.rope_high_freq_factor) & (wavelen <= orig / c.rope_low_freq_factor)
-    return jnp.where(medium, smoothed, scaled)
+    orig = f32(c.rope_original_max_len)
+    low, high, factor = f32(c.rope_low_freq_factor), f32(c.rope_high_freq_factor), f32(c.rope_factor)
+    wavelen = f32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+    smooth = (orig / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return np.where(medium, smoothed, scaled).astype(f32)
   return inv_freq
 
 
-def apply_rope(x: Array, positions: Array, theta: float, inv_freq: Optional[Array] = None) -> Array:
+# Up to this many angles (max_len x H/2), the sine and cosine tables are constants of the program.
+_ROPE_TABLE_LIMIT = 1 << 18
+
+
+@functools.lru_cache(maxsize=32)
+def _rope_table(config: TransformerConfig) -> Tuple[np.ndarray, np.ndarray]:
+  """(sin, cos) [max_len, H/2] f32 at every position, angles rounded to f32 as a runtime product would be."""
+  angle = np.arange(config.max_len, dtype=np.float32)[:, None] * rope_inv_freq(config)[None]
+  return np.sin(angle), np.cos(angle)
+
+
+def rope_tables(config: TransformerConfig, positions: Array) -> Tuple[Array, Array]:
+  """(sin, cos) [B,T,H/2] f32 of the rotary angles at ``positions`` [B,T], for ``rotate``.
+
+  ``Trunk`` computes them once per call for all its layers. For models whose max_len x H/2 angles
+  fit in ``_ROPE_TABLE_LIMIT`` they are looked up in tables computed once on the host: computed on
+  the device, XLA:CPU fuses the sine and cosine into every RoPE fusion of every layer, forward and
+  backward, and evaluates them per element there (a tenth of the CPU PPO step's time). Positions
+  must lie in [0, max_len): a lookup beyond the table gives NaN, not a silently wrong rotation.
+  """
+  c = config
+  if c.max_len * (c.head_dim // 2) <= _ROPE_TABLE_LIMIT:
+    sin, cos = _rope_table(c)
+    return (jnp.take(jnp.asarray(sin), positions, axis=0, mode='fill', fill_value=jnp.nan),
+            jnp.take(jnp.asarray(cos), positions, axis=0, mode='fill', fill_value=jnp.nan))
+  angle = positions.astype(jnp.float32)[..., None] * rope_inv_freq(c)  # [B,T,H/2]
+  return jnp.sin(angle), jnp.cos(angle)
+
+
+def rotate(x: Array, sin: Array, cos: Array) -> Array:
   """Rotary embedding in the rotate-half layout used by Hugging Face Llama checkpoints.
 
   Args:
     x: [B,T,N,H] queries or keys.
-    positions: [B,T] int.
-    theta: RoPE base, used when ``inv_freq`` is None.
-    inv_freq: optional [H/2] frequencies (``rope_inv_freq``, for scaled RoPE).
+    sin, cos: [B,T,H/2] from ``rope_tables`` at x's positions.
   """
-  half = x.shape[-1] // 2
-  if inv_freq is None:
-    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
-  angle = positions.astype(jnp.float32)[..., None] * inv_freq          # [B,T,H/2]
-  sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+  sin, cos = sin[:, :, None, :], cos[:, :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -342,12 +367,14 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, positions: Array, mask: Array,
                layer_cache: Optional[dict] = None, cache_index: Any = None,
-               query: Optional[Tuple[Array, Array]] = None):
+               query: Optional[Tuple[Array, Array]] = None, rope: Optional[Tuple[Array, Array]] = None,
+               query_rope: Optional[Tuple[Array, Array]] = None):
     """x: [B,T,D]; positions: [B,T]; mask: [B,T',S] (S = T without a cache).
 
     ``query``: optional (x [B,T',D], positions [B,T']) of the tokens that ask (a subset of x's,
     ``Trunk``'s ``out_slots``); by default every token of x asks (T' = T). Keys and values always
-    come from all of x.
+    come from all of x. ``rope``, ``query_rope``: optional ``rope_tables`` at ``positions`` and at
+    the query's positions (the trunk shares them between layers); computed here when left out.
 
     Returns ([B,T',D], new layer cache or None).
     """
@@ -359,9 +386,12 @@ class Attention(nnx.Module):
     k = _add(dense('BTD,DKH->BTKH', x, self.k_proj[...].astype(dt)), self.k_bias)
     v = _add(dense('BTD,DKH->BTKH', x, self.v_proj[...].astype(dt)), self.v_bias)
     if c.style == 'llama':
-      inv_freq = rope_inv_freq(c) if c.rope_scaling else None
-      q = apply_rope(q, query_positions, c.rope_theta, inv_freq)
-      k = apply_rope(k, positions, c.rope_theta, inv_freq)
+      if rope is None:
+        rope = rope_tables(c, positions)
+      if query_rope is None:
+        query_rope = rope if query is None else rope_tables(c, query_positions)
+      q = rotate(q, *query_rope)
+      k = rotate(k, *rope)
 
     new_cache = None
     K, H = c.num_kv_heads, c.head_dim
@@ -425,17 +455,19 @@ class Block(nnx.Module):
     self.mlp_norm = _norm(config, rngs)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, out_slots=None):
+  def __call__(self, x, positions, mask, layer_cache=None, cache_index=None, out_slots=None, rope=None):
     """``out_slots`` (see ``take_slots``): only these tokens' outputs are computed and returned;
-    every token still writes its key and value (the cache, and the keys the kept tokens see)."""
+    every token still writes its key and value (the cache, and the keys the kept tokens see).
+    ``rope``: optional ``rope_tables`` at ``positions`` (llama style), shared by the trunk's layers."""
     x = constrain(x, ACT_BTD)
     normed = self.attn_norm(x)
-    query = None
+    query = query_rope = None
     if out_slots is not None:
       query = (take_slots(normed, out_slots), take_slots(positions, out_slots))
+      query_rope = None if rope is None else tuple(take_slots(t, out_slots) for t in rope)
       mask = take_slots(mask, out_slots)
       x = take_slots(x, out_slots)
-    h, new_cache = self.attn(normed, positions, mask, layer_cache, cache_index, query)
+    h, new_cache = self.attn(normed, positions, mask, layer_cache, cache_index, query, rope, query_rope)
     x = x + h
     x = x + self.mlp(self.mlp_norm(x))
     return constrain(x, ACT_BTD), new_cache
@@ -451,8 +483,8 @@ def take_slots(x: Array, out_slots: Any) -> Array:
   return jnp.take_along_axis(x, index, axis=1)
 
 
-def _run_block(block, x, positions, mask, layer_cache, cache_index):
-  return block(x, positions, mask, layer_cache, cache_index)
+def _run_block(block, x, positions, mask, layer_cache, cache_index, rope):
+  return block(x, positions, mask, layer_cache, cache_index, rope=rope)
 
 
 # ---- the whole model -----------------------------------------------------------------------------
@@ -529,15 +561,16 @@ class Trunk(nnx.Module):
                        axis=0).astype(dt)
     x = constrain(x, ACT_BTD)
 
+    rope = rope_tables(c, positions) if c.style == 'llama' else None
     run = nnx.remat(_run_block) if c.remat else _run_block
     layer_caches = []
     last = len(self.blocks) - 1
     for i, block in enumerate(self.blocks):
       layer_cache = None if cache is None else cache['layers'][i]
       if i == last and out_slots is not None:  # not rematerialised: one block, and out_slots is static
-        x, new_layer_cache = block(x, positions, mask, layer_cache, cache_index, out_slots)
+        x, new_layer_cache = block(x, positions, mask, layer_cache, cache_index, out_slots, rope)
       else:
-        x, new_layer_cache = run(block, x, positions, mask, layer_cache, cache_index)
+        x, new_layer_cache = run(block, x, positions, mask, layer_cache, cache_index, rope)
       layer_caches.append(new_layer_cache)
     hidden = self.final_norm(x)
     new_cache = None if cache is None else {'valid': kv_valid, 'layers': tuple(layer_caches)}
