@@ -279,3 +279,25 @@ def test_scalar_model_out_slots():
   full = nnx.jit(lambda m: m(tokens, positions, valid=valid))(model)
   last = nnx.jit(lambda m: m(tokens, positions, valid=valid, out_slots=jnp.asarray([[7], [6]])))(model)
   np.testing.assert_allclose(last[:, 0], jnp.asarray([full[0, 7], full[1, 6]]), atol=1e-5, rtol=1e-5)
+
+
+# ---- RoPE tables: host constants for small models, device sines beyond the limit ----
+
+@pytest.mark.parametrize('scaling', ['', 'llama3'])
+def test_rope_host_tables_equal_device_angles(scaling):
+  """The host tables (small max_len) give the sines and cosines a device computation gives at the same
+  positions, as the large-model path computes them; a position past max_len reads NaN, not a wrong angle."""
+  small = tr.TransformerConfig(vocab_size=11, num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2,
+                               num_kv_heads=2, head_dim=16, max_len=50, rope_theta=500000.,
+                               rope_scaling=scaling, rope_factor=8.0, rope_original_max_len=16)
+  large = dataclasses.replace(small, max_len=tr._ROPE_TABLE_LIMIT)  # 8 angles a position: device path
+  positions = jnp.asarray([[0, 1, 2, 49], [7, 7, 30, 48]], jnp.int32)
+  host = jax.jit(lambda p: tr.rope_tables(small, p))(positions)
+  device = jax.jit(lambda p: tr.rope_tables(large, p))(positions)
+  angle = np.asarray(positions, np.float64)[..., None] * tr.rope_inv_freq(small).astype(np.float64)
+  for h, d, exact in zip(host, device, (np.sin(angle), np.cos(angle))):
+    assert h.shape == (2, 4, 8)
+    np.testing.assert_allclose(h, d, atol=2e-6)
+    np.testing.assert_allclose(h, exact, atol=1e-5)  # f32 angles: the rounding at position 49
+  beyond = tr.rope_tables(small, jnp.asarray([[3, 50]], jnp.int32))
+  assert np.all(np.isfinite(beyond[0][0, 0])) and np.all(np.isnan(beyond[0][0, 1]))
