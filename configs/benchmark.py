@@ -54,7 +54,7 @@ def get_config(arg=None):
   c.peak_hbm_gbps = 0.0  # per-device memory bandwidth for the HBM column (H100 SXM: 3350); 0 leaves it empty
   c.xla_flags = ""  # appended to XLA_FLAGS before jax opens its backend (threading experiments on CPU)
   c.pieces = ("sampler", "sft", "qfit", "ppo")  # which rows to time; the sweep times "ppo" only
-  c.json_out = ""  # also write the rows and the peak device memory to this JSON file
+  c.json_out = ""  # also write the rows, peak device memory and machine (a sweep: its cells) to this JSON file
 
   # ---- issue #7's scaling table: one PPO iteration per (new_tokens, prompts) cell, each in its own process
   # (a clean peak-memory reading, and a cell that runs out of memory is a row, not the end of the sweep) ----
@@ -62,6 +62,7 @@ def get_config(arg=None):
   c.sweep.new_tokens = ()  # e.g. (128, 512, 2048); empty: no sweep, the usual table
   c.sweep.prompts = ()  # e.g. (32, 128); empty: batch.prompts only
   c.sweep.workloads = ()  # e.g. ("llama_1b", "llama_3b"): the same iteration per named shape (largest that fits)
+  c.sweep.cell_timeout_s = 0  # a cell running longer becomes a "timed out" row (bounded device time); 0: no limit
 
   c.model = ml_collections.ConfigDict()
   c.model.style = "llama"  # llama | gpt2

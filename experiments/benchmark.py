@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -303,6 +304,13 @@ def sweep_cells(config) -> list[dict]:
           for p in (config.sweep.prompts or (config.batch.prompts,))]
 
 
+def failure_line(output: str, returncode: int) -> str:
+  """The line of a failed run's output that says why: its last exception line (not jax's traceback note)."""
+  lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+  errors = [ln for ln in lines if re.match(r"^[\w.]*(Error|Exception|Exit)\b|^[\w.]+Error:", ln)]
+  return ((errors or lines or [f"exit status {returncode}"])[-1])[:200]
+
+
 def run_sweep(config, argv) -> list[dict]:
   """One process per cell (this module, `pieces=('ppo',)`): its rows and peak memory, or why it failed.
 
@@ -319,14 +327,19 @@ def run_sweep(config, argv) -> list[dict]:
              f"--config.batch.new_tokens={cell['new_tokens']}", f"--config.batch.prompts={cell['prompts']}",
              "--config.pieces=('ppo',)", f"--config.json_out={out}"]
       print("sweep:", " ".join(cmd[3:]), flush=True)
-      done = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT)
+      try:
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT,
+                              timeout=config.sweep.cell_timeout_s or None)
+      except subprocess.TimeoutExpired:
+        results.append({**cell, "rows": [], "peak_bytes": None,
+                        "error": f"timed out after {config.sweep.cell_timeout_s} s (sweep.cell_timeout_s)"})
+        continue
       if done.returncode == 0 and os.path.exists(out):
         with open(out) as f:
           results.append({**cell, **json.load(f), "error": ""})
       else:
-        lines = [ln for ln in (done.stderr or done.stdout).strip().splitlines() if ln.strip()]
         results.append({**cell, "rows": [], "peak_bytes": None,
-                        "error": (lines[-1] if lines else f"exit status {done.returncode}")[:200]})
+                        "error": failure_line(done.stderr or done.stdout, done.returncode)})
   return results
 
 
@@ -351,11 +364,22 @@ def format_sweep(results) -> str:
   return "\n".join(lines)
 
 
+def machine() -> dict:
+  """What the numbers were measured on, for the JSON and the README table: device kind and count, jax, UTC date."""
+  device = jax.devices()[0]
+  return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
+          "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
 def main(argv):
   config = flags.FLAGS.config
   if config.sweep.new_tokens or config.sweep.prompts or config.sweep.workloads:
     results = run_sweep(config, sys.argv[1:])
     print(format_sweep(results))
+    if config.json_out:
+      with open(config.json_out, "w") as f:
+        json.dump({"machine": machine(), "cells": results}, f)
     return
   del argv
   if config.xla_flags:
@@ -368,7 +392,7 @@ def main(argv):
         "peak device memory: not reported by this backend")
   if config.json_out:
     with open(config.json_out, "w") as f:
-      json.dump({"title": _title(config), "rows": rows, "peak_bytes": peak_bytes}, f)
+      json.dump({"title": _title(config), "machine": machine(), "rows": rows, "peak_bytes": peak_bytes}, f)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Tests for sampling.py: greedy against an argmax loop over full forward passes, returned
 log-probs against a full forward pass, per-row end tokens, padding sides, no recompilation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,3 +152,13 @@ def test_top_p_filter_keeps_smallest_nucleus():
   np.testing.assert_array_equal(kept, [[True, True, False, False]])
   kept = np.isfinite(np.asarray(sampling.top_p_filter(logits, 0.9)))
   np.testing.assert_array_equal(kept, [[True, True, True, False]])
+
+
+def test_remat_model_samples_as_the_plain_one(model):
+  """A model built with remat (a training memory option) samples the same tokens: the sampler's loop runs no
+  backward pass, and remat of a module the loop closes over once failed with a TraceContextError."""
+  remat = tr.Transformer(dataclasses.replace(model.config, remat=True), rngs=nnx.Rngs(0))
+  tokens, valid = prompts()
+  plain, rematted = (run(m, tokens, valid, seed=3, ignore_eos=True) for m in (model, remat))
+  np.testing.assert_array_equal(rematted.tokens, plain.tokens)
+  np.testing.assert_allclose(rematted.logprobs, plain.logprobs, atol=1e-6)

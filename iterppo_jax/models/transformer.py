@@ -562,7 +562,9 @@ class Trunk(nnx.Module):
     x = constrain(x, ACT_BTD)
 
     rope = rope_tables(c, positions) if c.style == 'llama' else None
-    run = nnx.remat(_run_block) if c.remat else _run_block
+    # Remat only where a backward pass may follow: with a cache (sampling) there is none, and nnx.remat of a
+    # module closed over by the sampler's while_loop body fails (TraceContextError).
+    run = nnx.remat(_run_block) if c.remat and cache is None else _run_block
     layer_caches = []
     last = len(self.blocks) - 1
     for i, block in enumerate(self.blocks):

@@ -1,0 +1,173 @@
+r"""Issue #7's accelerator measurements as one prepared run, and the README's tables from what it wrote.
+
+  python -m experiments.benchmark_suite --config=configs/benchmark_suite.py --config.out=/tmp/suite
+
+Steps (`--config.steps`), each `python -m experiments.benchmark` in a process of its own with a time limit, each
+writing `<out>/<step>.json` as soon as it ends (a step that fails or runs out of time writes why):
+- phases: every piece of the workload (ppo_0p5b): sampler, SFT step, Q-fit step, one PPO iteration by phase with
+  MFU, HBM share and peak device memory;
+- scaling: one PPO iteration per (sampled tokens, prompts) cell, each cell its own process (its own peak memory);
+- largest: the same iteration for growing Llama shapes with remat and bf16 parameters, to find the largest that
+  runs.
+After every step `<out>/suite.md` is rewritten from all the JSON files in `out`, so steps run in separate device
+calls (each call's files copied into one folder) make one report: `--config.steps=()` only rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import flags
+
+from experiments import benchmark, cli
+
+STEPS = ("phases", "scaling", "largest")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Issue #7's peers, seconds per PPO iteration, one run each (ppo_0p5b on one H100 80GB, ppo_tiny on a 2-core CPU).
+PEERS = {"ppo_0p5b": {"google-tunix 0.1.7": 2.14, "TRL 0.29.1": 7.47},
+         "ppo_tiny": {"google-tunix 0.1.7": 1.81, "TRL 0.29.1": 1.39}}
+TARGET_S = 0.5  # issue #7's target for both workloads
+
+
+def step_command(config, step: str, json_path: str) -> list[str]:
+  """The `experiments.benchmark` command line of one step."""
+  workload = config.largest_workloads[0] if step == "largest" else config.workload
+  # --config first: absl applies the --config.key overrides to the file it names.
+  bench = [sys.executable, "-m", "experiments.benchmark", f"--config=configs/benchmark.py:{workload}",
+           f"--config.iterations={config.iterations}", f"--config.json_out={json_path}"]
+  cell = f"--config.sweep.cell_timeout_s={config.timeout_s.cell}"
+  if step == "phases":
+    return bench
+  if step == "scaling":
+    return bench + [cell, f"--config.sweep.new_tokens={tuple(config.scaling_new_tokens)}",
+                    f"--config.sweep.prompts={tuple(config.scaling_prompts)}"]
+  if step == "largest":
+    return bench + [cell, f"--config.sweep.workloads={tuple(config.largest_workloads)}", *config.largest_overrides]
+  raise ValueError(f"unknown benchmark_suite step {step!r}; expected some of {STEPS}")
+
+
+def step_timeout(config, step: str) -> int:
+  """Seconds one step may run: `timeout_s.phases`, or per sweep cell, with a minute for the sweep itself."""
+  if step == "phases":
+    return config.timeout_s.phases
+  cells = (len(config.scaling_new_tokens) * len(config.scaling_prompts) if step == "scaling"
+           else len(config.largest_workloads))
+  return cells * config.timeout_s.cell + 60
+
+
+def run_step(config, step: str) -> dict:
+  """Runs one step; its JSON (or, if it wrote none, the reason) is written to `<out>/<step>.json` and returned."""
+  path = os.path.join(config.out, f"{step}.json")
+  if os.path.exists(path):
+    os.remove(path)  # a stale file from an earlier run must not pass for this one's result
+  cmd = step_command(config, step, os.path.abspath(path))
+  print(f"benchmark_suite {step}:", " ".join(cmd[1:]), flush=True)
+  try:
+    done = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, timeout=step_timeout(config, step))
+    print(done.stdout, flush=True)
+    failure = "" if done.returncode == 0 else benchmark.failure_line(done.stderr or done.stdout, done.returncode)
+  except subprocess.TimeoutExpired:
+    failure = f"timed out after {step_timeout(config, step)} s"
+  if failure or not os.path.exists(path):
+    result = {"error": failure or "no JSON written"}
+    with open(path, "w") as f:
+      json.dump(result, f)
+    return result
+  with open(path) as f:
+    return json.load(f)
+
+
+def _percent(x) -> str:
+  return f"{100 * x:.1f}%" if x else "-"
+
+
+def _gib(n) -> str:
+  return f"{n / 2**30:.1f}" if n else "-"
+
+
+def _cell_rows(cells: list[dict], key: str) -> list[str]:
+  """Markdown rows of a sweep: one per cell, its iteration split into generation and scoring + update."""
+  lines = []
+  for c in cells:
+    rows = {r["name"]: r for r in c.get("rows", [])}
+    label = f"| {c[key]} | {c['prompts']} | {c['new_tokens']} |"
+    if c.get("error") or "ppo generation" not in rows:
+      lines.append(f"{label} - | - | - | - | {_gib(c.get('peak_bytes'))} | failed: {c.get('error', '')} |")
+      continue
+    fused = "ppo iteration, fused" in rows
+    rest = (rows["ppo scoring+update, fused"]["ms"] if fused
+            else rows["ppo scoring"]["ms"] + rows["ppo update"]["ms"])
+    iteration = rows["ppo iteration, fused" if fused else "ppo iteration"]
+    gen = rows["ppo generation"]["ms"]
+    lines.append(f"{label} {gen:.1f} ({gen / c['new_tokens']:.2f} per token) | {rest:.1f} | {iteration['ms']:.1f} | "
+                 f"{_percent(iteration['mfu'])} | {_gib(c.get('peak_bytes'))} | ok |")
+  return lines
+
+
+def report(out: str, workload: str = "ppo_0p5b") -> str:
+  """suite.md: the tables of every step whose JSON is in `out`, headed by the machine and date they came from."""
+  results = {}
+  for step in STEPS:
+    path = os.path.join(out, f"{step}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        results[step] = json.load(f)
+  if not results:
+    raise FileNotFoundError(f"no step results ({', '.join(s + '.json' for s in STEPS)}) in {out!r}")
+  lines = []
+  for step, result in results.items():
+    m = result.get("machine")
+    if m:
+      lines.append(f"- {step}: measured {m['date']} on {m['device_count']} x {m['device_kind']} ({m['platform']}, "
+                   f"{m['cpu_count']} CPU cores, jax {m['jax']})")
+    else:
+      lines.append(f"- {step}: failed: {result.get('error', 'no machine recorded')}")
+  phases = results.get("phases", {})
+  if phases.get("rows"):
+    lines += ["", phases["title"], "", "| piece | ms | tokens/s | MFU | HBM share |", "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {_percent(r['mfu'])} | {_percent(r['hbm'])} |"
+              for r in phases["rows"]]
+    lines += ["", f"Peak device memory: {_gib(phases.get('peak_bytes'))} GiB."]
+    rows = {r["name"]: r for r in phases["rows"]}
+    iteration = rows.get("ppo iteration, fused") or rows.get("ppo iteration")
+    if iteration:
+      peers = ", ".join(f"{name} {s:.2f} s" for name, s in PEERS.get(workload, {}).items())
+      lines += ["", f"One PPO iteration: **{iteration['ms'] / 1e3:.3f} s** (issue #7's target {TARGET_S} s"
+                    + (f"; peers: {peers}" if peers else "") + ")."]
+  for step, key, title in (("scaling", "workload", "How cost grows (one PPO iteration per cell)"),
+                           ("largest", "workload", "The largest Llama shape whose whole iteration runs")):
+    cells = results.get(step, {}).get("cells")
+    if cells:
+      lines += ["", f"{title}:", "", "| workload | prompts | new tokens | generation ms | scoring + update ms | "
+                "iteration ms | iteration MFU | peak GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
+      lines += _cell_rows(cells, key)
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  if not config.out:
+    sys.exit("error: --config.out is required (the folder for the steps' JSON and suite.md)")
+  unknown = [s for s in config.steps if s not in STEPS]
+  if unknown:
+    sys.exit(f"error: unknown steps {unknown} in --config.steps; expected some of {STEPS}")
+  os.makedirs(config.out, exist_ok=True)
+  for step in config.steps:
+    result = run_step(config, step)
+    if "error" in result:
+      print(f"benchmark_suite {step} failed: {result['error']}", flush=True)
+    with open(os.path.join(config.out, "suite.md"), "w") as f:
+      f.write(report(config.out, config.workload))
+  text = report(config.out, config.workload)
+  with open(os.path.join(config.out, "suite.md"), "w") as f:
+    f.write(text)
+  print(text)
+
+
+if __name__ == "__main__":
+  cli.define_config("configs/benchmark_suite.py")
+  cli.run(main, default="configs/benchmark_suite.py")

@@ -1,0 +1,96 @@
+"""experiments/benchmark_suite.py: issue #7's GPU measurements as one prepared run, checked end to end on the
+smoke shapes (so the device's minutes are not spent finding a broken command), and its report from JSON."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import benchmark, benchmark_suite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(path, arg=None):
+  spec = importlib.util.spec_from_file_location("suite_config", os.path.join(ROOT, "configs", path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def test_suite_runs_every_step_and_writes_the_report(tmp_path):
+  """All three steps on the smoke shapes, each a process of its own: JSON per step with the machine, and
+  suite.md with the per-piece table, the scaling cells and the largest-shape cell (remat + bf16 params)."""
+  out = tmp_path / "suite"
+  done = subprocess.run([sys.executable, "-m", "experiments.benchmark_suite",
+                         "--config=configs/benchmark_suite.py:smoke", f"--config.out={out}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-2000:]
+  for step in benchmark_suite.STEPS:
+    result = json.loads((out / f"{step}.json").read_text())
+    assert "error" not in result, (step, result)
+    assert result["machine"]["platform"] == "cpu" and result["machine"]["date"]
+  phases = json.loads((out / "phases.json").read_text())
+  assert [r["name"] for r in phases["rows"]][:3] == ["sampler", "sft step", "qfit step"]
+  scaling = json.loads((out / "scaling.json").read_text())["cells"]
+  assert [(c["new_tokens"], c["prompts"], c["error"]) for c in scaling] == [(4, 8, ""), (8, 8, "")]
+  largest = json.loads((out / "largest.json").read_text())["cells"]
+  assert [(c["workload"], c["error"]) for c in largest] == [("smoke", "")]
+  report = (out / "suite.md").read_text()
+  assert "| ppo iteration |" in report and report.count("| ok |") == 3 and "failed" not in report
+
+
+def _rows(names, ms=100.0):
+  return [{"name": n, "ms": ms, "cpu_ms": ms, "tokens_per_s": 1.0, "compile_s": 1.0, "mfu": 0.25, "hbm": 0.5}
+          for n in names]
+
+
+def test_report_prefers_the_fused_iteration_and_keeps_failures(tmp_path):
+  machine = {"device_kind": "NVIDIA H200", "platform": "gpu", "device_count": 1, "cpu_count": 16, "jax": "0.9",
+             "date": "2026-12-01"}
+  fused = ("ppo generation", "ppo scoring", "ppo update", "ppo iteration", "ppo scoring+update, fused",
+           "ppo iteration, fused")
+  phases = {"title": "workload ppo_0p5b", "machine": machine, "peak_bytes": 3 * 2**30,
+            "rows": _rows(("sampler",)) + _rows(fused[:4], 500.0) + _rows(fused[4:], 250.0)}
+  cells = [{"workload": "ppo_0p5b", "new_tokens": 128, "prompts": 32, "rows": _rows(fused, 200.0),
+            "peak_bytes": 2**30, "error": ""},
+           {"workload": "ppo_0p5b", "new_tokens": 2048, "prompts": 128, "rows": [], "peak_bytes": None,
+            "error": "timed out after 150 s (sweep.cell_timeout_s)"}]
+  (tmp_path / "phases.json").write_text(json.dumps(phases))
+  (tmp_path / "scaling.json").write_text(json.dumps({"machine": machine, "cells": cells}))
+  (tmp_path / "largest.json").write_text(json.dumps({"error": "timed out after 510 s"}))
+  report = benchmark_suite.report(str(tmp_path))
+  assert "measured 2026-12-01 on 1 x NVIDIA H200" in report
+  assert "**0.250 s**" in report and "google-tunix 0.1.7 2.14 s" in report  # the fused iteration, with the peers
+  assert "Peak device memory: 3.0 GiB" in report
+  assert "| 200.0 (1.56 per token) | 200.0 | 200.0 | 25.0% | 1.0 | ok |" in report
+  assert "failed: timed out after 150 s" in report and "- largest: failed: timed out after 510 s" in report
+  with pytest.raises(FileNotFoundError, match="no step results"):
+    benchmark_suite.report(str(tmp_path / "empty"))
+
+
+def test_a_cell_past_its_time_limit_is_a_row():
+  config = _config("benchmark.py", "smoke")
+  config.sweep.new_tokens = (4,)
+  config.sweep.cell_timeout_s = 1  # less than the cell's start-up
+  (cell,) = benchmark.run_sweep(config, ["--config=configs/benchmark.py:smoke"])
+  assert cell["rows"] == [] and cell["error"].startswith("timed out after 1 s")
+
+
+def test_failure_line_names_the_exception():
+  output = "Traceback\n  File x\nXlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory\n-----\nFor simplicity, JAX ..."
+  assert benchmark.failure_line(output, 1) == "XlaRuntimeError: RESOURCE_EXHAUSTED: Out of memory"
+  assert benchmark.failure_line("", 3) == "exit status 3"
+
+
+def test_bad_steps_and_missing_out_are_refused(tmp_path):
+  for args, message in ((["--config.steps=('phases', 'nope')", f"--config.out={tmp_path}"], "unknown steps"),
+                        ([], "--config.out is required")):
+    done = subprocess.run([sys.executable, "-m", "experiments.benchmark_suite",
+                           "--config=configs/benchmark_suite.py:smoke", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and message in done.stderr
+  assert not any(tmp_path.iterdir())  # nothing was run or written
