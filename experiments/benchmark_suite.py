@@ -36,8 +36,9 @@ def step_command(config, step: str, json_path: str) -> list[str]:
   """The `experiments.benchmark` command line of one step."""
   workload = config.largest_workloads[0] if step == "largest" else config.workload
   # --config first: absl applies the --config.key overrides to the file it names.
+  iterations = config.iterations if step == "phases" else config.sweep_iterations
   bench = [sys.executable, "-m", "experiments.benchmark", f"--config=configs/benchmark.py:{workload}",
-           f"--config.iterations={config.iterations}", f"--config.json_out={json_path}"]
+           f"--config.iterations={iterations}", f"--config.json_out={json_path}"]
   cell = f"--config.sweep.cell_timeout_s={config.timeout_s.cell}"
   if step == "phases":
     return bench
@@ -50,12 +51,12 @@ def step_command(config, step: str, json_path: str) -> list[str]:
 
 
 def step_timeout(config, step: str) -> int:
-  """Seconds one step may run: `timeout_s.phases`, or per sweep cell, with a minute for the sweep itself."""
+  """Seconds one step may run: `timeout_s.phases`, or per sweep cell, with 20 s for the sweep's own process."""
   if step == "phases":
     return config.timeout_s.phases
   cells = (len(config.scaling_new_tokens) * len(config.scaling_prompts) if step == "scaling"
            else len(config.largest_workloads))
-  return cells * config.timeout_s.cell + 60
+  return cells * config.timeout_s.cell + 20
 
 
 def run_step(config, step: str) -> dict:

@@ -94,3 +94,19 @@ def test_bad_steps_and_missing_out_are_refused(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and message in done.stderr
   assert not any(tmp_path.iterdir())  # nothing was run or written
+
+
+def test_default_steps_fit_two_device_calls():
+  """The defaults keep the promise in configs/benchmark_suite.py: phases + scaling within one 600 s device call,
+  largest within a second one of 200 s; the commands are issue #7's workloads and options."""
+  config = _config("benchmark_suite.py")
+  timeout = {step: benchmark_suite.step_timeout(config, step) for step in benchmark_suite.STEPS}
+  assert timeout["phases"] + timeout["scaling"] <= 590 and timeout["largest"] <= 200
+  scaling = benchmark_suite.step_command(config, "scaling", "s.json")
+  assert "--config=configs/benchmark.py:ppo_0p5b" in scaling and "--config.iterations=2" in scaling
+  assert "--config.sweep.new_tokens=(128, 512, 2048)" in scaling and "--config.sweep.prompts=(32, 128)" in scaling
+  largest = benchmark_suite.step_command(config, "largest", "l.json")
+  assert "--config.model.remat=True" in largest and "--config.model.param_dtype=bfloat16" in largest
+  assert "--config.sweep.workloads=('llama_1b', 'llama_3b', 'llama_8b')" in largest
+  with pytest.raises(ValueError, match="unknown benchmark_suite step"):
+    benchmark_suite.step_command(config, "nope", "x.json")
