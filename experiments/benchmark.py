@@ -330,17 +330,24 @@ def run_sweep(config, argv) -> list[dict]:
       try:
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT,
                               timeout=config.sweep.cell_timeout_s or None)
+        ok = done.returncode == 0 and os.path.exists(out)
+        error = "" if ok else failure_line(done.stderr or done.stdout, done.returncode)
       except subprocess.TimeoutExpired:
-        results.append({**cell, "rows": [], "peak_bytes": None,
-                        "error": f"timed out after {config.sweep.cell_timeout_s} s (sweep.cell_timeout_s)"})
-        continue
-      if done.returncode == 0 and os.path.exists(out):
+        error = f"timed out after {config.sweep.cell_timeout_s} s (sweep.cell_timeout_s)"
+      if error:
+        results.append({**cell, "rows": [], "peak_bytes": None, "error": error})
+      else:
         with open(out) as f:
           results.append({**cell, **json.load(f), "error": ""})
-      else:
-        results.append({**cell, "rows": [], "peak_bytes": None,
-                        "error": failure_line(done.stderr or done.stdout, done.returncode)})
   return results
+
+
+def iteration_parts(rows: dict) -> tuple[float, float, dict]:
+  """(generation ms, scoring + update ms, the iteration's row) from one run's rows by name: the fused iteration
+  where it ran (what train_ppo runs for one epoch of one minibatch), else the separate passes."""
+  fused = "ppo iteration, fused" in rows
+  rest = rows["ppo scoring+update, fused"]["ms"] if fused else rows["ppo scoring"]["ms"] + rows["ppo update"]["ms"]
+  return rows["ppo generation"]["ms"], rest, rows["ppo iteration, fused" if fused else "ppo iteration"]
 
 
 def format_sweep(results) -> str:
@@ -354,10 +361,7 @@ def format_sweep(results) -> str:
       lines.append(f"{r['workload']:<12}{r['prompts']:>8}{r['new_tokens']:>6}{'-':>10}{'-':>10}{'-':>14}{'-':>10}"
                    f"{'-':>10}{peak:>10}  failed: {r['error']}")
       continue
-    gen = rows["ppo generation"]["ms"]
-    fused = "ppo iteration, fused" in rows
-    rest = rows["ppo scoring+update, fused"]["ms"] if fused else rows["ppo scoring"]["ms"] + rows["ppo update"]["ms"]
-    iteration = rows["ppo iteration, fused" if fused else "ppo iteration"]
+    gen, rest, iteration = iteration_parts(rows)
     mfu = f"{100 * iteration['mfu']:.1f}%" if iteration["mfu"] else "-"
     lines.append(f"{r['workload']:<12}{r['prompts']:>8}{r['new_tokens']:>6}{gen:>10.1f}{gen / r['new_tokens']:>10.2f}"
                  f"{rest:>14.1f}{iteration['ms']:>10.1f}{mfu:>10}{peak:>10}  ok")

@@ -89,20 +89,16 @@ def _gib(n) -> str:
   return f"{n / 2**30:.1f}" if n else "-"
 
 
-def _cell_rows(cells: list[dict], key: str) -> list[str]:
+def _cell_rows(cells: list[dict]) -> list[str]:
   """Markdown rows of a sweep: one per cell, its iteration split into generation and scoring + update."""
   lines = []
   for c in cells:
     rows = {r["name"]: r for r in c.get("rows", [])}
-    label = f"| {c[key]} | {c['prompts']} | {c['new_tokens']} |"
+    label = f"| {c['workload']} | {c['prompts']} | {c['new_tokens']} |"
     if c.get("error") or "ppo generation" not in rows:
       lines.append(f"{label} - | - | - | - | {_gib(c.get('peak_bytes'))} | failed: {c.get('error', '')} |")
       continue
-    fused = "ppo iteration, fused" in rows
-    rest = (rows["ppo scoring+update, fused"]["ms"] if fused
-            else rows["ppo scoring"]["ms"] + rows["ppo update"]["ms"])
-    iteration = rows["ppo iteration, fused" if fused else "ppo iteration"]
-    gen = rows["ppo generation"]["ms"]
+    gen, rest, iteration = benchmark.iteration_parts(rows)
     lines.append(f"{label} {gen:.1f} ({gen / c['new_tokens']:.2f} per token) | {rest:.1f} | {iteration['ms']:.1f} | "
                  f"{_percent(iteration['mfu'])} | {_gib(c.get('peak_bytes'))} | ok |")
   return lines
@@ -133,18 +129,18 @@ def report(out: str, workload: str = "ppo_0p5b") -> str:
               for r in phases["rows"]]
     lines += ["", f"Peak device memory: {_gib(phases.get('peak_bytes'))} GiB."]
     rows = {r["name"]: r for r in phases["rows"]}
-    iteration = rows.get("ppo iteration, fused") or rows.get("ppo iteration")
-    if iteration:
+    if "ppo generation" in rows:
+      _, _, iteration = benchmark.iteration_parts(rows)
       peers = ", ".join(f"{name} {s:.2f} s" for name, s in PEERS.get(workload, {}).items())
       lines += ["", f"One PPO iteration: **{iteration['ms'] / 1e3:.3f} s** (issue #7's target {TARGET_S} s"
                     + (f"; peers: {peers}" if peers else "") + ")."]
-  for step, key, title in (("scaling", "workload", "How cost grows (one PPO iteration per cell)"),
-                           ("largest", "workload", "The largest Llama shape whose whole iteration runs")):
+  for step, title in (("scaling", "How cost grows (one PPO iteration per cell)"),
+                      ("largest", "The largest Llama shape whose whole iteration runs")):
     cells = results.get(step, {}).get("cells")
     if cells:
       lines += ["", f"{title}:", "", "| workload | prompts | new tokens | generation ms | scoring + update ms | "
                 "iteration ms | iteration MFU | peak GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
-      lines += _cell_rows(cells, key)
+      lines += _cell_rows(cells)
   return "\n".join(lines) + "\n"
 
 
@@ -157,16 +153,21 @@ def main(argv):
   if unknown:
     sys.exit(f"error: unknown steps {unknown} in --config.steps; expected some of {STEPS}")
   os.makedirs(config.out, exist_ok=True)
+  text = "" if config.steps else write_report(config)  # no step: rebuild the report from the JSON there
   for step in config.steps:
     result = run_step(config, step)
     if "error" in result:
       print(f"benchmark_suite {step} failed: {result['error']}", flush=True)
-    with open(os.path.join(config.out, "suite.md"), "w") as f:
-      f.write(report(config.out, config.workload))
+    text = write_report(config)  # after every step: a call cut short still leaves the tables so far
+  print(text)
+
+
+def write_report(config) -> str:
+  """Writes `<out>/suite.md` from the steps' JSON in `out` and returns its text."""
   text = report(config.out, config.workload)
   with open(os.path.join(config.out, "suite.md"), "w") as f:
     f.write(text)
-  print(text)
+  return text
 
 
 if __name__ == "__main__":

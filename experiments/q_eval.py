@@ -51,7 +51,7 @@ from iterppo_jax.envs import policies
 from iterppo_jax.envs import registry
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
-from iterppo_jax.models.transformer import logical_param
+from iterppo_jax.models.transformer import logical_param, take_slots
 
 METHODS = ("mc_on_policy", "mc_explore", "fqe_explore")
 
@@ -105,10 +105,8 @@ class BagOfTokensQ(nnx.Module):
     s, c, a = pool(0, state), pool(1, last_turn), pool(2, action)
     h = jax.nn.relu(jnp.concatenate([s, c, a, (s + c) * a], -1) @ self.hidden_kernel[...] + self.hidden_bias[...])
     value = (h @ self.head_kernel[...])[:, 0] + self.head_bias[...][0]
-    if out_slots is None:
-      return jnp.broadcast_to(value[:, None], tokens.shape)
-    slots = out_slots[1] if isinstance(out_slots, tuple) else out_slots.shape[1]  # as transformer.take_slots
-    return jnp.broadcast_to(value[:, None], (tokens.shape[0], slots))
+    per_token = jnp.broadcast_to(value[:, None], tokens.shape)
+    return per_token if out_slots is None else take_slots(per_token, out_slots)
 
 
 # ---- data pieces ----
