@@ -60,11 +60,17 @@ def step_timeout(config, step: str) -> int:
 
 
 def run_step(config, step: str) -> dict:
-  """Runs one step; its JSON (or, if it wrote none, the reason) is written to `<out>/<step>.json` and returned."""
+  """Runs one step and returns its JSON, kept as `<out>/<step>.json`.
+
+  The benchmark writes to `<step>.json.part`, which replaces `<step>.json` only when the step succeeds. A failed
+  step returns {"error": why}; that is written to `<step>.json` only where no earlier result is there, so a
+  rerun that fails never erases a measurement (whose JSON carries its own date).
+  """
   path = os.path.join(config.out, f"{step}.json")
-  if os.path.exists(path):
-    os.remove(path)  # a stale file from an earlier run must not pass for this one's result
-  cmd = step_command(config, step, os.path.abspath(path))
+  part = path + ".part"
+  if os.path.exists(part):
+    os.remove(part)  # a stale partial file from an earlier run must not pass for this one's result
+  cmd = step_command(config, step, os.path.abspath(part))
   print(f"benchmark_suite {step}:", " ".join(cmd[1:]), flush=True)
   try:
     done = subprocess.run(cmd, cwd=_ROOT, capture_output=True, text=True, timeout=step_timeout(config, step))
@@ -72,11 +78,13 @@ def run_step(config, step: str) -> dict:
     failure = "" if done.returncode == 0 else benchmark.failure_line(done.stderr or done.stdout, done.returncode)
   except subprocess.TimeoutExpired:
     failure = f"timed out after {step_timeout(config, step)} s"
-  if failure or not os.path.exists(path):
+  if failure or not os.path.exists(part):
     result = {"error": failure or "no JSON written"}
-    with open(path, "w") as f:
-      json.dump(result, f)
+    if not os.path.exists(path):
+      with open(path, "w") as f:
+        json.dump(result, f)
     return result
+  os.replace(part, path)
   with open(path) as f:
     return json.load(f)
 

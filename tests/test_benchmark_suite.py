@@ -110,3 +110,18 @@ def test_default_steps_fit_two_device_calls():
   assert "--config.sweep.workloads=('llama_1b', 'llama_3b', 'llama_8b')" in largest
   with pytest.raises(ValueError, match="unknown benchmark_suite step"):
     benchmark_suite.step_command(config, "nope", "x.json")
+
+
+def test_a_failed_rerun_keeps_the_earlier_result(tmp_path):
+  """A step that fails (here: out of time) leaves an earlier measurement of that step in place, and says why."""
+  earlier = {"machine": {"date": "2026-12-01"}, "rows": [], "title": "earlier", "peak_bytes": None}
+  (tmp_path / "phases.json").write_text(json.dumps(earlier))
+  config = _config("benchmark_suite.py", "smoke")
+  config.out = str(tmp_path)
+  config.timeout_s.phases = 1  # less than the benchmark's start-up
+  assert benchmark_suite.run_step(config, "phases") == {"error": "timed out after 1 s"}
+  assert json.loads((tmp_path / "phases.json").read_text()) == earlier
+  config.out = str(tmp_path / "fresh")  # nothing earlier: the reason is the step's result
+  os.makedirs(config.out)
+  assert benchmark_suite.run_step(config, "phases") == {"error": "timed out after 1 s"}
+  assert json.loads((tmp_path / "fresh" / "phases.json").read_text()) == {"error": "timed out after 1 s"}
