@@ -248,15 +248,20 @@ class TextEnv:
 
   def run(self, episodes: list[Episode], policy: Policy | Callable[[Sequence[Observation]], list[str]],
           first_suggestions: Sequence[str] | None = None) -> list[Episode]:
-    """Plays every episode to its end in lock-step, asking `policy` for all live ones at once."""
+    """Plays every episode to its end in lock-step, asking `policy` for all live ones at once.
+
+    `first_suggestions[i]`, when given, is sent as episodes[i]'s next suggestion instead of asking `policy`.
+    """
+    if first_suggestions is not None and len(first_suggestions) != len(episodes):
+      raise ValueError(f"{len(episodes)} episodes but {len(first_suggestions)} first suggestions")
     first = True
     while True:
       live = [ep for ep in episodes if not ep.done]
       if not live:
         return episodes
       if first and first_suggestions is not None:
-        by_uid = dict(zip([e.uid for e in episodes], first_suggestions))
-        suggestions = [by_uid[ep.uid] for ep in live]
+        # By position, not by uid: states of one conversation share its uid (estimate_q's clones do too).
+        suggestions = [s for ep, s in zip(episodes, first_suggestions) if not ep.done]
       else:
         suggestions = list(policy([ep.observation(self.max_render_turns) for ep in live]))
       first = False
