@@ -359,6 +359,35 @@ def staff_act(v: Visible, skill: float, rng: np.random.Generator) -> Act:
   return Act(m)
 
 
+CANDIDATE_KINDS = ("ask_service", "ask_day", "ask_time", "ask_staff", "offer", "alternatives", "book",
+                   "ask_contact", "off_topic")
+
+
+def candidate_acts(v: Visible) -> list[Act]:
+  """The acts worth trying at a state, one per kind of CANDIDATE_KINDS, the oracle's among them.
+
+  Offers pick slots as the oracle does: the template's slots for the stated service (a haircut's before it is
+  known) that break nothing the transcript shows and were not offered yet, in calendar order; then untried
+  ones that break something, then tried ones. An offer names the first, alternatives the first two. Every
+  parser kind but a greeting, which only helps on the first turn and less than asking the service; chit-chat
+  stays as a poor act a ranking must put low.
+  """
+  best = oracle_act(v)
+  service = v.service or "haircut"
+  ranked = sorted(template_slots(service), key=lambda s: (s in v.tried, fits_known(v, s, service) == "breaks"))
+  out = []
+  for kind in CANDIDATE_KINDS:
+    if kind == best.kind:
+      out.append(best)
+    elif kind == "offer":
+      out.append(Act("offer", slots=(ranked[0],), service=v.service))
+    elif kind == "alternatives":
+      out.append(Act("alternatives", slots=tuple(ranked[:2]), service=v.service))
+    else:
+      out.append(Act(kind))
+  return out
+
+
 # ---- the hidden state ----
 
 @dataclasses.dataclass
@@ -632,7 +661,7 @@ class BookingEnv(base.TextEnv):
 
 # ---- the shipped policies (they read only the transcript) ----
 
-SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text)
+SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
 
 
 class BookingBehaviorPolicy(policies.StaffPolicy):
@@ -650,10 +679,15 @@ class BookingOraclePolicy(policies.OraclePolicy):
 
 
 def make_booking_policy(name: str, skill_mean: float = 0.38):
-  """Looks a shipped booking policy up by name: behavior | oracle | random."""
+  """Looks a shipped booking policy up by name: behavior | oracle | random | explore.
+
+  'explore' is the historical front-desk population (same skill_mean) trying candidate acts
+  (policies.ScriptExplorePolicy).
+  """
   return policies.lookup("booking", name, {
       "behavior": lambda: BookingBehaviorPolicy(skill_mean), "oracle": BookingOraclePolicy,
-      "random": policies.RandomTextPolicy})
+      "random": policies.RandomTextPolicy,
+      "explore": lambda: policies.ScriptExplorePolicy(SCRIPT, skill_mean=skill_mean)})
 
 
 def make_policy(name: str, env_config):

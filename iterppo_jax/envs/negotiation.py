@@ -417,6 +417,34 @@ def staff_act(v: Visible, skill: float, rng: np.random.Generator) -> Act:
   return Act(handlers[int(rng.integers(len(handlers)))])
 
 
+def _candidate_group(kind: str) -> str:
+  """The six questions are one candidate ('ask_'), and so are the two answers ('answer_')."""
+  return kind[:kind.index("_") + 1] if kind.startswith(("ask_", "answer_")) else kind
+
+
+def candidate_acts(v: Visible) -> list[Act]:
+  """The acts worth trying at a state: one question, one answer and one act of every other kind but a greeting.
+
+  Ten acts, the oracle's among them: the question about the next requirement not shown yet (the budget again
+  once all are known), the fitting plan for what is known (for a team of 40 before the size is), the
+  concession the oracle would make on price (else 5 points above the last, at least 10%), the answer to the
+  open competitor or legal objection (else the competitor's), a trial, a follow-up, the security report, an
+  approver call, a push to sign and small talk (a poor act a ranking must put low). One question and one
+  answer stand for their groups, so the list stays short; a greeting only helps on the first turn.
+  """
+  best = oracle_act(v)
+  plan = fitting_plan(v.seats if v.seats is not None else 40, v.features)
+  if v.accepted_plan is not None and v.budget is not None:
+    pct = max(needed_discount(PLANS[v.accepted_plan].price, v.budget), v.discount + 5)
+  else:
+    pct = max(10, v.discount + 5)
+  acts = [Act(ASK_OF[next_requirement(v) or "budget"]), Act("propose", plan=plan),
+          Act("concede", pct=min(pct, MAX_DISCOUNT)), Act("offer_trial"), Act("follow_up"),
+          Act("answer_legal" if v.objection == "legal" else "answer_competitor"),
+          Act("send_security"), Act("approver_call"), Act("close"), Act("off_topic")]
+  return [best if _candidate_group(a.kind) == _candidate_group(best.kind) else a for a in acts]
+
+
 # ---- the hidden state ----
 
 @dataclasses.dataclass
@@ -859,7 +887,7 @@ class NegotiationEnv(base.TextEnv):
 
 # ---- scripted policies (they read only the transcript) ----
 
-SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text)
+SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
 
 
 class NegotiationBehaviorPolicy(policies.StaffPolicy):
@@ -878,10 +906,15 @@ class NegotiationOraclePolicy(policies.OraclePolicy):
 
 
 def make_negotiation_policy(name: str, skill_mean: float = 0.48):
-  """Looks a shipped negotiation policy up by name: behavior | oracle | random."""
+  """Looks a shipped negotiation policy up by name: behavior | oracle | random | explore.
+
+  'explore' is the historical rep population (same skill_mean) trying candidate acts
+  (policies.ScriptExplorePolicy).
+  """
   return policies.lookup("negotiation", name, {
       "behavior": lambda: NegotiationBehaviorPolicy(skill_mean), "oracle": NegotiationOraclePolicy,
-      "random": policies.RandomTextPolicy})
+      "random": policies.RandomTextPolicy,
+      "explore": lambda: policies.ScriptExplorePolicy(SCRIPT, skill_mean=skill_mean)})
 
 
 def make_policy(name: str, env_config):

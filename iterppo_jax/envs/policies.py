@@ -1,5 +1,6 @@
-"""Scripted policies that ship with the simulators: the historical staff, an oracle, random text, and an
-exploratory behaviour policy (personas and random acts) whose logs serve off-policy evaluation.
+"""Scripted policies that ship with the simulators: the historical staff, an oracle, random text, and
+exploratory behaviour policies (sales: personas and random acts; any domain: the staff trying the domain's
+candidate acts) whose logs serve off-policy evaluation.
 
 Each maps a batch of observations (base.Observation) to suggestion texts, like a language model would.
 They read only the transcript (never the hidden customer state), so they are policies of the SR MDP.
@@ -28,16 +29,27 @@ def _conversation_rng(uid: str, salt: int) -> np.random.Generator:
 
 
 class Script(NamedTuple):
-  """A domain's scripted staff, as four functions of its module (sales.py, support.py, ...):
+  """A domain's scripted staff, as five functions of its module (sales.py, support.py, ...):
 
   visible_facts(turns) -> what the transcript reveals; oracle_act(visible) -> the best act;
   staff_act(visible, skill, rng) -> the oracle's act with probability `skill`, else a common mistake;
-  business_text(act, rng) -> the act as a templated business message.
+  business_text(act, rng) -> the act as a templated business message;
+  candidate_acts(visible) -> the distinct acts worth trying there, one per act kind and the oracle's among them
+  (what a Q-model ranks, and what an exploratory policy tries).
   """
   visible_facts: Callable
   oracle_act: Callable
   staff_act: Callable
   business_text: Callable
+  candidate_acts: Callable
+
+
+def candidate_texts(script: Script, turns: Sequence, rng: np.random.Generator) -> list[str]:
+  """One business message per candidate act (`script.candidate_acts`) at the state the transcript `turns` shows.
+
+  The texts a Q-model scores to rank actions at a logged state, in the order of `candidate_acts`.
+  """
+  return [script.business_text(act, rng) for act in script.candidate_acts(script.visible_facts(turns))]
 
 
 class StaffPolicy:
@@ -83,7 +95,7 @@ def lookup(domain: str, name: str, table: dict[str, Callable[[], base.Policy]]) 
   return table[name]()
 
 
-SALES = Script(sales.visible_facts, sales.oracle_act, sales.staff_act, sales.business_text)
+SALES = Script(sales.visible_facts, sales.oracle_act, sales.staff_act, sales.business_text, sales.candidate_acts)
 
 
 class SalesBehaviorPolicy(StaffPolicy):
@@ -199,6 +211,39 @@ class ExploratoryPolicy:
       else:
         act = sales.staff_act(v, self.skill(obs.uid), obs.rng)
       out.append(style_text(sales.business_text(act, obs.rng), act.kind, self.persona(obs.uid), obs.rng))
+    return out
+
+
+class ScriptExplorePolicy:
+  """A domain's exploratory behaviour policy: its historical staff, trying the domain's candidate acts.
+
+  Each conversation gets a staff skill ~ Beta(mean * 6, (1 - mean) * 6), drawn from its id (as StaffPolicy).
+  Each turn it plays a uniformly random act of `script.candidate_acts` with probability `eps`, else the staff
+  member's act (`script.staff_act`), in plain templates. The logs then hold many (state, action) pairs, which
+  an off-policy evaluation (qfit 'fqe') of another policy needs, in any domain. (Sales keeps its own
+  ExploratoryPolicy, with personas.)
+  """
+
+  def __init__(self, script: Script, eps: float = 0.3, skill_mean: float = 0.35, salt: int = 29,
+               name: str = "explore"):
+    if not 0.0 <= eps <= 1.0:
+      raise ValueError(f"eps must be a probability in [0, 1], got {eps}")
+    self._staff = StaffPolicy(script, skill_mean, salt=salt)  # its skills (and the check of skill_mean)
+    self.script, self.eps, self.skill_mean, self.name = script, eps, skill_mean, name
+
+  def skill(self, uid: str) -> float:
+    return self._staff.skill(uid)
+
+  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
+    s, out = self.script, []
+    for obs in observations:
+      v = s.visible_facts(obs.conversation.turns)
+      if obs.rng.random() < self.eps:
+        acts = s.candidate_acts(v)
+        act = acts[int(obs.rng.integers(len(acts)))]
+      else:
+        act = s.staff_act(v, self.skill(obs.uid), obs.rng)
+      out.append(s.business_text(act, obs.rng))
     return out
 
 

@@ -34,3 +34,27 @@ def make_env(env_config) -> base.TextEnv:
 def make_policy(domain: str, name: str, env_config):
   """A shipped scripted policy of `domain`: behavior | oracle | random (and any the domain adds)."""
   return _module(domain, 1).make_policy(name, env_config)
+
+
+# domain -> (module, attribute) of its policies.Script (the scripted staff's functions)
+SCRIPTS = {
+    "sales": ("iterppo_jax.envs.policies", "SALES"),
+    "support": ("iterppo_jax.envs.support", "SCRIPT"),
+    "booking": ("iterppo_jax.envs.booking", "SCRIPT"),
+    "negotiation": ("iterppo_jax.envs.negotiation", "SCRIPT"),
+}
+
+
+def script(domain: str):
+  """The domain's policies.Script: visible facts, oracle and staff acts, templates and candidate acts."""
+  if domain not in SCRIPTS:
+    raise ValueError(f"unknown env.domain {domain!r}; expected one of: {', '.join(SCRIPTS)}")
+  module, attribute = SCRIPTS[domain]
+  return getattr(importlib.import_module(module), attribute)
+
+
+def candidate_fn(domain: str):
+  """(transcript, rng) -> the domain's scripted candidate suggestions at that state (one per act kind)."""
+  from iterppo_jax.envs import policies
+  s = script(domain)
+  return lambda turns, rng: policies.candidate_texts(s, turns, rng)

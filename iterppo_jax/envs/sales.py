@@ -453,6 +453,31 @@ def staff_act(v: Visible, skill: float, rng: np.random.Generator) -> Act:
   return Act(m)
 
 
+CANDIDATE_KINDS = ("ask_need", "ask_budget", "recommend", "answer", "discount", "close", "ask_contact", "off_topic")
+
+
+def candidate_acts(v: Visible) -> list[Act]:
+  """The acts worth trying at a state, one per kind of CANDIDATE_KINDS, the oracle's among them.
+
+  A recommendation is of the product fitting the stated need and budget (guesses: a laptop, the mid-range tier,
+  for what is not stated yet), an answer is on the pending topic (else warranty). Every parser kind but a greeting,
+  which is never better than asking the need: asking for contact details and chit-chat stay as poor acts a
+  ranking must put low.
+  """
+  best = oracle_act(v)
+  out = []
+  for kind in CANDIDATE_KINDS:
+    if kind == best.kind:
+      out.append(best)
+    elif kind == "recommend":
+      out.append(Act("recommend", product=product_for(v.need or "laptop", 1 if v.budget is None else v.budget)))
+    elif kind == "answer":
+      out.append(Act("answer", topic=v.topic or "warranty"))
+    else:
+      out.append(Act(kind))
+  return out
+
+
 def make_env(env_config) -> SalesEnv:
   """The sales simulator from the `env` config section (envs/registry.py)."""
   return SalesEnv(business_user=base.BusinessUserConfig(mode=env_config.business_user),

@@ -374,6 +374,33 @@ def staff_act(v: Visible, skill: float, rng: np.random.Generator) -> Act:
   return Act(m)  # escalating too early, closing prematurely, chit-chat, an idle question
 
 
+CANDIDATE_KINDS = ("ask_error", "ask_when", "ask_device", "fix", "escalate", "confirm", "close", "off_topic")
+
+
+def candidate_acts(v: Visible) -> list[Act]:
+  """The acts worth trying at a state, one per kind of CANDIDATE_KINDS, the oracle's among them.
+
+  The fix is the oracle's when it fixes, else the first untried fix for the likeliest cause the symptoms allow
+  (any cause the customer can fix, before a diagnosis), with the steps for the device as the oracle gives them
+  (plain when the device is unknown). Every parser kind but a greeting, which only helps on the first turn and
+  less than asking the error; chit-chat stays as a poor act a ranking must put low.
+  """
+  best = oracle_act(v)
+  causes = [c for c in candidate_causes(v) if c in FIX_SEQUENCES] or list(FIX_SEQUENCES)
+  causes.sort(key=lambda c: -CAUSE_PROBS[CAUSES.index(c)])  # stable: CAUSES order among equally likely ones
+  fix = next((f for c in causes for f in FIX_SEQUENCES[c] if f not in v.tried), "restart")
+  guess = _fix_act(fix, v)
+  out = []
+  for kind in CANDIDATE_KINDS:
+    if kind == best.kind:
+      out.append(best)
+    elif kind == "fix":
+      out.append(guess if guess.kind == "fix" else Act("fix", fix=fix))
+    else:
+      out.append(Act(kind))
+  return out
+
+
 # ---- the environment ----
 
 class SupportEnv(base.TextEnv):
@@ -569,7 +596,7 @@ class SupportEnv(base.TextEnv):
 
 # ---- scripted policies (they read only the transcript) ----
 
-SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text)
+SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
 
 
 class SupportBehaviorPolicy(policies.StaffPolicy):
@@ -588,10 +615,15 @@ class SupportOraclePolicy(policies.OraclePolicy):
 
 
 def make_support_policy(name: str, skill_mean: float = 0.2):
-  """Looks a shipped support policy up by name: behavior | oracle | random."""
+  """Looks a shipped support policy up by name: behavior | oracle | random | explore.
+
+  'explore' is the historical agent population (same skill_mean) trying candidate acts
+  (policies.ScriptExplorePolicy).
+  """
   return policies.lookup("support", name, {
       "behavior": lambda: SupportBehaviorPolicy(skill_mean), "oracle": SupportOraclePolicy,
-      "random": policies.RandomTextPolicy})
+      "random": policies.RandomTextPolicy,
+      "explore": lambda: policies.ScriptExplorePolicy(SCRIPT, skill_mean=skill_mean)})
 
 
 def make_env(env_config) -> SupportEnv:
