@@ -54,11 +54,7 @@ def _note(suggestion: conv_lib.Turn, business: conv_lib.Turn) -> str:
 def state_messages(turns: Sequence[conv_lib.Turn],
                    max_turns: Optional[int] = None) -> List[Dict[str, str]]:
   """The chat messages of a state (see the module docstring for the mapping)."""
-  turns = list(turns)
-  if max_turns is not None:
-    rounds = [i for i, t in enumerate(turns) if t.role == 'customer']
-    if len(rounds) > max_turns:
-      turns = turns[rounds[-max_turns]:]
+  turns = conv_lib.compact_turns(turns, max_turns)  # older rounds: the customer's messages only
   messages: List[Dict[str, str]] = []
 
   def add(role: str, content: str) -> None:

@@ -245,14 +245,25 @@ def render_state(turns: Sequence[Turn], max_turns: int | None = None) -> str:
   """The state s_i as text: every earlier customer message, suggestion and sent message.
 
   The prompt ends with the suggestion tag so that a language model continues with a_i.
-  `max_turns` keeps only the last rounds (a round = customer, suggestion, business) for short contexts.
+  `max_turns` keeps the last rounds (a round = customer, suggestion, business) in full and, of the older rounds,
+  the customer's messages only: what the customer said (their need, budget, constraints) decides the right action
+  however long ago it was said, while old suggestions and sent messages matter less and take most of the tokens.
   """
-  if max_turns is not None:
-    rounds = [i for i, t in enumerate(turns) if t.role == "customer"]
-    if len(rounds) > max_turns:
-      turns = turns[rounds[-max_turns]:]
+  turns = compact_turns(turns, max_turns)
   body = " ".join(render_turn(t) for t in turns)
   return f"{body} {ROLE_TAGS['suggestion']}".strip()
+
+
+def compact_turns(turns: Sequence[Turn], max_turns: int | None) -> list[Turn]:
+  """The turns a state shows: the last `max_turns` rounds in full, the customer's messages of older ones."""
+  turns = list(turns)
+  if max_turns is None:
+    return turns
+  rounds = [i for i, t in enumerate(turns) if t.role == "customer"]
+  if len(rounds) <= max_turns:
+    return turns
+  cut = rounds[-max_turns] if max_turns > 0 else len(turns)
+  return [t for t in turns[:cut] if t.role == "customer"] + turns[cut:]
 
 
 def render_action(text: str) -> str:

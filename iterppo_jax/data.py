@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import explore
 from iterppo_jax import rendering
 from iterppo_jax.envs import base
 
@@ -41,6 +42,8 @@ class Example:
   next_index: int  # index of this conversation's next decision in the same list; -1 if last
   done: bool  # no next decision (next_index == -1)
   outcome: float  # the conversation's outcome label
+  explored: bool = False  # a_i was drawn uniformly from logged candidates (explore.RandomisedTurn's turn t*)
+  target_valid: bool = True  # `target` samples Q^{pi}(s_i, a_i) of the deployed pi: False before t* (explore.py)
 
 
 def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma: float,
@@ -58,6 +61,7 @@ def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma:
   renderer = renderer or rendering.TAGS
   out: list[Example] = []
   for record in records:
+    info = explore.explored(record)
     steps = record.agent_steps()
     targets = base.discounted_targets(record, gamma)
     turns = record.turns
@@ -78,7 +82,9 @@ def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma:
           prompt=renderer.state(turns[:i], max_render_turns),
           suggestion=conv_lib.ABSTAIN_TEXT if suggestion.abstain else suggestion.text,
           sent=sent, feedback=feedback, target=float(targets[k]), reward=reward,
-          next_index=-1 if last else first + k + 1, done=last, outcome=float(record.outcome)))
+          next_index=-1 if last else first + k + 1, done=last, outcome=float(record.outcome),
+          explored=info is not None and k == info["turn"] and "taken" in info,
+          target_valid=info is None or k >= info["turn"]))
   return out
 
 
@@ -97,22 +103,26 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str,
     prompts: B rendered states.
     max_len: P; longer prompts keep their last P tokens.
   Returns:
-    tokens [B, P] int32 (pad_id on the left), valid [B, P] bool.
+    tokens [B, P] int32 (pad_id on the left), valid [B, P] bool, cut [B] bool (the prompt lost tokens).
   """
   tokens = np.full((len(prompts), max_len), tokenizer.pad_id, dtype=np.int32)
   valid = np.zeros((len(prompts), max_len), dtype=bool)
+  cut = np.zeros((len(prompts),), dtype=bool)
   for b, ids in enumerate(tokenizer.encode_batch(list(prompts))):
+    cut[b] = len(ids) > max_len
     ids = _truncate_left(ids, max_len)
     if ids:
       tokens[b, max_len - len(ids):] = ids
       valid[b, max_len - len(ids):] = True
-  return {"tokens": tokens, "valid": valid}
+  return {"tokens": tokens, "valid": valid, "cut": cut}
 
 
-def encode_actions(tokenizer, actions: Sequence[str], max_len: int, renderer=None) -> list[list[int]]:
+def encode_actions(tokenizer, actions: Sequence[str], max_len: int, renderer=None,
+                   cut: list[bool] | None = None) -> list[list[int]]:
   """Action ids as the model emits them (render_action), at most `max_len` and always ending in <eot>.
 
   An empty action means abstaining and is encoded as ABSTAIN_TEXT (what rendering.Renderer.parse maps to '').
+  `cut`, when given, is extended with one flag per action: whether it lost tokens.
   """
   if max_len < 2:
     raise ValueError(f"max_action_len must leave room for a token and <eot>, got {max_len}")
@@ -124,6 +134,8 @@ def encode_actions(tokenizer, actions: Sequence[str], max_len: int, renderer=Non
     if ids[-1] != end_id:  # the action ends with its end marker; a special token is never merged
       raise ValueError(f"encoded action does not end with {renderer.end_text!r}; is it a special token?")
     out.append(ids if len(ids) <= max_len else ids[:max_len - 1] + [end_id])
+    if cut is not None:
+      cut.append(len(ids) > max_len)
   return out
 
 
@@ -145,7 +157,9 @@ def encode_pairs(tokenizer, prompts: Sequence[str], actions: Sequence[str], max_
     valid [B, L] bool (real tokens),
     loss_mask [B, L] float32 (1 on the action tokens including <eot>, 0 on prompt and padding),
     last_index [B] int32 (column of the action's <eot>: where a Q-model reads its value),
-    prompt_len [B] int32.
+    state_index [B] int32 (column of the prompt's last token: where a dueling Q-model reads V(s)),
+    prompt_len [B] int32,
+    prompt_cut, action_cut [B] bool (the prompt lost its oldest tokens; the action was cut short).
   """
   if len(prompts) != len(actions):
     raise ValueError(f"{len(prompts)} prompts but {len(actions)} actions")
@@ -156,9 +170,12 @@ def encode_pairs(tokenizer, prompts: Sequence[str], actions: Sequence[str], max_
   loss_mask = np.zeros((n, length), dtype=np.float32)
   last_index = np.zeros((n,), dtype=np.int32)
   prompt_len = np.zeros((n,), dtype=np.int32)
+  prompt_cut = np.zeros((n,), dtype=bool)
   prompt_ids = tokenizer.encode_batch(list(prompts))
-  action_ids = encode_actions(tokenizer, actions, max_action_len, renderer)
+  action_cut: list[bool] = []
+  action_ids = encode_actions(tokenizer, actions, max_action_len, renderer, cut=action_cut)
   for b, (p, a) in enumerate(zip(prompt_ids, action_ids)):
+    prompt_cut[b] = len(p) > max_prompt_len
     p = _truncate_left(p, max_prompt_len)
     total = len(p) + len(a)
     tokens[b, :total] = p + a
@@ -168,7 +185,25 @@ def encode_pairs(tokenizer, prompts: Sequence[str], actions: Sequence[str], max_
     last_index[b] = total - 1
     prompt_len[b] = len(p)
   return {"tokens": tokens, "positions": positions, "valid": valid, "loss_mask": loss_mask,
-          "last_index": last_index, "prompt_len": prompt_len}
+          "last_index": last_index, "state_index": np.maximum(prompt_len - 1, 0).astype(np.int32),
+          "prompt_len": prompt_len, "prompt_cut": prompt_cut,
+          "action_cut": np.asarray(action_cut, dtype=bool).reshape(n)}
+
+
+def truncation_note(arrays: dict[str, np.ndarray], what: str) -> str | None:
+  """One line counting the rows of encode_pairs / encode_prompts arrays that lost tokens, or None if none did.
+
+  A cut prompt lost its oldest tokens (the model does not see them); a cut action was shortened (the model is
+  trained on, or scores, a different message than the one logged). Raise data.max_prompt_len or
+  data.max_action_len, or render fewer rounds in full (env.max_render_turns), when these counts matter.
+  """
+  n = len(arrays["tokens"])
+  prompts = int(np.sum(arrays.get("prompt_cut", arrays.get("cut", np.zeros(n, bool)))))
+  actions = int(np.sum(arrays.get("action_cut", np.zeros(n, bool))))
+  if not prompts and not actions:
+    return None
+  return (f"{what}: {prompts} of {n} prompts ({prompts / max(n, 1):.1%}) longer than data.max_prompt_len lost their "
+          f"oldest tokens; {actions} of {n} actions ({actions / max(n, 1):.1%}) were cut to data.max_action_len")
 
 
 def example_arrays(tokenizer, examples: Sequence[Example], max_prompt_len: int, max_action_len: int,

@@ -78,11 +78,12 @@ def test_chatml_state_and_action(hf_tok):
   assert wrapped.encode(action)[-1] == tok.convert_tokens_to_ids('<|im_end|>')
 
 
-def test_max_turns_keeps_last_rounds(hf_tok):
+def test_max_turns_keeps_last_rounds_and_older_customer_messages(hf_tok):
   tok = _with_template(hf_tok, CHATML)
   state = chat_format.render_state_chat(TURNS, tok, max_turns=2)
-  assert state.startswith('<|im_start|>user\nAbout 500<|im_end|>')
-  assert 'laptop' not in state
+  # Older rounds keep the customer's words only: the need stays in the state, old staff messages go.
+  assert state.startswith('<|im_start|>user\nHi there\nA laptop\nAbout 500<|im_end|>')
+  assert 'What are you looking for' not in state and 'What is your budget' not in state
 
 
 def test_strict_alternation_template(hf_tok):

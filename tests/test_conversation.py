@@ -115,8 +115,12 @@ def test_render_state_and_parse_action():
   state = conv_lib.render_state(turns[:4])
   assert state == ("<customer> Hi, I'm browsing. Café ☕ <eot> <suggestion> <no suggestion> <eot> <business> "
                    "Welcome! What are you looking for? <eot> <customer> A laptop. <eot> <suggestion>")
-  # max_turns keeps the last rounds (a round starts at a customer message).
-  assert conv_lib.render_state(turns[:4], max_turns=1) == "<customer> A laptop. <eot> <suggestion>"
+  # max_turns keeps the last rounds in full (a round starts at a customer message) and the customer's messages
+  # of older rounds: what the customer said decides the action however long ago it was said.
+  assert conv_lib.render_state(turns[:4], max_turns=1) == (
+      "<customer> Hi, I'm browsing. Café ☕ <eot> <customer> A laptop. <eot> <suggestion>")
+  assert conv_lib.render_state(turns[:4], max_turns=0) == (
+      "<customer> Hi, I'm browsing. Café ☕ <eot> <customer> A laptop. <eot> <suggestion>")
   assert conv_lib.render_state([]) == "<suggestion>"
   # Abstaining round-trips through the rendered action: '' -> ABSTAIN_TEXT -> ''.
   assert conv_lib.render_turn(turns[1]) == "<suggestion> <no suggestion> <eot>"

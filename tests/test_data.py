@@ -62,7 +62,8 @@ def test_examples_match_hand_computation():
   assert examples[0].prompt == "<customer> Hi. <eot> <suggestion>"
   assert examples[2].prompt == conv_lib.render_state(_sale().turns[:7])
   short = data.examples_from_conversations([_sale()], gamma=0.9, max_render_turns=1)
-  assert short[2].prompt == "<customer> About 900. <eot> <suggestion>"
+  assert short[2].prompt == ("<customer> Hi. <eot> <customer> A laptop. <eot> <customer> About 900. <eot> "
+                             "<suggestion>")  # older rounds keep the customer's messages
 
 
 def test_next_index_links_simulated_logs(records):
@@ -125,6 +126,15 @@ def test_truncation_keeps_prompt_end_and_action_eot(tok):
   np.testing.assert_array_equal(prompts["tokens"][1, -len(short):], short)
   assert (prompts["tokens"][1, :-len(short)] == tok.pad_id).all()
   assert prompts["valid"][:, -1].all() and prompts["valid"].sum(1).tolist() == [12, len(short)]
+  # What was cut is counted, and a run says so in one line (issue #16: actions used to be cut silently).
+  assert prompts["cut"].tolist() == [True, False]
+  pair = data.encode_pairs(tok, [prompt, "<customer> Hi. <eot> <suggestion>"], [long_action, "Hi!"],
+                           max_prompt_len=10, max_action_len=8)
+  assert pair["prompt_cut"].tolist() == [True, False] and pair["action_cut"].tolist() == [True, False]
+  note = data.truncation_note(pair, "qfit/0")
+  assert note.startswith("qfit/0: 1 of 2 prompts (50.0%)") and "1 of 2 actions (50.0%)" in note
+  roomy = data.encode_pairs(tok, [prompt], ["Hi!"], max_prompt_len=200, max_action_len=16)
+  assert data.truncation_note(roomy, "qfit/0") is None
 
 
 def test_example_arrays(tok, records):

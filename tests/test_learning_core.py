@@ -41,8 +41,8 @@ from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
 
 GAMMA = 0.95
-RENDER_TURNS = 2  # rounds of history in a prompt: ~45 tokens on average, 95th percentile ~60 with this BPE
-PROMPT_LEN, ACTION_LEN = 64, 20
+RENDER_TURNS = 2  # rounds in full (and older customer messages): p95 ~75 tokens with this BPE
+PROMPT_LEN, ACTION_LEN = 80, 20
 SFT_CONVERSATIONS = 400
 Q_CONVERSATIONS = 5000  # as the issue asks; the fit takes a fixed number of steps, so this costs ~20 s of data
 TD_CONVERSATIONS = 800
