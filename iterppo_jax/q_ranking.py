@@ -1,0 +1,215 @@
+"""How well a Q-model ranks the *actions* at a state: the first-class measure of Q (issue #16).
+
+The improvement step pi_{k+1} ∝ pi_k exp(Q_k / beta) only uses Q_k's differences between actions at one state,
+so a Q-model with a fine outcome AUC can still be useless to it ("an answer scores high wherever it appears").
+Two measures:
+
+* against the simulator (`build_action_set` + `ranking_metrics`): at N states drawn from pi_k's own
+  conversations, M candidate suggestions (pi_k's samples and the domain's scripted acts) are scored by Q_k and by
+  the true Q^{pi_k} (restore the state, send the candidate, continue with pi_k; Monte Carlo). Reported: top-1
+  agreement with the true best, within-state Spearman, pairwise order accuracy, and the true value of Q_k's pick
+  minus the candidates' mean (what a greedy step on Q_k would gain), next to the best possible gain.
+* from logs alone (`logged_ranking_metrics`): at randomised turns (explore.py), where the suggestion was drawn
+  uniformly from C logged candidates, Q_k scores every candidate; corr(A_k(s, a), G) with A_k = Q_k(s, a) minus
+  the candidates' mean, and an unbiased inverse-propensity estimate of Q^{pi_k}(s, pick) - mean(G). A user with
+  real logs and no simulator can watch these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import io_utils
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+  """Spearman correlation with average ranks for ties; NaN when either side is constant."""
+  from iterppo_jax import qfit  # qfit imports jax; keep this module's import light
+  rx, ry = qfit._average_ranks(x), qfit._average_ranks(y)  # pylint: disable=protected-access
+  return qfit.pearson(rx, ry)
+
+
+def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+  """Within-state agreement of predicted and true action values.
+
+  Args:
+    pred: [N, M] Q_k of M candidates at N states (any monotone scale).
+    true: [N, M] the true Q of the same candidates.
+    mask: [N, M] bool, the candidates present (states may have fewer than M); default all.
+  Returns:
+    top1: share of states where Q_k's pick has the true best value (ties with the best count as agreement);
+    top1_chance: the same for a uniformly random pick;
+    spearman: mean within-state Spearman correlation over states where neither side is constant;
+    pairwise: share of candidate pairs with different true values that Q_k orders correctly (ties: 1/2);
+    pick_gain: mean over states of true[pick] - mean(true) (what a greedy step on Q_k gains);
+    best_gain: mean of max(true) - mean(true) (the most any pick can gain);
+    states: N.
+  """
+  pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
+  if pred.shape != true.shape or pred.ndim != 2:
+    raise ValueError(f"pred and true must both be [N, M], got {pred.shape} and {true.shape}")
+  mask = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
+  top1, chance, spear, pick_gain, best_gain = [], [], [], [], []
+  agree = pairs = 0.0
+  for p, t, m in zip(pred, true, mask):
+    p, t = p[m], t[m]
+    if len(t) < 2:
+      continue
+    best = t.max()
+    top1.append(float(t[int(np.argmax(p))] >= best))
+    chance.append(float(np.mean(t >= best)))
+    pick_gain.append(float(t[int(np.argmax(p))] - t.mean()))
+    best_gain.append(float(best - t.mean()))
+    if np.ptp(p) > 0 and np.ptp(t) > 0:
+      spear.append(_spearman(p, t))
+    dt = np.sign(t[:, None] - t[None, :])
+    dp = np.sign(p[:, None] - p[None, :])
+    upper = np.triu(np.ones_like(dt, bool), 1) & (dt != 0)
+    pairs += upper.sum()
+    agree += np.sum((dp == dt)[upper]) + 0.5 * np.sum((dp == 0)[upper])
+  mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+  return {"top1": mean(top1), "top1_chance": mean(chance), "spearman": mean(spear),
+          "pairwise": float(agree / pairs) if pairs else float("nan"), "pick_gain": mean(pick_gain),
+          "best_gain": mean(best_gain), "states": len(top1)}
+
+
+@dataclasses.dataclass
+class ActionSet:
+  """N states of logged conversations, M candidate suggestions each, with their true Q (NaN-free where masked).
+
+  `where[i]` = (conversation id, turn index into its turns) of state i; `source[i][j]` says where candidate j came
+  from ('policy' sample or 'script' act). Saved as JSON so a resumed run and the report reuse one measurement.
+  """
+  where: list[tuple[str, int]]
+  prompts: list[str]
+  candidates: list[list[str]]
+  source: list[list[str]]
+  true_q: np.ndarray  # [N, M], 0 where masked
+  true_se: np.ndarray  # [N, M] Monte Carlo standard errors
+  rollouts: int
+
+  @property
+  def mask(self) -> np.ndarray:
+    m = np.zeros(self.true_q.shape, bool)
+    for i, c in enumerate(self.candidates):
+      m[i, :len(c)] = True
+    return m
+
+  def pairs(self) -> tuple[list[str], list[str]]:
+    """(prompts, actions) of every present candidate, row-major: what a Q-model scores."""
+    prompts = [p for p, cs in zip(self.prompts, self.candidates) for _ in cs]
+    return prompts, [a for cs in self.candidates for a in cs]
+
+  def unflatten(self, flat: np.ndarray) -> np.ndarray:
+    """[sum M_i] scores in `pairs` order -> [N, M] (0 where masked)."""
+    out = np.zeros(self.true_q.shape)
+    out[self.mask] = np.asarray(flat, np.float64)
+    return out
+
+  def to_json(self) -> dict:
+    return {"where": [list(w) for w in self.where], "prompts": self.prompts, "candidates": self.candidates,
+            "source": self.source, "true_q": self.true_q.tolist(), "true_se": self.true_se.tolist(),
+            "rollouts": self.rollouts}
+
+  @classmethod
+  def from_json(cls, obj: dict) -> "ActionSet":
+    return cls([tuple(w) for w in obj["where"]], obj["prompts"], obj["candidates"], obj["source"],
+               np.asarray(obj["true_q"], np.float64), np.asarray(obj["true_se"], np.float64), int(obj["rollouts"]))
+
+  def save(self, path: str) -> None:
+    io_utils.atomic_write_json(path, self.to_json())
+
+  @classmethod
+  def load(cls, path: str) -> "ActionSet":
+    with open(path) as f:
+      return cls.from_json(json.load(f))
+
+
+def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
+                     candidate_fn: Callable[[list[conv_lib.Turn], np.random.Generator], list[str]], *,
+                     n_states: int, policy_samples: int, rollouts: int, gamma: float, seed: int,
+                     render_fn: Callable[[list[conv_lib.Turn]], str]) -> ActionSet:
+  """Draws states from `records`, collects candidates and estimates their true Q^policy in the simulator.
+
+  Args:
+    env: the domain's TextEnv (restore + estimate_q).
+    records: conversations of the policy being evaluated (its own state distribution).
+    policy: the policy whose Q is the truth (continues every rollout) and whose samples are candidates.
+    candidate_fn: (transcript, rng) -> the domain's scripted candidate suggestions at that state.
+    n_states: N, drawn uniformly without replacement from all decision points of `records`.
+    policy_samples: suggestions sampled from `policy` at each state (duplicates removed).
+    rollouts: Monte Carlo rollouts per (state, candidate); the standard error is saved with each estimate.
+    gamma: discount of the returns.
+    seed: draws the states, the scripted candidates' wording and the rollouts.
+    render_fn: transcript -> the prompt the Q-model reads.
+  """
+  rng = np.random.default_rng(seed)
+  points = [(r, i) for r in records for i in r.agent_steps()]
+  if not points:
+    raise ValueError("no decision points in the records to rank actions at")
+  pick = rng.choice(len(points), size=min(n_states, len(points)), replace=False)
+  chosen = [points[j] for j in sorted(pick)]
+  episodes = [env.restore(r, i) for r, i in chosen]
+  samples: list[list[str]] = [[] for _ in chosen]
+  if policy_samples > 0:
+    observations = [ep.observation(env.max_render_turns) for ep in episodes for _ in range(policy_samples)]
+    texts = list(policy(observations))
+    for j, text in enumerate(texts):
+      samples[j // policy_samples].append(text)
+  candidates, source = [], []
+  for (record, i), own in zip(chosen, samples):
+    cs, src = [], []
+    for text, where in [(t, "policy") for t in own] + [(t, "script") for t in candidate_fn(record.turns[:i], rng)]:
+      if text not in cs:
+        cs.append(text)
+        src.append(where)
+    candidates.append(cs)
+    source.append(src)
+  width = max(len(c) for c in candidates)
+  flat_eps = [ep for ep, cs in zip(episodes, candidates) for _ in cs]
+  flat_texts = [t for cs in candidates for t in cs]
+  q, se = env.estimate_q(flat_eps, flat_texts, policy, gamma, n_rollouts=rollouts, seed=seed)
+  true_q, true_se = np.zeros((len(chosen), width)), np.zeros((len(chosen), width))
+  pos = 0
+  for n, cs in enumerate(candidates):
+    true_q[n, :len(cs)] = q[pos:pos + len(cs)]
+    true_se[n, :len(cs)] = se[pos:pos + len(cs)]
+    pos += len(cs)
+  return ActionSet(where=[(r.id, i) for r, i in chosen], prompts=[render_fn(r.turns[:i]) for r, i in chosen],
+                   candidates=candidates, source=source, true_q=true_q, true_se=true_se, rollouts=rollouts)
+
+
+def logged_ranking_metrics(q_taken: np.ndarray, q_candidates: Sequence[np.ndarray], taken: Sequence[int],
+                           returns: np.ndarray) -> dict[str, float]:
+  """Ranking measures from logs alone, at randomised turns (no simulator).
+
+  At each such turn the logged suggestion was drawn uniformly from C logged candidates, so
+  C * 1[taken == pick] * G is an unbiased estimate of Q^{pi}(s, pick) (inverse propensity), and G is one of
+  the mean candidate value. Q_k's greedy pick at each state is the argmax of its candidate scores.
+
+  Args:
+    q_taken: [T] unused by the estimates but kept for the correlation: Q_k(s, a_taken).
+    q_candidates: T arrays of Q_k over each turn's logged candidates.
+    taken: T indices of the logged suggestion among its candidates.
+    returns: [T] Monte Carlo returns G from the randomised turn.
+  Returns:
+    adv_corr: Pearson corr(Q_k(s, a) - mean_c Q_k(s, c), G) over the turns;
+    ips_pick_gain: mean(C 1[a == pick] G) - mean(G), an unbiased estimate of the greedy pick's gain;
+    ips_pick_gain_se: its standard error; turns: T.
+  """
+  from iterppo_jax import qfit
+  returns = np.asarray(returns, np.float64)
+  if len(returns) == 0:
+    return {"adv_corr": float("nan"), "ips_pick_gain": float("nan"), "ips_pick_gain_se": float("nan"),
+            "turns": 0}
+  adv = np.asarray([q_taken[t] - np.mean(c) for t, c in enumerate(q_candidates)])
+  hit = np.asarray([len(c) * float(int(np.argmax(c)) == a) for c, a in zip(q_candidates, taken)])
+  gain = hit * returns - returns
+  return {"adv_corr": qfit.pearson(adv, returns), "ips_pick_gain": float(gain.mean()),
+          "ips_pick_gain_se": float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan"),
+          "turns": int(len(returns))}

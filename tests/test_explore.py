@@ -1,0 +1,86 @@
+"""Randomised turns (explore.py): one uniformly drawn suggestion per deployed conversation, its propensity, and
+which Monte Carlo targets stay samples of Q^{pi} (data.examples_from_conversations)."""
+
+import collections
+
+import numpy as np
+
+from iterppo_jax import data
+from iterppo_jax import explore
+from iterppo_jax.envs import base, registry, sales
+from configs import sales as sales_config
+
+
+def _deploy(n=300, seed=4):
+  cfg = sales_config.get_config().env
+  env = registry.make_env(cfg)
+  inner = registry.make_policy("sales", "behavior", cfg)
+  wrapped = explore.RandomisedTurn(inner, registry.candidate_fn("sales"), env.max_turns, seed=9)
+  return env, inner, env.play(wrapped, n, seed=seed), env.play(inner, n, seed=seed)
+
+
+def test_one_uniform_turn_with_its_propensity_and_pi_everywhere_else():
+  env, _, explored, plain = _deploy()
+  turns, taken_share = collections.Counter(), []
+  for r, p in zip(explored, plain):
+    info = explore.explored(r)
+    turns[info["turn"]] += 1
+    steps = r.agent_steps()
+    t = info["turn"]
+    if "taken" not in info:  # the conversation ended before t*: it is pi's own conversation
+      assert t >= len(steps) and r.turns == p.turns
+      continue
+    assert info["propensity"] == 1 / len(info["candidates"]) and len(set(info["candidates"])) == len(info["candidates"])
+    assert r.turns[steps[t]].text == info["candidates"][info["taken"]]
+    # Up to t* the conversation is exactly the one pi plays (same customer, same random streams).
+    assert r.turns[:steps[t]] == p.turns[:steps[t]]
+    # The first candidate is pi's own suggestion at t*, the rest the domain's scripted acts there.
+    assert info["candidates"][0] == p.turns[steps[t]].text
+    kinds = [sales.parse_business(c).kind for c in info["candidates"]]
+    assert len(kinds) >= 6 and {"ask_need", "ask_budget", "recommend", "close"} <= set(kinds)
+    taken_share.append(info["taken"] / (len(info["candidates"]) - 1))
+  assert set(turns) <= set(range(env.max_turns)) and len(turns) >= 8  # t* spreads over [0, max_turns)
+  assert 0.35 < np.mean(taken_share) < 0.65  # the draw at t* is uniform over the candidates
+  # Deterministic: the same seeds deploy the same conversations.
+  assert [r.turns for r in _deploy(40)[2]] == [r.turns for r in explored[:40]]
+
+
+def test_targets_before_the_randomised_turn_are_left_out():
+  _, _, explored, _ = _deploy(60)
+  examples = data.examples_from_conversations(explored, gamma=0.95)
+  by_conv = collections.defaultdict(list)
+  for e in examples:
+    by_conv[e.conversation_id].append(e)
+  for r in explored:
+    info = explore.explored(r)
+    for e in by_conv[r.id]:
+      assert e.target_valid == (e.turn >= info["turn"])
+      assert e.explored == (e.turn == info["turn"])
+  # Logs without randomised turns keep every target.
+  plain = data.examples_from_conversations(_deploy(20)[3], gamma=0.95)
+  assert all(e.target_valid and not e.explored for e in plain)
+
+
+def test_explored_returns_are_unbiased_for_each_candidate():
+  """At t* = 0 (the first suggestion) the mean return of each candidate act equals its true Q from the simulator."""
+  cfg = sales_config.get_config().env
+  env = sales.SalesEnv(business_user=base.BusinessUserConfig(mode="direct"), max_turns=cfg.max_turns)
+  oracle = registry.make_policy("sales", "oracle", cfg)
+  wrapped = explore.RandomisedTurn(oracle, registry.candidate_fn("sales"), max_turns=1, seed=2)  # t* = 0 always
+  records = env.play(wrapped, 1500, seed=1)
+  examples = [e for e in data.examples_from_conversations(records, gamma=0.95) if e.explored]
+  assert len(examples) == 1500
+  by_kind = collections.defaultdict(list)
+  for e in examples:
+    by_kind[sales.parse_business(e.suggestion).kind].append(e.target)
+  # The truth, from the same opening states (restored) with the simulator's Monte Carlo Q.
+  states = [env.restore(r, 1) for r in records[:60]]
+  for kind in ("ask_need", "close"):
+    rng = np.random.default_rng(0)
+    texts = [sales.business_text(sales.Act(kind), rng) for _ in states]
+    q, _ = env.estimate_q(states, texts, oracle, gamma=0.95, n_rollouts=20, seed=3)
+    logged = np.asarray(by_kind[kind])
+    se = logged.std() / np.sqrt(len(logged)) + q.std() / np.sqrt(len(q))
+    assert abs(logged.mean() - q.mean()) < 4 * se + 0.02, (kind, logged.mean(), q.mean())
+  # And the randomisation makes the acts' values differ as they really do: asking beats closing at the start.
+  assert np.mean(by_kind["ask_need"]) > np.mean(by_kind["close"]) + 0.1

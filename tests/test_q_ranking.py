@@ -1,0 +1,122 @@
+"""The ranking diagnostic (q_ranking.py) on a toy domain whose true Q is known in closed form, and its metrics."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import q_ranking
+from iterppo_jax.envs import base
+
+WANTS = ("red", "green", "blue")
+BUY = {True: 0.8, False: 0.2}  # P(buy | the offered colour is / is not the wanted one)
+
+
+@dataclasses.dataclass
+class Wish:
+  colour: str
+
+
+class ColourShop(base.TextEnv):
+  """One decision: the customer says which colour they want; an offer of it sells with p 0.8, another with 0.2.
+
+  So Q(s, 'offer c') = 0.8 if c is the wanted colour else 0.2, whatever policy follows (the episode ends).
+  """
+
+  domain = "colour"
+
+  def new_hidden(self, rng):
+    return Wish(WANTS[int(rng.integers(3))])
+
+  def opening(self, hidden, rng):
+    return f"I want something {hidden.colour}."
+
+  def customer_reply(self, hidden, business_text, rng):
+    buys = rng.random() < BUY[hidden.colour in business_text]
+    return ("I'll buy it." if buys else "No thanks."), int(buys)
+
+  def classify_outcome(self, customer_text):
+    return int("buy" in customer_text)
+
+  def judge(self, hidden, record, suggestion):
+    return "good"
+
+  def metadata(self, hidden):
+    return {"colour": hidden.colour}
+
+  def restore(self, record, n_turns):
+    return self.restored_episode(record, n_turns, Wish(record.metadata["colour"]))
+
+
+def offers(turns, rng):
+  del turns, rng
+  return [f"May I offer the {c} one?" for c in WANTS]
+
+
+def closed_form_q(record, candidates):
+  return [BUY[record.metadata["colour"] in c] for c in candidates]
+
+
+def test_metrics_on_hand_made_rankings():
+  true = np.asarray([[0.1, 0.5, 0.9], [0.3, 0.2, 0.1]])
+  perfect = q_ranking.ranking_metrics(true * 10, true)
+  assert perfect["top1"] == 1 and perfect["spearman"] == pytest.approx(1) and perfect["pairwise"] == 1
+  assert perfect["pick_gain"] == pytest.approx(perfect["best_gain"]) == pytest.approx(np.mean([0.4, 0.1]))
+  reverse = q_ranking.ranking_metrics(-true, true)
+  assert reverse["top1"] == 0 and reverse["spearman"] == pytest.approx(-1) and reverse["pairwise"] == 0
+  assert reverse["pick_gain"] == pytest.approx(np.mean([-0.4, -0.1]))
+  assert perfect["top1_chance"] == pytest.approx(1 / 3)
+  # A constant Q ties every pair (1/2) and picks the first candidate; a masked candidate is ignored.
+  flat = q_ranking.ranking_metrics(np.zeros((2, 3)), true)
+  assert flat["pairwise"] == 0.5 and np.isnan(flat["spearman"])
+  masked = q_ranking.ranking_metrics(np.asarray([[0., 1., 99.]]), np.asarray([[0.2, 0.8, 0.]]),
+                                     np.asarray([[True, True, False]]))
+  assert masked["top1"] == 1 and masked["pick_gain"] == pytest.approx(0.3)
+
+
+def test_true_q_of_the_action_set_matches_the_closed_form():
+  env = ColourShop(business_user=base.BusinessUserConfig(mode="direct"), max_turns=1)
+  records = env.play(policies_any_offer(), 60, seed=0)
+  action_set = q_ranking.build_action_set(env, records, policies_any_offer(), offers, n_states=12,
+                                          policy_samples=1, rollouts=300, gamma=0.95, seed=1,
+                                          render_fn=conv_lib.render_state)
+  assert len(action_set.prompts) == 12 and action_set.rollouts == 300
+  by_id = {r.id: r for r in records}
+  for (rid, _), cands, q, se in zip(action_set.where, action_set.candidates, action_set.true_q, action_set.true_se):
+    assert len(cands) == 3  # the policy's sample is one of the offers: duplicates are dropped
+    expected = closed_form_q(by_id[rid], cands)
+    assert np.all(np.abs(q[:3] - expected) <= 4 * se[:3] + 1e-9), (q, expected, se)
+  # A Q-model equal to the closed form ranks perfectly; one that likes 'red' everywhere is at chance.
+  exact = np.concatenate([closed_form_q(by_id[rid], c) for (rid, _), c in zip(action_set.where,
+                                                                                action_set.candidates)])
+  good = q_ranking.ranking_metrics(action_set.unflatten(exact), action_set.true_q, action_set.mask)
+  assert good["top1"] == 1 and good["spearman"] > 0.8 and good["pick_gain"] > 0.3
+  _, actions = action_set.pairs()
+  red = np.asarray([float("red" in a) for a in actions])
+  bad = q_ranking.ranking_metrics(action_set.unflatten(red), action_set.true_q, action_set.mask)
+  assert bad["top1"] < 0.7 and bad["pick_gain"] < good["pick_gain"] - 0.2
+  # Saved and loaded, the measurement is the same.
+  again = q_ranking.ActionSet.from_json(action_set.to_json())
+  np.testing.assert_array_equal(again.true_q, action_set.true_q)
+  assert again.candidates == action_set.candidates
+
+
+def policies_any_offer():
+  from iterppo_jax.envs import policies
+  return policies.FunctionPolicy(lambda o: offers(None, None)[int(o.rng.integers(3))], name="offer")
+
+
+def test_logged_metrics_estimate_the_pick_gain_without_a_simulator():
+  rng = np.random.default_rng(0)
+  n = 6000
+  wanted = rng.integers(3, size=n)
+  taken = rng.integers(3, size=n)  # uniform over 3 candidates: propensity 1/3
+  returns = (rng.random(n) < np.where(taken == wanted, 0.8, 0.2)).astype(float)
+  truth = [np.where(np.arange(3) == w, 0.8, 0.2) for w in wanted]
+  good = q_ranking.logged_ranking_metrics(np.asarray([t[a] for t, a in zip(truth, taken)]), truth, taken, returns)
+  # The greedy pick's true gain over the candidates' mean is 0.8 - 0.4 = 0.4.
+  assert abs(good["ips_pick_gain"] - 0.4) < 4 * good["ips_pick_gain_se"] and good["adv_corr"] > 0.3
+  wrong = [np.where(np.arange(3) == (w + 1) % 3, 1.0, 0.0) for w in wanted]
+  bad = q_ranking.logged_ranking_metrics(np.asarray([t[a] for t, a in zip(wrong, taken)]), wrong, taken, returns)
+  assert abs(bad["ips_pick_gain"] + 0.2) < 4 * bad["ips_pick_gain_se"] and bad["adv_corr"] < 0
