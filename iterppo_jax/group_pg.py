@@ -213,7 +213,7 @@ def make_experience_fn(policy: ts.Trainable, reward_fn: Callable, cfg: GroupConf
     logprobs, _ = ppo.policy_response_logprobs(policy.merge(policy_params), tokens, positions, valid, P)
     ref_logprobs, _ = ppo.policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
     last, _ = ppo.last_valid_index(mask)
-    score = reward_fn(reward_params, tokens, positions, valid, P + last)
+    score = reward_fn(reward_params, tokens, positions, valid, P + last, jnp.full_like(last, P - 1))
     regularised, kl_sum = sequence_rewards(score, logprobs, ref_logprobs, mask, kl_coef, cfg.kl_estimator)
     rewards = regularised if cfg.kl_in == "reward" else score.astype(regularised.dtype)
     advantages = advantages_for(cfg, rewards)
@@ -262,7 +262,7 @@ def train_group(policy: ts.Trainable, state: ts.TrainState, ref_params: Any, rew
   Args:
     policy, state: the policy's Trainable and TrainState (no critic).
     ref_params: the frozen reference (pi_k), a params tree of the policy's graph.
-    reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index) -> [B].
+    reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index, state_index) -> [B].
     prompts: {'tokens': [M, P] int32 left-padded, 'valid': [M, P] bool} from data.encode_prompts.
     batch_size: sampled responses per iteration (a multiple of G and of cfg.minibatch_size), the same count
       PPO's batch_size samples.

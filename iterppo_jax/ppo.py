@@ -424,10 +424,14 @@ def policy_response_logprobs(model, tokens, positions, valid, prompt_len):
 
 
 def make_q_reward_fn(q_trainable: ts.Trainable, kind: str = "bce") -> Callable:
-  """reward_fn(q_params, tokens, positions, valid, last_index) -> Q(s, a) [B] from a fitted Q-model."""
+  """reward_fn(q_params, tokens, positions, valid, last_index, state_index) -> Q(s, a) [B] from a fitted Q-model.
 
-  def reward_fn(params, tokens, positions, valid, last_index):
-    batch = {"tokens": tokens, "positions": positions, "valid": valid, "last_index": last_index}
+  `state_index` [B] is the column of the prompt's last token (where a dueling Q-model reads V(s)).
+  """
+
+  def reward_fn(params, tokens, positions, valid, last_index, state_index):
+    batch = {"tokens": tokens, "positions": positions, "valid": valid, "last_index": last_index,
+             "state_index": state_index}
     return qfit.to_q(qfit.q_scalar(q_trainable.merge(params), batch), kind)
 
   return reward_fn
@@ -486,7 +490,7 @@ def make_experience_fn(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Ca
     ref_logprobs, _ = policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
     values = critic_values(critic.merge(critic_params), tokens, positions, valid, P)
     last, _ = last_valid_index(mask)
-    score = reward_fn(reward_params, tokens, positions, valid, P + last)
+    score = reward_fn(reward_params, tokens, positions, valid, P + last, jnp.full_like(last, P - 1))
     advantages, returns, logged = _advantages(score, logprobs, ref_logprobs, values, mask, kl_coef, cfg)
     return {"tokens": tokens, "valid": valid, "positions": positions, "old_logprobs": logprobs,
             "old_values": values, "advantages": advantages, "returns": returns, **logged}
@@ -566,7 +570,7 @@ def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Calla
     mask = response_valid
     ref_logprobs, _ = policy_response_logprobs(policy.merge(ref_params), tokens, positions, valid, P)
     last, _ = last_valid_index(mask)
-    score = reward_fn(reward_params, tokens, positions, valid, P + last)
+    score = reward_fn(reward_params, tokens, positions, valid, P + last, jnp.full_like(last, P - 1))
 
     def policy_forward(params):
       logp, step_logits = policy_response_logprobs(policy.merge(params), tokens, positions, valid, P)
@@ -634,7 +638,7 @@ def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_p
   Args:
     prompts: {'tokens': [M, P] int32 left-padded, 'valid': [M, P] bool} from data.encode_prompts.
     ref_params: the frozen reference (pi_k), a params tree of the policy's graph.
-    reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index) -> [B].
+    reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index, state_index) -> [B].
   Returns:
     (state, kl_coef, metrics of the last iteration).
   """

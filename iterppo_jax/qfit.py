@@ -338,10 +338,18 @@ METHODS = ("mc", "td", "td_lambda", "fqe")
 
 
 def q_scalar(model, batch) -> jax.Array:
-  """[B] raw Q-model output at each row's last action token."""
+  """[B] raw Q-model output at each row's last action token (V + A for a dueling model; batch['state_index'])."""
+  if getattr(model, "dueling", False):
+    return q_and_v(model, batch)[0]
   # Only the last action token's output is needed: the trunk's last block runs for that slot alone.
   return model(batch["tokens"], batch["positions"], valid=batch["valid"],
                out_slots=batch["last_index"][:, None].astype(jnp.int32))[:, 0]
+
+
+def q_and_v(model, batch) -> tuple[jax.Array, jax.Array]:
+  """([B] raw Q, [B] raw V) of a dueling Q-model (models/heads.py); V is read at batch['state_index']."""
+  return model.q_and_v(batch["tokens"], batch["positions"], valid=batch["valid"],
+                       state_index=batch["state_index"], last_index=batch["last_index"])
 
 
 def to_q(raw: jax.Array, kind: str) -> jax.Array:
@@ -357,8 +365,14 @@ def make_qfit_step(trainable, *, kind: str = "bce", target_update: str = "polyak
   (`tau`) or a periodic copy (`period`).
   """
   def loss_fn(model, batch):
-    raw = q_scalar(model, batch)
-    loss = mc_loss(raw, batch["target"], kind)
+    if getattr(model, "dueling", False):
+      # Q = V + A regressed on the return, and V alone too: V(s) learns E[G | s] under the logged actions, so A
+      # is left with what the action adds at this state.
+      raw, value = q_and_v(model, batch)
+      loss = mc_loss(raw, batch["target"], kind) + mc_loss(value, batch["target"], kind)
+    else:
+      raw = q_scalar(model, batch)
+      loss = mc_loss(raw, batch["target"], kind)
     q = to_q(raw, kind)
     return loss, {"q_mean": jnp.mean(q), "target_mean": jnp.mean(batch["target"]),
                   "abs_error": jnp.mean(jnp.abs(q - batch["target"]))}
@@ -388,7 +402,7 @@ def predict(predict_fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarr
   """Q for every row of `arrays` (host numpy [N])."""
   n = len(arrays["tokens"])
   out = []
-  arrays = {k: arrays[k] for k in ("tokens", "positions", "valid", "last_index")}
+  arrays = {k: arrays[k] for k in ("tokens", "positions", "valid", "last_index", "state_index") if k in arrays}
   for batch in data_lib.batch_iterator(arrays, batch_size, seed=0, shuffle=False, drop_remainder=False):
     batch.pop("batch_valid")  # filler rows repeat real ones at the end and are cut off below
     out.append(np.asarray(predict_fn(params, ts.device_batch(batch, mesh))))
@@ -553,8 +567,8 @@ def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bc
 
 
 def _model_batch(batch: dict) -> dict:
-  keys = ("tokens", "positions", "valid", "last_index", "target")
-  return {k: batch[k] for k in keys}
+  keys = ("tokens", "positions", "valid", "last_index", "state_index", "target")
+  return {k: batch[k] for k in keys if k in batch}  # state_index: only a dueling Q-model reads it
 
 
 def evaluate_q(q: np.ndarray, outcomes: np.ndarray, true_q: np.ndarray | None = None) -> dict:

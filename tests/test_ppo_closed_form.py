@@ -39,9 +39,9 @@ def _config():
                                    head_dim=16, max_len=4, tie_embeddings=False)
 
 
-def _reward_fn(table, tokens, positions, valid, last_index):
+def _reward_fn(table, tokens, positions, valid, last_index, state_index):
   """r(a) at the response's last (here: only) token; the signature of ppo.make_q_reward_fn's reward_fn."""
-  del positions, valid
+  del positions, valid, state_index
   action = jnp.take_along_axis(tokens, last_index[:, None], axis=1)[:, 0]
   return table[action]
 
