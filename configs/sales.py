@@ -32,7 +32,9 @@ def get_config(arg=None):
   c.env.business_user = "sr"  # 'sr': the business user accepts/edits/rejects; 'direct': sent verbatim
   c.env.max_turns = 10  # rounds before the customer is gone anyway
   c.env.skill_mean = 0.35  # mean skill of the historical staff; gives ~15% direct, ~25% SR conversion
-  c.env.max_render_turns = 5  # rounds of history a model sees (prompt length is what CPU time scales with)
+  # Rounds of history a model sees in full; older rounds keep the customer's messages only (conversation.py).
+  # 3 full rounds: p99 179 BPE tokens, max 202 in 600 behaviour conversations (issue #16).
+  c.env.max_render_turns = 3
 
   # ---- simulate: play conversations with a shipped policy (experiments.simulate) ----
   c.policy = "behavior"  # behavior | oracle | random | explore | noisy_oracle
@@ -44,7 +46,7 @@ def get_config(arg=None):
   c.tokenizer.path = ""  # a local Hugging Face tokenizer dir; empty: train a BPE on the behaviour logs
   c.tokenizer.vocab_size = 1024  # simulator text is templated: BPE stops near 800 anyway
   c.data = ml_collections.ConfigDict()
-  c.data.max_prompt_len = 160  # 5 rounds fit most states; longer ones lose their oldest tokens
+  c.data.max_prompt_len = 192  # fits ~99.9% of states (a run warns with counts when prompts are cut)
   c.data.max_action_len = 24  # business messages are ~11 tokens with <eot>
 
   # ---- the model (policy, Q-model and critic share the shape) ----
@@ -89,6 +91,10 @@ def get_config(arg=None):
   c.qfit.model.num_heads = 0
   c.qfit.model.num_kv_heads = 0  # must divide num_heads
   c.qfit.model.head_dim = 0
+  # With randomised turns (loop.explore_turns), a Monte Carlo return before the conversation's randomised turn
+  # is not a sample of Q^{pi_k}: 'unbiased' fits the turns from it on; 'all' fits every turn (biased).
+  c.qfit.head = "q"  # q: one scalar at the action's end | dueling: Q = V(s) + A(s, a) (models/heads.py)
+  c.qfit.targets = "unbiased"  # | all | explored (the randomised turns alone)
   c.qfit.fqe_samples = 4  # fqe: responses of pi_k per logged next state averaged in the target (expected SARSA)
 
   # ---- the inner solver of the single-turn problem ----
@@ -132,6 +138,14 @@ def get_config(arg=None):
   c.loop.eval_conversations = 400  # held-out conversations per evaluation (+-4 points at 95%)
   c.loop.play_batch = 256  # conversations advanced in lock-step when a model plays
   c.loop.deploy_temperature = 1.0  # pi_k is deployed as sampled (its Q is what is fitted)
+  # One randomised turn per deployed conversation: uniform over pi_k's sample and the domain's scripted acts
+  # (explore.py), so Q_k can learn which action is right at a state, not only which acts pi_k likes.
+  c.loop.explore_turns = True
+  # Q_k's ranking of actions against the simulator's true Q^{pi_k} (q_ranking.py), every iteration: states of
+  # pi_k's evaluation conversations, pi_k's samples + the scripted acts as candidates, Monte Carlo rollouts each.
+  c.loop.rank_states = 48
+  c.loop.rank_policy_samples = 2
+  c.loop.rank_rollouts = 8
   c.loop.true_q_states = 16  # held-out (s, a) pairs whose simulator Q is estimated each iteration
   c.loop.true_q_rollouts = 8  # Monte Carlo rollouts per pair (continuing with pi_k)
   c.loop.tensorboard = True
@@ -181,6 +195,9 @@ def get_config(arg=None):
     c.loop.play_batch = 16
     c.loop.true_q_states = 2
     c.loop.true_q_rollouts = 2
+    c.loop.rank_states = 2
+    c.loop.rank_policy_samples = 1
+    c.loop.rank_rollouts = 2
     c.num_conversations = 200
     c.batch_size = 64
     c.baselines.budget = 16

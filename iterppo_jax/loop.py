@@ -33,12 +33,14 @@ from flax import nnx
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import explore
 from iterppo_jax import group_pg
 from iterppo_jax import io_utils
 from iterppo_jax import label_noise
 from iterppo_jax import lm_policy
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import ppo as ppo_lib
+from iterppo_jax import q_ranking
 from iterppo_jax import qfit as qfit_lib
 from iterppo_jax import rendering
 from iterppo_jax import sampling
@@ -107,6 +109,9 @@ def ppo_config(config) -> ppo_lib.PPOConfig:
 
 
 INNER_SOLVERS = ("ppo", "grpo", "rloo")
+# Which logged turns the Q-fit regresses on (explore.py): 'unbiased' those whose return samples Q^{pi_k} (from the
+# randomised turn on), 'all' every turn, 'explored' the randomised turns alone.
+QFIT_TARGETS = ("unbiased", "all", "explored")
 
 # Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
 # what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
@@ -169,7 +174,7 @@ def seed_for(config, *parts: int) -> int:
   return int(np.random.SeedSequence([config.seed, *parts]).generate_state(1)[0])
 
 
-PHASE_IDS = {"behavior": 1, "sft": 2, "collect": 3, "qfit": 4, "ppo": 5, "eval": 6, "true_q": 7}
+PHASE_IDS = {"behavior": 1, "sft": 2, "collect": 3, "qfit": 4, "ppo": 5, "eval": 6, "true_q": 7, "rank": 8}
 
 
 @dataclasses.dataclass
@@ -245,6 +250,10 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers."""
   if config.get("inner", "ppo") not in INNER_SOLVERS:  # fail before any work, not after SFT and the Q-fit
     raise ValueError(f"config.inner must be one of {INNER_SOLVERS}, got {config.inner!r}")
+  if config.qfit.get("head", "q") not in ("q", "dueling"):
+    raise ValueError(f"config.qfit.head must be 'q' or 'dueling', got {config.qfit.head!r}")
+  if config.qfit.get("targets", "unbiased") not in QFIT_TARGETS:
+    raise ValueError(f"config.qfit.targets must be one of {QFIT_TARGETS}, got {config.qfit.targets!r}")
   os.makedirs(workdir, exist_ok=True)
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   progress = Progress(workdir)
@@ -300,6 +309,7 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
     return trainable, _restore_params(run, "policy", 0, state.params)
   examples = [e for e in run.examples(logs) if e.sent is not None]
   arrays = run.arrays(examples, action="sent")
+  note_truncation(run, arrays, "sft", 0)
   n_hold = max(len(examples) // 10, 1)
   held = {k: v[:n_hold] for k, v in arrays.items()}
   train = {k: v[n_hold:] for k, v in arrays.items()}
@@ -327,10 +337,13 @@ def fit_q(run: Run, k: int, records, policy_params):
   own_size = q_model != run.model_cfg  # a Q-model of its own size cannot start from a policy's trunk
   if own_size and q_cfg.init == "policy":
     raise ValueError("qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' or 'previous'")
+  dueling = q_cfg.get("head", "q") == "dueling"  # Q = V(s) + A(s, a) (models/heads.py)
   make_q = (lambda: heads.scalar_model_from_policy(nnx.merge(run_policy_graphdef(run), policy_params),
-                                                    rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"]))))
+                                                    rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])),
+                                                    dueling=dueling))
   if q_cfg.init == "scratch" or own_size:  # own size with 'previous': Q_0 from scratch, then Q_k from Q_{k-1}
-    make_q = lambda: heads.ScalarModel(q_model, rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])))
+    make_q = lambda: heads.ScalarModel(q_model, rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])),
+                                       dueling=dueling)
   trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, with_target=q_cfg.method != "mc")
   if q_cfg.init == "previous" and k > 0 and not run.progress.get(f"qfit/{k}"):
     previous = _restore_params(run, "qmodel", k - 1, state.params)
@@ -346,15 +359,21 @@ def fit_q(run: Run, k: int, records, policy_params):
                                      seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
   examples = run.examples(records)
   arrays = run.arrays(examples)
+  note_truncation(run, arrays, f"qfit/{k}", k)
+  # With randomised turns (explore.py) a Monte Carlo return before the conversation's t* is not a sample of
+  # Q^{pi_k}: qfit.targets='unbiased' fits turns from t* on only (all turns of logs without randomised turns).
+  usable = np.asarray([{"all": True, "unbiased": e.target_valid, "explored": e.explored}[q_cfg.targets]
+                       for e in examples], bool)
   # Hold out whole conversations (the last tenth) for calibration.
   conv_ids = sorted({e.conversation_id for e in examples})
   held_ids = set(conv_ids[-max(len(conv_ids) // 10, 1):])
-  held = np.asarray([e.conversation_id in held_ids for e in examples])
-  train = {k_: v[~held] for k_, v in arrays.items()}
-  train["next_index"] = _reindex(arrays["next_index"], ~held)
+  in_held = np.asarray([e.conversation_id in held_ids for e in examples])
+  train_rows, held = ~in_held & usable, in_held & usable
+  train = {k_: v[train_rows] for k_, v in arrays.items()}
+  train["next_index"] = _reindex(arrays["next_index"], train_rows)
   next_actions = None
   if q_cfg.method == "fqe":  # off-policy: bootstrap from pi_k's own responses at the logged next states
-    next_actions = _fqe_next_actions(run, k, policy_params, [e for e, h in zip(examples, held) if not h],
+    next_actions = _fqe_next_actions(run, k, policy_params, [e for e, t in zip(examples, train_rows) if t],
                                      train["next_index"])
   state, _ = qfit_lib.fit_q(trainable, state, train, method=q_cfg.method, kind=q_cfg.kind, steps=q_cfg.steps,
                             batch_size=q_cfg.batch_size, seed=seed_for(c, k, PHASE_IDS["qfit"]), gamma=c.gamma,
@@ -366,15 +385,81 @@ def fit_q(run: Run, k: int, records, policy_params):
   q = qfit_lib.predict(predict_fn, state.params, held_arrays, q_cfg.batch_size, run.mesh)
   metrics = qfit_lib.evaluate_q(q, held_arrays["outcome"])
   metrics["target_corr"] = qfit_lib.pearson(q, held_arrays["target"])
+  metrics["train_examples"] = int(train_rows.sum())
+  metrics.update(_logged_ranking(run, predict_fn, state.params, records,
+                                 [e for e, h in zip(examples, held) if h and e.explored]))
   if run.env is not None and c.loop.true_q_states > 0:
     metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q, policy_params,
                                  records))
+  if run.env is not None and c.loop.rank_states > 0:
+    metrics.update(rank_actions(run, k, predict_fn, state.params, policy_params))
   if any("true_outcome" in r.metadata for r in records):  # simulator logs: how wrong the fitted labels are
     metrics.update({f"label_{n}": v for n, v in label_noise.classifier_error(records).items()})
   run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
   _save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
   run.progress.mark(f"qfit/{k}", metrics)
   return trainable, state.params, metrics
+
+
+def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
+  """Prints (once per phase) and logs how many prompts and actions lost tokens to the data budgets."""
+  n = max(len(arrays["tokens"]), 1)
+  run.log(k, {f"data/{what}/prompt_cut_share": float(np.mean(arrays["prompt_cut"])) if len(arrays["tokens"]) else 0.,
+              f"data/{what}/action_cut_share": float(np.sum(arrays["action_cut"]) / n)}, phase="data", iteration=k)
+  note = data_lib.truncation_note(arrays, what)
+  if note:
+    print(f"warning: {note}")
+
+
+def _logged_ranking(run: Run, predict_fn, q_params, records, explored_examples) -> dict:
+  """q_ranking.logged_ranking_metrics on held-out randomised turns (logs only; {} when there are none)."""
+  if not explored_examples:
+    return {}
+  by_id = {r.id: r for r in records}
+  infos = [explore.explored(by_id[e.conversation_id]) for e in explored_examples]
+  prompts = [e.prompt for e, info in zip(explored_examples, infos) for _ in info["candidates"]]
+  actions = [a for info in infos for a in info["candidates"]]
+  arrays = data_lib.encode_pairs(run.tokenizer, prompts, actions, run.config.data.max_prompt_len,
+                                 run.config.data.max_action_len, run.renderer)
+  q = qfit_lib.predict(predict_fn, q_params, arrays, run.config.qfit.batch_size, run.mesh)
+  q_candidates, pos = [], 0
+  for info in infos:
+    q_candidates.append(q[pos:pos + len(info["candidates"])])
+    pos += len(info["candidates"])
+  taken = [int(info["taken"]) for info in infos]
+  out = q_ranking.logged_ranking_metrics(np.asarray([qc[t] for qc, t in zip(q_candidates, taken)]),
+                                         q_candidates, taken, np.asarray([e.target for e in explored_examples]))
+  return {f"logged_{n}": v for n, v in out.items()}
+
+
+def rank_actions(run: Run, k: int, predict_fn, q_params, policy_params) -> dict:
+  """Q_k's ranking of candidate actions against the simulator's true Q^{pi_k} (q_ranking.py).
+
+  States come from pi_k's evaluation conversations (data/eval_<k>.jsonl); the candidates (pi_k's samples and the
+  domain's scripted acts) and their true Q are measured once per pi_k and kept in data/ranking_<k>.json, so a
+  resumed run, a later Q-model of the same policy and the report all use one measurement.
+  """
+  c = run.config
+  path = os.path.join(run.workdir, "data", f"ranking_{k}.json")
+  if os.path.exists(path):
+    action_set = q_ranking.ActionSet.load(path)
+  else:
+    records = conv_lib.read_jsonl(os.path.join(run.workdir, "data", f"eval_{k}.jsonl"))
+    policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
+    action_set = q_ranking.build_action_set(
+        run.env, records, policy, registry.candidate_fn(c.env.domain), n_states=c.loop.rank_states,
+        policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=c.gamma,
+        seed=seed_for(c, k, PHASE_IDS["rank"], 1),
+        render_fn=lambda turns: run.renderer.state(turns, c.env.max_render_turns))
+    action_set.save(path)
+  prompts, actions = action_set.pairs()
+  arrays = data_lib.encode_pairs(run.tokenizer, prompts, actions, c.data.max_prompt_len, c.data.max_action_len,
+                                 run.renderer)
+  q = qfit_lib.predict(predict_fn, q_params, arrays, c.qfit.batch_size, run.mesh)
+  out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask)
+  out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
+  out["candidates"] = float(np.mean([len(cs) for cs in action_set.candidates]))
+  return {f"rank_{n}": v for n, v in out.items()}
 
 
 def _fqe_next_actions(run: Run, k: int, policy_params, examples, next_index: np.ndarray) -> dict:
@@ -590,14 +675,22 @@ def run(config, workdir: str) -> dict:
         records = logs  # D_0: the behaviour logs pi_0 was cloned from stand in for pi_0's own
       elif k == 0 and config.loop.first_data == "explore":
         # D_0: logs of the exploratory behaviour policy; Q^{pi_0} from them needs qfit.method=fqe (off-policy)
-        explore = registry.make_policy(config.env.domain, "explore", config.env)
-        records = _play_and_log(run_.workdir, run_.env, config.loop.play_batch, explore, config.loop.conversations,
+        staff = registry.make_policy(config.env.domain, "explore", config.env)
+        records = _play_and_log(run_.workdir, run_.env, config.loop.play_batch, staff, config.loop.conversations,
                                 seed_for(config, k, PHASE_IDS["collect"], 2), "explore")
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
                                 seed_for(config, k, PHASE_IDS["collect"]))
+        if config.loop.explore_turns:  # one randomised turn per conversation (explore.py)
+          policy = explore.RandomisedTurn(policy, registry.candidate_fn(config.env.domain), run_.env.max_turns,
+                                          seed=seed_for(config, k, PHASE_IDS["collect"], 3))
         records = _play_and_log(run_.workdir, run_.env, config.loop.play_batch, policy, config.loop.conversations,
                                 seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")
+        if not run_.progress.get(f"collect/{k}"):  # what deploying pi_k with randomised turns cost (vs eval/)
+          deployed = {n: v for n, v in env_base.summarize(records).items()
+                      if n in ("conversion", "conversion_lo", "conversion_hi")}
+          run_.log(k, {f"collect/{n}": v for n, v in deployed.items()}, phase="collect", iteration=k)
+          run_.progress.mark(f"collect/{k}", deployed)
     if config.loop.stop_after_phase == f"collect/{k}":
       raise Interrupted(f"stopped after collect/{k}")
     with timed(run_, "qfit", k):

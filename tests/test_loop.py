@@ -58,6 +58,17 @@ def test_phases_checkpoints_and_metrics(full_run):
   assert not os.path.exists(os.path.join(workdir, "data", "iter_0.jsonl"))
   for name in ("behavior", "iter_1", "eval_0", "eval_2"):
     assert conv_lib.read_jsonl(os.path.join(workdir, "data", f"{name}.jsonl"))
+  # Issue #16: pi_k is deployed with one randomised turn per conversation, logged with its propensity; Q_k's
+  # ranking of actions is measured against the simulator's true Q^{pi_k} every iteration; cut prompts are counted.
+  deployed = conv_lib.read_jsonl(os.path.join(workdir, "data", "iter_1.jsonl"))
+  assert all(0 <= r.metadata["explore"]["turn"] < 10 for r in deployed)
+  reached = [r.metadata["explore"] for r in deployed if "taken" in r.metadata["explore"]]
+  assert reached and all(e["propensity"] == 1 / len(e["candidates"]) for e in reached)
+  for k in (0, 1):
+    assert os.path.exists(os.path.join(workdir, "data", f"ranking_{k}.json"))
+    ranked = [r for r in records if r.get("phase") == "qfit_eval" and r.get("iteration") == k]
+    assert ranked and 0 <= ranked[-1]["qfit/rank_top1"] <= 1 and ranked[-1]["qfit/rank_states"] == 2
+  assert any("data/qfit/0/prompt_cut_share" in r for r in records)
   with open(os.path.join(workdir, "progress.json")) as f:
     progress = json.load(f)
   assert {"sft", "qfit/0", "policy/1", "policy/2", "eval/2"} <= set(progress)

@@ -1,0 +1,101 @@
+r"""Q-model variants fitted on one run's logs, ranked against that run's true Q^{pi_k} (issue #16's table).
+
+  python -m experiments.q_ranking_ablation --workdir=runs/<a finished loop run> [--iteration=0] \
+      [--variants=default,all_targets,explored_only,steps_800,scratch] [--out=docs/q_ranking_ablation.json]
+
+Each variant refits Q_k on the run's D_k (data/iter_<k>.jsonl) in its own directory under <workdir>/ablate/,
+starting from the run's pi_k, and is scored on the run's own data/ranking_<k>.json (the same states, candidates
+and simulator Q for every variant, measured once by the loop). Prints one markdown row per variant: top-1
+agreement with the true best, within-state Spearman, pairwise accuracy, the true gain of Q's pick over the
+candidates' mean (and the best possible gain), the logs-only measures, and the number of fitted examples.
+"""
+
+import json
+import os
+import shutil
+
+from absl import flags
+from absl import logging
+from ml_collections import config_dict
+
+from experiments import cli
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import io_utils
+from iterppo_jax import loop
+
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A loop run that has data/ranking_<k>.json.")
+_ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which D_k / pi_k to refit Q on.")
+_VARIANTS = cli.define(flags.DEFINE_list, "variants", ["default", "all_targets", "explored_only", "steps_800",
+                                                        "scratch"], "Variants (keys of VARIANTS).")
+_OUT = cli.define(flags.DEFINE_string, "out", "", "Also write the rows as JSON here.")
+
+# name -> (what it changes, config overrides); 'explored_only' keeps only the randomised turns themselves.
+VARIANTS = {
+    "default": ("the loop's Q-fit (turns from t* on, 200 steps, from pi_k's trunk)", {}),
+    "all_targets": ("every turn's return, also before t* (biased)", {"qfit.targets": "all"}),
+    "explored_only": ("only the randomised turns t*", {"qfit.targets": "explored"}),
+    "steps_800": ("4x the Q-fit steps", {"qfit.steps": 800}),
+    "scratch": ("a fresh trunk instead of pi_k's", {"qfit.init": "scratch"}),
+    "dueling": ("Q = V(s) + A(s, a), V at the prompt's end", {"qfit.head": "dueling"}),
+    "dueling_800": ("dueling, 4x the Q-fit steps", {"qfit.head": "dueling", "qfit.steps": 800}),
+}
+
+
+def _variant_dir(wd: str, k: int, name: str) -> str:
+  """A run directory holding the source run's tokenizer, pi_k, D_k and measurements, nothing fitted yet."""
+  out = os.path.join(wd, "ablate", f"{name}_{k}")
+  if os.path.exists(out):
+    shutil.rmtree(out)
+  os.makedirs(os.path.join(out, "data"))
+  shutil.copytree(os.path.join(wd, "tokenizer"), os.path.join(out, "tokenizer"))
+  shutil.copytree(os.path.join(wd, "checkpoints", "policy"), os.path.join(out, "checkpoints", "policy"))
+  for name_ in ("behavior.jsonl", f"eval_{k}.jsonl", f"ranking_{k}.json", f"iter_{k}.jsonl"):
+    src = os.path.join(wd, "data", name_)
+    if os.path.exists(src):
+      shutil.copy(src, os.path.join(out, "data", name_))
+  io_utils.atomic_write_json(os.path.join(out, "progress.json"), {"sft": True})
+  return out
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  wd, k = _WORKDIR.value, _ITERATION.value
+  with open(os.path.join(wd, "config.json")) as f:
+    base = json.load(f)
+  data_path = os.path.join(wd, "data", f"iter_{k}.jsonl")
+  if not os.path.exists(data_path):
+    data_path = os.path.join(wd, "data", "behavior.jsonl")
+  rows = []
+  for name in _VARIANTS.value:
+    if name not in VARIANTS:
+      raise SystemExit(f"error: unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    what, overrides = VARIANTS[name]
+    config = config_dict.ConfigDict(base)
+    config.loop.tensorboard = False
+    config.loop.true_q_states = 0
+    for key, value in overrides.items():
+      section, field = key.split(".")
+      config[section][field] = value
+    out = _variant_dir(wd, k, name)
+    run_, _ = loop.setup(config, out)
+    _, policy = loop.train_pi0(run_, [])
+    if k:
+      policy = loop._restore_params(run_, "policy", k, policy)  # pylint: disable=protected-access
+    records = conv_lib.read_jsonl(data_path)
+    _, _, m = loop.fit_q(run_, k, records, policy)
+    run_.writer.close()
+    row = {"variant": name, "what": what, **{n: m.get(n) for n in (
+        "rank_top1", "rank_top1_chance", "rank_spearman", "rank_pairwise", "rank_pick_gain", "rank_best_gain",
+        "logged_adv_corr", "logged_ips_pick_gain", "logged_ips_pick_gain_se", "auc", "train_examples")}}
+    rows.append(row)
+    print(f"| {name} | {row['rank_top1']:.2f} (chance {row['rank_top1_chance']:.2f}) | {row['rank_spearman']:+.2f} | "
+          f"{row['rank_pairwise']:.2f} | {row['rank_pick_gain']:+.3f} / {row['rank_best_gain']:.3f} | "
+          f"{row.get('logged_adv_corr') or float('nan'):+.2f} | {row['auc']:.2f} | {row['train_examples']} |",
+          flush=True)
+  if _OUT.value:
+    io_utils.atomic_write_json(_OUT.value, {"workdir": wd, "iteration": k, "rows": rows})
+
+
+if __name__ == "__main__":
+  cli.run(main)
