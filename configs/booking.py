@@ -18,9 +18,9 @@ def get_config(arg=None):
   c.env.domain = "booking"  # the salon appointment simulator
   c.env.max_turns = 10  # the oracle needs ~6 rounds (service, days, time, staff, offer, book); 10 leaves slack
   c.env.skill_mean = 0.38  # ~25% behaviour conversion in SR mode, ~13% direct (oracle ~82% SR, ~87% direct)
-  c.env.max_render_turns = 5  # 5 rounds show the constraints a fitting offer needs in most states
+  c.env.max_render_turns = 3  # rounds in full; older rounds keep the customer's messages (service, days, ...)
   if not args["tiny"]:
-    # 5 rounds of booking text are 122 tokens at the median, 181 at p90 (sales: 125, 176); 192 keeps the early
-    # answers (service, days) that a fitting offer needs. Actions stay within sales' 24 (p99 22 with <eot>).
+    # 3 full rounds + older customer messages: p50 102, p99 174, max 201 BPE tokens (600 behaviour
+    # conversations); 5 full rounds cut 16% of states at 192. Actions: p99 22 with <eot> (0.6% over 24).
     c.data.max_prompt_len = 192
   return c

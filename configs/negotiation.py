@@ -19,12 +19,14 @@ def get_config(arg=None):
   c.env.domain = "negotiation"  # the B2B subscription negotiation simulator
   c.env.max_turns = 26  # the oracle's deals take 12-17 rounds (5th-95th percentile); 26 leaves room for slips
   c.env.skill_mean = 0.48  # ~27% behaviour conversion in SR mode, ~13% direct (oracle ~82% SR, ~87% direct)
-  c.env.max_render_turns = 6  # the recent part of the history: the open objection, the plan, the last offers
+  # The last 2 rounds in full (the open objection, the last offer) and the customer's messages of older ones
+  # (seats, features, term, budget, approver: what a fitting proposal needs).
+  c.env.max_render_turns = 2
   if not args["tiny"]:
-    # Six rounds are 229 tokens at the median and 289 at p90 (BPE 1024 on behaviour logs); 224 keeps the last
-    # 5-6 rounds (older tokens are cut from the left). SFT, Q-fit and PPO time grows about linearly with the
-    # prompt: 224 costs ~1.4x the sales config's 160 per example. Actions stay within sales' 24 (p99 21).
-    c.data.max_prompt_len = 224
+    # That is 179 BPE tokens at the median, 377 at p95, 431 at p99 (600 behaviour conversations); 384 cuts ~5%
+    # of states from the left (counted in a warning). SFT, Q-fit and PPO time grows about linearly with the
+    # prompt: 384 costs ~2x the sales config's 192 per example. Actions stay within sales' 24 (p99 21).
+    c.data.max_prompt_len = 384
   # The tiny branch keeps max_turns = 26: its run time is compilation, not play (a tiny loop took 47 s of CPU
   # with 26 rounds and 46 s with 12), and with 12 rounds even the oracle could not finish a deal.
   return c

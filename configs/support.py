@@ -18,7 +18,7 @@ def get_config(arg=None):
   c.env.domain = "support"  # resolve a support ticket (envs/support.py)
   c.env.max_turns = 10  # the oracle needs at most 9 rounds (two questions, three fixes, a novice's steps)
   c.env.skill_mean = 0.2  # historical agents: ~24% resolved in 'sr' mode, ~16% 'direct' (oracle ~99%)
-  c.env.max_render_turns = 5  # rounds of history a model sees; the symptoms are usually within them
+  c.env.max_render_turns = 3  # rounds in full; older rounds keep the customer's messages (the symptoms)
   if not args["tiny"]:
-    c.data.max_prompt_len = 192  # support customers write longer replies: p95 171, p99 183 BPE tokens
+    c.data.max_prompt_len = 192  # 3 full rounds + older customer messages: p99 159, max 191 BPE tokens
   return c

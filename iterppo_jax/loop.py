@@ -458,6 +458,7 @@ def rank_actions(run: Run, k: int, predict_fn, q_params, policy_params) -> dict:
   q = qfit_lib.predict(predict_fn, q_params, arrays, c.qfit.batch_size, run.mesh)
   out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask)
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
+  out["truth_reliability"] = action_set.reliability()
   out["candidates"] = float(np.mean([len(cs) for cs in action_set.candidates]))
   return {f"rank_{n}": v for n, v in out.items()}
 
@@ -704,7 +705,14 @@ def run(config, workdir: str) -> dict:
     params = new_params
     with timed(run_, "eval", k + 1):
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
-  summary = {"iterations": history, "reference": refs, "seconds": time.perf_counter() - start_time}
+  ranking = []
+  for k in range(config.loop.iterations):
+    q_metrics = run_.progress.get(f"qfit/{k}") or {}
+    deployed = run_.progress.get(f"collect/{k}") or {}
+    ranking.append({**{n: v for n, v in q_metrics.items() if n.startswith(("rank_", "logged_"))},
+                    "deployed_conversion": deployed.get("conversion", float("nan"))})
+  summary = {"iterations": history, "reference": refs, "q_ranking": ranking,
+             "seconds": time.perf_counter() - start_time}
   export_dir = export_policy(run_, params)
   if export_dir:
     summary["export_dir"] = export_dir

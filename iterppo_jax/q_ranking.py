@@ -48,7 +48,7 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     pairwise: share of candidate pairs with different true values that Q_k orders correctly (ties: 1/2);
     pick_gain: mean over states of true[pick] - mean(true) (what a greedy step on Q_k gains);
     best_gain: mean of max(true) - mean(true) (the most any pick can gain);
-    states: N.
+    states: the states counted: those with at least two candidates of different true value.
   """
   pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
   if pred.shape != true.shape or pred.ndim != 2:
@@ -58,7 +58,7 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
   agree = pairs = 0.0
   for p, t, m in zip(pred, true, mask):
     p, t = p[m], t[m]
-    if len(t) < 2:
+    if len(t) < 2 or np.ptp(t) == 0:  # every candidate equally good: nothing to rank (e.g. no rollout sold)
       continue
     best = t.max()
     top1.append(float(t[int(np.argmax(p))] >= best))
@@ -99,6 +99,21 @@ class ActionSet:
     for i, c in enumerate(self.candidates):
       m[i, :len(c)] = True
     return m
+
+  def reliability(self) -> float:
+    """Share of the within-state variance of the measured true Q that is not Monte Carlo noise.
+
+    1 - mean(se^2) / mean(within-state variance). Near 0 the 'true' ranking is mostly noise and no Q-model
+    can agree with it; near 1 it is the real ranking. Ranking metrics mean little below ~0.5.
+    """
+    variances, noise = [], []
+    for q, se, m in zip(self.true_q, self.true_se, self.mask):
+      if m.sum() >= 2:
+        variances.append(np.var(q[m], ddof=1))
+        noise.append(np.mean(np.square(se[m])))
+    if not variances or np.mean(variances) == 0:
+      return float("nan")
+    return float(1.0 - np.mean(noise) / np.mean(variances))
 
   def pairs(self) -> tuple[list[str], list[str]]:
     """(prompts, actions) of every present candidate, row-major: what a Q-model scores."""

@@ -14,6 +14,20 @@ def table(summary: dict) -> str:
   for name, s in summary.get("reference", {}).items():
     rows.append(f"| {name} (scripted) | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
                 f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | - |")
+  ranking = summary.get("q_ranking")
+  if ranking:
+    rows += ["", "Q_k's ranking of actions against the simulator's true Q^{pi_k} (q_ranking.py): top-1 = Q_k's pick is "
+             "the true best; gain = true Q of Q_k's pick minus the candidates' mean (best possible in brackets)", "",
+             "| Q_k | states x candidates | top-1 (chance) | Spearman | pairwise | gain (best) | true-Q s.e. "
+             "(reliability) | deployed conversion |", "|---|---|---|---|---|---|---|---|"]
+    for k, r in enumerate(ranking):
+      if not r or "rank_top1" not in r:
+        continue
+      rows.append(f"| Q_{k} | {r['rank_states']:.0f} x {r['rank_candidates']:.1f} | {r['rank_top1']:.2f} "
+                  f"({r['rank_top1_chance']:.2f}) | {r['rank_spearman']:+.2f} | {r['rank_pairwise']:.2f} | "
+                  f"{r['rank_pick_gain']:+.3f} ({r['rank_best_gain']:.3f}) | {r['rank_true_se']:.3f} "
+                  f"({r.get('rank_truth_reliability', float('nan')):.2f}) | "
+                  f"{r.get('deployed_conversion', float('nan')):.3f} |")
   return "\n".join(rows)
 
 

@@ -120,3 +120,13 @@ def test_logged_metrics_estimate_the_pick_gain_without_a_simulator():
   wrong = [np.where(np.arange(3) == (w + 1) % 3, 1.0, 0.0) for w in wanted]
   bad = q_ranking.logged_ranking_metrics(np.asarray([t[a] for t, a in zip(wrong, taken)]), wrong, taken, returns)
   assert abs(bad["ips_pick_gain"] + 0.2) < 4 * bad["ips_pick_gain_se"] and bad["adv_corr"] < 0
+
+
+def test_reliability_says_how_much_of_the_measured_truth_is_noise():
+  q = np.asarray([[0.1, 0.5, 0.9], [0.2, 0.4, 0.6]])
+  exact = q_ranking.ActionSet([("a", 1), ("b", 1)], ["s", "t"], [["x", "y", "z"]] * 2, [["script"] * 3] * 2, q,
+                              np.zeros_like(q), rollouts=10)
+  assert exact.reliability() == pytest.approx(1.0)
+  noisy = q_ranking.ActionSet(exact.where, exact.prompts, exact.candidates, exact.source, q,
+                              np.full_like(q, np.sqrt(np.mean([np.var(r, ddof=1) for r in q]) / 2)), rollouts=10)
+  assert noisy.reliability() == pytest.approx(0.5)
