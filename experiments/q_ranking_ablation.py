@@ -1,7 +1,8 @@
 r"""Q-model variants fitted on one run's logs, ranked against that run's true Q^{pi_k} (issue #16's table).
 
   python -m experiments.q_ranking_ablation --workdir=runs/<a finished loop run> [--iteration=0] \
-      [--variants=default,all_targets,explored_only,steps_800,scratch] [--out=docs/q_ranking_ablation.json]
+      [--variants=default,all_targets,explored_only,steps_800,scratch,dueling] [--truth_states=24 --truth_rollouts=64] \
+      [--out=docs/q_ranking_ablation.json]
 
 Each variant refits Q_k on the run's D_k (data/iter_<k>.jsonl) in its own directory under <workdir>/ablate/,
 starting from the run's pi_k, and is scored on the run's own data/ranking_<k>.json (the same states, candidates
@@ -22,12 +23,20 @@ from experiments import cli
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
 from iterppo_jax import loop
+from iterppo_jax import qfit as qfit_lib
+from iterppo_jax import train_state as ts
+from iterppo_jax.models import heads
+from flax import nnx
 
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A loop run that has data/ranking_<k>.json.")
 _ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which D_k / pi_k to refit Q on.")
 _VARIANTS = cli.define(flags.DEFINE_list, "variants", ["default", "all_targets", "explored_only", "steps_800",
                                                         "scratch"], "Variants (keys of VARIANTS).")
 _OUT = cli.define(flags.DEFINE_string, "out", "", "Also write the rows as JSON here.")
+_TRUTH_STATES = cli.define(flags.DEFINE_integer, "truth_states", 0,
+                           "With --truth_rollouts: measure a new, more precise true-Q set of this many states.")
+_TRUTH_ROLLOUTS = cli.define(flags.DEFINE_integer, "truth_rollouts", 0,
+                             "Rollouts per (state, candidate) of that set (0: use the run's data/ranking_<k>.json).")
 
 # name -> (what it changes, config overrides); 'explored_only' keeps only the randomised turns themselves.
 VARIANTS = {
@@ -57,6 +66,30 @@ def _variant_dir(wd: str, k: int, name: str) -> str:
   return out
 
 
+def _precise_truth(wd: str, k: int, base: dict) -> str:
+  """A true-Q set of pi_k with --truth_states x --truth_rollouts, measured once into <workdir>/ablate/."""
+  path = os.path.join(wd, "ablate", f"truth_{k}_{_TRUTH_STATES.value}x{_TRUTH_ROLLOUTS.value}.json")
+  if os.path.exists(path):
+    return path
+  config = config_dict.ConfigDict(base)
+  config.loop.tensorboard = False
+  config.loop.rank_states, config.loop.rank_rollouts = _TRUTH_STATES.value, _TRUTH_ROLLOUTS.value
+  out = _variant_dir(wd, k, "truth")
+  os.remove(os.path.join(out, "data", f"ranking_{k}.json"))
+  run_, _ = loop.setup(config, out)
+  _, policy = loop.train_pi0(run_, [])
+  if k:
+    policy = loop._restore_params(run_, "policy", k, policy)  # pylint: disable=protected-access
+  # rank_actions measures and saves the set before scoring; any Q-model parameters do for that (pi_k's trunk).
+  make_q = lambda: heads.scalar_model_from_policy(nnx.merge(loop.run_policy_graphdef(run_), policy),  # noqa: E731
+                                                   rngs=nnx.Rngs(0))
+  trainable, state = ts.init_trainable(make_q, loop.optimizer(config.qfit), run_.mesh)
+  loop.rank_actions(run_, k, qfit_lib.make_predict_fn(trainable, config.qfit.kind), state.params, policy)
+  run_.writer.close()
+  shutil.copy(os.path.join(out, "data", f"ranking_{k}.json"), path)
+  return path
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -66,6 +99,7 @@ def main(argv):
   data_path = os.path.join(wd, "data", f"iter_{k}.jsonl")
   if not os.path.exists(data_path):
     data_path = os.path.join(wd, "data", "behavior.jsonl")
+  truth = _precise_truth(wd, k, base) if _TRUTH_ROLLOUTS.value else os.path.join(wd, "data", f"ranking_{k}.json")
   rows = []
   for name in _VARIANTS.value:
     if name not in VARIANTS:
@@ -78,6 +112,7 @@ def main(argv):
       section, field = key.split(".")
       config[section][field] = value
     out = _variant_dir(wd, k, name)
+    shutil.copy(truth, os.path.join(out, "data", f"ranking_{k}.json"))
     run_, _ = loop.setup(config, out)
     _, policy = loop.train_pi0(run_, [])
     if k:
@@ -87,6 +122,7 @@ def main(argv):
     run_.writer.close()
     row = {"variant": name, "what": what, **{n: m.get(n) for n in (
         "rank_top1", "rank_top1_chance", "rank_spearman", "rank_pairwise", "rank_pick_gain", "rank_best_gain",
+        "rank_truth_reliability", "rank_states",
         "logged_adv_corr", "logged_ips_pick_gain", "logged_ips_pick_gain_se", "auc", "train_examples")}}
     rows.append(row)
     print(f"| {name} | {row['rank_top1']:.2f} (chance {row['rank_top1_chance']:.2f}) | {row['rank_spearman']:+.2f} | "
@@ -94,7 +130,7 @@ def main(argv):
           f"{row.get('logged_adv_corr') or float('nan'):+.2f} | {row['auc']:.2f} | {row['train_examples']} |",
           flush=True)
   if _OUT.value:
-    io_utils.atomic_write_json(_OUT.value, {"workdir": wd, "iteration": k, "rows": rows})
+    io_utils.atomic_write_json(_OUT.value, {"workdir": wd, "iteration": k, "truth": truth, "rows": rows})
 
 
 if __name__ == "__main__":

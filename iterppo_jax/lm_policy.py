@@ -42,6 +42,18 @@ class LMPolicy:
     self.renderer = renderer or rendering.TAGS
     self.max_render_turns = max_render_turns
     self.end_id = self.renderer.end_id(tokenizer)
+    # What the token budgets cut, over every call: prompts that lost their oldest tokens, suggestions that hit
+    # max_new_tokens before their end marker (sent as cut), and all suggestions generated.
+    self.cut_prompts = self.cut_actions = self.generated = 0
+
+  def truncation_note(self) -> str | None:
+    """One line counting cut prompts and suggestions so far, or None when nothing was cut."""
+    if not self.cut_prompts and not self.cut_actions:
+      return None
+    n = max(self.generated, 1)
+    return (f"{self.name}: {self.cut_prompts} of {self.generated} prompts ({self.cut_prompts / n:.1%}) lost their oldest "
+            f"tokens (data.max_prompt_len); {self.cut_actions} suggestions ({self.cut_actions / n:.1%}) hit "
+            f"data.max_action_len before their end marker")
 
   def generate(self, prompts: Sequence[str]) -> list[str]:
     """Decoded suggestion texts ('' = abstain) for rendered prompts."""
@@ -54,6 +66,8 @@ class LMPolicy:
       rows = bucket_size(n)
       padded = chunk + [chunk[-1]] * (rows - n)
       enc = data_lib.encode_prompts(self.tokenizer, padded, self.max_prompt_len)
+      self.cut_prompts += int(enc["cut"][:n].sum())
+      self.generated += n
       key = jax.random.fold_in(self.key, self.calls)
       self.calls += 1
       res = sampling.sample(self.graphdef, self.params, enc["tokens"], enc["valid"], key,
@@ -63,6 +77,7 @@ class LMPolicy:
       tokens, valid = jax.device_get((res.tokens, res.valid))
       for b in range(n):
         ids = [int(t) for t, v in zip(tokens[b], valid[b]) if v]
+        self.cut_actions += int(not ids or ids[-1] != self.end_id)
         self.last_ids.append(ids)
         out.append(self.renderer.parse(self.tokenizer.decode(ids)))
     return out

@@ -241,6 +241,10 @@ def _play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
   records = env.play(policy, n, seed=seed, batch_size=play_batch, progress=bar)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   conv_lib.write_jsonl(path, records)
+  model = getattr(policy, "policy", policy)  # an LMPolicy, or the one inside explore.RandomisedTurn
+  note = model.truncation_note() if hasattr(model, "truncation_note") else None
+  if note:
+    print(f"warning: {name}: {note}")
   return records
 
 

@@ -84,3 +84,23 @@ def test_explored_returns_are_unbiased_for_each_candidate():
     assert abs(logged.mean() - q.mean()) < 4 * se + 0.02, (kind, logged.mean(), q.mean())
   # And the randomisation makes the acts' values differ as they really do: asking beats closing at the start.
   assert np.mean(by_kind["ask_need"]) > np.mean(by_kind["close"]) + 0.1
+
+
+def test_a_language_model_policy_counts_what_its_budgets_cut(tmp_path):
+  """Deployment warns with counts: prompts that lost tokens and suggestions that hit max_new_tokens."""
+  from flax import nnx
+  from iterppo_jax import conversation as conv_lib
+  from iterppo_jax import lm_policy
+  from iterppo_jax import tokenizer as tok_lib
+  from iterppo_jax.models import transformer as tf
+  env, _, records, _ = _deploy(20)
+  tok = tok_lib.train_bpe(tok_lib.corpus_from_conversations(records), 300, str(tmp_path / "tok"))
+  model = tf.Transformer(tf.TransformerConfig.tiny(tok.vocab_size, max_len=40), rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  policy = lm_policy.LMPolicy("pi", graphdef, params, tok, max_prompt_len=24, max_new_tokens=4, seed=0)
+  prompts = [conv_lib.render_state(r.turns[:r.agent_steps()[-1]]) for r in records[:6]]
+  policy.generate(prompts)
+  long = sum(len(ids) > 24 for ids in tok.encode_batch(prompts))
+  assert policy.generated == 6 and policy.cut_prompts == long > 0
+  assert 0 < policy.cut_actions <= 6  # an untrained model rarely ends within 4 tokens
+  assert policy.truncation_note().startswith(f"pi: {long} of 6 prompts")
