@@ -94,6 +94,9 @@ def get_config(arg=None):
   # With randomised turns (loop.explore_turns), a Monte Carlo return before the conversation's randomised turn
   # is not a sample of Q^{pi_k}: 'unbiased' fits the turns from it on; 'all' fits every turn (biased).
   c.qfit.head = "q"  # q: one scalar at the action's end | dueling: Q = V(s) + A(s, a) (models/heads.py)
+  # > 0: fit in chunks of this many steps and keep the Q-model that ranks held-out randomised turns best (the
+  # logs-only measure corr(A_k(s, a), G), q_ranking.py); 0 keeps the last step's.
+  c.qfit.select_every = 0
   c.qfit.targets = "unbiased"  # | all | explored (the randomised turns alone)
   c.qfit.fqe_samples = 4  # fqe: responses of pi_k per logged next state averaged in the target (expected SARSA)
 

@@ -379,17 +379,35 @@ def fit_q(run: Run, k: int, records, policy_params):
   if q_cfg.method == "fqe":  # off-policy: bootstrap from pi_k's own responses at the logged next states
     next_actions = _fqe_next_actions(run, k, policy_params, [e for e, t in zip(examples, train_rows) if t],
                                      train["next_index"])
-  state, _ = qfit_lib.fit_q(trainable, state, train, method=q_cfg.method, kind=q_cfg.kind, steps=q_cfg.steps,
-                            batch_size=q_cfg.batch_size, seed=seed_for(c, k, PHASE_IDS["qfit"]), gamma=c.gamma,
-                            lam=q_cfg.lam, refresh_every=q_cfg.refresh_every,
-                            target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
-                            desc=f"qfit/{k}", next_actions=next_actions)
   predict_fn = qfit_lib.make_predict_fn(trainable, q_cfg.kind)
+  held_explored = [e for e, h in zip(examples, held) if h and e.explored]
+  every = q_cfg.get("select_every", 0) if held_explored else 0
+  chunks = [q_cfg.steps] if not every else [min(every, q_cfg.steps - s) for s in range(0, q_cfg.steps, every)]
+  best = None
+  for i, steps in enumerate(chunks):
+    # One call without selection, as before; with qfit.select_every, chunks of that many steps, each scored by
+    # the logs-only ranking measure on held-out randomised turns, and the best parameters are kept.
+    state, _ = qfit_lib.fit_q(trainable, state, train, method=q_cfg.method, kind=q_cfg.kind, steps=steps,
+                              batch_size=q_cfg.batch_size,
+                              seed=seed_for(c, k, PHASE_IDS["qfit"]) if i == 0 else seed_for(c, k, PHASE_IDS["qfit"], 9, i),
+                              gamma=c.gamma, lam=q_cfg.lam, refresh_every=q_cfg.refresh_every,
+                              target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
+                              desc=f"qfit/{k}", next_actions=next_actions)
+    if every:
+      score = _logged_ranking(run, predict_fn, state.params, records, held_explored)["logged_adv_corr"]
+      done = sum(chunks[:i + 1])
+      run.log(done, {"qfit/select_adv_corr": score}, phase=f"qfit/{k}", iteration=k)
+      if best is None or (np.isfinite(score) and not score <= best[0]):
+        best = (score, done, ts.copy_params(state.params))
+  if best is not None:
+    state = state.replace(params=best[2])
   held_arrays = {k_: v[held] for k_, v in arrays.items()}
   q = qfit_lib.predict(predict_fn, state.params, held_arrays, q_cfg.batch_size, run.mesh)
   metrics = qfit_lib.evaluate_q(q, held_arrays["outcome"])
   metrics["target_corr"] = qfit_lib.pearson(q, held_arrays["target"])
   metrics["train_examples"] = int(train_rows.sum())
+  if best is not None:
+    metrics["selected_step"] = best[1]
   metrics.update(_logged_ranking(run, predict_fn, state.params, records,
                                  [e for e, h in zip(examples, held) if h and e.explored]))
   if run.env is not None and c.loop.true_q_states > 0:
