@@ -4,6 +4,7 @@ which Monte Carlo targets stay samples of Q^{pi} (data.examples_from_conversatio
 import collections
 
 import numpy as np
+import pytest
 
 from iterppo_jax import data
 from iterppo_jax import explore
@@ -104,3 +105,17 @@ def test_a_language_model_policy_counts_what_its_budgets_cut(tmp_path):
   assert policy.generated == 6 and policy.cut_prompts == long > 0
   assert 0 < policy.cut_actions <= 6  # an untrained model rarely ends within 4 tokens
   assert policy.truncation_note().startswith(f"pi: {long} of 6 prompts")
+
+
+@pytest.mark.parametrize("domain", ["sales", "support", "booking", "negotiation"])
+def test_every_domain_deploys_with_a_randomised_turn(domain):
+  import importlib
+  cfg = importlib.import_module(f"configs.{domain}").get_config("tiny").env
+  env = registry.make_env(cfg)
+  wrapped = explore.RandomisedTurn(registry.make_policy(domain, "behavior", cfg), registry.candidate_fn(domain),
+                                   env.max_turns, seed=1)
+  records = env.play(wrapped, 30, seed=2)
+  reached = [explore.explored(r) for r in records if "taken" in explore.explored(r)]
+  assert len(reached) >= 5
+  for info in reached:
+    assert len(info["candidates"]) >= 4 and info["propensity"] == 1 / len(info["candidates"])
