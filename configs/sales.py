@@ -147,8 +147,9 @@ def get_config(arg=None):
   # Q_k's ranking of actions against the simulator's true Q^{pi_k} (q_ranking.py), every iteration: states of
   # pi_k's evaluation conversations, pi_k's samples + the scripted acts as candidates, Monte Carlo rollouts each.
   # Under the SR business user a suggestion's effect is diluted (bad ones are rewritten), so true Q differs little
-  # between candidates: 16 rollouts (s.e. ~0.05) measure it with a reliability of about 0.4 (truth_reliability).
-  c.loop.rank_states = 32
+  # between candidates: 16 rollouts (s.e. ~0.05) measure it with a reliability of 0.2-0.6 (truth_reliability).
+  # 16 states x ~9.5 candidates x 16 rollouts take ~1.5 min of CPU per iteration; docs/results.md used 32.
+  c.loop.rank_states = 16
   c.loop.rank_policy_samples = 2
   c.loop.rank_rollouts = 16
   c.loop.true_q_states = 16  # held-out (s, a) pairs whose simulator Q is estimated each iteration
