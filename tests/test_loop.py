@@ -67,7 +67,10 @@ def test_phases_checkpoints_and_metrics(full_run):
   for k in (0, 1):
     assert os.path.exists(os.path.join(workdir, "data", f"ranking_{k}.json"))
     ranked = [r for r in records if r.get("phase") == "qfit_eval" and r.get("iteration") == k]
-    assert ranked and 0 <= ranked[-1]["qfit/rank_top1"] <= 1 and ranked[-1]["qfit/rank_states"] == 2
+    r = ranked[-1]
+    assert r["qfit/rank_candidates"] >= 4 and 0 <= r["qfit/rank_states"] <= 2
+    # States whose candidates are all equally good (tiny policies rarely sell) are not counted; top-1 is NaN then.
+    assert (r["qfit/rank_states"] == 0) == np.isnan(r["qfit/rank_top1"])
   assert any("data/qfit/0/prompt_cut_share" in r for r in records)
   with open(os.path.join(workdir, "progress.json")) as f:
     progress = json.load(f)
