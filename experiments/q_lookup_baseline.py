@@ -33,10 +33,11 @@ def abstract_state(turns) -> tuple:
   return (v.need is not None, v.budget is not None, v.objection, v.liked, v.product is not None)
 
 
-def fit_table(records, keep) -> tuple[dict, dict]:
-  """(mean return per (abstract state, act kind), per act kind) over the decisions `keep(example)` selects."""
+def fit_table(records, keep) -> tuple[dict, dict, int]:
+  """(mean return per (abstract state, act kind), per act kind, decisions used) over those `keep(example)`
+  selects."""
   by_id = {r.id: r for r in records}
-  cells, acts = collections.defaultdict(list), collections.defaultdict(list)
+  cells, acts, used = collections.defaultdict(list), collections.defaultdict(list), 0
   for e in data_lib.examples_from_conversations(records, gamma=0.95):
     if not keep(e):
       continue
@@ -45,12 +46,13 @@ def fit_table(records, keep) -> tuple[dict, dict]:
     kind = sales.parse_business("" if e.suggestion == conv_lib.ABSTAIN_TEXT else e.suggestion).kind
     cells[(state, kind)].append(e.target)
     acts[kind].append(e.target)
+    used += 1
   return ({key: float(np.mean(v)) for key, v in cells.items() if len(v) >= 3},
-          {key: float(np.mean(v)) for key, v in acts.items()})
+          {key: float(np.mean(v)) for key, v in acts.items()}, used)
 
 
-def score(action_set: q_ranking.ActionSet, evals: dict, table: tuple[dict, dict]) -> dict:
-  cells, acts = table
+def score(action_set: q_ranking.ActionSet, evals: dict, table: tuple[dict, dict, int]) -> dict:
+  cells, acts, _ = table
   flat = []
   for (cid, i), candidates in zip(action_set.where, action_set.candidates):
     state = abstract_state(evals[cid].turns[:i])
@@ -72,9 +74,8 @@ def main(argv):
   for name, keep in (("randomised turns", lambda e: e.explored), ("turns from t* on", lambda e: e.target_valid),
                      ("every turn", lambda e: True)):
     table = fit_table(records, keep)
-    n = sum(1 for e in data_lib.examples_from_conversations(records, 0.95) if keep(e))
     m = score(action_set, evals, table)
-    print(f"| {name} | {n} | {m['top1']:.2f} ({m['top1_chance']:.2f}) | {m['spearman']:+.2f} | {m['pairwise']:.2f} | "
+    print(f"| {name} | {table[2]} | {m['top1']:.2f} ({m['top1_chance']:.2f}) | {m['spearman']:+.2f} | {m['pairwise']:.2f} | "
           f"{m['pick_gain']:+.3f} ({m['best_gain']:.3f}) |")
 
 

@@ -23,10 +23,6 @@ from experiments import cli
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
 from iterppo_jax import loop
-from iterppo_jax import qfit as qfit_lib
-from iterppo_jax import train_state as ts
-from iterppo_jax.models import heads
-from flax import nnx
 
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A loop run that has data/ranking_<k>.json.")
 _ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which D_k / pi_k to refit Q on.")
@@ -45,8 +41,10 @@ VARIANTS = {
     "explored_only": ("only the randomised turns t*", {"qfit.targets": "explored"}),
     "steps_800": ("4x the Q-fit steps", {"qfit.steps": 800}),
     "scratch": ("a fresh trunk instead of pi_k's", {"qfit.init": "scratch"}),
-    "dueling": ("Q = V(s) + A(s, a), V at the prompt's end", {"qfit.head": "dueling"}),
-    "dueling_800": ("dueling, 4x the Q-fit steps", {"qfit.head": "dueling", "qfit.steps": 800}),
+    # From pi_k's trunk (what 'previous' does at k = 0): the run's Q_{k-1} has no V head to warm-start from.
+    "dueling": ("Q = V(s) + A(s, a), V at the prompt's end", {"qfit.head": "dueling", "qfit.init": "policy"}),
+    "dueling_800": ("dueling, 4x the Q-fit steps", {"qfit.head": "dueling", "qfit.init": "policy",
+                                                    "qfit.steps": 800}),
 }
 
 
@@ -58,6 +56,8 @@ def _variant_dir(wd: str, k: int, name: str) -> str:
   os.makedirs(os.path.join(out, "data"))
   shutil.copytree(os.path.join(wd, "tokenizer"), os.path.join(out, "tokenizer"))
   shutil.copytree(os.path.join(wd, "checkpoints", "policy"), os.path.join(out, "checkpoints", "policy"))
+  if k and os.path.isdir(os.path.join(wd, "checkpoints", "qmodel")):  # Q_{k-1}, for qfit.init='previous'
+    shutil.copytree(os.path.join(wd, "checkpoints", "qmodel"), os.path.join(out, "checkpoints", "qmodel"))
   for name_ in ("behavior.jsonl", f"eval_{k}.jsonl", f"ranking_{k}.json", f"iter_{k}.jsonl"):
     src = os.path.join(wd, "data", name_)
     if os.path.exists(src):
@@ -80,11 +80,7 @@ def _precise_truth(wd: str, k: int, base: dict) -> str:
   _, policy = loop.train_pi0(run_, [])
   if k:
     policy = loop._restore_params(run_, "policy", k, policy)  # pylint: disable=protected-access
-  # rank_actions measures and saves the set before scoring; any Q-model parameters do for that (pi_k's trunk).
-  make_q = lambda: heads.scalar_model_from_policy(nnx.merge(loop.run_policy_graphdef(run_), policy),  # noqa: E731
-                                                   rngs=nnx.Rngs(0))
-  trainable, state = ts.init_trainable(make_q, loop.optimizer(config.qfit), run_.mesh)
-  loop.rank_actions(run_, k, qfit_lib.make_predict_fn(trainable, config.qfit.kind), state.params, policy)
+  loop.measure_action_set(run_, k, policy)
   run_.writer.close()
   shutil.copy(os.path.join(out, "data", f"ranking_{k}.json"), path)
   return path

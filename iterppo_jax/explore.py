@@ -55,9 +55,10 @@ class RandomisedTurn:
     suggestions = list(self.policy(observations))
     for j, obs in enumerate(observations):
       meta = obs.conversation.metadata
-      t_star = explore_turn(obs.uid, self.seed, self.max_turns)
-      info = meta.setdefault(METADATA_KEY, {"turn": t_star})
-      if obs.turn != t_star:
+      if METADATA_KEY not in meta:  # the conversation's first decision: draw t* once
+        meta[METADATA_KEY] = {"turn": explore_turn(obs.uid, self.seed, self.max_turns)}
+      info = meta[METADATA_KEY]
+      if obs.turn != info["turn"]:
         continue
       rng = np.random.default_rng([zlib.crc32(obs.uid.encode()), int(self.seed), obs.turn, 37])
       candidates = [suggestions[j]]

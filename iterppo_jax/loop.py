@@ -408,8 +408,7 @@ def fit_q(run: Run, k: int, records, policy_params):
   metrics["train_examples"] = int(train_rows.sum())
   if best is not None:
     metrics["selected_step"] = best[1]
-  metrics.update(_logged_ranking(run, predict_fn, state.params, records,
-                                 [e for e, h in zip(examples, held) if h and e.explored]))
+  metrics.update(_logged_ranking(run, predict_fn, state.params, records, held_explored))
   if run.env is not None and c.loop.true_q_states > 0:
     metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q, policy_params,
                                  records))
@@ -426,7 +425,7 @@ def fit_q(run: Run, k: int, records, policy_params):
 def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
   """Prints (once per phase) and logs how many prompts and actions lost tokens to the data budgets."""
   n = max(len(arrays["tokens"]), 1)
-  run.log(k, {f"data/{what}/prompt_cut_share": float(np.mean(arrays["prompt_cut"])) if len(arrays["tokens"]) else 0.,
+  run.log(k, {f"data/{what}/prompt_cut_share": float(np.sum(arrays["prompt_cut"]) / n),
               f"data/{what}/action_cut_share": float(np.sum(arrays["action_cut"]) / n)}, phase="data", iteration=k)
   note = data_lib.truncation_note(arrays, what)
   if note:
@@ -449,9 +448,26 @@ def _logged_ranking(run: Run, predict_fn, q_params, records, explored_examples) 
     q_candidates.append(q[pos:pos + len(info["candidates"])])
     pos += len(info["candidates"])
   taken = [int(info["taken"]) for info in infos]
-  out = q_ranking.logged_ranking_metrics(np.asarray([qc[t] for qc, t in zip(q_candidates, taken)]),
-                                         q_candidates, taken, np.asarray([e.target for e in explored_examples]))
+  out = q_ranking.logged_ranking_metrics(q_candidates, taken, np.asarray([e.target for e in explored_examples]))
   return {f"logged_{n}": v for n, v in out.items()}
+
+
+def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet:
+  """pi_k's candidates and their true Q^{pi_k} at loop.rank_states states of data/eval_<k>.jsonl (q_ranking.py),
+  measured once and kept in data/ranking_<k>.json (read back when it exists)."""
+  c = run.config
+  path = os.path.join(run.workdir, "data", f"ranking_{k}.json")
+  if os.path.exists(path):
+    return q_ranking.ActionSet.load(path)
+  records = conv_lib.read_jsonl(os.path.join(run.workdir, "data", f"eval_{k}.jsonl"))
+  policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
+  action_set = q_ranking.build_action_set(
+      run.env, records, policy, registry.candidate_fn(c.env.domain), n_states=c.loop.rank_states,
+      policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=c.gamma,
+      seed=seed_for(c, k, PHASE_IDS["rank"], 1),
+      render_fn=lambda turns: run.renderer.state(turns, c.env.max_render_turns))
+  action_set.save(path)
+  return action_set
 
 
 def rank_actions(run: Run, k: int, predict_fn, q_params, policy_params) -> dict:
@@ -462,18 +478,7 @@ def rank_actions(run: Run, k: int, predict_fn, q_params, policy_params) -> dict:
   resumed run, a later Q-model of the same policy and the report all use one measurement.
   """
   c = run.config
-  path = os.path.join(run.workdir, "data", f"ranking_{k}.json")
-  if os.path.exists(path):
-    action_set = q_ranking.ActionSet.load(path)
-  else:
-    records = conv_lib.read_jsonl(os.path.join(run.workdir, "data", f"eval_{k}.jsonl"))
-    policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
-    action_set = q_ranking.build_action_set(
-        run.env, records, policy, registry.candidate_fn(c.env.domain), n_states=c.loop.rank_states,
-        policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=c.gamma,
-        seed=seed_for(c, k, PHASE_IDS["rank"], 1),
-        render_fn=lambda turns: run.renderer.state(turns, c.env.max_render_turns))
-    action_set.save(path)
+  action_set = measure_action_set(run, k, policy_params)
   prompts, actions = action_set.pairs()
   arrays = data_lib.encode_pairs(run.tokenizer, prompts, actions, c.data.max_prompt_len, c.data.max_action_len,
                                  run.renderer)

@@ -60,12 +60,12 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     p, t = p[m], t[m]
     if len(t) < 2 or np.ptp(t) == 0:  # every candidate equally good: nothing to rank (e.g. no rollout sold)
       continue
-    best = t.max()
-    top1.append(float(t[int(np.argmax(p))] >= best))
+    best, picked = t.max(), t[int(np.argmax(p))]
+    top1.append(float(picked >= best))
     chance.append(float(np.mean(t >= best)))
-    pick_gain.append(float(t[int(np.argmax(p))] - t.mean()))
+    pick_gain.append(float(picked - t.mean()))
     best_gain.append(float(best - t.mean()))
-    if np.ptp(p) > 0 and np.ptp(t) > 0:
+    if np.ptp(p) > 0:  # t varies (checked above); a constant prediction has no rank correlation
       spear.append(_spearman(p, t))
     dt = np.sign(t[:, None] - t[None, :])
     dp = np.sign(p[:, None] - p[None, :])
@@ -199,7 +199,7 @@ def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
                    candidates=candidates, source=source, true_q=true_q, true_se=true_se, rollouts=rollouts)
 
 
-def logged_ranking_metrics(q_taken: np.ndarray, q_candidates: Sequence[np.ndarray], taken: Sequence[int],
+def logged_ranking_metrics(q_candidates: Sequence[np.ndarray], taken: Sequence[int],
                            returns: np.ndarray) -> dict[str, float]:
   """Ranking measures from logs alone, at randomised turns (no simulator).
 
@@ -208,7 +208,6 @@ def logged_ranking_metrics(q_taken: np.ndarray, q_candidates: Sequence[np.ndarra
   the mean candidate value. Q_k's greedy pick at each state is the argmax of its candidate scores.
 
   Args:
-    q_taken: [T] unused by the estimates but kept for the correlation: Q_k(s, a_taken).
     q_candidates: T arrays of Q_k over each turn's logged candidates.
     taken: T indices of the logged suggestion among its candidates.
     returns: [T] Monte Carlo returns G from the randomised turn.
@@ -222,7 +221,7 @@ def logged_ranking_metrics(q_taken: np.ndarray, q_candidates: Sequence[np.ndarra
   if len(returns) == 0:
     return {"adv_corr": float("nan"), "ips_pick_gain": float("nan"), "ips_pick_gain_se": float("nan"),
             "turns": 0}
-  adv = np.asarray([q_taken[t] - np.mean(c) for t, c in enumerate(q_candidates)])
+  adv = np.asarray([c[a] - np.mean(c) for c, a in zip(q_candidates, taken)])
   hit = np.asarray([len(c) * float(int(np.argmax(c)) == a) for c, a in zip(q_candidates, taken)])
   gain = hit * returns - returns
   return {"adv_corr": qfit.pearson(adv, returns), "ips_pick_gain": float(gain.mean()),
