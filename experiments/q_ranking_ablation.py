@@ -45,6 +45,12 @@ VARIANTS = {
     "dueling": ("Q = V(s) + A(s, a), V at the prompt's end", {"qfit.head": "dueling", "qfit.init": "policy"}),
     "dueling_800": ("dueling, 4x the Q-fit steps", {"qfit.head": "dueling", "qfit.init": "policy",
                                                     "qfit.steps": 800}),
+    # SARSA: r + gamma Q_bar(s', a'), a' pi_k's own action (the logged one, or pi_k's sample where t* drew
+    # another), on every turn; targets refreshed from the target network every `refresh_every` steps.
+    "td": ("TD(0)/SARSA on every turn, pi_k's own next action", {"qfit.method": "td"}),
+    "td_r20_400": ("TD(0), 400 steps, targets refreshed every 20", {"qfit.method": "td", "qfit.steps": 400,
+                                                                    "qfit.refresh_every": 20}),
+    "td_lambda_05": ("TD(lambda = 0.5), trace cut at t*", {"qfit.method": "td_lambda", "qfit.lam": 0.5}),
 }
 
 

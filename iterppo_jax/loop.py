@@ -366,7 +366,10 @@ def fit_q(run: Run, k: int, records, policy_params):
   note_truncation(run, arrays, f"qfit/{k}", k)
   # With randomised turns (explore.py) a Monte Carlo return before the conversation's t* is not a sample of
   # Q^{pi_k}: qfit.targets='unbiased' fits turns from t* on only (all turns of logs without randomised turns).
-  usable = np.asarray([{"all": True, "unbiased": e.target_valid, "explored": e.explored}[q_cfg.targets]
+  # TD and FQE bootstrap from pi_k's own next action (at t* too: `own_next` below), so there every turn's target
+  # is one of Q^{pi_k} and 'unbiased' keeps all turns.
+  bootstrapped = q_cfg.method in ("td", "td_lambda", "fqe")
+  usable = np.asarray([{"all": True, "unbiased": e.target_valid or bootstrapped, "explored": e.explored}[q_cfg.targets]
                        for e in examples], bool)
   # Hold out whole conversations (the last tenth) for calibration.
   conv_ids = sorted({e.conversation_id for e in examples})
@@ -375,7 +378,9 @@ def fit_q(run: Run, k: int, records, policy_params):
   train_rows, held = ~in_held & usable, in_held & usable
   train = {k_: v[train_rows] for k_, v in arrays.items()}
   train["next_index"] = _reindex(arrays["next_index"], train_rows)
-  next_actions = None
+  next_actions = own_next = None
+  if q_cfg.method in ("td", "td_lambda"):
+    own_next = _own_next_pairs(run, [e for e, t in zip(examples, train_rows) if t], train["next_index"])
   if q_cfg.method == "fqe":  # off-policy: bootstrap from pi_k's own responses at the logged next states
     next_actions = _fqe_next_actions(run, k, policy_params, [e for e, t in zip(examples, train_rows) if t],
                                      train["next_index"])
@@ -392,7 +397,7 @@ def fit_q(run: Run, k: int, records, policy_params):
                               seed=seed_for(c, k, PHASE_IDS["qfit"]) if i == 0 else seed_for(c, k, PHASE_IDS["qfit"], 9, i),
                               gamma=c.gamma, lam=q_cfg.lam, refresh_every=q_cfg.refresh_every,
                               target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
-                              desc=f"qfit/{k}", next_actions=next_actions)
+                              desc=f"qfit/{k}", next_actions=next_actions, own_next=own_next)
     if every:
       score = _logged_ranking(run, predict_fn, state.params, records, held_explored)["logged_adv_corr"]
       done = sum(chunks[:i + 1])
@@ -504,6 +509,16 @@ def _fqe_next_actions(run: Run, k: int, policy_params, examples, next_index: np.
       max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
       renderer=run.renderer)
   return pairs
+
+
+def _own_next_pairs(run: Run, examples, next_index: np.ndarray) -> dict:
+  """qfit.fit_q's `own_next`: (s_{i+1}, pi_k's own action) where the logged a_{i+1} was a randomised draw."""
+  rows = [i for i, j in enumerate(next_index) if j >= 0 and examples[j].own_action is not None]
+  d = run.config.data
+  pairs = data_lib.encode_pairs(run.tokenizer, [examples[next_index[i]].prompt for i in rows],
+                                [examples[next_index[i]].own_action for i in rows], d.max_prompt_len,
+                                d.max_action_len, run.renderer)
+  return {**pairs, "row": np.asarray(rows, np.int64)}
 
 
 def _reindex(next_index: np.ndarray, keep: np.ndarray) -> np.ndarray:

@@ -410,14 +410,23 @@ def predict(predict_fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarr
 
 
 def bootstrap_targets(q_next: np.ndarray, rewards: np.ndarray, next_index: np.ndarray, done: np.ndarray,
-                      gamma: float, lam: float | None) -> np.ndarray:
+                      gamma: float, lam: float | None, succ_override: np.ndarray | None = None) -> np.ndarray:
   """TD(0) (lam None) or TD(lambda) targets for logged examples, from target-network Q of each example.
 
   Examples of one conversation are chained by `next_index` (-1 at the last). Q_bar(s_{i+1}, a_{i+1}) is
   `q_next[next_index[i]]`. The chains are packed into [conversations, turns] arrays for the scans above.
+
+  `succ_override[i]`, where finite, replaces the successor's value by Q_bar(s_{i+1}, a') of another action a' (the
+  evaluated policy's own, where the logged a_{i+1} was a randomised exploratory draw: explore.py) and cuts the
+  lambda-trace there (the return after s_{i+1} followed the draw, not the policy), as Retrace does with c = 0.
   """
   n = len(rewards)
+  next_index = np.asarray(next_index)
   succ_value = np.where(next_index >= 0, q_next[np.maximum(next_index, 0)], 0.0)
+  if succ_override is not None:
+    cut = np.isfinite(succ_override) & (next_index >= 0)
+    succ_value = np.where(cut, succ_override, succ_value)
+    next_index = np.where(cut, -1, next_index)  # the chain ends here: a one-step bootstrap from the override
   if lam is None:
     return np.asarray(td_targets(jnp.asarray(rewards[None]), jnp.asarray(succ_value[None]),
                                  jnp.asarray(done[None]), jnp.ones((1, n), bool), gamma))[0]
@@ -525,7 +534,8 @@ def sample_next_actions(graphdef, params, tokenizer, prompts: list[str], samples
 def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bce", steps: int,
           batch_size: int, seed: int, gamma: float, lam: float = 0.9, refresh_every: int = 50,
           target_update: str = "polyak", tau: float = 0.05, period: int = 50, writer=None,
-          log_every: int = 50, desc: str = "qfit", next_actions: dict | None = None):
+          log_every: int = 50, desc: str = "qfit", next_actions: dict | None = None,
+          own_next: dict | None = None):
   """Fits the Q-model on logged examples; returns (state, last metrics).
 
   arrays: data.encode_pairs arrays plus 'target' (Monte Carlo return), 'reward', 'next_index', 'done'.
@@ -533,6 +543,10 @@ def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bc
   target network, recomputed every `refresh_every` steps; 'fqe' likewise on expected-SARSA targets over
   `next_actions`: data.encode_pairs arrays of (s_{i+1}, a'_m), a'_m sampled from the policy to evaluate, M rows
   per example with next_index >= 0 in example order (see `fqe_bootstrap_targets`).
+  own_next ('td' / 'td_lambda'): where the logged successor action was a randomised draw (explore.py), the
+  evaluated policy's own action there: data.encode_pairs arrays of (s_{i+1}, a_own) plus 'row', the example i each
+  belongs to. Those examples bootstrap from Q_bar(s_{i+1}, a_own) and cut the lambda-trace (`bootstrap_targets`),
+  so every turn's target is one of Q^{pi_k}, not only the turns from the randomised one on.
   """
   if method not in METHODS:
     raise ValueError(f"unknown Q-fit method {method!r}; expected one of {', '.join(METHODS)}")
@@ -555,8 +569,13 @@ def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bc
                                                  gamma, samples)
       elif method != "mc":
         q_bar = predict(predict_fn, state.target_params, arrays, batch_size, trainable.mesh)
+        override = None
+        if own_next is not None and len(own_next["row"]):
+          override = np.full(len(q_bar), np.nan, np.float32)
+          override[own_next["row"]] = predict(predict_fn, state.target_params, own_next, batch_size,
+                                              trainable.mesh)
         arrays["target"] = bootstrap_targets(q_bar, arrays["reward"], arrays["next_index"], arrays["done"],
-                                             gamma, lam if method == "td_lambda" else None)
+                                             gamma, lam if method == "td_lambda" else None, override)
       it = data_lib.batch_iterator(arrays, batch_size, seed=seed + i, epochs=1_000_000, shuffle=True)
     state, m = step_fn(state, ts.device_batch(_model_batch(next(it)), trainable.mesh))
     if (i + 1) % log_every == 0 or i + 1 == steps:

@@ -119,3 +119,19 @@ def test_every_domain_deploys_with_a_randomised_turn(domain):
   assert len(reached) >= 5
   for info in reached:
     assert len(info["candidates"]) >= 4 and info["propensity"] == 1 / len(info["candidates"])
+
+
+def test_bootstrapping_uses_pi_own_action_where_the_draw_replaced_it():
+  """TD targets of Q^{pi}: the decision before t* bootstraps from pi's own sample at t*, not the randomised draw."""
+  _, _, explored, _ = _deploy(80)
+  examples = data.examples_from_conversations(explored, gamma=0.95)
+  seen = 0
+  for r in explored:
+    info = explore.explored(r)
+    for e in (e for e in examples if e.conversation_id == r.id):
+      if e.explored and info["taken"] != 0:
+        assert e.own_action == info["candidates"][0] != e.suggestion
+        seen += 1
+      else:  # pi's own suggestion was logged (or the draw picked it): nothing to replace
+        assert e.own_action is None
+  assert seen >= 20

@@ -168,3 +168,20 @@ def test_pearson():
   assert qfit.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
   assert qfit.pearson(x, 3 * x + 1) == pytest.approx(1.0)
   assert np.isnan(qfit.pearson(x, np.ones(50)))
+
+
+def test_bootstrap_override_replaces_the_successor_and_cuts_the_trace():
+  # One conversation of three decisions, the outcome after the last; the second decision was a randomised draw.
+  rewards = np.asarray([0.0, 0.0, 1.0], np.float32)
+  next_index = np.asarray([1, 2, -1])
+  done = np.asarray([False, False, True])
+  q_logged = np.asarray([0.1, 0.2, 0.3], np.float32)
+  own = np.asarray([0.5, np.nan, np.nan], np.float32)  # Q_bar(s_1, pi's own action)
+  gamma = 0.9
+  td0 = qfit.bootstrap_targets(q_logged, rewards, next_index, done, gamma, None, own)
+  np.testing.assert_allclose(td0, [gamma * 0.5, gamma * 0.3, 1.0], rtol=1e-6)
+  # lambda = 1 is Monte Carlo up to the cut: decision 0 does not see the reward that followed the draw.
+  lam1 = qfit.bootstrap_targets(q_logged, rewards, next_index, done, gamma, 1.0, own)
+  np.testing.assert_allclose(lam1, [gamma * 0.5, gamma, 1.0], rtol=1e-6)
+  plain = qfit.bootstrap_targets(q_logged, rewards, next_index, done, gamma, 1.0)
+  np.testing.assert_allclose(plain, [gamma ** 2, gamma, 1.0], rtol=1e-6)
