@@ -3,11 +3,15 @@ r"""A lookup-table Q on the sales simulator's abstract state: is the action rank
   python -m experiments.q_lookup_baseline --workdir=RUN [--iteration=0] [--logs=iter_0] [--truth=PATH]
 
 Keys each logged decision by what the oracle reads from the transcript (need known, budget known, pending
-objection, liked, a product shown) and the parsed act of the suggestion, averages the Monte Carlo returns per key
+objection, liked, a product shown) and the parsed act of the suggestion (for a recommendation, its fit to the
+stated need and budget; for an answer, whether it answers the pending question), averages the Monte Carlo returns per key
 (keys with fewer than 3 returns fall back to the act's mean), and scores the run's ranking set (data/ranking_<k>.json,
 or --truth, e.g. a precise set from experiments.q_ranking_ablation) like a Q-model: q_ranking.ranking_metrics.
-Three fits: on the randomised turns only, on every turn whose return samples Q^{pi_k} (qfit.targets=unbiased),
-and on every turn. If even this table ranks at chance, the logs do not hold the ranking, whatever the Q-model.
+Monte Carlo fits on the randomised turns only, on every turn whose return samples Q^{pi_k}
+(qfit.targets=unbiased), and on every turn; then SARSA on every turn, Q(x, a) = mean of r + gamma Q(x', a'_pi)
+with a'_pi pi_k's own next action (its sample where a randomised turn replaced it), iterated to its fixed point
+(what qfit.method=td estimates). If even these tables rank at chance, the logs do not hold the ranking, whatever
+the Q-model; if one does and the Q-model does not, the Q-model's estimator or its view of the state is at fault.
 """
 
 import collections
@@ -34,7 +38,7 @@ def abstract_state(turns) -> tuple:
 
 
 def fit_table(records, keep) -> tuple[dict, dict, int]:
-  """(mean return per (abstract state, act kind), per act kind, decisions used) over those `keep(example)`
+  """(mean return per (abstract state, act key), per act key, decisions used) over those `keep(example)`
   selects."""
   by_id = {r.id: r for r in records}
   cells, acts, used = collections.defaultdict(list), collections.defaultdict(list), 0
@@ -43,7 +47,7 @@ def fit_table(records, keep) -> tuple[dict, dict, int]:
       continue
     record = by_id[e.conversation_id]
     state = abstract_state(record.turns[:record.agent_steps()[e.turn]])
-    kind = sales.parse_business("" if e.suggestion == conv_lib.ABSTAIN_TEXT else e.suggestion).kind
+    kind = act_key(record.turns[:record.agent_steps()[e.turn]], e.suggestion)
     cells[(state, kind)].append(e.target)
     acts[kind].append(e.target)
     used += 1
@@ -51,14 +55,52 @@ def fit_table(records, keep) -> tuple[dict, dict, int]:
           {key: float(np.mean(v)) for key, v in acts.items()}, used)
 
 
+def act_key(turns, text: str) -> tuple:
+  """The act's kind and, for a recommendation, its fit to what is known (the customer reacts to that)."""
+  act = sales.parse_business("" if text == conv_lib.ABSTAIN_TEXT else text)
+  v = sales.visible_facts(turns)
+  if act.kind == "recommend":
+    category, tier, _, _ = sales.PRODUCTS[act.product]
+    fit = ("guess" if v.need is None else "other category" if category != v.need
+           else "tier unknown" if v.budget is None else tier - v.budget)
+    return act.kind, fit
+  if act.kind == "answer":
+    return act.kind, v.objection == "question" and act.topic == v.topic
+  return (act.kind,)
+
+
+def fit_sarsa(records, sweeps: int = 60, gamma: float = 0.95) -> tuple[dict, dict, int]:
+  """Tabular SARSA of pi_k on every logged turn: Q(x, a) <- mean over its transitions of r + gamma Q(x', a'),
+  a' pi_k's own next action (data.Example.own_action at a randomised turn), `sweeps` synchronous sweeps."""
+  by_id = {r.id: r for r in records}
+  examples = data_lib.examples_from_conversations(records, gamma=gamma)
+  keys = []
+  for e in examples:
+    turns = by_id[e.conversation_id].turns[:by_id[e.conversation_id].agent_steps()[e.turn]]
+    keys.append((abstract_state(turns), act_key(turns, e.suggestion),
+                 act_key(turns, e.own_action if e.own_action is not None else e.suggestion)))
+  transitions = collections.defaultdict(list)
+  for i, e in enumerate(examples):
+    nxt = None if e.done else (keys[e.next_index][0], keys[e.next_index][2])
+    transitions[keys[i][:2]].append((e.reward, nxt))
+  q = collections.defaultdict(float)
+  for _ in range(sweeps):
+    q = collections.defaultdict(float, {key: float(np.mean([r + (0.0 if n is None else gamma * q[n]) for r, n in ts]))
+                                        for key, ts in transitions.items()})
+  acts = collections.defaultdict(list)
+  for key, ts in transitions.items():
+    acts[key[1]] += [q[key]] * len(ts)
+  return ({key: q[key] for key in transitions}, {a: float(np.mean(v)) for a, v in acts.items()}, len(examples))
+
+
 def score(action_set: q_ranking.ActionSet, evals: dict, table: tuple[dict, dict, int]) -> dict:
-  cells, acts, _ = table
+  cells, acts = table[:2]
   flat = []
   for (cid, i), candidates in zip(action_set.where, action_set.candidates):
     state = abstract_state(evals[cid].turns[:i])
     for c in candidates:
-      kind = sales.parse_business(c).kind
-      flat.append(cells.get((state, kind), acts.get(kind, 0.0) - 1e-3))
+      key = act_key(evals[cid].turns[:i], c)
+      flat.append(cells.get((state, key), acts.get(key, 0.0) - 1e-3))
   return q_ranking.ranking_metrics(action_set.unflatten(np.asarray(flat)), action_set.true_q, action_set.mask)
 
 
@@ -71,9 +113,12 @@ def main(argv):
   print(f"truth: {len(action_set.prompts)} states, {action_set.rollouts} rollouts, reliability "
         f"{action_set.reliability():.2f}")
   print("| fitted on | decisions | top-1 (chance) | Spearman | pairwise | gain of pick (best) |\n|---|---|---|---|---|---|")
+  fits = []
   for name, keep in (("randomised turns", lambda e: e.explored), ("turns from t* on", lambda e: e.target_valid),
                      ("every turn", lambda e: True)):
-    table = fit_table(records, keep)
+    fits.append((f"Monte Carlo, {name}", fit_table(records, keep)))
+  fits.append(("SARSA, every turn (pi_k's next action)", fit_sarsa(records)))
+  for name, table in fits:
     m = score(action_set, evals, table)
     print(f"| {name} | {table[2]} | {m['top1']:.2f} ({m['top1_chance']:.2f}) | {m['spearman']:+.2f} | {m['pairwise']:.2f} | "
           f"{m['pick_gain']:+.3f} ({m['best_gain']:.3f}) |")

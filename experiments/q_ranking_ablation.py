@@ -51,10 +51,12 @@ VARIANTS = {
     "td_r20_400": ("TD(0), 400 steps, targets refreshed every 20", {"qfit.method": "td", "qfit.steps": 400,
                                                                     "qfit.refresh_every": 20}),
     "td_lambda_05": ("TD(lambda = 0.5), trace cut at t*", {"qfit.method": "td_lambda", "qfit.lam": 0.5}),
+    "td_800": ("TD(0), 800 steps, targets refreshed every 100", {"qfit.method": "td", "qfit.steps": 800,
+                                                                 "qfit.refresh_every": 100}),
 }
 
 
-def _variant_dir(wd: str, k: int, name: str) -> str:
+def variant_dir(wd: str, k: int, name: str) -> str:
   """A run directory holding the source run's tokenizer, pi_k, D_k and measurements, nothing fitted yet."""
   out = os.path.join(wd, "ablate", f"{name}_{k}")
   if os.path.exists(out):
@@ -80,7 +82,7 @@ def _precise_truth(wd: str, k: int, base: dict) -> str:
   config = config_dict.ConfigDict(base)
   config.loop.tensorboard = False
   config.loop.rank_states, config.loop.rank_rollouts = _TRUTH_STATES.value, _TRUTH_ROLLOUTS.value
-  out = _variant_dir(wd, k, "truth")
+  out = variant_dir(wd, k, "truth")
   os.remove(os.path.join(out, "data", f"ranking_{k}.json"))
   run_, _ = loop.setup(config, out)
   _, policy = loop.train_pi0(run_, [])
@@ -113,7 +115,7 @@ def main(argv):
     for key, value in overrides.items():
       section, field = key.split(".")
       config[section][field] = value
-    out = _variant_dir(wd, k, name)
+    out = variant_dir(wd, k, name)
     shutil.copy(truth, os.path.join(out, "data", f"ranking_{k}.json"))
     run_, _ = loop.setup(config, out)
     _, policy = loop.train_pi0(run_, [])
