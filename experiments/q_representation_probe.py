@@ -17,7 +17,9 @@ estimators, and scores it on the run's ranking set (data/ranking_<k>.json, or --
   next action, recomputed every sweep: what qfit.method=td estimates).
 
 It also prints how much of each abstract feature a linear map of the trunk features explains (held-out R^2): a
-view that does not carry the act's fit to the state cannot rank acts by it.
+view that does not carry the act's fit to the state cannot rank acts by it. With --reaction_steps=N the trunk is
+first trained N steps on a world-model task from the same logs (the words of the customer's reply to each sent
+message, read at the message's last token), which teaches it the act and its fit to the state.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ _ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which pi_k and D_
 _LOGS = cli.define(flags.DEFINE_string, "logs", "", "Logs of pi_k to fit on (default data/iter_<k>.jsonl).")
 _TRUTH = cli.define(flags.DEFINE_string, "truth", "", "A ranking set (default data/ranking_<k>.json).")
 _SEEDS = cli.define(flags.DEFINE_integer, "seeds", 3, "Head initialisations and batch orders, averaged.")
+_REACTION_STEPS = cli.define(flags.DEFINE_integer, "reaction_steps", 0,
+                             "First train pi_k's trunk this many steps to predict the words of the customer's reply "
+                             "from the sent message's last token (0: probe pi_k's trunk as it is).")
 
 
 class Head(nnx.Module):
@@ -130,9 +135,62 @@ def linear_r2(x: np.ndarray, y: np.ndarray, train: np.ndarray) -> np.ndarray:
   return np.where(var > 0.01, 1.0 - (resid ** 2).mean(0) / np.maximum(var, 1e-9), np.nan)
 
 
-def _trunk_features(run, params, arrays: dict, batch_size: int = 256) -> np.ndarray:
+def reaction_rows(records, examples) -> tuple[list[str], list[str], list[str]]:
+  """(state, sent message, the customer's reply to it) for every decision followed by both."""
+  by_id = {r.id: r for r in records}
+  prompts, sent, replies = [], [], []
+  for e in examples:
+    turns = by_id[e.conversation_id].turns
+    i = by_id[e.conversation_id].agent_steps()[e.turn] + 2  # suggestion, business message, customer reply
+    if e.sent is not None and i < len(turns) and turns[i].role == "customer":
+      prompts.append(e.prompt)
+      sent.append(e.sent)
+      replies.append(turns[i].text)
+  return prompts, sent, replies
+
+
+def train_reaction(model, tokenizer, arrays: dict, replies: list[str], *, steps: int, batch_size: int = 32,
+                   learning_rate: float = 1e-3, seed: int = 0):
+  """Trains `model.trunk` in place to predict the set of tokens of each reply (multi-label BCE, a linear head on
+  the hidden state at the row's last_index): a world-model task that needs the act and its fit to the state."""
+  vocab = model.config.vocab_size
+  bags = np.zeros((len(replies), vocab), np.float32)
+  for n, text in enumerate(replies):
+    bags[n, sorted(set(tokenizer.encode(text)))] = 1.0
+
+  class Reaction(nnx.Module):
+    def __init__(self, trunk, rngs):
+      self.trunk = trunk
+      self.head = nnx.Linear(model.config.embed_dim, vocab, rngs=rngs)
+
+    def __call__(self, tokens, positions, valid, last_index):
+      hidden, _ = self.trunk(tokens, positions, valid=valid, out_slots=last_index[:, None].astype(jnp.int32))
+      return self.head(hidden[:, 0])
+
+  net = Reaction(model.trunk, nnx.Rngs(seed))
+  opt = nnx.Optimizer(net, optax.adam(learning_rate), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(net, opt, batch):
+    def loss_fn(net):
+      z = net(batch["tokens"], batch["positions"], batch["valid"], batch["last_index"])
+      return jnp.mean(jnp.sum(jax.nn.softplus(z) - batch["bag"] * z, -1))
+    loss, grads = nnx.value_and_grad(loss_fn)(net)
+    opt.update(net, grads)
+    return loss
+
+  rng = np.random.default_rng(seed)
+  loss = float("nan")
+  for _ in range(steps):
+    b = rng.choice(len(replies), batch_size)
+    loss = float(step(net, opt, {"tokens": jnp.asarray(arrays["tokens"][b]), "positions": jnp.asarray(arrays["positions"][b]),
+                                 "valid": jnp.asarray(arrays["valid"][b]), "last_index": jnp.asarray(arrays["last_index"][b]),
+                                 "bag": jnp.asarray(bags[b])}))
+  return loss
+
+
+def _trunk_features(model, arrays: dict, batch_size: int = 256) -> np.ndarray:
   """[N, 2D] hidden states of the policy trunk at each row's state_index and last_index."""
-  model = nnx.merge(loop.run_policy_graphdef(run), params)
 
   @jax.jit
   def feats(tokens, positions, valid, state_index, last_index):
@@ -179,9 +237,15 @@ def main(argv):
                                                          d.max_action_len, run_.renderer)
   truth_prompts, truth_actions = action_set.pairs()
   where = [(evals[cid].turns[:i], c) for (cid, i), cs in zip(action_set.where, action_set.candidates) for c in cs]
-  trunk = _trunk_features(run_, params, pairs([e.prompt for e in examples], [e.suggestion for e in examples]))
-  trunk_own = _trunk_features(run_, params, pairs([examples[j].prompt for j in succ], [own[j] for j in succ]))
-  trunk_truth = _trunk_features(run_, params, pairs(truth_prompts, truth_actions))
+  model = nnx.merge(loop.run_policy_graphdef(run_), params)
+  if _REACTION_STEPS.value:
+    prompts, sent, replies = reaction_rows(records, examples)
+    loss = train_reaction(model, run_.tokenizer, pairs(prompts, sent), replies, steps=_REACTION_STEPS.value)
+    print(f"trunk trained {_REACTION_STEPS.value} steps to predict the customer's reply ({len(replies)} rows; "
+          f"last loss {loss:.1f})")
+  trunk = _trunk_features(model, pairs([e.prompt for e in examples], [e.suggestion for e in examples]))
+  trunk_own = _trunk_features(model, pairs([examples[j].prompt for j in succ], [own[j] for j in succ]))
+  trunk_truth = _trunk_features(model, pairs(truth_prompts, truth_actions))
   mu, sd = trunk.mean(0), trunk.std(0) + 1e-6
   trunk, trunk_own, trunk_truth = ((a - mu) / sd for a in (trunk, trunk_own, trunk_truth))
   key = lambda turns, text: lookup.abstract_state(turns) + lookup.act_key(turns, text)

@@ -46,3 +46,22 @@ def test_one_hot_and_linear_r2():
   y = np.stack([x[:, 0] > 0, rng.random(400) > 0.5], 1).astype(float)
   r2 = probe.linear_r2(x, y, np.arange(400) % 5 != 0)
   assert r2[0] > 0.4 and r2[1] < 0.1
+
+
+def test_reaction_training_learns_which_words_follow_which_message():
+  from flax import nnx
+  from iterppo_jax.models import transformer as tf
+
+  class Words:  # a tokenizer stand-in: one id per distinct word
+    def encode(self, text):
+      return [3 + (hash(w) % 20) for w in text.split()]
+
+  model = tf.Transformer(tf.TransformerConfig.tiny(32), rngs=nnx.Rngs(0))
+  # Message A (token 5) is answered with words of one reply, message B (token 6) with another's.
+  tokens = np.asarray([[1, 2, 5, 0], [1, 2, 6, 0]] * 32, np.int32)
+  arrays = {"tokens": tokens, "positions": np.tile(np.arange(4), (64, 1)).astype(np.int32),
+            "valid": tokens > 0, "last_index": np.full(64, 2, np.int32)}
+  replies = ["too expensive", "i like it"] * 32
+  first = probe.train_reaction(model, Words(), arrays, replies, steps=1, learning_rate=3e-3)
+  last = probe.train_reaction(model, Words(), arrays, replies, steps=150, learning_rate=3e-3)
+  assert last < 0.25 * first
