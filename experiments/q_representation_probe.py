@@ -11,7 +11,8 @@ estimators, and scores it on the run's ranking set (data/ranking_<k>.json, or --
 * features: 'trunk', the frozen hidden states of pi_k's transformer at the prompt's last token and at the
   action's last token (what the Q-model starts from); 'abstract', one-hot codes of the simulator's abstract
   state and the act's fit to it (experiments.q_lookup_baseline: what the oracle reads, unavailable in
-  production); 'both'.
+  production); 'abstract + noise', that code padded with irrelevant Gaussian columns to the trunk's width;
+  'both'.
 * estimators: Monte Carlo (the discounted return of the logs; turns before a randomised turn included, as
   qfit.targets=all) and fitted Q evaluation / SARSA of pi_k (targets r + gamma Q(s', a'_pi), a'_pi pi_k's own
   next action, recomputed every sweep: what qfit.method=td estimates).
@@ -252,8 +253,13 @@ def main(argv):
   abstract, vocab = one_hot([key(before(e), e.suggestion) for e in examples])
   abstract_own = one_hot([key(before(examples[j]), own[j]) for j in succ], vocab)[0]
   abstract_truth = one_hot([key(turns, c) for turns, c in where], vocab)[0]
+  # The abstract code padded with irrelevant Gaussian columns to the trunk's width: what extra dimensions alone cost
+  # a head fitted on this many noisy returns.
+  pad = np.random.default_rng(0)
+  noisy = lambda a: np.concatenate([3.0 * a, pad.normal(size=(len(a), trunk.shape[1] - a.shape[1]))], 1)
   views = {"trunk": (trunk, trunk_own, trunk_truth),
            "abstract": (abstract, abstract_own, abstract_truth),
+           "abstract + noise": (noisy(abstract), noisy(abstract_own), noisy(abstract_truth)),
            "both": tuple(np.concatenate([a, 3.0 * b], 1) for a, b in
                          ((trunk, abstract), (trunk_own, abstract_own), (trunk_truth, abstract_truth)))}
   returns = np.asarray([e.target for e in examples], np.float32)
