@@ -150,3 +150,35 @@ def test_qfit_steps_selected_by_the_logs_only_ranking(tmp_path):
     assert final["qfit/logged_adv_corr"] == pytest.approx(finite[final["qfit/selected_step"]], abs=1e-6)
   else:  # no held-out return varied (a tiny untrained policy rarely sells): nothing to prefer, the first is kept
     assert final["qfit/selected_step"] == 2
+
+
+@pytest.mark.slow
+def test_td_qfit_evaluates_pi_k_on_every_turn(tmp_path, monkeypatch):
+  """qfit.method=td on logs with randomised turns: every turn is fitted, and the decision before a randomised
+  turn bootstraps from pi_k's own sample there (data.Example.own_action), not from the draw."""
+  from iterppo_jax import qfit as qfit_lib
+  seen = []
+  original = qfit_lib.bootstrap_targets
+
+  def recording(q_next, rewards, next_index, done, gamma, lam, succ_override=None):
+    seen.append(0 if succ_override is None else int(np.isfinite(succ_override).sum()))
+    return original(q_next, rewards, next_index, done, gamma, lam, succ_override)
+
+  monkeypatch.setattr(qfit_lib, "bootstrap_targets", recording)
+  c = tiny_config(iterations=1, first_data="policy", conversations=40, rank_states=0, true_q_states=0,
+                  stop_after_phase="qfit/0")
+  c.qfit.method = "td"
+  with pytest.raises(loop.Interrupted):
+    loop.run(c, str(tmp_path))
+  records = conv_lib.read_jsonl(os.path.join(str(tmp_path), "data", "iter_0.jsonl"))
+  examples = loop.data_lib.examples_from_conversations(records, c.gamma, c.env.max_render_turns)
+  ids = sorted({e.conversation_id for e in examples})
+  held = set(ids[-max(len(ids) // 10, 1):])
+  train = [e for e in examples if e.conversation_id not in held]
+  expected = sum(1 for i, e in enumerate(examples) if e.conversation_id not in held and e.next_index >= 0
+                 and examples[e.next_index].own_action is not None)
+  assert expected > 0 and seen and all(n == expected for n in seen)
+  fitted = [r for r in metrics_lib.read_metrics(os.path.join(str(tmp_path), "metrics.jsonl"))
+            if r.get("phase") == "qfit_eval"][-1]
+  assert fitted["qfit/train_examples"] == len(train)  # turns before t* too
+  assert any(not e.target_valid for e in train)
