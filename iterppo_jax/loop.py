@@ -250,6 +250,18 @@ def _play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
 
 # ---- phases ----
 
+def _check_ranking_settings(config) -> None:
+  """Issue #16's counts, checked before any work: a key, its value and the allowed range."""
+  lowest = {"loop.rank_states": 0, "qfit.select_every": 0}
+  if config.loop.get("rank_states", 0) > 0:  # measured only when the ranking is on
+    lowest.update({"loop.rank_rollouts": 1, "loop.rank_policy_samples": 1})
+  for key, low in lowest.items():
+    section, name = key.split(".")
+    value = config[section].get(name, low)
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+      raise ValueError(f"config.{key} must be an integer >= {low}, got {value!r}")
+
+
 def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers."""
   if config.get("inner", "ppo") not in INNER_SOLVERS:  # fail before any work, not after SFT and the Q-fit
@@ -258,6 +270,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     raise ValueError(f"config.qfit.head must be 'q' or 'dueling', got {config.qfit.head!r}")
   if config.qfit.get("targets", "unbiased") not in QFIT_TARGETS:
     raise ValueError(f"config.qfit.targets must be one of {QFIT_TARGETS}, got {config.qfit.targets!r}")
+  _check_ranking_settings(config)
   os.makedirs(workdir, exist_ok=True)
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   progress = Progress(workdir)

@@ -182,3 +182,15 @@ def test_td_qfit_evaluates_pi_k_on_every_turn(tmp_path, monkeypatch):
             if r.get("phase") == "qfit_eval"][-1]
   assert fitted["qfit/train_examples"] == len(train)  # turns before t* too
   assert any(not e.target_valid for e in train)
+
+
+@pytest.mark.parametrize("key, value", [("loop.rank_states", -1), ("loop.rank_rollouts", 0),
+                                        ("loop.rank_policy_samples", 0), ("qfit.select_every", -2)])
+def test_ranking_counts_are_checked_before_any_work(tmp_path, key, value):
+  c = tiny_config()
+  section, name = key.split(".")
+  c[section][name] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=rf"config\.{key} must be an integer >= \d, got {value}"):
+    loop.setup(c, str(workdir))
+  assert not workdir.exists()  # nothing written
