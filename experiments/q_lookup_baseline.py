@@ -37,6 +37,11 @@ def abstract_state(turns) -> tuple:
   return (v.need is not None, v.budget is not None, v.objection, v.liked, v.product is not None)
 
 
+def turns_before(record: conv_lib.Conversation, example: data_lib.Example) -> list:
+  """The transcript `example`'s decision was made on."""
+  return record.turns[:record.agent_steps()[example.turn]]
+
+
 def fit_table(records, keep) -> tuple[dict, dict, int]:
   """(mean return per (abstract state, act key), per act key, decisions used) over those `keep(example)`
   selects."""
@@ -45,9 +50,8 @@ def fit_table(records, keep) -> tuple[dict, dict, int]:
   for e in data_lib.examples_from_conversations(records, gamma=0.95):
     if not keep(e):
       continue
-    record = by_id[e.conversation_id]
-    state = abstract_state(record.turns[:record.agent_steps()[e.turn]])
-    kind = act_key(record.turns[:record.agent_steps()[e.turn]], e.suggestion)
+    turns = turns_before(by_id[e.conversation_id], e)
+    state, kind = abstract_state(turns), act_key(turns, e.suggestion)
     cells[(state, kind)].append(e.target)
     acts[kind].append(e.target)
     used += 1
@@ -76,7 +80,7 @@ def fit_sarsa(records, sweeps: int = 60, gamma: float = 0.95) -> tuple[dict, dic
   examples = data_lib.examples_from_conversations(records, gamma=gamma)
   keys = []
   for e in examples:
-    turns = by_id[e.conversation_id].turns[:by_id[e.conversation_id].agent_steps()[e.turn]]
+    turns = turns_before(by_id[e.conversation_id], e)
     keys.append((abstract_state(turns), act_key(turns, e.suggestion),
                  act_key(turns, e.own_action if e.own_action is not None else e.suggestion)))
   transitions = collections.defaultdict(list)

@@ -43,7 +43,6 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
 from iterppo_jax import loop
 from iterppo_jax import q_ranking
-from iterppo_jax.models import transformer as tf
 
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A sales loop run (its pi_k, D_k, ranking set).")
 _ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which pi_k and D_k.")
@@ -225,7 +224,7 @@ def main(argv):
   evals = {r.id: r for r in conv_lib.read_jsonl(os.path.join(wd, "data", f"eval_{k}.jsonl"))}
   examples = run_.examples(records)
   by_id = {r.id: r for r in records}
-  before = lambda e: by_id[e.conversation_id].turns[:by_id[e.conversation_id].agent_steps()[e.turn]]
+  before = lambda e: lookup.turns_before(by_id[e.conversation_id], e)
   own = [e.own_action if e.own_action is not None else e.suggestion for e in examples]
   nxt = np.asarray([e.next_index for e in examples])
   live = (nxt >= 0) & ~np.asarray([e.done for e in examples])
