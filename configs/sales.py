@@ -93,6 +93,10 @@ def get_config(arg=None):
   c.qfit.model.head_dim = 0
   # With randomised turns (loop.explore_turns), a Monte Carlo return before the conversation's randomised turn
   # is not a sample of Q^{pi_k}: 'unbiased' fits the turns from it on; 'all' fits every turn (biased).
+  # What Q_k reads: 'tokens', the rendered transcript through a transformer (the paper's LLM Q-model);
+  # 'dialogue_state', the domain's state tracker's keys of the transcript (q_table.py: a table fitted by SARSA
+  # with qfit.method td, or Monte Carlo with mc; no steps, no head) -- docs/results.md, finding 6.
+  c.qfit.view = "tokens"
   c.qfit.head = "q"  # q: one scalar at the action's end | dueling: Q = V(s) + A(s, a) (models/heads.py)
   # > 0: fit in chunks of this many steps and keep the Q-model that ranks held-out randomised turns best (the
   # logs-only measure corr(A_k(s, a), G), q_ranking.py); 0 keeps the last step's.

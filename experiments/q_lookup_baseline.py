@@ -32,9 +32,8 @@ _LOGS = cli.define(flags.DEFINE_string, "logs", "", "Logs to fit on: data/<name>
 _TRUTH = cli.define(flags.DEFINE_string, "truth", "", "A ranking set (default data/ranking_<k>.json).")
 
 
-def abstract_state(turns) -> tuple:
-  v = sales.visible_facts(turns)
-  return (v.need is not None, v.budget is not None, v.objection, v.liked, v.product is not None)
+abstract_state = sales.dialogue_state  # the sales state tracker (envs/sales.py)
+act_key = sales.act_key
 
 
 def turns_before(record: conv_lib.Conversation, example: data_lib.Example) -> list:
@@ -57,20 +56,6 @@ def fit_table(records, keep) -> tuple[dict, dict, int]:
     used += 1
   return ({key: float(np.mean(v)) for key, v in cells.items() if len(v) >= 3},
           {key: float(np.mean(v)) for key, v in acts.items()}, used)
-
-
-def act_key(turns, text: str) -> tuple:
-  """The act's kind and, for a recommendation, its fit to what is known (the customer reacts to that)."""
-  act = sales.parse_business("" if text == conv_lib.ABSTAIN_TEXT else text)
-  v = sales.visible_facts(turns)
-  if act.kind == "recommend":
-    category, tier, _, _ = sales.PRODUCTS[act.product]
-    fit = ("guess" if v.need is None else "other category" if category != v.need
-           else "tier unknown" if v.budget is None else tier - v.budget)
-    return act.kind, fit
-  if act.kind == "answer":
-    return act.kind, v.objection == "question" and act.topic == v.topic
-  return (act.kind,)
 
 
 def fit_sarsa(records, sweeps: int = 60, gamma: float = 0.95) -> tuple[dict, dict, int]:

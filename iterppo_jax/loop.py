@@ -41,6 +41,7 @@ from iterppo_jax import lm_policy
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import ppo as ppo_lib
 from iterppo_jax import q_ranking
+from iterppo_jax import q_table
 from iterppo_jax import qfit as qfit_lib
 from iterppo_jax import rendering
 from iterppo_jax import sampling
@@ -112,6 +113,7 @@ INNER_SOLVERS = ("ppo", "grpo", "rloo")
 # Which logged turns the Q-fit regresses on (explore.py): 'unbiased' those whose return samples Q^{pi_k} (from the
 # randomised turn on), 'all' every turn, 'explored' the randomised turns alone.
 QFIT_TARGETS = ("unbiased", "all", "explored")
+QFIT_VIEWS = ("tokens", "dialogue_state")  # what the Q-model reads: the rendered prompt | the state tracker
 
 # Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
 # what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
@@ -271,6 +273,10 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   if config.qfit.get("targets", "unbiased") not in QFIT_TARGETS:
     raise ValueError(f"config.qfit.targets must be one of {QFIT_TARGETS}, got {config.qfit.targets!r}")
   _check_ranking_settings(config)
+  if config.qfit.view not in QFIT_VIEWS:
+    raise ValueError(f"config.qfit.view must be one of {QFIT_VIEWS}, got {config.qfit.view!r}")
+  if config.qfit.view == "dialogue_state":
+    registry.tracker(config.env.domain)  # the domain must have a dialogue-state tracker
   os.makedirs(workdir, exist_ok=True)
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   progress = Progress(workdir)
@@ -350,6 +356,8 @@ def fit_q(run: Run, k: int, records, policy_params):
   """
   c = run.config
   q_cfg = c.qfit
+  if q_cfg.view == "dialogue_state":
+    return fit_q_table(run, k, records, policy_params)
   q_model = q_model_config(run)
   own_size = q_model != run.model_cfg  # a Q-model of its own size cannot start from a policy's trunk
   if own_size and q_cfg.init == "policy":
@@ -412,7 +420,8 @@ def fit_q(run: Run, k: int, records, policy_params):
                               target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
                               desc=f"qfit/{k}", next_actions=next_actions, own_next=own_next)
     if every:
-      score = _logged_ranking(run, predict_fn, state.params, records, held_explored)["logged_adv_corr"]
+      score = _logged_ranking(run, _token_scorer(run, predict_fn, state.params), records,
+                              held_explored)["logged_adv_corr"]
       done = sum(chunks[:i + 1])
       run.log(done, {"qfit/select_adv_corr": score}, phase=f"qfit/{k}", iteration=k)
       if best is None or (np.isfinite(score) and not score <= best[0]):
@@ -426,18 +435,92 @@ def fit_q(run: Run, k: int, records, policy_params):
   metrics["train_examples"] = int(train_rows.sum())
   if best is not None:
     metrics["selected_step"] = best[1]
-  metrics.update(_logged_ranking(run, predict_fn, state.params, records, held_explored))
-  if run.env is not None and c.loop.true_q_states > 0:
-    metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q, policy_params,
-                                 records))
-  if run.env is not None and c.loop.rank_states > 0:
-    metrics.update(rank_actions(run, k, predict_fn, state.params, policy_params))
-  if any("true_outcome" in r.metadata for r in records):  # simulator logs: how wrong the fitted labels are
-    metrics.update({f"label_{n}": v for n, v in label_noise.classifier_error(records).items()})
-  run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
+  _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params), records, examples, held, q,
+                 policy_params)
   _save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
   run.progress.mark(f"qfit/{k}", metrics)
   return trainable, state.params, metrics
+
+
+def _q_diagnostics(run: Run, k: int, metrics: dict, score, records, examples, held: np.ndarray, q_held,
+                   policy_params) -> None:
+  """Adds the ranking and true-Q measures of Q_k to `metrics` (any Q-model: `score` is a _token_scorer or
+  _table_scorer) and logs them under qfit/."""
+  c = run.config
+  held_explored = [e for e, h in zip(examples, held) if h and e.explored]
+  metrics.update(_logged_ranking(run, score, records, held_explored))
+  if run.env is not None and c.loop.true_q_states > 0:
+    metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q_held, policy_params,
+                                 records))
+  if run.env is not None and c.loop.rank_states > 0:
+    metrics.update(rank_actions(run, k, score, policy_params))
+  if any("true_outcome" in r.metadata for r in records):  # simulator logs: how wrong the fitted labels are
+    metrics.update({f"label_{n}": v for n, v in label_noise.classifier_error(records).items()})
+  run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
+
+
+def _token_scorer(run: Run, predict_fn, q_params):
+  """score(turns, prompts, actions) -> Q per pair for the token Q-model (reads the rendered prompts)."""
+  d = run.config.data
+
+  def score(turns, prompts, actions):
+    del turns
+    arrays = data_lib.encode_pairs(run.tokenizer, prompts, actions, d.max_prompt_len, d.max_action_len,
+                                   run.renderer)
+    return qfit_lib.predict(predict_fn, q_params, arrays, run.config.qfit.batch_size, run.mesh)
+
+  return score
+
+
+def _table_scorer(table: q_table.TableQ):
+  """score(turns, prompts, actions) -> Q per pair for the dialogue-state Q-model (reads the transcripts)."""
+  return lambda turns, prompts, actions: table.score_many(list(zip(turns, actions)))
+
+
+def _turns_before(record: conv_lib.Conversation, example) -> list:
+  return record.turns[:record.agent_steps()[example.turn]]
+
+
+def fit_q_table(run: Run, k: int, records, policy_params):
+  """Q_k as a table over the domain's dialogue-state keys (qfit.view=dialogue_state, q_table.py) on D_k.
+
+  SARSA of pi_k (qfit.method td | td_lambda | fqe) or Monte Carlo (mc, on the turns qfit.targets keeps); the last
+  tenth of the conversations is held out for the same diagnostics as the token Q-model's. Returns (table, None,
+  metrics); the table is kept as JSON, so a resumed run reads back the same Q.
+  """
+  c = run.config
+  q_cfg = c.qfit
+  state_fn, act_fn = registry.tracker(c.env.domain)
+  path = os.path.join(run.workdir, "checkpoints", "qtable", f"{k}.json")
+  done = run.progress.get(f"qfit/{k}")
+  if done and os.path.exists(path):
+    return q_table.TableQ.load(path, state_fn, act_fn), None, done
+  records = label_noise.qfit_records(records, label_flip=q_cfg.get("label_flip", 0.0),
+                                     data_fraction=q_cfg.get("data_fraction", 1.0),
+                                     seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
+  examples = run.examples(records)
+  ds = q_table.decisions(records, state_fn, act_fn, c.gamma)
+  conv_ids = sorted({e.conversation_id for e in examples})
+  held_ids = set(conv_ids[-max(len(conv_ids) // 10, 1):])
+  held = np.asarray([e.conversation_id in held_ids for e in examples])
+  train = [d for d, h in zip(ds, held) if not h]
+  for i, d in enumerate(train):  # whole conversations are held out, so successors stay inside `train`
+    d.next_index = -1 if d.next_index < 0 else i + 1
+  if q_cfg.method == "mc":
+    table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all")
+  else:
+    table = q_table.fit_sarsa(train, c.gamma, state_fn, act_fn)
+  by_id = {r.id: r for r in records}
+  held_examples = [e for e, h in zip(examples, held) if h]
+  q = table.score_many([(_turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])
+  metrics = qfit_lib.evaluate_q(q, np.asarray([e.outcome for e in held_examples]))
+  metrics["target_corr"] = qfit_lib.pearson(q, np.asarray([e.target for e in held_examples]))
+  metrics["train_examples"] = len(train)
+  metrics["table_cells"] = len(table.cells)
+  _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
+  table.save(path)
+  run.progress.mark(f"qfit/{k}", metrics)
+  return table, None, metrics
 
 
 def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
@@ -450,17 +533,17 @@ def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
     print(f"warning: {note}")
 
 
-def _logged_ranking(run: Run, predict_fn, q_params, records, explored_examples) -> dict:
+def _logged_ranking(run: Run, score, records, explored_examples) -> dict:
   """q_ranking.logged_ranking_metrics on held-out randomised turns (logs only; {} when there are none)."""
   if not explored_examples:
     return {}
   by_id = {r.id: r for r in records}
   infos = [explore.explored(by_id[e.conversation_id]) for e in explored_examples]
+  turns = [_turns_before(by_id[e.conversation_id], e) for e, info in zip(explored_examples, infos)
+           for _ in info["candidates"]]
   prompts = [e.prompt for e, info in zip(explored_examples, infos) for _ in info["candidates"]]
   actions = [a for info in infos for a in info["candidates"]]
-  arrays = data_lib.encode_pairs(run.tokenizer, prompts, actions, run.config.data.max_prompt_len,
-                                 run.config.data.max_action_len, run.renderer)
-  q = qfit_lib.predict(predict_fn, q_params, arrays, run.config.qfit.batch_size, run.mesh)
+  q = score(turns, prompts, actions)
   q_candidates, pos = [], 0
   for info in infos:
     q_candidates.append(q[pos:pos + len(info["candidates"])])
@@ -488,19 +571,18 @@ def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet:
   return action_set
 
 
-def rank_actions(run: Run, k: int, predict_fn, q_params, policy_params) -> dict:
+def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   """Q_k's ranking of candidate actions against the simulator's true Q^{pi_k} (q_ranking.py).
 
   States come from pi_k's evaluation conversations (data/eval_<k>.jsonl); the candidates (pi_k's samples and the
   domain's scripted acts) and their true Q are measured once per pi_k and kept in data/ranking_<k>.json, so a
   resumed run, a later Q-model of the same policy and the report all use one measurement.
   """
-  c = run.config
   action_set = measure_action_set(run, k, policy_params)
   prompts, actions = action_set.pairs()
-  arrays = data_lib.encode_pairs(run.tokenizer, prompts, actions, c.data.max_prompt_len, c.data.max_action_len,
-                                 run.renderer)
-  q = qfit_lib.predict(predict_fn, q_params, arrays, c.qfit.batch_size, run.mesh)
+  evals = {r.id: r for r in conv_lib.read_jsonl(os.path.join(run.workdir, "data", f"eval_{k}.jsonl"))}
+  turns = [evals[cid].turns[:i] for (cid, i), cs in zip(action_set.where, action_set.candidates) for _ in cs]
+  q = score(turns, prompts, actions)
   out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask)
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
   out["truth_reliability"] = action_set.reliability()
@@ -609,7 +691,10 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
     if c.loop.stop_after_ppo_step and step == c.loop.stop_after_ppo_step:
       raise Interrupted(f"stopped after {inner} step {step} (loop.stop_after_ppo_step)")
 
-  reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
+  if isinstance(q_trainable, q_table.TableQ):
+    reward_fn, q_params = _table_reward_fn(run, q_trainable, records, examples, prompts), jnp.zeros(())
+  else:
+    reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
   common = dict(steps=c.ppo.steps, batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]),
                 eos_id=run.renderer.end_id(run.tokenizer), pad_id=run.tokenizer.pad_id, writer=run.writer,
                 desc=f"{inner}/{k}", start_step=start, kl_coef=kl_coef, on_step=on_step)
@@ -630,6 +715,26 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
                  seed_for(c, k, PHASE_IDS["ppo"], 2))
   run.log(k, {"improve/kl_to_pi_k": kl}, phase="improve", iteration=k)
   return new_params, {**last, "improve/kl_to_pi_k": kl}
+
+
+def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts: dict):
+  """PPO's reward from the dialogue-state table: each sampled response is decoded on the host and scored at the
+  transcript of the D_k state its prompt row came from (prompt rows are matched by their tokens)."""
+  by_id = {r.id: r for r in records}
+  transcript = {}
+  for e, row in zip(examples, prompts["tokens"]):
+    transcript.setdefault(np.asarray(row).tobytes(), _turns_before(by_id[e.conversation_id], e))
+
+  def score_fn(prompt_tokens, response, response_valid):
+    out = []
+    for row, ids, ok in zip(prompt_tokens, response, response_valid):
+      turns = transcript.get(np.ascontiguousarray(row, np.int32).tobytes())
+      if turns is None:
+        raise KeyError("the dialogue-state reward got a prompt that is not one of D_k's states")
+      out.append(table.score(turns, run.renderer.parse(run.tokenizer.decode([int(t) for t in ids[ok]]))))
+    return np.asarray(out, np.float32)
+
+  return ppo_lib.make_host_reward_fn(score_fn)
 
 
 class Interrupted(RuntimeError):

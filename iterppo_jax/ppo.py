@@ -437,6 +437,27 @@ def make_q_reward_fn(q_trainable: ts.Trainable, kind: str = "bce") -> Callable:
   return reward_fn
 
 
+def make_host_reward_fn(score_fn: Callable) -> Callable:
+  """reward_fn(params, tokens, positions, valid, last_index, state_index) -> [B] computed on the host.
+
+  For a Q-model that is not a JAX model (q_table.py's dialogue-state table): `score_fn(prompt_tokens [B, P],
+  response [B, N], response_valid [B, N])` gets numpy arrays and returns B floats; it runs through
+  jax.pure_callback inside the jitted rollout and update steps. `params` is ignored (pass any array).
+  """
+
+  def host(tokens, valid, state_index):
+    P = int(state_index[0]) + 1  # every row's prompt ends at column P - 1 (data.encode_prompts)
+    tokens, valid = np.asarray(tokens), np.asarray(valid)
+    return np.asarray(score_fn(tokens[:, :P], tokens[:, P:], valid[:, P:]), np.float32)
+
+  def reward_fn(params, tokens, positions, valid, last_index, state_index):
+    del params, positions, last_index
+    return jax.pure_callback(host, jax.ShapeDtypeStruct(tokens.shape[:1], jnp.float32), tokens, valid,
+                             state_index)
+
+  return reward_fn
+
+
 def _advantages(score, logprobs, ref_logprobs, values, mask, kl_coef, cfg: PPOConfig):
   """Token rewards (score at the end, KL penalty at every token), GAE and whitening, for one rollout batch.
 

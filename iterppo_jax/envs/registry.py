@@ -58,3 +58,15 @@ def candidate_fn(domain: str):
   from iterppo_jax.envs import policies
   s = script(domain)
   return lambda turns, rng: policies.candidate_texts(s, turns, rng)
+
+
+def tracker(domain: str):
+  """(dialogue_state(turns) -> key, act_key(turns, text) -> key): the domain's dialogue-state tracker, which a
+  dialogue-state Q-model reads (qfit.view=dialogue_state, q_table.py). A domain module that defines both
+  functions has one."""
+  module = _module(domain, 0)
+  if not (hasattr(module, "dialogue_state") and hasattr(module, "act_key")):
+    have = [d for d in DOMAINS if hasattr(_module(d, 0), "dialogue_state")]
+    raise ValueError(f"qfit.view='dialogue_state': env.domain {domain!r} has no dialogue-state tracker "
+                     f"(dialogue_state and act_key in {DOMAINS[domain][0]}); domains with one: {', '.join(have)}")
+  return module.dialogue_state, module.act_key

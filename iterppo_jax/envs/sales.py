@@ -245,6 +245,32 @@ def oracle_act(v: Visible) -> Act:
   return Act("close")
 
 
+# ---- a dialogue-state tracker: what a Q-model with few free parameters reads (qfit.view=dialogue_state) ----
+
+def dialogue_state(turns) -> tuple:
+  """The transcript's state as a small key: need stated, budget stated, pending objection, liked, a product shown.
+
+  Read from the transcript text alone (visible_facts), as a production state tracker reads its logs.
+  """
+  v = visible_facts(turns)
+  return (v.need is not None, v.budget is not None, v.objection, v.liked, v.product is not None)
+
+
+def act_key(turns, text: str) -> tuple:
+  """A suggestion's act and, for a recommendation, its fit to what is known (the customer reacts to that); for an
+  answer, whether it answers the pending question. `text` '' (or conversation.ABSTAIN_TEXT) is abstaining."""
+  act = parse_business("" if text == conv_lib.ABSTAIN_TEXT else text)
+  v = visible_facts(turns)
+  if act.kind == "recommend":
+    category, tier, _, _ = PRODUCTS[act.product]
+    fit = ("guess" if v.need is None else "other category" if category != v.need
+           else "tier unknown" if v.budget is None else tier - v.budget)
+    return act.kind, fit
+  if act.kind == "answer":
+    return act.kind, v.objection == "question" and act.topic == v.topic
+  return (act.kind,)
+
+
 # ---- the environment ----
 
 class SalesEnv(base.TextEnv):

@@ -1,0 +1,167 @@
+r"""A Q-model over a dialogue-state tracker's keys (qfit.view=dialogue_state): few free parameters, fitted from logs.
+
+A token Q-model reads the whole transcript through a transformer; fitted on one iteration's logs (~5,000 noisy
+decisions) it learns a score per act type, not which act is right in a state (docs/results.md, finding 5: the
+logs hold the ranking, but the transformer's view has too many free directions for that much data). This Q-model
+reads the conversation through a *state tracker* instead, as task-oriented dialogue systems do: a domain
+function maps the transcript to a small key (what is known and what is pending, e.g. sales.dialogue_state) and
+a suggestion to its act and its fit to that state (e.g. sales.act_key). Both read the logged text only, never
+the simulator's hidden state. Q is a table over (state key, act key):
+
+  SARSA of pi_k (qfit.method td | td_lambda | fqe):  Q(x, a) = mean over D_k's transitions from (x, a) of
+      r + gamma Q(x', a'),  a' pi_k's own next action (data.Example.own_action where a randomised turn replaced
+      it), iterated to its fixed point; a pair never logged takes its act's mean Q;
+  Monte Carlo (qfit.method mc):  Q(x, a) = mean discounted return of D_k's decisions (x, a) whose return
+      samples Q^{pi_k} (data.Example.target_valid), all decisions with qfit.targets=all.
+
+A pair that was never logged scores its act's mean Q (then the mean of all), minus 1e-3 so a seen pair wins
+ties. The table is JSON (workdir/checkpoints/qtable/<k>.json), so a resumed run reads back the same Q.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Callable, Sequence
+
+import numpy as np
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import data as data_lib
+from iterppo_jax import io_utils
+
+UNSEEN_PENALTY = 1e-3
+
+
+@dataclasses.dataclass
+class Decision:
+  """One logged decision as the table sees it."""
+  state: tuple
+  act: tuple  # the suggestion that was made (and scored by the outcome)
+  own_act: tuple  # pi_k's own act there (= act, except at a randomised turn)
+  reward: float
+  next_index: int  # into the same list, -1 at the conversation's end
+  target: float  # discounted Monte Carlo return
+  target_valid: bool  # the return samples Q^{pi_k} (data.Example.target_valid)
+  conversation_id: str
+
+
+def decisions(records: Sequence[conv_lib.Conversation], state_fn: Callable, act_fn: Callable,
+              gamma: float) -> list[Decision]:
+  """Every decision point of `records` (data.examples_from_conversations' order) keyed by the tracker."""
+  by_id = {r.id: r for r in records}
+  out = []
+  for e in data_lib.examples_from_conversations(records, gamma=gamma):
+    record = by_id[e.conversation_id]
+    turns = record.turns[:record.agent_steps()[e.turn]]
+    act = act_fn(turns, e.suggestion)
+    own = act if e.own_action is None else act_fn(turns, e.own_action)
+    out.append(Decision(state_fn(turns), act, own, e.reward, e.next_index, e.target, e.target_valid,
+                        e.conversation_id))
+  return out
+
+
+def _act_means(keys: list[tuple], q: np.ndarray, counts: np.ndarray) -> tuple[dict, float]:
+  sums, ns = {}, {}
+  for (_, act), v, n in zip(keys, q, counts):
+    sums[act] = sums.get(act, 0.0) + v * n
+    ns[act] = ns.get(act, 0) + n
+  means = {a: sums[a] / ns[a] for a in sums}
+  total = float(np.sum(q * counts) / max(np.sum(counts), 1))
+  return means, total
+
+
+@dataclasses.dataclass
+class TableQ:
+  """Q over (state key, act key). `cells[(state, act)] = (q, count)`; `acts[act]` the fallback."""
+  cells: dict
+  acts: dict
+  default: float
+  state_fn: Callable | None = None
+  act_fn: Callable | None = None
+
+  def value(self, state: tuple, act: tuple) -> float:
+    cell = self.cells.get((state, act))
+    if cell is not None:
+      return cell[0]
+    return self.acts.get(act, self.default) - UNSEEN_PENALTY
+
+  def score(self, turns, text: str) -> float:
+    """Q of suggesting `text` ('' abstains) after the transcript `turns`."""
+    return self.value(self.state_fn(turns), self.act_fn(turns, text))
+
+  def score_many(self, pairs: Sequence[tuple[list, str]]) -> np.ndarray:
+    return np.asarray([self.score(t, a) for t, a in pairs], np.float32)
+
+  # ---- persistence: JSON with tuple keys written as lists ----
+  def to_json(self) -> dict:
+    return {"cells": [[list(s), list(a), q, n] for (s, a), (q, n) in sorted(self.cells.items(), key=repr)],
+            "acts": [[list(a), q] for a, q in sorted(self.acts.items(), key=repr)], "default": self.default}
+
+  def save(self, path: str) -> None:
+    io_utils.atomic_write_json(path, self.to_json())
+
+  @classmethod
+  def load(cls, path: str, state_fn: Callable, act_fn: Callable) -> "TableQ":
+    with open(path) as f:
+      d = json.load(f)
+    return cls({(_tuple(s), _tuple(a)): (float(q), int(n)) for s, a, q, n in d["cells"]},
+               {_tuple(a): float(q) for a, q in d["acts"]}, float(d["default"]), state_fn, act_fn)
+
+
+def _tuple(x):
+  return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def _table(keys: list[tuple], q: np.ndarray, counts: np.ndarray, state_fn, act_fn) -> TableQ:
+  acts, default = _act_means(keys, q, counts)
+  return TableQ({key: (float(v), int(n)) for key, v, n in zip(keys, q, counts)}, acts, default, state_fn, act_fn)
+
+
+def fit_mc(ds: Sequence[Decision], state_fn=None, act_fn=None, all_turns: bool = False) -> TableQ:
+  """Mean discounted return per (state, act) over decisions whose return samples Q^{pi_k} (every decision with
+  `all_turns`)."""
+  rows = [d for d in ds if all_turns or d.target_valid]
+  if not rows:
+    raise ValueError("no logged decision to fit the dialogue-state Q on")
+  keys = sorted({(d.state, d.act) for d in rows}, key=repr)
+  index = {key: i for i, key in enumerate(keys)}
+  cell = np.asarray([index[(d.state, d.act)] for d in rows])
+  counts = np.bincount(cell, minlength=len(keys))
+  q = np.bincount(cell, weights=[d.target for d in rows], minlength=len(keys)) / counts
+  return _table(keys, q, counts, state_fn, act_fn)
+
+
+def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, tol: float = 1e-7,
+              max_sweeps: int = 1000) -> TableQ:
+  """The fixed point of Q(x, a) = mean over logged transitions of r + gamma Q(x', a'_pi) (synchronous sweeps
+  until no cell moves more than `tol`). A next pair (x', a'_pi) that was never logged takes a'_pi's mean Q."""
+  if not ds:
+    raise ValueError("no logged decision to fit the dialogue-state Q on")
+  keys = sorted({(d.state, d.act) for d in ds}, key=repr)
+  index = {key: i for i, key in enumerate(keys)}
+  cell = np.asarray([index[(d.state, d.act)] for d in ds])
+  counts = np.bincount(cell, minlength=len(keys))
+  rewards = np.asarray([d.reward for d in ds])
+  # Successor per decision: a logged cell, an unseen pair (its act's mean), or none (end of conversation).
+  nxt = [None if d.next_index < 0 else (ds[d.next_index].state, ds[d.next_index].own_act) for d in ds]
+  succ = np.asarray([-1 if n is None else index.get(n, -2) for n in nxt])
+  unseen_act = [None if s != -2 else n[1] for s, n in zip(succ, nxt)]
+  act_of_cell = [a for _, a in keys]
+  acts = sorted(set(act_of_cell) | {a for a in unseen_act if a is not None}, key=repr)
+  act_index = {a: i for i, a in enumerate(acts)}
+  cell_act = np.asarray([act_index[a] for a in act_of_cell])
+  unseen = np.asarray([-1 if a is None else act_index[a] for a in unseen_act])
+  q = np.zeros(len(keys))
+  for _ in range(max_sweeps):
+    act_sum = np.bincount(cell_act, weights=q * counts, minlength=len(acts))
+    act_n = np.bincount(cell_act, weights=counts, minlength=len(acts))
+    overall = float(np.sum(q * counts) / np.sum(counts))
+    act_mean = np.where(act_n > 0, act_sum / np.maximum(act_n, 1), overall)
+    v_next = np.where(succ >= 0, q[np.maximum(succ, 0)], np.where(succ == -2, act_mean[np.maximum(unseen, 0)], 0.0))
+    new = np.bincount(cell, weights=rewards + gamma * v_next, minlength=len(keys)) / counts
+    moved = float(np.max(np.abs(new - q)))
+    q = new
+    if moved < tol:
+      break
+  return _table(keys, q, counts, state_fn, act_fn)

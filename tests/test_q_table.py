@@ -1,0 +1,136 @@
+"""The dialogue-state Q-model (q_table.py): SARSA and Monte Carlo tables against hand-computed values, its JSON,
+the host-computed PPO reward, and the loop with qfit.view=dialogue_state (diagnostics, resume, refusals)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sales as sales_config
+from iterppo_jax import loop
+from iterppo_jax import ppo
+from iterppo_jax import q_table
+from iterppo_jax.envs import registry
+from iterppo_jax.envs import sales
+
+GAMMA = 0.9
+
+
+def chain():
+  """Three logged conversations over states s0 -> s1 (or s2), two decisions each.
+
+  A: (s0, a) r=0 -> (s1, b) r=1.           B: (s0, c) r=0 -> (s1, x) r=0, x a randomised draw where pi's own act is b.
+  C: (s0, e) r=0 -> (s2, x) r=0, pi's own act at s2 is b, and (s2, b) is never logged.
+  """
+  D = q_table.Decision
+  return [D(("s0",), ("a",), ("a",), 0.0, 1, GAMMA, True, "A"), D(("s1",), ("b",), ("b",), 1.0, -1, 1.0, True, "A"),
+          D(("s0",), ("c",), ("c",), 0.0, 3, 0.0, False, "B"), D(("s1",), ("x",), ("b",), 0.0, -1, 0.0, True, "B"),
+          D(("s0",), ("e",), ("e",), 0.0, 5, 0.0, False, "C"), D(("s2",), ("x",), ("b",), 0.0, -1, 0.0, True, "C")]
+
+
+def test_sarsa_fixed_point_continues_with_pis_own_action():
+  table = q_table.fit_sarsa(chain(), GAMMA)
+  q = {key: v for key, (v, _) in table.cells.items()}
+  assert q[(("s1",), ("b",))] == pytest.approx(1.0)
+  assert q[(("s1",), ("x",))] == pytest.approx(0.0)
+  assert q[(("s0",), ("a",))] == pytest.approx(GAMMA)
+  # B's successor is pi's own act b at s1, not the randomised x: SARSA of pi, not of the logged continuation
+  assert q[(("s0",), ("c",))] == pytest.approx(GAMMA)
+  # (s2, b) was never logged: it takes b's mean Q (1.0), so Q(s0, e) = gamma
+  assert q[(("s0",), ("e",))] == pytest.approx(GAMMA)
+  # an unseen pair scores its act's mean, just below a seen cell with the same value
+  assert table.value(("s9",), ("b",)) == pytest.approx(1.0 - q_table.UNSEEN_PENALTY)
+  assert table.value(("s9",), ("zzz",)) == pytest.approx(table.default - q_table.UNSEEN_PENALTY)
+
+
+def test_monte_carlo_keeps_unbiased_returns_only():
+  q = {key: v for key, (v, _) in q_table.fit_mc(chain()).cells.items()}
+  assert (("s0",), ("c",)) not in q  # its return follows a randomised draw: not a sample of Q^pi
+  assert q[(("s0",), ("a",))] == pytest.approx(GAMMA)
+  assert q[(("s1",), ("x",))] == pytest.approx(0.0)
+  q_all = {key: v for key, (v, _) in q_table.fit_mc(chain(), all_turns=True).cells.items()}
+  assert q_all[(("s0",), ("c",))] == pytest.approx(0.0)
+
+
+def test_json_round_trip_scores_the_same(tmp_path):
+  from iterppo_jax import conversation as conv_lib
+  table = q_table.fit_sarsa(chain(), GAMMA)
+  path = str(tmp_path / "q.json")
+  table.save(path)
+  back = q_table.TableQ.load(path, sales.dialogue_state, sales.act_key)
+  assert back.cells == table.cells and back.acts == pytest.approx(table.acts)
+  turns = [conv_lib.Turn(role="customer", text="Hi, I need a laptop.")]
+  assert sales.dialogue_state(turns)[0] is True  # the need is read from the text
+  assert back.score(turns, "Which budget do you have in mind?") == pytest.approx(
+      back.value(sales.dialogue_state(turns), sales.act_key(turns, "Which budget do you have in mind?")))
+
+
+def test_host_reward_runs_inside_jit():
+  seen = {}
+
+  def score_fn(prompt_tokens, response, response_valid):
+    seen["P"] = prompt_tokens.shape[1]
+    return prompt_tokens[:, -1] * 10.0 + response_valid.sum(1)
+
+  reward_fn = ppo.make_host_reward_fn(score_fn)
+  P, N = 3, 4
+  tokens = jnp.asarray([[0, 1, 2, 5, 6, 7, 7], [0, 0, 3, 5, 5, 9, 9]], jnp.int32)
+  valid = jnp.asarray([[0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 0]], bool)
+  out = jax.jit(reward_fn)(jnp.zeros(()), tokens, jnp.zeros_like(tokens), valid, jnp.asarray([P + 1, P + 2]),
+                           jnp.full((2,), P - 1))
+  assert seen["P"] == P and out.shape == (2,)
+  np.testing.assert_allclose(np.asarray(out), [22.0, 33.0])
+  assert N == tokens.shape[1] - P
+
+
+def _tiny(workdir_name, tmp_path, **overrides):
+  config = sales_config.get_config("tiny")
+  config.qfit.view = "dialogue_state"
+  config.qfit.method = "td"
+  config.loop.rank_states = 2
+  config.loop.rank_rollouts = 2
+  config.loop.tensorboard = False
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  return config, str(tmp_path / workdir_name)
+
+
+def test_loop_with_the_dialogue_state_q_ranks_and_resumes(tmp_path):
+  config, workdir = _tiny("run", tmp_path)
+  summary = loop.run(config, workdir)
+  for k in range(config.loop.iterations):
+    assert os.path.exists(os.path.join(workdir, "checkpoints", "qtable", f"{k}.json"))
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  cells = [m["qfit/table_cells"] for m in metrics if "qfit/table_cells" in m]
+  assert len(cells) == config.loop.iterations and min(cells) > 1
+  assert any("qfit/rank_top1" in m for m in metrics)
+  # PPO moved the policy with the table's reward
+  assert summary["iterations"][1]["kl_to_pi0"] > 0
+  # stopped after the Q-fit of iteration 1, then resumed: the same policy as the uninterrupted run
+  config2, workdir2 = _tiny("resumed", tmp_path)
+  config2.loop.stop_after_phase = "qfit/1"
+  with pytest.raises(loop.Interrupted):
+    loop.run(config2, workdir2)
+  config2.loop.stop_after_phase = ""
+  resumed = loop.run(config2, workdir2)
+  assert [h["conversion"] for h in resumed["iterations"]] == [h["conversion"] for h in summary["iterations"]]
+  assert resumed["iterations"][-1]["kl_to_pi0"] == pytest.approx(summary["iterations"][-1]["kl_to_pi0"])
+
+
+def test_setup_refuses_a_bad_view_before_any_work(tmp_path, monkeypatch):
+  config, workdir = _tiny("bad", tmp_path)
+  config.qfit.view = "pixels"
+  with pytest.raises(ValueError, match="qfit.view must be one of"):
+    loop.setup(config, workdir)
+  assert not os.path.exists(workdir)
+  # a domain whose module defines no dialogue_state / act_key
+  monkeypatch.setitem(registry.DOMAINS, "plain", ("iterppo_jax.envs.base", "iterppo_jax.envs.base"))
+  config, workdir = _tiny("plain", tmp_path)
+  config.env.domain = "plain"
+  with pytest.raises(ValueError, match="no dialogue-state tracker"):
+    loop.setup(config, workdir)
+  assert not os.path.exists(workdir)
