@@ -134,3 +134,25 @@ def test_setup_refuses_a_bad_view_before_any_work(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="no dialogue-state tracker"):
     loop.setup(config, workdir)
   assert not os.path.exists(workdir)
+
+
+@pytest.mark.parametrize("domain", sorted(registry.DOMAINS))
+def test_every_domain_has_a_tracker_that_separates_the_oracles_act(domain):
+  """On behaviour conversations: keys are JSON-safe tuples, the state key moves along a conversation, and at
+  every state the oracle's act and small talk get different act keys (else no table could rank them)."""
+  import importlib
+  config = importlib.import_module(f"configs.{domain}").get_config("tiny")
+  env = registry.make_env(config.env)
+  records = env.play(registry.make_policy(domain, "behavior", config.env), 12, seed=3, batch_size=12)
+  state_fn, act_fn = registry.tracker(domain)
+  script = registry.script(domain)
+  states = set()
+  for record in records:
+    for i in record.agent_steps():
+      turns = record.turns[:i]
+      state = state_fn(turns)
+      states.add(state)
+      oracle = script.business_text(script.oracle_act(script.visible_facts(turns)), np.random.default_rng(0))
+      assert act_fn(turns, oracle) != act_fn(turns, "Lovely weather today, isn't it?"), (domain, turns)
+      assert q_table._tuple(json.loads(json.dumps(list(state)))) == state
+  assert len(states) > 3

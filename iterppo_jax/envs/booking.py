@@ -388,6 +388,30 @@ def candidate_acts(v: Visible) -> list[Act]:
   return out
 
 
+# ---- a dialogue-state tracker: what a Q-model with few free parameters reads (qfit.view=dialogue_state) ----
+
+def dialogue_state(turns) -> tuple:
+  """The transcript's state as a small key, from its text alone (visible_facts): service, days, time of day and
+  staff preference known (or asked), a slot agreed, an offer pending, taken slots seen (0, 1, 2+)."""
+  v = visible_facts(turns)
+  return (v.service is not None, v.days is not None, v.period is not None, v.staff is not None or v.asked_staff,
+          v.agreed is not None, bool(v.last_offer), min(len(v.unavailable), 2))
+
+
+def act_key(turns, text: str) -> tuple:
+  """A suggestion's act; for an offer or alternatives, how its slots look against what the transcript shows
+  (the worst of fits_known over them: 'fits' | 'unknown' | 'breaks') and whether one was offered before.
+  '' (or conversation.ABSTAIN_TEXT) is abstaining."""
+  act = parse_business("" if text == conv_lib.ABSTAIN_TEXT else text)
+  if act.kind not in ("offer", "alternatives") or not act.slots:
+    return (act.kind,)
+  v = visible_facts(turns)
+  looks = [fits_known(v, slot, act.service) for slot in act.slots]
+  worst = "breaks" if "breaks" in looks else "unknown" if "unknown" in looks else "fits"
+  repeated = any(slot in v.tried or (slot[0], slot[1]) in {(d, h) for d, h, _ in v.tried} for slot in act.slots)
+  return act.kind, worst, repeated
+
+
 # ---- the hidden state ----
 
 @dataclasses.dataclass

@@ -445,6 +445,48 @@ def candidate_acts(v: Visible) -> list[Act]:
   return [best if _candidate_group(a.kind) == _candidate_group(best.kind) else a for a in acts]
 
 
+# ---- a dialogue-state tracker: what a Q-model with few free parameters reads (qfit.view=dialogue_state) ----
+
+def dialogue_state(turns) -> tuple:
+  """The transcript's state as a small key, from its text alone (visible_facts): the next requirement not shown
+  yet, the open objection, a plan accepted, and the next blocker once it is (security review, approver call,
+  the call's follow-up)."""
+  v = visible_facts(turns)
+  blocker = ("security" if v.security and not v.security_done else "call" if v.approver and v.call == "none"
+             else "follow_up" if v.call == "scheduled" else None)
+  return next_requirement(v), v.objection, v.accepted_plan is not None, blocker
+
+
+def act_key(turns, text: str) -> tuple:
+  """A suggestion's act by its fit to the transcript: any question as the next requirement not shown yet, one
+  already answered or a later one; a plan that fits the team shown (or a guess before it is); a concession
+  against the discount the budget needs (when both are shown) and above the last one or not; an answer or a
+  trial as addressing the open objection or not. '' (or conversation.ABSTAIN_TEXT) is abstaining."""
+  act = parse_business("" if text == conv_lib.ABSTAIN_TEXT else text)
+  v = visible_facts(turns)
+  if act.kind.startswith("ask_"):
+    missing = next_requirement(v)
+    asked = next(r for r, kind in ASK_OF.items() if kind == act.kind)
+    return "ask", "next" if asked == missing else "later" if missing is not None and (
+        REQUIREMENTS.index(asked) > REQUIREMENTS.index(missing)) else "known"
+  if act.kind == "propose":
+    return act.kind, ("guess" if v.seats is None else "fits" if act.plan == fitting_plan(v.seats, v.features)
+                      else "other")
+  if act.kind == "concede":
+    pct = act.pct or 0
+    if v.accepted_plan is not None and v.budget is not None:
+      need = needed_discount(PLANS[v.accepted_plan].price, v.budget)
+      against = "enough" if need <= pct <= need + 5 else "short" if pct < need else "more"
+    else:
+      against = "no price known"
+    return act.kind, against, pct > v.discount
+  handles = {"answer_competitor": "competitor", "answer_legal": "legal", "offer_trial": "feature",
+             "follow_up": "feature"}
+  if act.kind in handles:
+    return act.kind, v.objection == handles[act.kind]
+  return (act.kind,)
+
+
 # ---- the hidden state ----
 
 @dataclasses.dataclass

@@ -401,6 +401,41 @@ def candidate_acts(v: Visible) -> list[Act]:
   return out
 
 
+# ---- a dialogue-state tracker: what a Q-model with few free parameters reads (qfit.view=dialogue_state) ----
+
+def dialogue_state(turns) -> tuple:
+  """The transcript's state as a small key, from its text alone (visible_facts): error and onset known, how many
+  causes the symptoms leave (0, 1, several), novice, device known, fixes tried (0, 1, 2+), it works again, and
+  whether the last business act asked to confirm."""
+  v = visible_facts(turns)
+  causes = len(candidate_causes(v))
+  last = v.last_business_act.kind if v.last_business_act is not None else None
+  return (v.error is not None, v.when is not None, min(causes, 2), v.novice, v.device is not None,
+          min(len(v.tried), 2), v.working, last == "confirm")
+
+
+def act_key(turns, text: str) -> tuple:
+  """A suggestion's act; for a fix, how it relates to the symptoms ('next': the first untried fix of a cause the
+  symptoms allow, 'later', 'tried', 'unrelated'), whether it is a hard one and how it is given (steps for the
+  customer's device, for another device, plain). '' (or conversation.ABSTAIN_TEXT) is abstaining."""
+  act = parse_business("" if text == conv_lib.ABSTAIN_TEXT else text)
+  if act.kind != "fix":
+    return (act.kind,)
+  v = visible_facts(turns)
+  sequences = [FIX_SEQUENCES[c] for c in candidate_causes(v) if c in FIX_SEQUENCES]
+  if act.fix in v.tried:
+    relation = "tried"
+  elif any(next((f for f in seq if f not in v.tried), None) == act.fix for seq in sequences):
+    relation = "next"
+  elif any(act.fix in seq for seq in sequences):
+    relation = "later"
+  else:
+    relation = "unrelated"
+  given = ("plain" if not act.guided else "steps" if act.device is not None and act.device == v.device
+           else "steps, other device")
+  return act.kind, relation, act.fix in HARD_FIXES, given
+
+
 # ---- the environment ----
 
 class SupportEnv(base.TextEnv):
