@@ -97,6 +97,9 @@ def get_config(arg=None):
   # 'dialogue_state', the domain's state tracker's keys of the transcript (q_table.py: a table fitted by SARSA
   # with qfit.method td, or Monte Carlo with mc; no steps, no head) -- docs/results.md, finding 6.
   c.qfit.view = "tokens"
+  # dialogue_state: also fit on the logs of this many earlier iterations (-1: all), bootstrapping from pi_k's
+  # own samples at their states (fitted Q evaluation), so the data grow with k. 0: D_k alone.
+  c.qfit.pool = 0
   c.qfit.head = "q"  # q: one scalar at the action's end | dueling: Q = V(s) + A(s, a) (models/heads.py)
   # > 0: fit in chunks of this many steps and keep the Q-model that ranks held-out randomised turns best (the
   # logs-only measure corr(A_k(s, a), G), q_ranking.py); 0 keeps the last step's.

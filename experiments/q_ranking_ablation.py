@@ -53,6 +53,10 @@ VARIANTS = {
     "td_lambda_05": ("TD(lambda = 0.5), trace cut at t*", {"qfit.method": "td_lambda", "qfit.lam": 0.5}),
     "td_800": ("TD(0), 800 steps, targets refreshed every 100", {"qfit.method": "td", "qfit.steps": 800,
                                                                  "qfit.refresh_every": 100}),
+    # Few free parameters: a table over the domain's dialogue-state keys of the transcript (q_table.py).
+    "table_sarsa": ("dialogue-state table, SARSA of pi_k", {"qfit.view": "dialogue_state", "qfit.method": "td"}),
+    "table_mc": ("dialogue-state table, Monte Carlo (turns from t* on)", {"qfit.view": "dialogue_state",
+                                                                          "qfit.method": "mc"}),
 }
 
 

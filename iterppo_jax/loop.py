@@ -277,6 +277,12 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     raise ValueError(f"config.qfit.view must be one of {QFIT_VIEWS}, got {config.qfit.view!r}")
   if config.qfit.view == "dialogue_state":
     registry.tracker(config.env.domain)  # the domain must have a dialogue-state tracker
+  pool = config.qfit.pool
+  if not isinstance(pool, int) or isinstance(pool, bool) or pool < -1:
+    raise ValueError(f"config.qfit.pool must be an integer >= -1 (-1: every earlier iteration), got {pool!r}")
+  if pool and config.qfit.view != "dialogue_state":
+    raise ValueError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
+                     "qfit.view=dialogue_state or qfit.pool=0")
   os.makedirs(workdir, exist_ok=True)
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   progress = Progress(workdir)
@@ -481,6 +487,20 @@ def _turns_before(record: conv_lib.Conversation, example) -> list:
   return record.turns[:record.agent_steps()[example.turn]]
 
 
+def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
+  """The logs of iterations before k that qfit.pool adds to D_k (0: none; n: the n latest; -1: all)."""
+  c = run.config
+  pool = c.qfit.pool
+  first = 0 if pool < 0 else max(0, k - pool)
+  out = []
+  for j in range(first, k):
+    name = f"iter_{j}" if j or c.loop.first_data == "policy" else c.loop.first_data
+    path = os.path.join(run.workdir, "data", f"{name}.jsonl")
+    if os.path.exists(path):
+      out += conv_lib.read_jsonl(path)
+  return out
+
+
 def fit_q_table(run: Run, k: int, records, policy_params):
   """Q_k as a table over the domain's dialogue-state keys (qfit.view=dialogue_state, q_table.py) on D_k.
 
@@ -506,6 +526,22 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   train = [d for d, h in zip(ds, held) if not h]
   for i, d in enumerate(train):  # whole conversations are held out, so successors stay inside `train`
     d.next_index = -1 if d.next_index < 0 else i + 1
+  older = _older_logs(run, k)
+  if older:  # fitted Q evaluation of pi_k on earlier iterations' logs: bootstrap from pi_k's own samples
+    prompts = [e.prompt for e in run.examples(older)]
+    _, own = qfit_lib.sample_next_actions(
+        run_policy_graphdef(run), policy_params, run.tokenizer, prompts, 1,
+        key=jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], 5)), max_prompt_len=c.data.max_prompt_len,
+        max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
+        renderer=run.renderer)
+    base = len(train)
+    for d in q_table.decisions(older, state_fn, act_fn, c.gamma, own_texts=own):
+      d.next_index = -1 if d.next_index < 0 else d.next_index + base
+      d.target_valid = False  # their returns follow other policies: Monte Carlo skips them
+      train.append(d)
+    metrics_pool = {"pooled_examples": len(train) - base}
+  else:
+    metrics_pool = {}
   if q_cfg.method == "mc":
     table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all")
   else:
@@ -517,6 +553,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   metrics["target_corr"] = qfit_lib.pearson(q, np.asarray([e.target for e in held_examples]))
   metrics["train_examples"] = len(train)
   metrics["table_cells"] = len(table.cells)
+  metrics.update(metrics_pool)
   _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
   table.save(path)
   run.progress.mark(f"qfit/{k}", metrics)

@@ -47,15 +47,26 @@ class Decision:
 
 
 def decisions(records: Sequence[conv_lib.Conversation], state_fn: Callable, act_fn: Callable,
-              gamma: float) -> list[Decision]:
-  """Every decision point of `records` (data.examples_from_conversations' order) keyed by the tracker."""
+              gamma: float, own_texts: Sequence[str] | None = None) -> list[Decision]:
+  """Every decision point of `records` (data.examples_from_conversations' order) keyed by the tracker.
+
+  `own_texts[i]`, when given, is the evaluated policy's own suggestion at decision i (logs of another policy:
+  SARSA then bootstraps from it, which is fitted Q evaluation); by default the logged one, or
+  data.Example.own_action where a randomised turn replaced it.
+  """
   by_id = {r.id: r for r in records}
   out = []
-  for e in data_lib.examples_from_conversations(records, gamma=gamma):
+  examples = data_lib.examples_from_conversations(records, gamma=gamma)
+  if own_texts is not None and len(own_texts) != len(examples):
+    raise ValueError(f"{len(examples)} decisions but {len(own_texts)} own suggestions")
+  for i, e in enumerate(examples):
     record = by_id[e.conversation_id]
     turns = record.turns[:record.agent_steps()[e.turn]]
     act = act_fn(turns, e.suggestion)
-    own = act if e.own_action is None else act_fn(turns, e.own_action)
+    if own_texts is not None:
+      own = act_fn(turns, own_texts[i])
+    else:
+      own = act if e.own_action is None else act_fn(turns, e.own_action)
     out.append(Decision(state_fn(turns), act, own, e.reward, e.next_index, e.target, e.target_valid,
                         e.conversation_id))
   return out

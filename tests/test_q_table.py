@@ -156,3 +156,24 @@ def test_every_domain_has_a_tracker_that_separates_the_oracles_act(domain):
       assert act_fn(turns, oracle) != act_fn(turns, "Lovely weather today, isn't it?"), (domain, turns)
       assert q_table._tuple(json.loads(json.dumps(list(state)))) == state
   assert len(states) > 3
+
+
+def test_pooling_earlier_logs_bootstraps_from_pi_ks_samples(tmp_path):
+  """qfit.pool=-1: Q_1 is also fitted on D_0 (here the behaviour logs), every one of its decisions, with pi_1's
+  own samples as the next actions; a mistyped pool is refused up front."""
+  from iterppo_jax import conversation as conv_lib
+  config, workdir = _tiny("pooled", tmp_path, **{"qfit.pool": -1, "loop.iterations": 2})
+  loop.run(config, workdir)
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  pooled = {m["iteration"]: m["qfit/pooled_examples"] for m in metrics if "qfit/pooled_examples" in m}
+  behaviour = conv_lib.read_jsonl(os.path.join(workdir, "data", "behavior.jsonl"))
+  assert pooled == {1: sum(len(r.agent_steps()) for r in behaviour)}
+  records = behaviour[:3]
+  n = sum(len(r.agent_steps()) for r in records)
+  own = q_table.decisions(records, sales.dialogue_state, sales.act_key, 0.9, own_texts=["Which budget?"] * n)
+  assert {d.own_act for d in own} == {("ask_budget",)}
+  with pytest.raises(ValueError, match="own suggestions"):
+    q_table.decisions(records, sales.dialogue_state, sales.act_key, 0.9, own_texts=["x"])
+  bad, workdir = _tiny("bad_pool", tmp_path, **{"qfit.pool": -2})
+  with pytest.raises(ValueError, match="qfit.pool must be an integer >= -1"):
+    loop.setup(bad, workdir)
