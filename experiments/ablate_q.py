@@ -90,9 +90,16 @@ def apply_overrides(config, overrides: dict):
   return out
 
 
+# Variants that change the transformer Q-model, which the dialogue-state table (qfit.view=dialogue_state) has not.
+TOKEN_ONLY = ("small_q", "few_qfit_steps")
+
+
 def variant_config(config, name: str):
   if name not in VARIANTS:
     raise ValueError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
+  if name in TOKEN_ONLY and config.qfit.view != "tokens":
+    raise ValueError(f"variant {name!r} changes the transformer Q-model, but qfit.view is "
+                     f"{config.qfit.view!r}: run it with --config.qfit.view=tokens")
   return apply_overrides(config, VARIANTS[name](config))
 
 
