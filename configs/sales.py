@@ -180,8 +180,8 @@ def get_config(arg=None):
   c.baselines.online_lam = 0.95  # GAE lambda over the decisions of a conversation (online PPO)
   c.baselines.online_eval_every = 384  # conversations between online PPO's evaluations (0: only at the end)
   c.baselines.bc_steps = 50  # filtered BC SFT steps per iteration (~8 epochs of ~30 successful conversations)
-  c.baselines.methods = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "myopic", "online_ppo",
-                         "iterative_ppo")  # iterppo_jax/baselines.METHODS; iterative_ppo runs every K in ks
+  c.baselines.methods = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "filtered_bc_own", "myopic",
+                         "online_ppo", "iterative_ppo")  # baselines.METHODS; iterative_ppo runs every K in ks
 
   # ---- devices ----
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))  # one -1 takes the remaining devices

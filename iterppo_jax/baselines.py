@@ -9,6 +9,8 @@ as Iterative PPO's pi_k (loop.evaluate_policy; the evaluation set differs betwee
   offline           all of the budget collected once with pi_0, one Q fit, one PPO update (Iterative PPO, K = 1)
   filtered_bc       K_b times: play budget/K_b conversations with pi_k, then SFT pi_k on what the business sent
                     in the successful ones (behaviour cloning filtered by outcome), continuing from pi_k
+  filtered_bc_own   the same on pi_k's own suggestions in the successful ones: outcome filtering without
+                    copying the business user's rewrites (under env.business_user=direct the two coincide)
   myopic            Iterative PPO with gamma = 0, K_b iterations: Q_k regresses the next customer flag only
   online_ppo        online multi-turn PPO with a turn-level critic and no Q-model (online_ppo.py)
   iterative_ppo_kK  Iterative PPO, K iterations of budget/K conversations each (K in baselines.ks)
@@ -51,7 +53,8 @@ from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
 
-METHODS = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "myopic", "online_ppo", "iterative_ppo")
+METHODS = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "filtered_bc_own", "myopic", "online_ppo",
+           "iterative_ppo")
 ROWS_FILE = "baselines.jsonl"
 
 # ---- configs and directories ----
@@ -92,7 +95,7 @@ def check_config(config) -> None:
   if "iterative_ppo" in b.methods:
     for k in b.ks:
       per_iteration(b.budget, k, f"iterative_ppo K={k}")
-  if {"filtered_bc", "myopic"} & set(b.methods):
+  if {"filtered_bc", "filtered_bc_own", "myopic"} & set(b.methods):
     per_iteration(b.budget, b.iterations, "baselines.iterations")
 
 
@@ -234,19 +237,20 @@ def _fill_rows(arrays: dict, batch_size: int) -> dict:
   return {k: v[rows] for k, v in arrays.items()}
 
 
-def filtered_bc(config, workdir: str, seed: int) -> dict:
+def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
   """K_b iterations of: play budget / K_b conversations with pi_k; SFT pi_k on the successful ones -> pi_{k+1}.
 
-  The SFT target is what the business sent (as pi_0's), only in conversations that ended in the outcome, and it
-  continues from pi_k's weights with a fresh optimizer for baselines.bc_steps steps. An iteration without a
-  success keeps pi_k.
+  The SFT target is what the business sent (as pi_0's), or with `own` pi_k's own suggestion (filtered_bc_own),
+  only in conversations that ended in the outcome, and it continues from pi_k's weights with a fresh optimizer
+  for baselines.bc_steps steps. An iteration without a success keeps pi_k.
   """
+  method = "filtered_bc_own" if own else "filtered_bc"
   b = config.baselines
   iterations = b.iterations
-  conversations = per_iteration(b.budget, iterations, "filtered_bc")
+  conversations = per_iteration(b.budget, iterations, method)
   prefix = shared_prefix(config, workdir, seed)
   start = time.perf_counter()
-  run_dir, existed = method_dir(workdir, seed, f"filtered_bc_k{iterations}")
+  run_dir, existed = method_dir(workdir, seed, f"{method}_k{iterations}")
   done = _finished(run_dir)
   if done:
     return done
@@ -262,18 +266,18 @@ def filtered_bc(config, workdir: str, seed: int) -> dict:
       records = loop._play_and_log(run_dir, run_.env, c.loop.play_batch, policy, conversations,
                                    loop.seed_for(c, k, loop.PHASE_IDS["collect"], 1), f"iter_{k}")
       wins = [r for r in records if r.outcome >= 1]
-      examples = [e for e in run_.examples(wins) if e.sent is not None]
+      examples = [e for e in run_.examples(wins) if own or e.sent is not None]
       if examples:
         trainable, state = run_.policy_trainable(params=ts.copy_params(params))
-        state, _ = sft_lib.train_sft(trainable, state, _fill_rows(run_.arrays(examples, action="sent"),
-                                                                  c.sft.batch_size),
+        arrays = run_.arrays(examples, action="suggestion" if own else "sent")
+        state, _ = sft_lib.train_sft(trainable, state, _fill_rows(arrays, c.sft.batch_size),
                                      steps=b.bc_steps, batch_size=c.sft.batch_size,
                                      seed=loop.seed_for(c, k, loop.PHASE_IDS["sft"], 1), writer=run_.writer,
-                                     desc=f"filtered_bc/{k}")
+                                     desc=f"{method}/{k}")
         params = state.params
-      loop._save_params(run_, "policy", k + 1, params, {"phase": "filtered_bc", "iteration": k + 1})
-      run_.log(k, {"filtered_bc/successes": len(wins), "filtered_bc/examples": len(examples)},
-               phase="filtered_bc", iteration=k)
+      loop._save_params(run_, "policy", k + 1, params, {"phase": method, "iteration": k + 1})
+      run_.log(k, {f"{method}/successes": len(wins), f"{method}/examples": len(examples)},
+               phase=method, iteration=k)
       run_.progress.mark(key, {"successes": len(wins), "examples": len(examples)})
     else:
       params = loop._restore_params(run_, "policy", k + 1, params)
@@ -282,7 +286,7 @@ def filtered_bc(config, workdir: str, seed: int) -> dict:
     curve.append(_point(sum(used), loop.evaluate_policy(run_, k + 1, params, pi0_params, f"pi_{k + 1}")))
   final = run_.progress.get(f"eval/{iterations}")
   run_.writer.close()
-  row = _row("filtered_bc", seed, final, sum(used), time.perf_counter() - start, prefix, iterations=iterations,
+  row = _row(method, seed, final, sum(used), time.perf_counter() - start, prefix, iterations=iterations,
              successes=[f["successes"] for f in filtered], bc_examples=[f["examples"] for f in filtered],
              curve=curve, run_dir=os.path.relpath(run_dir, workdir), resumed=existed)
   return _finish(run_dir, row)
@@ -392,7 +396,9 @@ def online_ppo(config, workdir: str, seed: int) -> dict:
 
 
 _METHOD_FNS: dict[str, Callable] = {"behavior": behavior, "oracle": oracle, "pi0": pi0, "offline": offline,
-                                    "filtered_bc": filtered_bc, "myopic": myopic, "online_ppo": online_ppo}
+                                    "filtered_bc": filtered_bc,
+                                    "filtered_bc_own": functools.partial(filtered_bc, own=True), "myopic": myopic,
+                                    "online_ppo": online_ppo}
 
 
 def method_fns(config) -> dict[str, Callable]:

@@ -142,7 +142,7 @@ def test_config_checks():
   with pytest.raises(ValueError, match="subset of"):
     baselines.check_config(c)
   assert set(baselines.method_fns(sales_config.get_config("tiny"))) == {
-      "behavior", "oracle", "pi0", "offline", "filtered_bc", "myopic", "online_ppo", "iterative_ppo_k1",
+      "behavior", "oracle", "pi0", "offline", "filtered_bc", "filtered_bc_own", "myopic", "online_ppo", "iterative_ppo_k1",
       "iterative_ppo_k2"}
 
 
@@ -224,6 +224,13 @@ def test_iterated_methods_split_the_budget(all_rows):
     wins = [r for r in records if r.outcome >= 1]
     assert bc["successes"][k] == len(wins)
     assert bc["bc_examples"][k] == sum(t.role == "business" for r in wins for t in r.turns)
+  # ... and the own-suggestion variant every suggestion of pi_k in its own successful conversations
+  own = by["filtered_bc_own"]
+  own_dir = os.path.join(workdir, own["run_dir"])
+  for k in range(2):
+    wins = [r for r in conv_lib.read_jsonl(os.path.join(own_dir, "data", f"iter_{k}.jsonl")) if r.outcome >= 1]
+    assert own["successes"][k] == len(wins)
+    assert own["bc_examples"][k] == sum(len(r.agent_steps()) for r in wins)
   policies = ckpt_lib.Checkpointer(bc_dir, "policy")
   leaves = {s: jax.tree.leaves(policies.restore(s)[0]) for s in policies.all_steps()}
   policies.close()
