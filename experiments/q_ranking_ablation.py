@@ -55,9 +55,21 @@ VARIANTS = {
                                                                  "qfit.refresh_every": 100}),
     # Few free parameters: a table over the domain's dialogue-state keys of the transcript (q_table.py).
     "table_sarsa": ("dialogue-state table, SARSA of pi_k", {"qfit.view": "dialogue_state", "qfit.method": "td"}),
+    "table_sarsa_pool": ("dialogue-state table, SARSA of pi_k on D_0..D_k (FQE on the earlier logs)",
+                         {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.pool": -1}),
     "table_mc": ("dialogue-state table, Monte Carlo (turns from t* on)", {"qfit.view": "dialogue_state",
                                                                           "qfit.method": "mc"}),
 }
+
+
+def read_run_config(wd: str) -> dict:
+  """A finished run's config.json, with the keys added since filled in as that run behaved: runs made before
+  qfit.view and qfit.pool existed fitted the transformer Q-model on D_k alone."""
+  with open(os.path.join(wd, "config.json")) as f:
+    base = json.load(f)
+  base["qfit"].setdefault("view", "tokens")
+  base["qfit"].setdefault("pool", 0)
+  return base
 
 
 def variant_dir(wd: str, k: int, name: str) -> str:
@@ -70,7 +82,9 @@ def variant_dir(wd: str, k: int, name: str) -> str:
   shutil.copytree(os.path.join(wd, "checkpoints", "policy"), os.path.join(out, "checkpoints", "policy"))
   if k and os.path.isdir(os.path.join(wd, "checkpoints", "qmodel")):  # Q_{k-1}, for qfit.init='previous'
     shutil.copytree(os.path.join(wd, "checkpoints", "qmodel"), os.path.join(out, "checkpoints", "qmodel"))
-  for name_ in ("behavior.jsonl", f"eval_{k}.jsonl", f"ranking_{k}.json", f"iter_{k}.jsonl"):
+  # D_0..D_k: the Q-fit of D_k, and the earlier logs qfit.pool adds
+  for name_ in ("behavior.jsonl", "explore.jsonl", f"eval_{k}.jsonl", f"ranking_{k}.json",
+                *(f"iter_{j}.jsonl" for j in range(k + 1))):
     src = os.path.join(wd, "data", name_)
     if os.path.exists(src):
       shutil.copy(src, os.path.join(out, "data", name_))
@@ -102,8 +116,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   wd, k = _WORKDIR.value, _ITERATION.value
-  with open(os.path.join(wd, "config.json")) as f:
-    base = json.load(f)
+  base = read_run_config(wd)
   data_path = os.path.join(wd, "data", f"iter_{k}.jsonl")
   if not os.path.exists(data_path):
     data_path = os.path.join(wd, "data", "behavior.jsonl")

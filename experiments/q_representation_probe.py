@@ -25,7 +25,6 @@ message, read at the message's last token), which teaches it the act and its fit
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -209,8 +208,7 @@ def _trunk_features(model, arrays: dict, batch_size: int = 256) -> np.ndarray:
 def main(argv):
   del argv
   wd, k = _WORKDIR.value, _ITERATION.value
-  with open(os.path.join(wd, "config.json")) as f:
-    config = config_dict.ConfigDict(json.load(f))
+  config = config_dict.ConfigDict(q_ranking_ablation.read_run_config(wd))
   if config.env.domain != "sales":
     raise SystemExit(f"error: {wd} is a {config.env.domain} run; the abstract features exist for sales only")
   config.loop.tensorboard = False
