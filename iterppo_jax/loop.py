@@ -3,7 +3,9 @@
   setup:  behaviour logs -> tokenizer -> SFT pi_0 (behaviour cloning of what the business sent)
   for k = 0 .. K-1:
     collect   deploy pi_k in the simulator, log D_k (JSONL under workdir/data/)
-    qfit      fit Q_k ~ Q^{pi_k} on D_k (Monte Carlo, TD(0) or TD(lambda))
+    qfit      fit Q_k ~ Q^{pi_k} on D_k: a table over the domain's dialogue-state keys (qfit.view=dialogue_state,
+              q_table.py; SARSA of pi_k or Monte Carlo) or a transformer on the rendered transcript
+              (qfit.view=tokens; Monte Carlo, TD(0), TD(lambda) or FQE)
     ppo       solve max_pi E_{s~D_k, a~pi}[Q_k(s, a)] - beta KL(pi || pi_k) with token-level PPO -> pi_{k+1}
     eval      play pi_{k+1} on held-out simulated conversations: conversion (95% interval), turns, accept
               rate, KL to pi_0, and Q_k's calibration against true outcomes and the simulator's true Q
