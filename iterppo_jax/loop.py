@@ -553,7 +553,8 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   q = table.score_many([(_turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])
   metrics = qfit_lib.evaluate_q(q, np.asarray([e.outcome for e in held_examples]))
   metrics["target_corr"] = qfit_lib.pearson(q, np.asarray([e.target for e in held_examples]))
-  metrics["train_examples"] = len(train)
+  metrics["train_examples"] = (len(train) if q_cfg.method != "mc" or q_cfg.targets == "all"
+                               else sum(d.target_valid for d in train))  # the decisions the table averages
   metrics["table_cells"] = len(table.cells)
   metrics.update(metrics_pool)
   _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
