@@ -36,9 +36,7 @@ abstract_state = sales.dialogue_state  # the sales state tracker (envs/sales.py)
 act_key = sales.act_key
 
 
-def turns_before(record: conv_lib.Conversation, example: data_lib.Example) -> list:
-  """The transcript `example`'s decision was made on."""
-  return record.turns[:record.agent_steps()[example.turn]]
+turns_before = data_lib.turns_before
 
 
 def fit_table(records, keep) -> tuple[dict, dict, int]:

@@ -91,6 +91,11 @@ def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma:
   return out
 
 
+def turns_before(record: conv_lib.Conversation, example: Example) -> list:
+  """The transcript `example`'s decision was made on (its conversation's turns before the suggestion)."""
+  return record.turns[:record.agent_steps()[example.turn]]
+
+
 def _own_action(info: dict | None, k: int) -> str | None:
   """The deployed policy's own sample at decision k when a randomised draw replaced it, else None."""
   if info is None or k != info["turn"] or "taken" not in info or info["taken"] == 0:

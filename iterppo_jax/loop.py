@@ -254,9 +254,9 @@ def _play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
 
 # ---- phases ----
 
-def _check_ranking_settings(config) -> None:
+def _check_counts(config) -> None:
   """Issue #16's counts, checked before any work: a key, its value and the allowed range."""
-  lowest = {"loop.rank_states": 0, "qfit.select_every": 0}
+  lowest = {"loop.rank_states": 0, "qfit.select_every": 0, "qfit.pool": -1}  # pool -1: every earlier iteration
   if config.loop.get("rank_states", 0) > 0:  # measured only when the ranking is on
     lowest.update({"loop.rank_rollouts": 1, "loop.rank_policy_samples": 1})
   for key, low in lowest.items():
@@ -274,15 +274,12 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     raise ValueError(f"config.qfit.head must be 'q' or 'dueling', got {config.qfit.head!r}")
   if config.qfit.get("targets", "unbiased") not in QFIT_TARGETS:
     raise ValueError(f"config.qfit.targets must be one of {QFIT_TARGETS}, got {config.qfit.targets!r}")
-  _check_ranking_settings(config)
+  _check_counts(config)
   if config.qfit.view not in QFIT_VIEWS:
     raise ValueError(f"config.qfit.view must be one of {QFIT_VIEWS}, got {config.qfit.view!r}")
   if config.qfit.view == "dialogue_state":
     registry.tracker(config.env.domain)  # the domain must have a dialogue-state tracker
-  pool = config.qfit.pool
-  if not isinstance(pool, int) or isinstance(pool, bool) or pool < -1:
-    raise ValueError(f"config.qfit.pool must be an integer >= -1 (-1: every earlier iteration), got {pool!r}")
-  if pool and config.qfit.view != "dialogue_state":
+  if config.qfit.pool and config.qfit.view != "dialogue_state":
     raise ValueError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
   os.makedirs(workdir, exist_ok=True)
@@ -400,10 +397,7 @@ def fit_q(run: Run, k: int, records, policy_params):
   bootstrapped = q_cfg.method in ("td", "td_lambda", "fqe")
   usable = np.asarray([{"all": True, "unbiased": e.target_valid or bootstrapped, "explored": e.explored}[q_cfg.targets]
                        for e in examples], bool)
-  # Hold out whole conversations (the last tenth) for calibration.
-  conv_ids = sorted({e.conversation_id for e in examples})
-  held_ids = set(conv_ids[-max(len(conv_ids) // 10, 1):])
-  in_held = np.asarray([e.conversation_id in held_ids for e in examples])
+  in_held = _held_out(examples)
   train_rows, held = ~in_held & usable, in_held & usable
   train = {k_: v[train_rows] for k_, v in arrays.items()}
   train["next_index"] = _reindex(arrays["next_index"], train_rows)
@@ -485,8 +479,11 @@ def _table_scorer(table: q_table.TableQ):
   return lambda turns, prompts, actions: table.score_many(list(zip(turns, actions)))
 
 
-def _turns_before(record: conv_lib.Conversation, example) -> list:
-  return record.turns[:record.agent_steps()[example.turn]]
+def _held_out(examples) -> np.ndarray:
+  """[N] bool: the examples of the held-out conversations (the last tenth, whole), for the Q-fit's diagnostics."""
+  conv_ids = sorted({e.conversation_id for e in examples})
+  held_ids = set(conv_ids[-max(len(conv_ids) // 10, 1):])
+  return np.asarray([e.conversation_id in held_ids for e in examples])
 
 
 def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
@@ -521,23 +518,21 @@ def fit_q_table(run: Run, k: int, records, policy_params):
                                      data_fraction=q_cfg.get("data_fraction", 1.0),
                                      seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
   examples = run.examples(records)
-  ds = q_table.decisions(records, state_fn, act_fn, c.gamma)
-  conv_ids = sorted({e.conversation_id for e in examples})
-  held_ids = set(conv_ids[-max(len(conv_ids) // 10, 1):])
-  held = np.asarray([e.conversation_id in held_ids for e in examples])
+  ds = q_table.decisions(records, examples, state_fn, act_fn)
+  held = _held_out(examples)
   train = [d for d, h in zip(ds, held) if not h]
   for i, d in enumerate(train):  # whole conversations are held out, so successors stay inside `train`
     d.next_index = -1 if d.next_index < 0 else i + 1
   older = _older_logs(run, k)
   if older:  # fitted Q evaluation of pi_k on earlier iterations' logs: bootstrap from pi_k's own samples
-    prompts = [e.prompt for e in run.examples(older)]
+    older_examples = run.examples(older)
     _, own = qfit_lib.sample_next_actions(
-        run_policy_graphdef(run), policy_params, run.tokenizer, prompts, 1,
+        run_policy_graphdef(run), policy_params, run.tokenizer, [e.prompt for e in older_examples], 1,
         key=jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], 5)), max_prompt_len=c.data.max_prompt_len,
         max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
         renderer=run.renderer)
     base = len(train)
-    for d in q_table.decisions(older, state_fn, act_fn, c.gamma, own_texts=own):
+    for d in q_table.decisions(older, older_examples, state_fn, act_fn, own_texts=own):
       d.next_index = -1 if d.next_index < 0 else d.next_index + base
       d.target_valid = False  # their returns follow other policies: Monte Carlo skips them
       train.append(d)
@@ -550,7 +545,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
     table = q_table.fit_sarsa(train, c.gamma, state_fn, act_fn)
   by_id = {r.id: r for r in records}
   held_examples = [e for e, h in zip(examples, held) if h]
-  q = table.score_many([(_turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])
+  q = table.score_many([(data_lib.turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])
   metrics = qfit_lib.evaluate_q(q, np.asarray([e.outcome for e in held_examples]))
   metrics["target_corr"] = qfit_lib.pearson(q, np.asarray([e.target for e in held_examples]))
   metrics["train_examples"] = (len(train) if q_cfg.method != "mc" or q_cfg.targets == "all"
@@ -579,7 +574,7 @@ def _logged_ranking(run: Run, score, records, explored_examples) -> dict:
     return {}
   by_id = {r.id: r for r in records}
   infos = [explore.explored(by_id[e.conversation_id]) for e in explored_examples]
-  turns = [_turns_before(by_id[e.conversation_id], e) for e, info in zip(explored_examples, infos)
+  turns = [data_lib.turns_before(by_id[e.conversation_id], e) for e, info in zip(explored_examples, infos)
            for _ in info["candidates"]]
   prompts = [e.prompt for e, info in zip(explored_examples, infos) for _ in info["candidates"]]
   actions = [a for info in infos for a in info["candidates"]]
@@ -763,7 +758,7 @@ def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts
   by_id = {r.id: r for r in records}
   transcript = {}
   for e, row in zip(examples, prompts["tokens"]):
-    transcript.setdefault(np.asarray(row).tobytes(), _turns_before(by_id[e.conversation_id], e))
+    transcript.setdefault(np.asarray(row).tobytes(), data_lib.turns_before(by_id[e.conversation_id], e))
 
   def score_fn(prompt_tokens, response, response_valid):
     out = []

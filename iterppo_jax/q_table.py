@@ -46,9 +46,10 @@ class Decision:
   conversation_id: str
 
 
-def decisions(records: Sequence[conv_lib.Conversation], state_fn: Callable, act_fn: Callable,
-              gamma: float, own_texts: Sequence[str] | None = None) -> list[Decision]:
-  """Every decision point of `records` (data.examples_from_conversations' order) keyed by the tracker.
+def decisions(records: Sequence[conv_lib.Conversation], examples: Sequence[data_lib.Example],
+              state_fn: Callable, act_fn: Callable, own_texts: Sequence[str] | None = None) -> list[Decision]:
+  """Every decision of `examples` (data.examples_from_conversations of `records`, which sets the discount of the
+  returns) keyed by the tracker, in their order.
 
   `own_texts[i]`, when given, is the evaluated policy's own suggestion at decision i (logs of another policy:
   SARSA then bootstraps from it, which is fitted Q evaluation); by default the logged one, or
@@ -56,12 +57,10 @@ def decisions(records: Sequence[conv_lib.Conversation], state_fn: Callable, act_
   """
   by_id = {r.id: r for r in records}
   out = []
-  examples = data_lib.examples_from_conversations(records, gamma=gamma)
   if own_texts is not None and len(own_texts) != len(examples):
     raise ValueError(f"{len(examples)} decisions but {len(own_texts)} own suggestions")
   for i, e in enumerate(examples):
-    record = by_id[e.conversation_id]
-    turns = record.turns[:record.agent_steps()[e.turn]]
+    turns = data_lib.turns_before(by_id[e.conversation_id], e)
     act = act_fn(turns, e.suggestion)
     if own_texts is not None:
       own = act_fn(turns, own_texts[i])
@@ -129,16 +128,21 @@ def _table(keys: list[tuple], q: np.ndarray, counts: np.ndarray, state_fn, act_f
   return TableQ({key: (float(v), int(n)) for key, v, n in zip(keys, q, counts)}, acts, default, state_fn, act_fn)
 
 
+def _cells(ds: Sequence[Decision]) -> tuple[list[tuple], dict, np.ndarray, np.ndarray]:
+  """(the distinct (state, act) keys in a fixed order, key -> index, each decision's index, decisions per key)."""
+  if not ds:
+    raise ValueError("no logged decision to fit the dialogue-state Q on")
+  keys = sorted({(d.state, d.act) for d in ds}, key=repr)
+  index = {key: i for i, key in enumerate(keys)}
+  cell = np.asarray([index[(d.state, d.act)] for d in ds])
+  return keys, index, cell, np.bincount(cell, minlength=len(keys))
+
+
 def fit_mc(ds: Sequence[Decision], state_fn=None, act_fn=None, all_turns: bool = False) -> TableQ:
   """Mean discounted return per (state, act) over decisions whose return samples Q^{pi_k} (every decision with
   `all_turns`)."""
   rows = [d for d in ds if all_turns or d.target_valid]
-  if not rows:
-    raise ValueError("no logged decision to fit the dialogue-state Q on")
-  keys = sorted({(d.state, d.act) for d in rows}, key=repr)
-  index = {key: i for i, key in enumerate(keys)}
-  cell = np.asarray([index[(d.state, d.act)] for d in rows])
-  counts = np.bincount(cell, minlength=len(keys))
+  keys, _, cell, counts = _cells(rows)
   q = np.bincount(cell, weights=[d.target for d in rows], minlength=len(keys)) / counts
   return _table(keys, q, counts, state_fn, act_fn)
 
@@ -147,12 +151,7 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
               max_sweeps: int = 1000) -> TableQ:
   """The fixed point of Q(x, a) = mean over logged transitions of r + gamma Q(x', a'_pi) (synchronous sweeps
   until no cell moves more than `tol`). A next pair (x', a'_pi) that was never logged takes a'_pi's mean Q."""
-  if not ds:
-    raise ValueError("no logged decision to fit the dialogue-state Q on")
-  keys = sorted({(d.state, d.act) for d in ds}, key=repr)
-  index = {key: i for i, key in enumerate(keys)}
-  cell = np.asarray([index[(d.state, d.act)] for d in ds])
-  counts = np.bincount(cell, minlength=len(keys))
+  keys, index, cell, counts = _cells(ds)
   rewards = np.asarray([d.reward for d in ds])
   # Successor per decision: a logged cell, an unseen pair (its act's mean), or none (end of conversation).
   nxt = [None if d.next_index < 0 else (ds[d.next_index].state, ds[d.next_index].own_act) for d in ds]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import sales as sales_config
+from iterppo_jax import data as data_lib
 from iterppo_jax import loop
 from iterppo_jax import ppo
 from iterppo_jax import q_table
@@ -169,11 +170,12 @@ def test_pooling_earlier_logs_bootstraps_from_pi_ks_samples(tmp_path):
   behaviour = conv_lib.read_jsonl(os.path.join(workdir, "data", "behavior.jsonl"))
   assert pooled == {1: sum(len(r.agent_steps()) for r in behaviour)}
   records = behaviour[:3]
+  examples = data_lib.examples_from_conversations(records, gamma=0.9)
   n = sum(len(r.agent_steps()) for r in records)
-  own = q_table.decisions(records, sales.dialogue_state, sales.act_key, 0.9, own_texts=["Which budget?"] * n)
+  own = q_table.decisions(records, examples, sales.dialogue_state, sales.act_key, own_texts=["Which budget?"] * n)
   assert {d.own_act for d in own} == {("ask_budget",)}
   with pytest.raises(ValueError, match="own suggestions"):
-    q_table.decisions(records, sales.dialogue_state, sales.act_key, 0.9, own_texts=["x"])
+    q_table.decisions(records, examples, sales.dialogue_state, sales.act_key, own_texts=["x"])
   bad, workdir = _tiny("bad_pool", tmp_path, **{"qfit.pool": -2})
   with pytest.raises(ValueError, match="qfit.pool must be an integer >= -1"):
     loop.setup(bad, workdir)
