@@ -756,17 +756,22 @@ def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts
   """PPO's reward from the dialogue-state table: each sampled response is decoded on the host and scored at the
   transcript of the D_k state its prompt row came from (prompt rows are matched by their tokens)."""
   by_id = {r.id: r for r in records}
-  transcript = {}
+  states = {}  # prompt row -> (transcript, its state key), keyed once here rather than per sampled response
   for e, row in zip(examples, prompts["tokens"]):
-    transcript.setdefault(np.asarray(row).tobytes(), data_lib.turns_before(by_id[e.conversation_id], e))
+    key = np.asarray(row).tobytes()
+    if key not in states:
+      turns = data_lib.turns_before(by_id[e.conversation_id], e)
+      states[key] = turns, table.state_fn(turns)
 
   def score_fn(prompt_tokens, response, response_valid):
     out = []
     for row, ids, ok in zip(prompt_tokens, response, response_valid):
-      turns = transcript.get(np.ascontiguousarray(row, np.int32).tobytes())
-      if turns is None:
+      found = states.get(np.ascontiguousarray(row, np.int32).tobytes())
+      if found is None:
         raise KeyError("the dialogue-state reward got a prompt that is not one of D_k's states")
-      out.append(table.score(turns, run.renderer.parse(run.tokenizer.decode([int(t) for t in ids[ok]]))))
+      turns, state = found
+      text = run.renderer.parse(run.tokenizer.decode([int(t) for t in ids[ok]]))
+      out.append(table.value(state, table.act_fn(turns, text)))
     return np.asarray(out, np.float32)
 
   return ppo_lib.make_host_reward_fn(score_fn)
