@@ -47,8 +47,8 @@ from iterppo_jax import qfit
 from iterppo_jax import sharding
 from iterppo_jax import tokenizer as tok_lib
 from iterppo_jax import train_state as ts
-from iterppo_jax.envs import policies
 from iterppo_jax.envs import registry
+from iterppo_jax.envs import sales
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
 from iterppo_jax.models.transformer import logical_param, take_slots
@@ -225,7 +225,7 @@ def compare(config, *, policy_name: str = "noisy_oracle", workdir: str = "", con
   averaging config.qfit.fqe_samples sampled next actions.
   """
   env = registry.make_env(config.env)
-  explore = policies.ExploratoryPolicy(eps=explore_eps, skill_mean=explore_skill)
+  explore = sales.ExploratoryPolicy(eps=explore_eps, skill_mean=explore_skill)
   gamma, render_turns, d, seed = config.gamma, config.env.max_render_turns, config.data, config.seed
   out_dir = out_dir or tempfile.mkdtemp(prefix="q_eval_")
   explore_logs = env.play(explore, conversations, seed=seed * 10 + 1)

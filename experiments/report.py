@@ -99,15 +99,21 @@ def set_key(config, key: str, value) -> None:
     raise ValueError(f"override {key!r}: expected a value of type {type(node[leaf]).__name__}, got {value!r}") from e
 
 
+def _config_file(domain: str) -> str:
+  """A built-in domain's own config file; a domain given by import path runs on the sales config's settings
+  with env.domain set to its path (docs/domains.md)."""
+  return domain if domain in registry.DOMAINS else "sales"
+
+
 def config_spec(domain: str, config_arg: str) -> str:
-  return f"configs/{domain}.py" + (f":{config_arg}" if config_arg else "")
+  return f"configs/{_config_file(domain)}.py" + (f":{config_arg}" if config_arg else "")
 
 
 def piece_config(domain: str, config_arg: str, overrides=()):
   """configs/<domain>.py with its colon argument and the overrides applied (a copy, checked before any work)."""
-  if domain not in registry.DOMAINS:
-    raise ValueError(f"unknown domain {domain!r}; expected one of {list(registry.DOMAINS)}")
-  config = importlib.import_module(f"configs.{domain}").get_config(config_arg or None)
+  registry.module(domain)  # a built-in name or an importable domain module, else a message naming both
+  config = importlib.import_module(f"configs.{_config_file(domain)}").get_config(config_arg or None)
+  config.env.domain = domain
   for text in overrides:
     set_key(config, *parse_override(text))
   return config
@@ -116,6 +122,8 @@ def piece_config(domain: str, config_arg: str, overrides=()):
 def piece_command(module: str, domain: str, section, workdir: str, *extra: str) -> str:
   """The piece's own command line that makes (or, with the report's workdir, reuses) the same runs."""
   args = [f"--config={config_spec(domain, section.config_arg)}", f"--workdir={workdir}", *extra]
+  if domain not in registry.DOMAINS:
+    args.append(f"--config.env.domain={domain}")
   args += [f"--config.{key}" for key in section.overrides]
   return f"python -m experiments.{module} " + " ".join(shlex.quote(a) for a in args)
 

@@ -275,6 +275,8 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   if config.qfit.get("targets", "unbiased") not in QFIT_TARGETS:
     raise ValueError(f"config.qfit.targets must be one of {QFIT_TARGETS}, got {config.qfit.targets!r}")
   _check_counts(config)
+  if not config.loop.logs:
+    registry.module(config.env.domain)  # a built-in name or an importable domain module, checked before work
   if config.qfit.view not in QFIT_VIEWS:
     raise ValueError(f"config.qfit.view must be one of {QFIT_VIEWS}, got {config.qfit.view!r}")
   if config.qfit.view == "dialogue_state":

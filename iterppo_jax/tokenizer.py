@@ -149,8 +149,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str) -> Tokenizer:
 def train_on_simulator(env, n: int, seed: int, vocab_size: int, out_dir: str, policy=None) -> Tokenizer:
   """Plays `n` conversations in `env` (behaviour policy unless given) and trains a BPE on them."""
   if policy is None:
-    from iterppo_jax.envs import policies
-    policy = policies.make_sales_policy("behavior")
+    from iterppo_jax.envs import sales
+    policy = sales.make_sales_policy("behavior")
   records = env.play(policy, n, seed=seed)
   return train_bpe(corpus_from_conversations(records), vocab_size, out_dir)
 

@@ -192,7 +192,7 @@ def test_abstain_and_bad_input(sr_env, direct_env):
   assert all(r.end_reason == "business_silent" for r in direct_env.play(abstain, 20, seed=0))
   with pytest.raises(ValueError, match="unknown booking policy"):
     booking.make_booking_policy("nope")
-  sales_record = sales.SalesEnv().play(policies.make_sales_policy("oracle"), 1, seed=0)[0]
+  sales_record = sales.SalesEnv().play(sales.make_sales_policy("oracle"), 1, seed=0)[0]
   with pytest.raises(ValueError, match="not logged by BookingEnv"):
     sr_env.restore(sales_record, 1)
   with pytest.raises(ValueError, match="n_turns"):

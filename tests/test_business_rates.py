@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from iterppo_jax.envs import base
-from iterppo_jax.envs import policies
 from iterppo_jax.envs import sales
 
 ABSTAIN_P = 0.2
@@ -19,7 +18,7 @@ ABSTAIN_P = 0.2
 
 def _mixed_policy():
   """Behaviour staff that abstain with probability ABSTAIN_P (a per-observation draw from its own stream)."""
-  staff = policies.make_sales_policy("behavior")
+  staff = sales.make_sales_policy("behavior")
 
   def act(observations):
     texts = staff(observations)

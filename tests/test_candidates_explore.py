@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from iterppo_jax import conversation as conv_lib
-from iterppo_jax.envs import policies, registry
+from iterppo_jax.envs import policies, registry, sales
 
 DOMAINS = ("sales", "support", "booking", "negotiation")
 
@@ -24,7 +24,7 @@ def _module(domain):
 
 
 def _script(domain):
-  return policies.SALES if domain == "sales" else _module(domain).SCRIPT
+  return sales.SCRIPT if domain == "sales" else _module(domain).SCRIPT
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +143,7 @@ SALES_EXPLORE_FIRST = (
 
 def test_sales_explore_logs_unchanged():
   explore = registry.make_policy("sales", "explore", _config("sales").env)
-  assert isinstance(explore, policies.ExploratoryPolicy)
+  assert isinstance(explore, sales.ExploratoryPolicy)
   records = _env("sales").play(explore, 20, seed=7)
   assert "\n".join(t.text for t in records[0].turns).startswith(SALES_EXPLORE_FIRST)
   text = "\n\n".join("\n".join(f"{t.role}:{t.text}" for t in r.turns) for r in records)

@@ -9,7 +9,7 @@ import pytest
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
 from iterppo_jax import rendering
-from iterppo_jax.envs import policies, sales
+from iterppo_jax.envs import sales
 
 
 def _good_record(cid="c-0"):
@@ -50,7 +50,7 @@ _BAD_LINES = [
 
 
 def test_jsonl_round_trip(tmp_path):
-  records = sales.SalesEnv().play(policies.make_sales_policy("behavior"), 50, seed=3) + [_good_record()]
+  records = sales.SalesEnv().play(sales.make_sales_policy("behavior"), 50, seed=3) + [_good_record()]
   path = str(tmp_path / "logs.jsonl")
   assert conv_lib.write_jsonl(path, records) == len(records)
   assert conv_lib.read_jsonl(path) == records

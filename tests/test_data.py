@@ -7,7 +7,7 @@ import pytest
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data
 from iterppo_jax import tokenizer as tok_lib
-from iterppo_jax.envs import policies, sales
+from iterppo_jax.envs import sales
 
 T = conv_lib.Turn
 
@@ -37,7 +37,7 @@ def _silent():
 
 @pytest.fixture(scope="module")
 def records():
-  return sales.SalesEnv().play(policies.make_sales_policy("behavior"), 200, seed=0)
+  return sales.SalesEnv().play(sales.make_sales_policy("behavior"), 200, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,6 @@ from iterppo_jax import sharding
 from iterppo_jax import tokenizer as tokenizer_lib
 from iterppo_jax import train_state as ts
 from iterppo_jax.envs import base
-from iterppo_jax.envs import policies
 from iterppo_jax.envs import sales
 from iterppo_jax.models import transformer as tf
 
@@ -102,29 +101,29 @@ def test_fit_q_fqe_needs_next_actions():
 
 def test_exploratory_policy_styles_parse_and_explore():
   env = sales.SalesEnv(max_render_turns=2)
-  explore = policies.make_sales_policy("explore")
-  assert isinstance(explore, policies.ExploratoryPolicy) and explore.name == "explore"
+  explore = sales.make_sales_policy("explore")
+  assert isinstance(explore, sales.ExploratoryPolicy) and explore.name == "explore"
   records = env.play(explore, 300, seed=0)
-  staff = env.play(policies.make_sales_policy("behavior"), 300, seed=0)
+  staff = env.play(sales.make_sales_policy("behavior"), 300, seed=0)
   # Every styling of every template parses to the template's own act (styling never changes meaning).
   rng = np.random.default_rng(0)
   for key, templates in sales.BUSINESS_TEMPLATES.items():
     kind = key.split("/")[0]
     for template in templates:
       text = template.format(name="Slate Air", price=499)
-      for tone in policies.TONES:
+      for tone in sales.TONES:
         for emoji in (False, True):
           for long in (False, True):
-            persona = policies.Persona(tone, emoji, long)
+            persona = sales.Persona(tone, emoji, long)
             for _ in range(4):
-              styled = policies.style_text(text, kind, persona, rng)
+              styled = sales.style_text(text, kind, persona, rng)
               assert sales.parse_business(styled) == sales.parse_business(text), (styled, text)
   # Personas: fixed within a conversation (and its rollout clones), varied across conversations.
   personas = {explore.persona(r.id) for r in records}
-  assert {p.tone for p in personas} == set(policies.TONES) and len(personas) == 12
+  assert {p.tone for p in personas} == set(sales.TONES) and len(personas) == 12
   assert explore.persona("sales-0-000001/q3") == explore.persona("sales-0-000001")
   suggestions = [t.text for r in records for t in r.turns if t.role == "suggestion"]
-  assert any(e in s for s in suggestions for e in policies.EMOJIS)
+  assert any(e in s for s in suggestions for e in sales.EMOJIS)
   assert sum(len(s) for s in suggestions) / len(suggestions) > 1.3 * np.mean(
       [len(t.text) for r in staff for t in r.turns if t.role == "suggestion"])
 
@@ -139,18 +138,18 @@ def test_exploratory_policy_styles_parse_and_explore():
     return pairs
   explored, staffed = coverage(records), coverage(staff)
   assert len(explored) > 1.25 * len(staffed), (len(explored), len(staffed))
-  assert {kind for _, kind in explored} == set(policies.ACT_KINDS)  # the staff never greets, for one
+  assert {kind for _, kind in explored} == set(sales.ACT_KINDS)  # the staff never greets, for one
   # Emoji and all survive the log format.
   line = conv_lib.dumps(records[0])
   assert conv_lib.conversation_from_json(json.loads(line)).turns == records[0].turns
   with pytest.raises(ValueError, match="eps"):
-    policies.ExploratoryPolicy(eps=1.5)
+    sales.ExploratoryPolicy(eps=1.5)
 
 
 # ---- next actions from a language-model policy ----
 
 def test_sample_next_actions_layout_and_one_trace(tmp_path):
-  records = sales.SalesEnv().play(policies.make_sales_policy("behavior"), 40, seed=0)
+  records = sales.SalesEnv().play(sales.make_sales_policy("behavior"), 40, seed=0)
   tok = tokenizer_lib.train_bpe(tokenizer_lib.corpus_from_conversations(records), 300, str(tmp_path / "tok"))
   config = tf.TransformerConfig.tiny(tok.vocab_size, num_layers=1, embed_dim=32, mlp_dim=64, num_heads=2,
                                      num_kv_heads=1, head_dim=16, max_len=64)
@@ -199,8 +198,8 @@ def test_fqe_recovers_target_q_from_exploratory_logs_better_than_monte_carlo(tmp
   # The direct business user: the agent's suggestion is what is sent, so the target policy and the explorer
   # lead to different returns from the same (state, action) and the two Q's differ by ~0.17 on average.
   env = sales.SalesEnv(business_user=base.BusinessUserConfig(mode="direct"), max_render_turns=RENDER_TURNS)
-  explore = policies.ExploratoryPolicy(eps=0.3, skill_mean=0.6)
-  target = policies.NoisyOraclePolicy(eps=0.2)
+  explore = sales.ExploratoryPolicy(eps=0.3, skill_mean=0.6)
+  target = sales.NoisyOraclePolicy(eps=0.2)
   logs = env.play(explore, LOG_CONVERSATIONS, seed=seed)
   tok = tokenizer_lib.train_bpe(tokenizer_lib.corpus_from_conversations(logs[:300]), 512, str(tmp_path / "tok"))
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])

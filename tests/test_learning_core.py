@@ -53,7 +53,7 @@ BATCH = 32
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   env = sales.SalesEnv(max_render_turns=RENDER_TURNS)
-  behaviour = policies.make_sales_policy("behavior")
+  behaviour = sales.make_sales_policy("behavior")
   records = env.play(behaviour, Q_CONVERSATIONS, seed=0)
   held_out = env.play(behaviour, HELD_OUT, seed=1)
   tok = tokenizer_lib.train_bpe(tokenizer_lib.corpus_from_conversations(records[:SFT_CONVERSATIONS]), 800,

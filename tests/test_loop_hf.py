@@ -17,7 +17,7 @@ from configs import sales_hf  # noqa: E402
 from iterppo_jax import conversation as conv_lib  # noqa: E402
 from iterppo_jax import loop  # noqa: E402
 from iterppo_jax import tokenizer as tok_lib  # noqa: E402
-from iterppo_jax.envs import policies, sales  # noqa: E402
+from iterppo_jax.envs import sales  # noqa: E402
 from iterppo_jax.models import hf as hf_lib  # noqa: E402
 from iterppo_jax.models import transformer as tf  # noqa: E402
 
@@ -28,7 +28,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("pretrained")
-  records = sales.SalesEnv().play(policies.make_sales_policy("behavior"), 60, seed=3)
+  records = sales.SalesEnv().play(sales.make_sales_policy("behavior"), 60, seed=3)
   tok = tok_lib.train_bpe(tok_lib.corpus_from_conversations(records), 400, str(root / "tok"))
   tok.hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
   tok.hf.chat_template = CHATML

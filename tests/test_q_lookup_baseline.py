@@ -4,12 +4,12 @@ import numpy as np
 
 from experiments import q_lookup_baseline as lookup
 from iterppo_jax import q_ranking
-from iterppo_jax.envs import base, policies, sales
+from iterppo_jax.envs import base, sales
 
 
 def test_table_means_and_scoring():
   env = sales.SalesEnv(business_user=base.BusinessUserConfig(mode="direct"))
-  records = env.play(policies.make_sales_policy("behavior"), 300, seed=0)
+  records = env.play(sales.make_sales_policy("behavior"), 300, seed=0)
   cells, acts, used = lookup.fit_table(records, lambda e: True)
   assert {key[0] for key in acts} >= {"ask_need", "recommend", "close"} and all(0 <= v <= 1 for v in cells.values())
   assert used == sum(len(r.agent_steps()) for r in records)
@@ -28,7 +28,7 @@ def test_table_means_and_scoring():
 
 def test_sarsa_table_is_the_fixed_point_of_its_backups():
   env = sales.SalesEnv(business_user=base.BusinessUserConfig(mode="direct"))
-  records = env.play(policies.make_sales_policy("behavior"), 200, seed=1)
+  records = env.play(sales.make_sales_policy("behavior"), 200, seed=1)
   cells, acts, used = lookup.fit_sarsa(records, sweeps=80)
   assert used == sum(len(r.agent_steps()) for r in records) and all(0 <= v <= 1 for v in cells.values())
   # One more sweep changes nothing (converged), and the values differ from the Monte Carlo means (they bootstrap).

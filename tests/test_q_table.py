@@ -3,6 +3,8 @@ the host-computed PPO reward, and the loop with qfit.view=dialogue_state (diagno
 
 import json
 import os
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,7 @@ from iterppo_jax import data as data_lib
 from iterppo_jax import loop
 from iterppo_jax import ppo
 from iterppo_jax import q_table
+from iterppo_jax.envs import booking
 from iterppo_jax.envs import registry
 from iterppo_jax.envs import sales
 
@@ -129,9 +132,12 @@ def test_setup_refuses_a_bad_view_before_any_work(tmp_path, monkeypatch):
     loop.setup(config, workdir)
   assert not os.path.exists(workdir)
   # a domain whose module defines no dialogue_state / act_key
-  monkeypatch.setitem(registry.DOMAINS, "plain", ("iterppo_jax.envs.base", "iterppo_jax.envs.base"))
+  plain = types.ModuleType("plain")
+  for name in registry.REQUIRED:  # the booking domain without its tracker
+    setattr(plain, name, getattr(booking, name))
+  monkeypatch.setitem(sys.modules, "my_pkg.plain", plain)
   config, workdir = _tiny("plain", tmp_path)
-  config.env.domain = "plain"
+  config.env.domain = "my_pkg.plain"
   with pytest.raises(ValueError, match="no dialogue-state tracker"):
     loop.setup(config, workdir)
   assert not os.path.exists(workdir)

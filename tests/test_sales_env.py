@@ -27,7 +27,7 @@ def direct_env():
 @pytest.fixture(scope="module")
 def behaviour_sr(sr_env):
   start = time.perf_counter()
-  records = sr_env.play(policies.make_sales_policy("behavior"), 5000, seed=0)
+  records = sr_env.play(sales.make_sales_policy("behavior"), 5000, seed=0)
   rate = 5000 / (time.perf_counter() - start)
   print(f"\nsimulated 5000 SR conversations at {rate:.0f} conversations/s")
   return records
@@ -35,9 +35,9 @@ def behaviour_sr(sr_env):
 
 def test_conversion_bands(sr_env, direct_env, behaviour_sr):
   behaviour = base.summarize(behaviour_sr)
-  oracle = _conversion(sr_env, policies.make_sales_policy("oracle"), 5000)
-  random_direct = _conversion(direct_env, policies.make_sales_policy("random"), 5000)
-  behaviour_direct = _conversion(direct_env, policies.make_sales_policy("behavior"), 5000)
+  oracle = _conversion(sr_env, sales.make_sales_policy("oracle"), 5000)
+  random_direct = _conversion(direct_env, sales.make_sales_policy("random"), 5000)
+  behaviour_direct = _conversion(direct_env, sales.make_sales_policy("behavior"), 5000)
   print({"behaviour_sr": behaviour["conversion"], "oracle_sr": oracle["conversion"],
          "behaviour_direct": behaviour_direct["conversion"], "random_direct": random_direct["conversion"]})
   assert 0.10 <= behaviour["conversion"] <= 0.35
@@ -45,7 +45,7 @@ def test_conversion_bands(sr_env, direct_env, behaviour_sr):
   assert oracle["conversion"] >= 1.8 * behaviour["conversion"]
   assert random_direct["conversion"] < 0.05
   # In the SR setting the business user rejects gibberish and writes its own message instead.
-  random_sr = _conversion(sr_env, policies.make_sales_policy("random"), 2000)
+  random_sr = _conversion(sr_env, sales.make_sales_policy("random"), 2000)
   assert random_sr["reject_rate"] > 0.6
   assert random_sr["conversion"] < behaviour["conversion"]
 
@@ -74,7 +74,7 @@ def test_early_turn_changes_what_later_turns_earn(direct_env):
       return sales.business_text(sales.Act("recommend", product=sales.product_for("laptop", 1)), obs.rng)
     return sales.business_text(sales.oracle_act(sales.visible_facts(obs.conversation.turns)), obs.rng)
 
-  oracle = _conversion(direct_env, policies.SalesOraclePolicy(), 3000)
+  oracle = _conversion(direct_env, sales.SalesOraclePolicy(), 3000)
   guess = _conversion(direct_env, policies.FunctionPolicy(guess_first, "guess_first"), 3000)
   print("oracle", oracle["conversion"], "guess first", guess["conversion"])
   assert guess["conversion_hi"] < oracle["conversion_lo"]
@@ -84,7 +84,7 @@ def test_early_turn_changes_what_later_turns_earn(direct_env):
 def test_true_q_separates_good_and_bad_suggestions(direct_env):
   episodes = direct_env.reset(12, seed=3)
   # Advance two rounds with the oracle so the states are mid-conversation.
-  oracle = policies.SalesOraclePolicy()
+  oracle = sales.SalesOraclePolicy()
   for _ in range(2):
     live = [e for e in episodes if not e.done]
     direct_env.step(live, oracle([e.observation() for e in live]))
@@ -102,7 +102,7 @@ def test_true_q_separates_good_and_bad_suggestions(direct_env):
 
 
 def test_same_seed_same_logs_byte_for_byte(tmp_path, sr_env):
-  policy = policies.make_sales_policy("behavior")
+  policy = sales.make_sales_policy("behavior")
   a = sr_env.play(policy, 300, seed=5, batch_size=64)
   b = sr_env.play(policy, 300, seed=5, batch_size=300)  # batch size does not change the logs
   c = sr_env.play(policy, 300, seed=6, batch_size=64)
@@ -116,7 +116,7 @@ def test_same_seed_same_logs_byte_for_byte(tmp_path, sr_env):
 def test_restore_replays_the_hidden_state(sr_env):
   """A logged conversation restored at a turn has the hidden state the live episode had there."""
   episodes = sr_env.reset(40, seed=11)
-  policy = policies.make_sales_policy("behavior")
+  policy = sales.make_sales_policy("behavior")
   snapshots = {}
   while any(not e.done for e in episodes):
     live = [e for e in episodes if not e.done]

@@ -9,7 +9,7 @@ import pytest
 
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import tfds_conversations
-from iterppo_jax.envs import policies, sales
+from iterppo_jax.envs import sales
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +27,7 @@ def _hand_record():
 
 @pytest.fixture(scope="module")
 def logs(tmp_path_factory):
-  records = sales.SalesEnv().play(policies.make_sales_policy("behavior"), 100, seed=0) + [_hand_record()]
+  records = sales.SalesEnv().play(sales.make_sales_policy("behavior"), 100, seed=0) + [_hand_record()]
   path = str(tmp_path_factory.mktemp("logs") / "conversations.jsonl")
   conv_lib.write_jsonl(path, records)
   return path, records

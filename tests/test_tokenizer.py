@@ -9,12 +9,12 @@ import transformers
 
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import tokenizer as tok_lib
-from iterppo_jax.envs import policies, sales
+from iterppo_jax.envs import sales
 
 
 @pytest.fixture(scope="module")
 def records():
-  return sales.SalesEnv().play(policies.make_sales_policy("behavior"), 300, seed=0)
+  return sales.SalesEnv().play(sales.make_sales_policy("behavior"), 300, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_prompt_and_action_encode_separately(trained, records):
 
 def test_encodings_are_short(trained):
   tok, _ = trained
-  held_out = sales.SalesEnv().play(policies.make_sales_policy("behavior"), 100, seed=1)
+  held_out = sales.SalesEnv().play(sales.make_sales_policy("behavior"), 100, seed=1)
   business = [t.text for r in held_out for t in r.turns if t.role == "business"]
   mean = np.mean([len(ids) for ids in tok.encode_batch(business)])
   print(f"\nmean tokens per business message: {mean:.1f}")

@@ -2,14 +2,14 @@
 
 import numpy as np
 
-from iterppo_jax.envs import base, policies, sales
+from iterppo_jax.envs import base, sales
 
 
 def test_two_states_of_one_conversation_in_one_call_keep_their_own_suggestions():
   """Issue #16's uid bug: estimate_q used to map first suggestions to episodes by conversation id, so two states
   of one conversation in one call were both scored with one of the two suggestions."""
   env = sales.SalesEnv(business_user=base.BusinessUserConfig(mode="direct"))
-  behaviour = policies.make_sales_policy("behavior")
+  behaviour = sales.make_sales_policy("behavior")
   record = next(r for r in env.play(behaviour, 40, seed=3) if len(r.agent_steps()) >= 4)
   steps = record.agent_steps()
   states = [env.restore(record, steps[1]), env.restore(record, steps[3])]
@@ -17,7 +17,7 @@ def test_two_states_of_one_conversation_in_one_call_keep_their_own_suggestions()
   rng = np.random.default_rng(0)
   suggestions = [sales.business_text(sales.Act("close"), rng),
                  sales.business_text(sales.Act("recommend", product=sales.product_for("laptop", 1)), rng)]
-  oracle = policies.make_sales_policy("oracle")
+  oracle = sales.make_sales_policy("oracle")
   together, _ = env.estimate_q(states, suggestions, oracle, gamma=0.95, n_rollouts=16, seed=5)
   alone = [env.estimate_q([s], [a], oracle, gamma=0.95, n_rollouts=16, seed=5)[0][0]
            for s, a in zip(states, suggestions)]

@@ -1,6 +1,7 @@
-"""Scripted policies that ship with the simulators: the historical staff, an oracle, random text, and
-exploratory behaviour policies (sales: personas and random acts; any domain: the staff trying the domain's
-candidate acts) whose logs serve off-policy evaluation.
+"""The scripted-policy kit every domain builds its shipped policies from: a domain's `Script` (five functions of
+its module), the historical staff and the oracle built from it, an exploratory staff trying the domain's
+candidate acts (whose logs serve off-policy evaluation), random text, and a name lookup. Domain-specific
+policies live in the domain's module (sales.py: personas and random acts); this module imports no domain.
 
 Each maps a batch of observations (base.Observation) to suggestion texts, like a language model would.
 They read only the transcript (never the hidden customer state), so they are policies of the SR MDP.
@@ -8,13 +9,12 @@ They read only the transcript (never the hidden customer state), so they are pol
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from iterppo_jax.envs import base, sales
+from iterppo_jax.envs import base
 
 _RANDOM_WORDS = (
     "the a you we it is are this that price great new best today now order item store please thanks "
@@ -22,7 +22,7 @@ _RANDOM_WORDS = (
     "when how why which can will would should our your their and or but with for from into about").split()
 
 
-def _conversation_rng(uid: str, salt: int) -> np.random.Generator:
+def conversation_rng(uid: str, salt: int) -> np.random.Generator:
   # Keyed on the conversation id without the '/q<r>' of estimate_q's rollout clones: a persona (or skill)
   # belongs to the conversation and stays the same in every rollout from its states.
   return np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), salt])
@@ -67,7 +67,7 @@ class StaffPolicy:
 
   def skill(self, uid: str) -> float:
     k = 6.0
-    return float(_conversation_rng(uid, self.salt).beta(self.skill_mean * k, (1 - self.skill_mean) * k))
+    return float(conversation_rng(uid, self.salt).beta(self.skill_mean * k, (1 - self.skill_mean) * k))
 
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
     s = self.script
@@ -95,24 +95,6 @@ def lookup(domain: str, name: str, table: dict[str, Callable[[], base.Policy]]) 
   return table[name]()
 
 
-SALES = Script(sales.visible_facts, sales.oracle_act, sales.staff_act, sales.business_text, sales.candidate_acts)
-
-
-class SalesBehaviorPolicy(StaffPolicy):
-  """The historical business staff of the sales simulator (mistakes: guessing a product, closing early,
-  chit-chat, ...)."""
-
-  def __init__(self, skill_mean: float = 0.35, name: str = "behavior"):
-    super().__init__(SALES, skill_mean, salt=17, name=name)
-
-
-class SalesOraclePolicy(OraclePolicy):
-  """Asks the need, then the budget, recommends the fitting product, handles objections, then closes."""
-
-  def __init__(self):
-    super().__init__(SALES)
-
-
 class RandomTextPolicy:
   """Random words: a floor that knows nothing of the domain."""
 
@@ -126,101 +108,13 @@ class RandomTextPolicy:
     return out
 
 
-# ---- exploration: varied personas and acts, so logs cover many (state, action) pairs (off-policy Q) ----
-
-TONES = ("formal", "casual", "enthusiastic")
-# Styling is added around the templated message, never inside it. No opener or closer holds a word the sales
-# parser reacts to (sales.parse_business), so the styled text parses to the same act; the greeting rule is
-# anchored at the start of a message, so a greeting gets no opener.
-_OPENERS = {
-    "formal": ("", "Certainly. ", "Thank you for your message. ", "Of course. "),
-    "casual": ("", "Sure thing! ", "Okay! ", "Cool. "),
-    "enthusiastic": ("", "Absolutely! ", "Oh, fantastic! ", "Great question! "),
-}
-_CLOSERS = {
-    "formal": (" Please let me know if I can assist further.", " I remain at your disposal."),
-    "casual": (" Just say the word.", " No pressure at all."),
-    "enthusiastic": (" You are going to love it here!", " This is going to be great!"),
-}
-EMOJIS = ("\U0001F60A", "\U0001F44D", "\U0001F389", "\u2728")  # smiling face, thumbs up, party popper, sparkles
-# The dialogue acts of the sales parser; an exploratory act is one of these, uniformly.
-ACT_KINDS = ("greet", "ask_need", "ask_budget", "recommend", "discount", "answer", "close", "ask_contact",
-             "off_topic")
-
-
-@dataclasses.dataclass(frozen=True)
-class Persona:
-  """How one exploratory staff member writes: tone, emoji use, short or long phrasing."""
-  tone: str
-  emoji: bool
-  long: bool
-
-
-def style_text(text: str, act_kind: str, persona: Persona, rng: np.random.Generator) -> str:
-  """`text` (a templated business message for an act of kind `act_kind`) written in `persona`'s style.
-
-  An opener of the tone (none for a greeting), a closing sentence for long phrasing, an emoji at the end.
-  """
-  opener = "" if act_kind == "greet" else _OPENERS[persona.tone][int(rng.integers(len(_OPENERS[persona.tone])))]
-  closer = _CLOSERS[persona.tone][int(rng.integers(len(_CLOSERS[persona.tone])))] if persona.long else ""
-  emoji = " " + EMOJIS[int(rng.integers(len(EMOJIS)))] if persona.emoji else ""
-  return f"{opener}{text}{closer}{emoji}"
-
-
-def random_act(v: sales.Visible, rng: np.random.Generator) -> sales.Act:
-  """A uniformly random dialogue act; a recommendation is of the stated need (a random category before it)."""
-  kind = ACT_KINDS[int(rng.integers(len(ACT_KINDS)))]
-  if kind == "recommend":
-    category = v.need or sales.CATEGORIES[int(rng.integers(len(sales.CATEGORIES)))]
-    return sales.Act("recommend", product=sales.product_for(category, int(rng.integers(len(sales.TIERS)))))
-  if kind == "answer":
-    return sales.Act("answer", topic=sales.TOPICS[int(rng.integers(len(sales.TOPICS)))])
-  return sales.Act(kind)
-
-
-class ExploratoryPolicy:
-  """An exploratory behaviour policy: staff of mixed skill with varied personas, trying random acts.
-
-  Each conversation gets a persona (tone formal | casual | enthusiastic, emoji or not, short or long phrasing)
-  and a staff skill ~ Beta(mean * 6, (1 - mean) * 6), both drawn from its id. Each turn it plays a uniformly
-  random act (`random_act`) with probability `eps`, else the staff member's act (`sales.staff_act`), and writes
-  it in the persona's style. The logs then hold many (state, action) pairs, which is what an off-policy
-  evaluation of another policy (qfit 'fqe') needs.
-  """
-
-  def __init__(self, eps: float = 0.3, skill_mean: float = 0.35, name: str = "explore"):
-    if not 0.0 <= eps <= 1.0:
-      raise ValueError(f"eps must be a probability in [0, 1], got {eps}")
-    self._staff = StaffPolicy(SALES, skill_mean, salt=29)  # its skills (and the check of skill_mean)
-    self.eps, self.skill_mean, self.name = eps, skill_mean, name
-
-  def persona(self, uid: str) -> Persona:
-    rng = _conversation_rng(uid, 23)
-    return Persona(tone=TONES[int(rng.integers(len(TONES)))], emoji=bool(rng.random() < 0.5),
-                   long=bool(rng.random() < 0.5))
-
-  def skill(self, uid: str) -> float:
-    return self._staff.skill(uid)
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    out = []
-    for obs in observations:
-      v = sales.visible_facts(obs.conversation.turns)
-      if obs.rng.random() < self.eps:
-        act = random_act(v, obs.rng)
-      else:
-        act = sales.staff_act(v, self.skill(obs.uid), obs.rng)
-      out.append(style_text(sales.business_text(act, obs.rng), act.kind, self.persona(obs.uid), obs.rng))
-    return out
-
-
 class ScriptExplorePolicy:
   """A domain's exploratory behaviour policy: its historical staff, trying the domain's candidate acts.
 
   Each conversation gets a staff skill ~ Beta(mean * 6, (1 - mean) * 6), drawn from its id (as StaffPolicy).
   Each turn it plays a uniformly random act of `script.candidate_acts` with probability `eps`, else the staff
   member's act (`script.staff_act`), in plain templates. The logs then hold many (state, action) pairs, which
-  an off-policy evaluation (qfit 'fqe') of another policy needs, in any domain. (Sales keeps its own
+  an off-policy evaluation (qfit 'fqe') of another policy needs, in any domain. (sales.py has its own
   ExploratoryPolicy, with personas.)
   """
 
@@ -247,27 +141,6 @@ class ScriptExplorePolicy:
     return out
 
 
-class NoisyOraclePolicy:
-  """The oracle's act with probability 1 - eps, else a uniformly random act (`random_act`); plain templates.
-
-  A fixed, stochastic, transcript-driven (tabular-like) target policy: its Q is what an off-policy evaluation
-  on another policy's logs should recover.
-  """
-
-  def __init__(self, eps: float = 0.2, name: str = "noisy_oracle"):
-    if not 0.0 <= eps <= 1.0:
-      raise ValueError(f"eps must be a probability in [0, 1], got {eps}")
-    self.eps, self.name = eps, name
-
-  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
-    out = []
-    for obs in observations:
-      v = sales.visible_facts(obs.conversation.turns)
-      act = random_act(v, obs.rng) if obs.rng.random() < self.eps else sales.oracle_act(v)
-      out.append(sales.business_text(act, obs.rng))
-    return out
-
-
 class FunctionPolicy:
   """Wraps a per-observation function as a policy (handy for tests and scripted variants)."""
 
@@ -276,19 +149,3 @@ class FunctionPolicy:
 
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
     return [self.fn(o) for o in observations]
-
-
-def make_sales_policy(name: str, skill_mean: float = 0.35):
-  """Looks a shipped sales policy up by name: behavior | oracle | random | explore | noisy_oracle.
-
-  'explore' is the historical staff population (same skill_mean) with personas and random acts
-  (ExploratoryPolicy); 'noisy_oracle' the oracle with 20% random acts.
-  """
-  return lookup("sales", name, {
-      "behavior": lambda: SalesBehaviorPolicy(skill_mean), "oracle": SalesOraclePolicy, "random": RandomTextPolicy,
-      "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean), "noisy_oracle": NoisyOraclePolicy})
-
-
-def make_policy(name: str, env_config):
-  """The registry's entry point (envs/registry.py): a sales policy for the `env` config section."""
-  return make_sales_policy(name, skill_mean=env_config.skill_mean)

@@ -1,26 +1,57 @@
-"""Builds an environment and its shipped policies from the `env` config section, by domain name.
+"""Domains by name or by import path: `env.domain` is a built-in name ("sales") or a module path
+("my_pkg.my_domain"), and this module is the one place that turns it into the domain's pieces.
 
-A plain lookup table (STYLE.md: select components by name with a dict of module paths, imported on use): a new
-domain adds a module that defines `make_env(env_config)` and `make_policy(name, env_config)`, and one row here.
+A domain is one Python module that defines (docs/domains.md has the whole protocol, with a worked example):
+
+  make_env(env_config) -> base.TextEnv     the simulator, from the `env` config section
+  make_policy(name, env_config) -> Policy  its shipped scripted policies by name: at least 'behavior' (the
+                                           historical staff: D_0 and pi_0's SFT), 'oracle' and 'random' (the
+                                           report's simulator table); 'explore' for loop.first_data=explore
+  SCRIPT: policies.Script                  the staff's five functions; its candidate acts are what the ranking
+                                           diagnostic scores and what a randomised turn draws from
+  dialogue_state(turns), act_key(turns, text)
+                                           optional: the dialogue-state tracker that qfit.view=dialogue_state
+                                           (q_table.py) reads
+
+A module from outside the package needs no edit here: `--config.env.domain=my_pkg.my_domain` imports it.
 """
 
 import importlib
+import types
 
 from iterppo_jax.envs import base
+from iterppo_jax.envs import policies
 
-# domain -> (module with make_env, module with make_policy)
+# built-in name -> module
 DOMAINS = {
-    "sales": ("iterppo_jax.envs.sales", "iterppo_jax.envs.policies"),
-    "support": ("iterppo_jax.envs.support", "iterppo_jax.envs.support"),
-    "booking": ("iterppo_jax.envs.booking", "iterppo_jax.envs.booking"),
-    "negotiation": ("iterppo_jax.envs.negotiation", "iterppo_jax.envs.negotiation"),
+    "sales": "iterppo_jax.envs.sales",
+    "support": "iterppo_jax.envs.support",
+    "booking": "iterppo_jax.envs.booking",
+    "negotiation": "iterppo_jax.envs.negotiation",
 }
+REQUIRED = ("make_env", "make_policy", "SCRIPT")  # what every domain module defines
+TRACKER = ("dialogue_state", "act_key")  # what a domain with a dialogue-state tracker adds
 
 
-def _module(domain: str, which: int):
-  if domain not in DOMAINS:
-    raise ValueError(f"unknown env.domain {domain!r}; expected one of: {', '.join(DOMAINS)}")
-  return importlib.import_module(DOMAINS[domain][which])
+def module(domain: str) -> types.ModuleType:
+  """The domain's module: a built-in name or an import path, checked to define the protocol's attributes."""
+  if domain in DOMAINS:
+    path = DOMAINS[domain]
+  elif "." in domain:
+    path = domain
+  else:
+    raise ValueError(f"env.domain: unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}, or the "
+                     "import path of a domain module (my_pkg.my_domain; docs/domains.md)")
+  try:
+    mod = importlib.import_module(path)
+  except ImportError as e:
+    raise ValueError(f"env.domain {domain!r}: cannot import module {path!r} ({e}); is its package on "
+                     "PYTHONPATH?") from e
+  missing = [name for name in REQUIRED if not hasattr(mod, name)]
+  if missing:
+    raise ValueError(f"env.domain {domain!r}: module {path} lacks {', '.join(missing)}; a domain module defines "
+                     f"{', '.join(REQUIRED)} (docs/domains.md)")
+  return mod
 
 
 def business_user(env_config) -> base.BusinessUserConfig:
@@ -28,34 +59,21 @@ def business_user(env_config) -> base.BusinessUserConfig:
 
 
 def make_env(env_config) -> base.TextEnv:
-  return _module(env_config.domain, 0).make_env(env_config)
+  return module(env_config.domain).make_env(env_config)
 
 
 def make_policy(domain: str, name: str, env_config):
   """A shipped scripted policy of `domain`: behavior | oracle | random (and any the domain adds)."""
-  return _module(domain, 1).make_policy(name, env_config)
-
-
-# domain -> (module, attribute) of its policies.Script (the scripted staff's functions)
-SCRIPTS = {
-    "sales": ("iterppo_jax.envs.policies", "SALES"),
-    "support": ("iterppo_jax.envs.support", "SCRIPT"),
-    "booking": ("iterppo_jax.envs.booking", "SCRIPT"),
-    "negotiation": ("iterppo_jax.envs.negotiation", "SCRIPT"),
-}
+  return module(domain).make_policy(name, env_config)
 
 
 def script(domain: str):
   """The domain's policies.Script: visible facts, oracle and staff acts, templates and candidate acts."""
-  if domain not in SCRIPTS:
-    raise ValueError(f"unknown env.domain {domain!r}; expected one of: {', '.join(SCRIPTS)}")
-  module, attribute = SCRIPTS[domain]
-  return getattr(importlib.import_module(module), attribute)
+  return module(domain).SCRIPT
 
 
 def candidate_fn(domain: str):
   """(transcript, rng) -> the domain's scripted candidate suggestions at that state (one per act kind)."""
-  from iterppo_jax.envs import policies
   s = script(domain)
   return lambda turns, rng: policies.candidate_texts(s, turns, rng)
 
@@ -64,9 +82,10 @@ def tracker(domain: str):
   """(dialogue_state(turns) -> key, act_key(turns, text) -> key): the domain's dialogue-state tracker, which a
   dialogue-state Q-model reads (qfit.view=dialogue_state, q_table.py). A domain module that defines both
   functions has one."""
-  module = _module(domain, 0)
-  if not (hasattr(module, "dialogue_state") and hasattr(module, "act_key")):
-    have = [d for d in DOMAINS if hasattr(_module(d, 0), "dialogue_state")]
+  mod = module(domain)
+  if not all(hasattr(mod, name) for name in TRACKER):
+    have = [d for d in DOMAINS if all(hasattr(module(d), name) for name in TRACKER)]
     raise ValueError(f"qfit.view='dialogue_state': env.domain {domain!r} has no dialogue-state tracker "
-                     f"(dialogue_state and act_key in {DOMAINS[domain][0]}); domains with one: {', '.join(have)}")
-  return module.dialogue_state, module.act_key
+                     f"(dialogue_state and act_key in {mod.__name__}); domains with one: {', '.join(have)}; "
+                     "or use qfit.view=tokens")
+  return mod.dialogue_state, mod.act_key

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from iterppo_jax import conversation as conv_lib
-from iterppo_jax.envs import base
+from iterppo_jax.envs import base, policies
 
 CATEGORIES = ("laptop", "phone", "smartwatch", "camera", "tablet")
 TIERS = ("budget", "mid-range", "premium")
@@ -509,3 +509,148 @@ def make_env(env_config) -> SalesEnv:
   return SalesEnv(business_user=base.BusinessUserConfig(mode=env_config.business_user),
                   max_turns=env_config.max_turns, max_render_turns=env_config.max_render_turns,
                   skill_mean=env_config.skill_mean)
+
+
+# ---- the shipped policies, built from policies.py's kit ----
+
+SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
+
+
+class SalesBehaviorPolicy(policies.StaffPolicy):
+  """The historical business staff of the sales simulator (mistakes: guessing a product, closing early,
+  chit-chat, ...)."""
+
+  def __init__(self, skill_mean: float = 0.35, name: str = "behavior"):
+    super().__init__(SCRIPT, skill_mean, salt=17, name=name)
+
+
+class SalesOraclePolicy(policies.OraclePolicy):
+  """Asks the need, then the budget, recommends the fitting product, handles objections, then closes."""
+
+  def __init__(self):
+    super().__init__(SCRIPT)
+
+
+# Exploration: varied personas and acts, so logs cover many (state, action) pairs (off-policy Q).
+
+TONES = ("formal", "casual", "enthusiastic")
+# Styling is added around the templated message, never inside it. No opener or closer holds a word the sales
+# parser reacts to (parse_business), so the styled text parses to the same act; the greeting rule is
+# anchored at the start of a message, so a greeting gets no opener.
+_OPENERS = {
+    "formal": ("", "Certainly. ", "Thank you for your message. ", "Of course. "),
+    "casual": ("", "Sure thing! ", "Okay! ", "Cool. "),
+    "enthusiastic": ("", "Absolutely! ", "Oh, fantastic! ", "Great question! "),
+}
+_CLOSERS = {
+    "formal": (" Please let me know if I can assist further.", " I remain at your disposal."),
+    "casual": (" Just say the word.", " No pressure at all."),
+    "enthusiastic": (" You are going to love it here!", " This is going to be great!"),
+}
+EMOJIS = ("\U0001F60A", "\U0001F44D", "\U0001F389", "\u2728")  # smiling face, thumbs up, party popper, sparkles
+# The dialogue acts of the sales parser; an exploratory act is one of these, uniformly.
+ACT_KINDS = ("greet", "ask_need", "ask_budget", "recommend", "discount", "answer", "close", "ask_contact",
+             "off_topic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Persona:
+  """How one exploratory staff member writes: tone, emoji use, short or long phrasing."""
+  tone: str
+  emoji: bool
+  long: bool
+
+
+def style_text(text: str, act_kind: str, persona: Persona, rng: np.random.Generator) -> str:
+  """`text` (a templated business message for an act of kind `act_kind`) written in `persona`'s style.
+
+  An opener of the tone (none for a greeting), a closing sentence for long phrasing, an emoji at the end.
+  """
+  opener = "" if act_kind == "greet" else _OPENERS[persona.tone][int(rng.integers(len(_OPENERS[persona.tone])))]
+  closer = _CLOSERS[persona.tone][int(rng.integers(len(_CLOSERS[persona.tone])))] if persona.long else ""
+  emoji = " " + EMOJIS[int(rng.integers(len(EMOJIS)))] if persona.emoji else ""
+  return f"{opener}{text}{closer}{emoji}"
+
+
+def random_act(v: Visible, rng: np.random.Generator) -> Act:
+  """A uniformly random dialogue act; a recommendation is of the stated need (a random category before it)."""
+  kind = ACT_KINDS[int(rng.integers(len(ACT_KINDS)))]
+  if kind == "recommend":
+    category = v.need or CATEGORIES[int(rng.integers(len(CATEGORIES)))]
+    return Act("recommend", product=product_for(category, int(rng.integers(len(TIERS)))))
+  if kind == "answer":
+    return Act("answer", topic=TOPICS[int(rng.integers(len(TOPICS)))])
+  return Act(kind)
+
+
+class ExploratoryPolicy:
+  """An exploratory behaviour policy: staff of mixed skill with varied personas, trying random acts.
+
+  Each conversation gets a persona (tone formal | casual | enthusiastic, emoji or not, short or long phrasing)
+  and a staff skill ~ Beta(mean * 6, (1 - mean) * 6), both drawn from its id. Each turn it plays a uniformly
+  random act (`random_act`) with probability `eps`, else the staff member's act (`staff_act`), and writes
+  it in the persona's style. The logs then hold many (state, action) pairs, which is what an off-policy
+  evaluation of another policy (qfit 'fqe') needs.
+  """
+
+  def __init__(self, eps: float = 0.3, skill_mean: float = 0.35, name: str = "explore"):
+    if not 0.0 <= eps <= 1.0:
+      raise ValueError(f"eps must be a probability in [0, 1], got {eps}")
+    self._staff = policies.StaffPolicy(SCRIPT, skill_mean, salt=29)  # its skills (and the check of skill_mean)
+    self.eps, self.skill_mean, self.name = eps, skill_mean, name
+
+  def persona(self, uid: str) -> Persona:
+    rng = policies.conversation_rng(uid, 23)
+    return Persona(tone=TONES[int(rng.integers(len(TONES)))], emoji=bool(rng.random() < 0.5),
+                   long=bool(rng.random() < 0.5))
+
+  def skill(self, uid: str) -> float:
+    return self._staff.skill(uid)
+
+  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
+    out = []
+    for obs in observations:
+      v = visible_facts(obs.conversation.turns)
+      if obs.rng.random() < self.eps:
+        act = random_act(v, obs.rng)
+      else:
+        act = staff_act(v, self.skill(obs.uid), obs.rng)
+      out.append(style_text(business_text(act, obs.rng), act.kind, self.persona(obs.uid), obs.rng))
+    return out
+
+
+class NoisyOraclePolicy:
+  """The oracle's act with probability 1 - eps, else a uniformly random act (`random_act`); plain templates.
+
+  A fixed, stochastic, transcript-driven (tabular-like) target policy: its Q is what an off-policy evaluation
+  on another policy's logs should recover.
+  """
+
+  def __init__(self, eps: float = 0.2, name: str = "noisy_oracle"):
+    if not 0.0 <= eps <= 1.0:
+      raise ValueError(f"eps must be a probability in [0, 1], got {eps}")
+    self.eps, self.name = eps, name
+
+  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
+    out = []
+    for obs in observations:
+      v = visible_facts(obs.conversation.turns)
+      act = random_act(v, obs.rng) if obs.rng.random() < self.eps else oracle_act(v)
+      out.append(business_text(act, obs.rng))
+    return out
+
+
+def make_sales_policy(name: str, skill_mean: float = 0.35):
+  """Looks a shipped sales policy up by name: behavior | oracle | random | explore | noisy_oracle.
+
+  'explore' is the historical staff population (same skill_mean) with personas and random acts
+  (ExploratoryPolicy); 'noisy_oracle' the oracle with 20% random acts.
+  """
+  return policies.lookup("sales", name, {
+      "behavior": lambda: SalesBehaviorPolicy(skill_mean), "oracle": SalesOraclePolicy, "random": policies.RandomTextPolicy,
+      "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean), "noisy_oracle": NoisyOraclePolicy})
+
+
+def make_policy(name: str, env_config):
+  """The registry's entry point (envs/registry.py): a sales policy for the `env` config section."""
+  return make_sales_policy(name, skill_mean=env_config.skill_mean)
