@@ -14,7 +14,7 @@ import ml_collections
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
-  c.out = ""  # folder for <step>.json, one per step, and suite.md (the README's tables); required
+  c.out = ""  # folder for <step>.json, one per step, and suite.md (docs/performance.md's tables); required
   c.steps = ("phases", "scaling", "largest")  # run in this order; each one's JSON is written as soon as it ends
   c.iterations = 5  # "phases": timed calls after the compiling one (configs/benchmark.py's iterations)
   c.sweep_iterations = 2  # the same for every cell of "scaling" and "largest" (each cell compiles anew)

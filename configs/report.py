@@ -10,14 +10,14 @@ Each section names the piece it runs, the domains it runs it on (each domain's o
 
 Expected wall time on 2 idle CPU cores, from the pieces' own measurements and estimates:
   small  30 minutes measured on 2026-11-29 (simulator 113 s, baselines 716 s, Q ablation 472 s, inner-solver
-         ablation 490 s; README "Results"): the simulator tables (24 cells of 5,000 conversations), shared SFT
-         prefixes (~4 min each, three times), the sales baselines at 1,536 conversations with 1 seed
-         (offline = K=1 ~5 min, K=2 ~8 min), the Q-quality ablation with 2 variants of one iteration (~5 min each) and
-         the inner-solver ablation with one iteration of ppo, grpo and rloo (~2.5 min each).
+         ablation 490 s; docs/results.md, "The report's small preset"): the simulator tables (24 cells of
+         5,000 conversations), shared SFT prefixes (~4 min each, three times), the sales baselines at 1,536
+         conversations with 1 seed (offline = K=1 ~5 min, K=2 ~8 min), the Q-quality ablation with 2 variants
+         of one iteration (~5 min each) and the inner-solver ablation with one iteration of ppo, grpo and rloo (~2.5 min each).
   full   about 30 hours (not run): the baselines' defaults (1,536 conversations, 3 seeds, K = 1, 2, 4, 8, every
-         method) take ~6 h per domain for sales (README), support and booking ~1.2x that (longer prompts) and
-         negotiation ~1.7x (longer prompts and conversations), ~28 h together; all six Q-ablation variants
-         ~6 x 13 min; the inner-solver ablation ~30 min; the simulator tables ~3 min.
+         method) take ~6 h per domain for sales (docs/performance.md), support and booking ~1.2x that (longer
+         prompts) and negotiation ~1.7x (longer prompts and conversations), ~28 h together; all six Q-ablation
+         variants ~6 x 13 min; the inner-solver ablation ~30 min; the simulator tables ~3 min.
   tiny   every piece at configs/<domain>.py:tiny sizes, a few minutes on a loaded 2-core machine.
 Use one workdir per preset: a rerun with the same workdir reuses every finished section.
 """
@@ -54,7 +54,7 @@ def get_config(arg=None):
   c.simulator.policies = ("behavior", "oracle", "random")  # the shipped scripted policies of every domain
   c.simulator.business_users = ("sr", "direct")  # the paper's suggested-response setting and sending verbatim
   c.simulator.conversations = 5000  # per cell: a 95% interval of about +-1.2 points at 25% conversion
-  c.simulator.seed = 0  # the README's simulator tables use seed 0
+  c.simulator.seed = 0  # docs/results.md's simulator tables use seed 0
   c.simulator.batch_size = 1024  # conversations advanced in lock-step (logs do not depend on it)
 
   # ---- baselines at equal conversation budget (experiments/baselines.py, iterppo_jax/baselines.py) ----

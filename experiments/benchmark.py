@@ -369,7 +369,7 @@ def format_sweep(results) -> str:
 
 
 def machine() -> dict:
-  """What the numbers were measured on, for the JSON and the README table: device kind and count, jax, UTC date."""
+  """What the numbers were measured on, for the JSON and docs/performance.md: device kind and count, jax, UTC date."""
   device = jax.devices()[0]
   return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
           "cpu_count": os.cpu_count(), "jax": jax.__version__,

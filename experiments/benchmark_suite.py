@@ -1,4 +1,4 @@
-r"""Issue #7's accelerator measurements as one prepared run, and the README's tables from what it wrote.
+r"""Issue #7's accelerator measurements as one prepared run, and docs/performance.md's tables from what it wrote.
 
   python -m experiments.benchmark_suite --config=configs/benchmark_suite.py --config.out=/tmp/suite
 

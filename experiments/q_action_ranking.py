@@ -7,7 +7,7 @@ At states of the run's evaluation conversations (data/eval_<k>.jsonl) it scores 
 close) with every fitted Q_k, and prints, per Q_k and state set: how often the oracle's act is on top (chance is
 1/6), how often "answer" is on top where no question is pending, and the mean Q of each candidate by the
 oracle's act at the state. A Q-model with a high outcome AUC can still rank actions at chance; PPO then follows
-its errors (README, "What this shows, honestly").
+its errors (docs/results.md, "Before issue #16").
 """
 
 import json

@@ -14,7 +14,8 @@ is not a copy of its source), and exports it (models/hf.export). Then:
 It prints, per family, the architecture vLLM resolved and whether the three token sequences agree, and writes
 workdir/vllm_check.json. Exit status 1 if any family disagrees or fails to load.
 
-vLLM is not a dependency of this project: this check is run by hand (README, "Hugging Face checkpoints").
+vLLM is not a dependency of this project: this check is run by hand (README, "Hugging Face checkpoints"; a
+recorded run in docs/results.md).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 vLLM pins its own torch and transformers, so it cannot share this project's environment: the check
 (experiments/vllm_check.py) runs it in a Python of its own, named by IPPO_VLLM_PYTHON. Without that variable
-this test is skipped (CI does not install vLLM); README "Hugging Face checkpoints" records a run.
+this test is skipped (CI does not install vLLM); docs/results.md, "Hugging Face exports in vLLM", records a run.
 """
 
 import json

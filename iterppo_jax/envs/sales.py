@@ -647,8 +647,8 @@ def make_sales_policy(name: str, skill_mean: float = 0.35):
   (ExploratoryPolicy); 'noisy_oracle' the oracle with 20% random acts.
   """
   return policies.lookup("sales", name, {
-      "behavior": lambda: SalesBehaviorPolicy(skill_mean), "oracle": SalesOraclePolicy, "random": policies.RandomTextPolicy,
-      "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean), "noisy_oracle": NoisyOraclePolicy})
+      "behavior": lambda: SalesBehaviorPolicy(skill_mean), "oracle": SalesOraclePolicy,
+      "random": policies.RandomTextPolicy, "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean), "noisy_oracle": NoisyOraclePolicy})
 
 
 def make_policy(name: str, env_config):
