@@ -145,7 +145,8 @@ class MetricWriter:
       self._file.flush()  # a killed run keeps every line it logged
     if self._tb is not None:
       for name, value in values.items():
-        self._tb.add_scalar(name, value, step)
+        if math.isfinite(value):  # an undefined statistic (NaN) stays in the JSONL; TensorBoard shows a gap
+          self._tb.add_scalar(name, value, step)
       self._tb.flush()
     return record
 

@@ -2,6 +2,8 @@
 
 import glob
 import json
+import logging
+import math
 import os
 
 import jax
@@ -78,6 +80,18 @@ def test_tensorboard_event_file_appears(tmp_path):
     writer.write(3, {"ppo/clipfrac": 0.1})
   events = glob.glob(str(tmp_path / "events.out.tfevents.*"))
   assert events and os.path.getsize(events[0]) > 0
+
+
+def test_an_undefined_statistic_is_kept_in_jsonl_and_left_out_of_tensorboard(tmp_path, caplog):
+  """A NaN evaluation statistic (an AUC of one class) is data, not an error: the JSONL keeps it, and TensorBoard
+  gets no point, so tensorboardX logs no 'NaN or Inf found' warning a user must learn to ignore."""
+  with caplog.at_level(logging.WARNING):
+    with metrics.MetricWriter(tmp_path, tensorboard=True, fail_on_nonfinite=("ppo/",)) as writer:
+      writer.write(1, {"eval/auc": float("nan"), "eval/conversion": 0.25})
+  assert "NaN or Inf" not in caplog.text
+  with open(tmp_path / "metrics.jsonl") as f:
+    record = json.loads(f.readline())
+  assert math.isnan(record["eval/auc"]) and record["eval/conversion"] == 0.25
 
 
 def test_inactive_writer_writes_nothing(tmp_path):
