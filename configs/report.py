@@ -71,7 +71,7 @@ def get_config(arg=None):
   # ---- inner-solver ablation (experiments/ablate_inner.py): ppo vs grpo vs rloo from the same pi_0 and Q_0 ----
   # Small: one iteration of each solver from the same pi_0 and Q_0 (~11 min); the full preset runs the default two.
   c.ablate_inner = _piece(True, ("sales",), "", ("loop.iterations=1",))
-  c.ablate_inner.inners = ("ppo", "grpo", "rloo")  # iterppo_jax/loop.INNER_SOLVERS
+  c.ablate_inner.inners = ("ppo", "grpo", "rloo")  # iterppo_jax/settings.INNER_SOLVERS
 
   # ---- the improvement bound (iterppo_jax/bound.py) on the ablation runs above; runs nothing of its own ----
   c.bound = ml_collections.ConfigDict()

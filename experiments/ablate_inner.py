@@ -24,17 +24,18 @@ from experiments import cli
 from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import settings
 
 _CONFIG = cli.define_config("configs/sales.py")
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where the runs, the table and the plot go.", required=True)
-_INNERS = cli.define(flags.DEFINE_list, "inners", list(loop.INNER_SOLVERS), "Inner solvers to compare.")
+_INNERS = cli.define(flags.DEFINE_list, "inners", list(settings.INNER_SOLVERS), "Inner solvers to compare.")
 
 
-def run_ablation(config, workdir: str, inners=loop.INNER_SOLVERS) -> list[dict]:
+def run_ablation(config, workdir: str, inners=settings.INNER_SOLVERS) -> list[dict]:
   """Runs (or resumes) the loop once per inner solver from a shared prefix; returns and writes the rows."""
-  unknown = sorted(set(inners) - set(loop.INNER_SOLVERS))
+  unknown = sorted(set(inners) - set(settings.INNER_SOLVERS))
   if unknown or not inners:
-    raise ValueError(f"inners must be a non-empty subset of {loop.INNER_SOLVERS}, got {list(inners)}")
+    raise ValueError(f"inners must be a non-empty subset of {settings.INNER_SOLVERS}, got {list(inners)}")
   if config.loop.logs:
     raise ValueError("the ablation runs the simulator loop; loop.logs (one offline iteration) is not supported")
   if any(i != "ppo" for i in inners) and config.ppo.batch_size % config.group.size:

@@ -42,7 +42,7 @@ from experiments import cli
 from iterppo_jax import baselines as baselines_lib
 from iterppo_jax import bound
 from iterppo_jax import io_utils
-from iterppo_jax import loop
+from iterppo_jax import settings
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
 
@@ -394,7 +394,7 @@ def render(header: dict, sections: list[dict], pending=()) -> str:
 def _selections() -> dict:
   """Piece section -> (its selection key, the names it accepts); the ablations' lists are read on use."""
   return {"baselines": ("", ()), "ablate_q": ("variants", tuple(_entry("ablate_q").VARIANTS)),
-          "ablate_inner": ("inners", tuple(loop.INNER_SOLVERS))}
+          "ablate_inner": ("inners", tuple(settings.INNER_SOLVERS))}
 
 
 def check_config(config) -> None:

@@ -48,6 +48,7 @@ from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import online_ppo as online_lib
 from iterppo_jax import ppo as ppo_lib
+from iterppo_jax import settings
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
@@ -81,6 +82,7 @@ def per_iteration(budget: int, iterations: int, what: str) -> int:
 
 def check_config(config) -> None:
   """Fails before any work on settings no method could honour."""
+  settings.check(config)  # the loop's settings, which every method runs with
   b = config.baselines
   if config.loop.logs:
     raise ValueError("baselines play the simulator; loop.logs (one offline iteration on user logs) is not supported")

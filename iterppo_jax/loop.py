@@ -47,6 +47,7 @@ from iterppo_jax import q_table
 from iterppo_jax import qfit as qfit_lib
 from iterppo_jax import rendering
 from iterppo_jax import sampling
+from iterppo_jax import settings
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import sharding
 from iterppo_jax import tokenizer as tok_lib
@@ -110,12 +111,6 @@ def ppo_config(config) -> ppo_lib.PPOConfig:
       whiten_advantages=p.whiten_advantages, max_new_tokens=config.data.max_action_len,
       temperature=p.temperature, top_p=1.0)
 
-
-INNER_SOLVERS = ("ppo", "grpo", "rloo")
-# Which logged turns the Q-fit regresses on (explore.py): 'unbiased' those whose return samples Q^{pi_k} (from the
-# randomised turn on), 'all' every turn, 'explored' the randomised turns alone.
-QFIT_TARGETS = ("unbiased", "all", "explored")
-QFIT_VIEWS = ("tokens", "dialogue_state")  # what the Q-model reads: the rendered prompt | the state tracker
 
 # Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
 # what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
@@ -254,36 +249,9 @@ def _play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
 
 # ---- phases ----
 
-def _check_counts(config) -> None:
-  """Issue #16's counts, checked before any work: a key, its value and the allowed range."""
-  lowest = {"loop.rank_states": 0, "qfit.select_every": 0, "qfit.pool": -1}  # pool -1: every earlier iteration
-  if config.loop.get("rank_states", 0) > 0:  # measured only when the ranking is on
-    lowest.update({"loop.rank_rollouts": 1, "loop.rank_policy_samples": 1})
-  for key, low in lowest.items():
-    section, name = key.split(".")
-    value = config[section].get(name, low)
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-      raise ValueError(f"config.{key} must be an integer >= {low}, got {value!r}")
-
-
 def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers."""
-  if config.get("inner", "ppo") not in INNER_SOLVERS:  # fail before any work, not after SFT and the Q-fit
-    raise ValueError(f"config.inner must be one of {INNER_SOLVERS}, got {config.inner!r}")
-  if config.qfit.get("head", "q") not in ("q", "dueling"):
-    raise ValueError(f"config.qfit.head must be 'q' or 'dueling', got {config.qfit.head!r}")
-  if config.qfit.get("targets", "unbiased") not in QFIT_TARGETS:
-    raise ValueError(f"config.qfit.targets must be one of {QFIT_TARGETS}, got {config.qfit.targets!r}")
-  _check_counts(config)
-  if not config.loop.logs:
-    registry.module(config.env.domain)  # a built-in name or an importable domain module, checked before work
-  if config.qfit.view not in QFIT_VIEWS:
-    raise ValueError(f"config.qfit.view must be one of {QFIT_VIEWS}, got {config.qfit.view!r}")
-  if config.qfit.view == "dialogue_state":
-    registry.tracker(config.env.domain)  # the domain must have a dialogue-state tracker
-  if config.qfit.pool and config.qfit.view != "dialogue_state":
-    raise ValueError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
-                     "qfit.view=dialogue_state or qfit.pool=0")
+  settings.check(config)  # every choice, size and rule between keys, before anything is written
   os.makedirs(workdir, exist_ok=True)
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   progress = Progress(workdir)
@@ -700,9 +668,7 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
   Afterwards KL(pi_{k+1} || pi_k) is measured on states of D_k (improve/kl_to_pi_k).
   """
   c = run.config
-  inner = c.get("inner", "ppo")
-  if inner not in INNER_SOLVERS:
-    raise ValueError(f"config.inner must be one of {INNER_SOLVERS}, got {inner!r}")
+  inner = c.inner  # checked by settings.check
   ref_params = pi0_params if c.ppo.reference == "sft" else policy_params
   policy_tr, state = ts.init_trainable(
       lambda: tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0)), optimizer(c.ppo), run.mesh,

@@ -1,0 +1,82 @@
+"""settings.check: every shipped config passes; a bad choice, size or rule between keys stops loop.setup with the
+key, the value and what is allowed, before anything is written."""
+
+import importlib
+
+import pytest
+
+from configs import sales as sales_config
+from iterppo_jax import loop
+from iterppo_jax import settings
+
+
+@pytest.mark.parametrize("spec", ["sales", "sales:tiny", "support", "support:tiny", "booking", "booking:tiny",
+                                  "negotiation", "negotiation:tiny", "sales_hf", "sales_hf:tiny"])
+def test_every_shipped_config_passes(spec):
+  name, _, arg = spec.partition(":")
+  settings.check(importlib.import_module(f"configs.{name}").get_config(arg or None))
+
+
+BAD = [  # key, value, the message's expectation
+    ("loop.first_data", "polciy", "one of behavior, policy, explore"),  # deployed pi_k silently before
+    ("ppo.reference", "pi0", "one of pi_k, sft"),  # ran with pi_k silently before
+    ("qfit.method", "sarsa", "one of mc, td, td_lambda, fqe"),  # was checked after SFT
+    ("qfit.target_update", "hard", "one of polyak, periodic"),  # was checked while tracing
+    ("inner", "ppo2", "one of ppo, grpo, rloo"),
+    ("env.business_user", "auto", "one of sr, direct"),
+    ("loop.conversations", 0, "an integer >= 1"),
+    ("loop.iterations", -1, "an integer >= 0"),
+    ("ppo.batch_size", -8, "an integer >= 1"),
+    ("model.num_layers", 0, "an integer >= 1"),
+    ("sft.behavior_conversations", 0, "an integer >= 1"),
+    ("sft.steps", -1, "an integer >= 0"),
+    ("tokenizer.vocab_size", 100, "an integer >= 263"),  # bytes + special tokens
+    ("data.max_action_len", 2.5, "an integer >= 2"),
+    ("gamma", 1.5, r"a number in \[0, 1\]"),
+    ("ppo.kl_coef", -0.1, r"a number in \[0, inf\)"),
+    ("qfit.learning_rate", 0.0, r"a number in \(0, inf\)"),
+    ("loop.deploy_temperature", float("nan"), r"a number in \(0, inf\)"),
+]
+
+
+def _set(node, key, value):
+  *path, leaf = key.split(".")
+  for part in path:
+    node = node[part]
+  node[leaf] = value
+
+
+@pytest.mark.parametrize("key, value, expected", BAD, ids=[b[0] for b in BAD])
+def test_a_bad_setting_names_its_key_before_any_work(tmp_path, key, value, expected):
+  c = sales_config.get_config("tiny")
+  message = rf"config\.{key} must be {expected}, got "
+  try:
+    _set(c, key, value)
+  except TypeError:  # ConfigDict keeps a key's type; a user's config file (a plain dict) could still cross it
+    d = c.to_dict()
+    _set(d, key, value)
+    with pytest.raises(ValueError, match=message):
+      settings.check(d)
+    return
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError, match=message):
+    loop.setup(c, str(workdir))
+  assert not workdir.exists()  # nothing written
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"model.num_heads": 4, "model.num_kv_heads": 3}, r"model.num_kv_heads \(3\) must divide model.num_heads"),
+    ({"ppo.batch_size": 12, "ppo.minibatch_size": 5}, r"ppo.minibatch_size \(5\) must divide ppo.batch_size"),
+    ({"inner": "grpo", "ppo.batch_size": 6, "ppo.minibatch_size": 3, "group.size": 4},
+     r"group.size \(4\) must divide ppo.batch_size \(6\)"),
+    ({"inner": "rloo", "group.kl_in": "loss"}, "kl_in='loss' is GRPO's placement"),
+    ({"qfit.view": "tokens", "qfit.pool": 1}, "qfit.pool pools earlier logs for the dialogue-state Q-model only"),
+    ({"env.domain": "retail"}, "unknown domain 'retail'"),
+])
+def test_rules_between_keys(tmp_path, overrides, message):
+  c = sales_config.get_config("tiny")
+  for key, value in overrides.items():
+    _set(c, key, value)
+  with pytest.raises(ValueError, match=message):
+    loop.setup(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
