@@ -57,6 +57,12 @@ VARIANTS = {
     "table_sarsa": ("dialogue-state table, SARSA of pi_k", {"qfit.view": "dialogue_state", "qfit.method": "td"}),
     "table_sarsa_pool": ("dialogue-state table, SARSA of pi_k on D_0..D_k (FQE on the earlier logs)",
                          {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.pool": -1}),
+    "table_lambda_05": ("dialogue-state table, TD(0.5) of pi_k (trace cut at randomised turns)",
+                        {"qfit.view": "dialogue_state", "qfit.method": "td_lambda", "qfit.lam": 0.5}),
+    "table_lambda_08": ("dialogue-state table, TD(0.8) of pi_k", {"qfit.view": "dialogue_state",
+                                                                 "qfit.method": "td_lambda", "qfit.lam": 0.8}),
+    "table_lambda_1": ("dialogue-state table, TD(1) of pi_k (Monte Carlo up to a randomised turn)",
+                       {"qfit.view": "dialogue_state", "qfit.method": "td_lambda", "qfit.lam": 1.0}),
     "table_mc": ("dialogue-state table, Monte Carlo (turns from t* on)", {"qfit.view": "dialogue_state",
                                                                           "qfit.method": "mc"}),
 }

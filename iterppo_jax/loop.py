@@ -473,9 +473,9 @@ def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
 def fit_q_table(run: Run, k: int, records, policy_params):
   """Q_k as a table over the domain's dialogue-state keys (qfit.view=dialogue_state, q_table.py) on D_k.
 
-  SARSA of pi_k (qfit.method td | td_lambda | fqe) or Monte Carlo (mc, on the turns qfit.targets keeps); the last
-  tenth of the conversations is held out for the same diagnostics as the token Q-model's. Returns (table, None,
-  metrics); the table is kept as JSON, so a resumed run reads back the same Q.
+  SARSA of pi_k (qfit.method td | fqe), TD(qfit.lam) (td_lambda) or Monte Carlo (mc, on the turns qfit.targets
+  keeps); the last tenth of the conversations is held out for the same diagnostics as the token Q-model's.
+  Returns (table, None, metrics); the table is kept as JSON, so a resumed run reads back the same Q.
   """
   c = run.config
   q_cfg = c.qfit
@@ -512,7 +512,8 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   if q_cfg.method == "mc":
     table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all")
   else:
-    table = q_table.fit_sarsa(train, c.gamma, state_fn, act_fn)
+    table = q_table.fit_sarsa(train, c.gamma, state_fn, act_fn,
+                              lam=q_cfg.lam if q_cfg.method == "td_lambda" else 0.0)
   by_id = {r.id: r for r in records}
   held_examples = [e for e, h in zip(examples, held) if h]
   q = table.score_many([(data_lib.turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])

@@ -8,9 +8,11 @@ function maps the transcript to a small key (what is known and what is pending, 
 a suggestion to its act and its fit to that state (e.g. sales.act_key). Both read the logged text only, never
 the simulator's hidden state. Q is a table over (state key, act key):
 
-  SARSA of pi_k (qfit.method td | td_lambda | fqe):  Q(x, a) = mean over D_k's transitions from (x, a) of
+  SARSA of pi_k (qfit.method td | fqe):  Q(x, a) = mean over D_k's transitions from (x, a) of
       r + gamma Q(x', a'),  a' pi_k's own next action (data.Example.own_action where a randomised turn replaced
       it), iterated to its fixed point; a pair never logged takes its act's mean Q;
+  TD(lambda) of pi_k (qfit.method td_lambda, qfit.lam):  the same with lambda-returns, the trace cut where the
+      logged next act is not pi_k's own (a randomised turn); lambda = 1 is Monte Carlo where the logs are pi_k's;
   Monte Carlo (qfit.method mc):  Q(x, a) = mean discounted return of D_k's decisions (x, a) whose return
       samples Q^{pi_k} (data.Example.target_valid), all decisions with qfit.targets=all.
 
@@ -147,10 +149,31 @@ def fit_mc(ds: Sequence[Decision], state_fn=None, act_fn=None, all_turns: bool =
   return _table(keys, q, counts, state_fn, act_fn)
 
 
-def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, tol: float = 1e-7,
-              max_sweeps: int = 1000) -> TableQ:
-  """The fixed point of Q(x, a) = mean over logged transitions of r + gamma Q(x', a'_pi) (synchronous sweeps
-  until no cell moves more than `tol`). A next pair (x', a'_pi) that was never logged takes a'_pi's mean Q."""
+def _depths(ds: Sequence[Decision]) -> np.ndarray:
+  """Each decision's number of logged successors in its conversation (0 at the last decision)."""
+  depth = np.zeros(len(ds), np.int64)
+  for i in range(len(ds) - 1, -1, -1):
+    j = ds[i].next_index
+    if j >= 0:
+      if j <= i:
+        raise ValueError(f"decision {i}'s successor {j} must come after it")
+      depth[i] = depth[j] + 1
+  return depth
+
+
+def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, lam: float = 0.0,
+              tol: float = 1e-7, max_sweeps: int = 1000) -> TableQ:
+  """The fixed point of Q(x, a) = mean over logged decisions from (x, a) of their lambda-return of pi_k
+  (synchronous sweeps until no cell moves more than `tol`):
+
+    G_i = r_i + gamma [(1 - lam_i) Q(x', a'_pi) + lam_i G_{i+1}],   lam_i = lam if the logged next act is pi_k's
+                                                                    own (else 0: the trace is cut),
+    G_i = r_i at a conversation's last decision.
+
+  lam = 0 is SARSA of pi_k; lam = 1 on logs without randomised turns is the Monte Carlo mean per cell. A next pair
+  (x', a'_pi) that was never logged takes a'_pi's mean Q."""
+  if not 0.0 <= lam <= 1.0:
+    raise ValueError(f"lam must be in [0, 1], got {lam}")
   keys, index, cell, counts = _cells(ds)
   rewards = np.asarray([d.reward for d in ds])
   # Successor per decision: a logged cell, an unseen pair (its act's mean), or none (end of conversation).
@@ -162,6 +185,12 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
   act_index = {a: i for i, a in enumerate(acts)}
   cell_act = np.asarray([act_index[a] for a in act_of_cell])
   unseen = np.asarray([-1 if a is None else act_index[a] for a in unseen_act])
+  next_index = np.asarray([d.next_index for d in ds])
+  # The trace continues through a next decision whose logged act is pi_k's own (not a randomised turn's).
+  trace = np.asarray([lam if d.next_index >= 0 and ds[d.next_index].act == ds[d.next_index].own_act else 0.0
+                      for d in ds])
+  depth = _depths(ds) if lam > 0 else np.zeros(len(ds), np.int64)
+  levels = [np.flatnonzero(depth == h) for h in range(int(depth.max()) + 1)]
   q = np.zeros(len(keys))
   for _ in range(max_sweeps):
     act_sum = np.bincount(cell_act, weights=q * counts, minlength=len(acts))
@@ -169,7 +198,14 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
     overall = float(np.sum(q * counts) / np.sum(counts))
     act_mean = np.where(act_n > 0, act_sum / np.maximum(act_n, 1), overall)
     v_next = np.where(succ >= 0, q[np.maximum(succ, 0)], np.where(succ == -2, act_mean[np.maximum(unseen, 0)], 0.0))
-    new = np.bincount(cell, weights=rewards + gamma * v_next, minlength=len(keys)) / counts
+    if lam > 0:  # lambda-returns, from each conversation's end backwards, all conversations at once
+      ret = np.zeros(len(ds))
+      for idx in levels:
+        later = np.where(next_index[idx] >= 0, ret[np.maximum(next_index[idx], 0)], 0.0)
+        ret[idx] = rewards[idx] + gamma * ((1.0 - trace[idx]) * v_next[idx] + trace[idx] * later)
+    else:
+      ret = rewards + gamma * v_next
+    new = np.bincount(cell, weights=ret, minlength=len(keys)) / counts
     moved = float(np.max(np.abs(new - q)))
     q = new
     if moved < tol:

@@ -50,6 +50,28 @@ def test_sarsa_fixed_point_continues_with_pis_own_action():
   assert table.value(("s9",), ("zzz",)) == pytest.approx(table.default - q_table.UNSEEN_PENALTY)
 
 
+def test_td_lambda_mixes_pis_returns_and_bootstraps():
+  """(s0, a) leads to (s1, b) (then a sale) or to (s3, b) (no sale there; another conversation sold from (s3, b),
+  so Q(s3, b) = 0.5). SARSA bootstraps from the cells, lambda = 1 follows each logged return, lambda = 0.5 mixes;
+  with no randomised turn, lambda = 1 is the Monte Carlo mean."""
+  D = q_table.Decision
+  ds = [D(("s0",), ("a",), ("a",), 0.0, 1, GAMMA, True, "A"), D(("s1",), ("b",), ("b",), 1.0, -1, 1.0, True, "A"),
+        D(("s0",), ("a",), ("a",), 0.0, 3, 0.0, True, "D"), D(("s3",), ("b",), ("b",), 0.0, -1, 0.0, True, "D"),
+        D(("s3",), ("b",), ("b",), 1.0, -1, 1.0, True, "E")]
+  def values(table):
+    return {key: v for key, (v, _) in table.cells.items()}
+
+  value = lambda lam: values(q_table.fit_sarsa(ds, GAMMA, lam=lam))[(("s0",), ("a",))]  # noqa: E731
+  assert value(0.0) == pytest.approx(0.75 * GAMMA)
+  assert value(0.5) == pytest.approx(0.625 * GAMMA)
+  assert value(1.0) == pytest.approx(0.5 * GAMMA)
+  assert values(q_table.fit_sarsa(ds, GAMMA, lam=1.0)) == pytest.approx(values(q_table.fit_mc(ds, all_turns=True)))
+  # the trace is cut where the logged next act is a randomised draw (B's x at s1): lambda changes nothing there
+  assert values(q_table.fit_sarsa(chain(), GAMMA, lam=1.0)) == pytest.approx(values(q_table.fit_sarsa(chain(), GAMMA)))
+  with pytest.raises(ValueError, match="lam must be in"):
+    q_table.fit_sarsa(ds, GAMMA, lam=1.5)
+
+
 def test_monte_carlo_keeps_unbiased_returns_only():
   q = {key: v for key, (v, _) in q_table.fit_mc(chain()).cells.items()}
   assert (("s0",), ("c",)) not in q  # its return follows a randomised draw: not a sample of Q^pi
