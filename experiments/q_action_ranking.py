@@ -93,7 +93,7 @@ def main(argv):
   for k in range(config.loop.iterations):
     if not run_.progress.get(f"qfit/{k}"):
       continue
-    params = loop._restore_params(run_, "qmodel", k, state.params)
+    params = loop.restore_params(run_, "qmodel", k, state.params)
     for name, (arrays, best) in sets.items():
       q = qfit_lib.predict(predict_fn, params, arrays, 64, run_.mesh).reshape(-1, len(KINDS))
       r = ranking(q, best)

@@ -45,6 +45,7 @@ from iterppo_jax import lm_policy
 from iterppo_jax import loop
 from iterppo_jax import qfit
 from iterppo_jax import sharding
+from iterppo_jax import stats
 from iterppo_jax import tokenizer as tok_lib
 from iterppo_jax import train_state as ts
 from iterppo_jax.envs import registry
@@ -161,8 +162,8 @@ def true_q(env, chosen, episodes, policy, gamma: float, rollouts: int, seed: int
 def q_metrics(q: np.ndarray, truth: np.ndarray) -> dict:
   """MAE, Pearson, mean bias, and AUC of q at telling pairs with true Q above its median from the rest."""
   above = truth > np.median(truth)
-  return {"mae": float(np.mean(np.abs(q - truth))), "pearson": qfit.pearson(q, truth),
-          "bias": float(np.mean(q - truth)), "auc": qfit.auc(q, above), "q_mean": float(np.mean(q)),
+  return {"mae": float(np.mean(np.abs(q - truth))), "pearson": stats.pearson(q, truth),
+          "bias": float(np.mean(q - truth)), "auc": stats.auc(q, above), "q_mean": float(np.mean(q)),
           "true_q_mean": float(np.mean(truth))}
 
 

@@ -111,7 +111,7 @@ def _precise_truth(wd: str, k: int, base: dict) -> str:
   run_, _ = loop.setup(config, out)
   _, policy = loop.train_pi0(run_, [])
   if k:
-    policy = loop._restore_params(run_, "policy", k, policy)  # pylint: disable=protected-access
+    policy = loop.restore_params(run_, "policy", k, policy)
   loop.measure_action_set(run_, k, policy)
   run_.writer.close()
   shutil.copy(os.path.join(out, "data", f"ranking_{k}.json"), path)
@@ -143,7 +143,7 @@ def main(argv):
     run_, _ = loop.setup(config, out)
     _, policy = loop.train_pi0(run_, [])
     if k:
-      policy = loop._restore_params(run_, "policy", k, policy)  # pylint: disable=protected-access
+      policy = loop.restore_params(run_, "policy", k, policy)
     records = conv_lib.read_jsonl(data_path)
     _, _, m = loop.fit_q(run_, k, records, policy)
     run_.writer.close()

@@ -216,7 +216,7 @@ def main(argv):
   run_, _ = loop.setup(config, q_ranking_ablation.variant_dir(wd, k, "probe"))
   _, params = loop.train_pi0(run_, [])
   if k:
-    params = loop._restore_params(run_, "policy", k, params)  # pylint: disable=protected-access
+    params = loop.restore_params(run_, "policy", k, params)
   records = conv_lib.read_jsonl(_LOGS.value or os.path.join(wd, "data", f"iter_{k}.jsonl"))
   action_set = q_ranking.ActionSet.load(_TRUTH.value or os.path.join(wd, "data", f"ranking_{k}.json"))
   evals = {r.id: r for r in conv_lib.read_jsonl(os.path.join(wd, "data", f"eval_{k}.jsonl"))}

@@ -18,24 +18,10 @@ from absl import flags
 
 from experiments import cli
 from iterppo_jax import io_utils
+from iterppo_jax import stats
 
 _WORKDIRS = cli.define(flags.DEFINE_list, "workdirs", None, "Finished loop runs (one per seed).")
 _OUT = cli.define(flags.DEFINE_string, "out", "", "Write <out>.md and <out>.json too.")
-
-# Two-sided 95% Student-t quantiles by degrees of freedom (no SciPy dependency for one table).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_interval(values) -> tuple[float, float, float]:
-  """(mean, lo, hi): the mean of `values` with a 95% Student-t interval (NaN bounds for fewer than 2 values)."""
-  x = np.asarray([v for v in values if v == v], np.float64)
-  if len(x) == 0:
-    return float("nan"), float("nan"), float("nan")
-  if len(x) < 2:
-    return float(x.mean()), float("nan"), float("nan")
-  half = _T975.get(len(x) - 1, 1.96) * x.std(ddof=1) / np.sqrt(len(x))
-  return float(x.mean()), float(x.mean() - half), float(x.mean() + half)
-
 
 def summarize(summaries: list[dict], names: list[str]) -> dict:
   """The tables' numbers from loop summaries (one per seed); runs may have different numbers of iterations."""
@@ -44,16 +30,16 @@ def summarize(summaries: list[dict], names: list[str]) -> dict:
   out = {"runs": names, "iterations": n_iter, "conversion": conv.tolist(),
          "per_seed": [[(it["conversion"], it["conversion_lo"], it["conversion_hi"]) for it in s["iterations"][:n_iter]]
                       for s in summaries],
-         "mean": [mean_interval(conv[:, k]) for k in range(n_iter)],
-         "gains": [mean_interval(conv[:, k + 1] - conv[:, k]) for k in range(n_iter - 1)],
-         "gain_over_pi0": mean_interval(conv[:, -1] - conv[:, 0]),
-         "behavior": mean_interval([s["reference"]["behavior"]["conversion"] for s in summaries]),
+         "mean": [stats.mean_interval(conv[:, k]) for k in range(n_iter)],
+         "gains": [stats.mean_interval(conv[:, k + 1] - conv[:, k]) for k in range(n_iter - 1)],
+         "gain_over_pi0": stats.mean_interval(conv[:, -1] - conv[:, 0]),
+         "behavior": stats.mean_interval([s["reference"]["behavior"]["conversion"] for s in summaries]),
          "last_above_behavior": [bool(c[-1] > s["reference"]["behavior"]["conversion"])
                                  for c, s in zip(conv, summaries)]}
   ranking = []
   for k in range(n_iter - 1):
     rows = [s.get("q_ranking", [])[k] if k < len(s.get("q_ranking", [])) else {} for s in summaries]
-    ranking.append({m: mean_interval([r.get(m, float("nan")) for r in rows])
+    ranking.append({m: stats.mean_interval([r.get(m, float("nan")) for r in rows])
                     for m in ("rank_top1", "rank_top1_chance", "rank_spearman", "rank_pick_gain", "rank_best_gain",
                               "rank_truth_reliability", "logged_adv_corr", "deployed_conversion")})
   out["ranking"] = ranking

@@ -49,6 +49,7 @@ from iterppo_jax import loop
 from iterppo_jax import online_ppo as online_lib
 from iterppo_jax import ppo as ppo_lib
 from iterppo_jax import settings
+from iterppo_jax import stats
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
@@ -265,7 +266,7 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
     key = f"policy/{k + 1}"
     if not run_.progress.get(key):
       policy = run_.lm_policy(f"pi_{k}", graphdef, params, loop.seed_for(c, k, loop.PHASE_IDS["collect"]))
-      records = loop._play_and_log(run_dir, run_.env, c.loop.play_batch, policy, conversations,
+      records = loop.play_and_log(run_dir, run_.env, c.loop.play_batch, policy, conversations,
                                    loop.seed_for(c, k, loop.PHASE_IDS["collect"], 1), f"iter_{k}")
       wins = [r for r in records if r.outcome >= 1]
       examples = [e for e in run_.examples(wins) if own or e.sent is not None]
@@ -277,12 +278,12 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
                                      seed=loop.seed_for(c, k, loop.PHASE_IDS["sft"], 1), writer=run_.writer,
                                      desc=f"{method}/{k}")
         params = state.params
-      loop._save_params(run_, "policy", k + 1, params, {"phase": method, "iteration": k + 1})
+      loop.save_params(run_, "policy", k + 1, params, {"phase": method, "iteration": k + 1})
       run_.log(k, {f"{method}/successes": len(wins), f"{method}/examples": len(examples)},
                phase=method, iteration=k)
       run_.progress.mark(key, {"successes": len(wins), "examples": len(examples)})
     else:
-      params = loop._restore_params(run_, "policy", k + 1, params)
+      params = loop.restore_params(run_, "policy", k + 1, params)
     filtered.append(run_.progress.get(key))
     used.append(count_conversations(run_dir, f"iter_{k}"))
     curve.append(_point(sum(used), loop.evaluate_policy(run_, k + 1, params, pi0_params, f"pi_{k + 1}")))
@@ -453,15 +454,6 @@ def run_all(config, workdir: str, log: Callable[[str], Any] = print) -> list[dic
 # ---- the table and the plot ----
 
 
-def _t975(df: int) -> float:
-  """Student-t 0.975 quantile (a table to df 10, then a Cornish-Fisher expansion, within 3e-3)."""
-  table = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-  if df <= len(table):
-    return table[df - 1]
-  z = 1.959964
-  return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
 def aggregate(rows: list[dict]) -> list[dict]:
   """Per method (in first-seen order): mean conversion over seeds with a 95% interval, mean cost.
 
@@ -475,7 +467,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     if len(mine) == 1:
       lo, hi = mine[0]["conversion_lo"], mine[0]["conversion_hi"]
     else:
-      half = _t975(len(mine) - 1) * conv.std(ddof=1) / math.sqrt(len(mine))
+      half = stats.t975(len(mine) - 1) * conv.std(ddof=1) / math.sqrt(len(mine))
       lo, hi = max(conv.mean() - half, 0.0), min(conv.mean() + half, 1.0)
     seconds = [r["seconds"] for r in mine if r.get("seconds") is not None]
     out.append({"method": method, "seeds": [r["seed"] for r in mine], "conversion": float(conv.mean()),

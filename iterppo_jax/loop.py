@@ -48,6 +48,7 @@ from iterppo_jax import qfit as qfit_lib
 from iterppo_jax import rendering
 from iterppo_jax import sampling
 from iterppo_jax import settings
+from iterppo_jax import stats
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import sharding
 from iterppo_jax import tokenizer as tok_lib
@@ -217,21 +218,23 @@ class Run:
     self.writer.write(step, metrics, phase=phase, iteration=iteration)
 
 
-def _save_params(run: Run, name: str, step: int, params, metadata=None) -> None:
+def save_params(run: Run, name: str, step: int, params, metadata=None) -> None:
+  """Keeps `params` as workdir/checkpoints/<name>/<step> (public: the baselines and studies reuse run phases)."""
   c = run.checkpointer(name)
   c.save(step, params, metadata or {}, overwrite=True)
   c.close()
 
 
-def _restore_params(run: Run, name: str, step: int, template):
+def restore_params(run: Run, name: str, step: int, template):
+  """workdir/checkpoints/<name>/<step>, shaped and sharded like `template`."""
   c = run.checkpointer(name)
   tree, _ = c.restore(step, ckpt_lib.abstract_like(template))
   c.close()
   return tree
 
 
-def _play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
-                  name: str) -> list[conv_lib.Conversation]:
+def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
+                 name: str) -> list[conv_lib.Conversation]:
   """Plays n conversations (or reloads them if this phase already wrote them) and keeps workdir/data/name.jsonl."""
   path = os.path.join(workdir, "data", f"{name}.jsonl")
   if os.path.exists(path):
@@ -268,7 +271,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
       print(f"skipped {report.skipped} invalid lines; first: {report.errors[:3]}")
   else:
     behaviour = registry.make_policy(config.env.domain, "behavior", config.env)
-    logs = _play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
+    logs = play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
                          seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
   model_dir = config.get("model_dir", "")
@@ -304,7 +307,7 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
       _, pretrained = hf_lib.resize_vocab(hf_cfg, pretrained, run.model_cfg.vocab_size, mesh=run.mesh)
   trainable, state = run.policy_trainable(params=pretrained)
   if run.progress.get("sft"):
-    return trainable, _restore_params(run, "policy", 0, state.params)
+    return trainable, restore_params(run, "policy", 0, state.params)
   examples = [e for e in run.examples(logs) if e.sent is not None]
   arrays = run.arrays(examples, action="sent")
   note_truncation(run, arrays, "sft", 0)
@@ -318,7 +321,7 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   after = sft_lib.evaluate(eval_fn, state.params, held, c.sft.batch_size, run.mesh)
   run.log(c.sft.steps, {"sft/heldout_nll_before": before["nll"], "sft/heldout_nll": after["nll"],
                         "sft/heldout_accuracy": after["accuracy"]}, phase="sft", iteration=0)
-  _save_params(run, "policy", 0, state.params, {"phase": "sft"})
+  save_params(run, "policy", 0, state.params, {"phase": "sft"})
   run.progress.mark("sft", {"heldout_nll": after["nll"], "heldout_nll_before": before["nll"]})
   return trainable, state.params
 
@@ -346,12 +349,12 @@ def fit_q(run: Run, k: int, records, policy_params):
                                        dueling=dueling)
   trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, with_target=q_cfg.method != "mc")
   if q_cfg.init == "previous" and k > 0 and not run.progress.get(f"qfit/{k}"):
-    previous = _restore_params(run, "qmodel", k - 1, state.params)
+    previous = restore_params(run, "qmodel", k - 1, state.params)
     trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, params=previous,
                                          with_target=q_cfg.method != "mc")
   done = run.progress.get(f"qfit/{k}")
   if done:
-    return trainable, _restore_params(run, "qmodel", k, state.params), done
+    return trainable, restore_params(run, "qmodel", k, state.params), done
   # Issue #10: degrade what the Q-fit sees on purpose (flipped outcome labels, fewer conversations); by default
   # (label_flip 0, data_fraction 1) the records pass through unchanged.
   records = label_noise.qfit_records(records, label_flip=q_cfg.get("label_flip", 0.0),
@@ -403,13 +406,13 @@ def fit_q(run: Run, k: int, records, policy_params):
   held_arrays = {k_: v[held] for k_, v in arrays.items()}
   q = qfit_lib.predict(predict_fn, state.params, held_arrays, q_cfg.batch_size, run.mesh)
   metrics = qfit_lib.evaluate_q(q, held_arrays["outcome"])
-  metrics["target_corr"] = qfit_lib.pearson(q, held_arrays["target"])
+  metrics["target_corr"] = stats.pearson(q, held_arrays["target"])
   metrics["train_examples"] = int(train_rows.sum())
   if best is not None:
     metrics["selected_step"] = best[1]
   _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params), records, examples, held, q,
                  policy_params)
-  _save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
+  save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
   run.progress.mark(f"qfit/{k}", metrics)
   return trainable, state.params, metrics
 
@@ -518,7 +521,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   held_examples = [e for e, h in zip(examples, held) if h]
   q = table.score_many([(data_lib.turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])
   metrics = qfit_lib.evaluate_q(q, np.asarray([e.outcome for e in held_examples]))
-  metrics["target_corr"] = qfit_lib.pearson(q, np.asarray([e.target for e in held_examples]))
+  metrics["target_corr"] = stats.pearson(q, np.asarray([e.target for e in held_examples]))
   metrics["train_examples"] = (len(train) if q_cfg.method != "mc" or q_cfg.targets == "all"
                                else sum(d.target_valid for d in train))  # the decisions the table averages
   metrics["table_cells"] = len(table.cells)
@@ -649,7 +652,7 @@ def _true_q_error(run: Run, k: int, held_examples, q_pred, policy_params, record
   predicted = np.asarray(q_pred)[pick]
   return {"true_q_mae": float(np.mean(np.abs(predicted - true_q))),
           "true_q_max_err": float(np.max(np.abs(predicted - true_q))),  # eps_Q of the bound is a sup (bound.py)
-          "true_q_corr": qfit_lib.pearson(predicted, true_q), "true_q_mean": float(np.mean(true_q)),
+          "true_q_corr": stats.pearson(predicted, true_q), "true_q_mean": float(np.mean(true_q)),
           "true_q_se": float(np.mean(true_q_se))}  # Monte Carlo noise of the true Q itself
 
 
@@ -782,7 +785,7 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
   if done:
     return done
   policy = run.lm_policy(label, run_policy_graphdef(run), params, seed_for(c, k, PHASE_IDS["eval"]))
-  records = _play_and_log(run.workdir, run.env, c.loop.play_batch, policy, c.loop.eval_conversations,
+  records = play_and_log(run.workdir, run.env, c.loop.play_batch, policy, c.loop.eval_conversations,
                           seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{k}")
   summary = env_base.summarize(records)
   label_error = label_noise.classifier_error(records)  # the outcome classifier against the simulator's truth
@@ -837,7 +840,7 @@ def run(config, workdir: str) -> dict:
   params = pi0
   for k in range(config.loop.iterations):
     if run_.progress.get(f"policy/{k + 1}"):
-      params = _restore_params(run_, "policy", k + 1, params)
+      params = restore_params(run_, "policy", k + 1, params)
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
       continue
     with timed(run_, "collect", k):
@@ -846,7 +849,7 @@ def run(config, workdir: str) -> dict:
       elif k == 0 and config.loop.first_data == "explore":
         # D_0: logs of the exploratory behaviour policy; Q^{pi_0} from them needs qfit.method=fqe (off-policy)
         staff = registry.make_policy(config.env.domain, "explore", config.env)
-        records = _play_and_log(run_.workdir, run_.env, config.loop.play_batch, staff, config.loop.conversations,
+        records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, staff, config.loop.conversations,
                                 seed_for(config, k, PHASE_IDS["collect"], 2), "explore")
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
@@ -854,7 +857,7 @@ def run(config, workdir: str) -> dict:
         if config.loop.explore_turns:  # one randomised turn per conversation (explore.py)
           policy = explore.RandomisedTurn(policy, registry.candidate_fn(config.env.domain), run_.env.max_turns,
                                           seed=seed_for(config, k, PHASE_IDS["collect"], 3))
-        records = _play_and_log(run_.workdir, run_.env, config.loop.play_batch, policy, config.loop.conversations,
+        records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, policy, config.loop.conversations,
                                 seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")
         if not run_.progress.get(f"collect/{k}"):  # what deploying pi_k with randomised turns cost (vs eval/)
           deployed = {n: v for n, v in env_base.summarize(records).items()
@@ -869,7 +872,7 @@ def run(config, workdir: str) -> dict:
       raise Interrupted(f"stopped after qfit/{k}")
     with timed(run_, "ppo", k):
       new_params, _ = improve_policy(run_, k, records, params, q_tr, q_params, pi0)
-    _save_params(run_, "policy", k + 1, new_params, {"phase": "ppo", "iteration": k + 1})
+    save_params(run_, "policy", k + 1, new_params, {"phase": "ppo", "iteration": k + 1})
     run_.progress.mark(f"policy/{k + 1}")
     params = new_params
     with timed(run_, "eval", k + 1):
@@ -905,7 +908,7 @@ def offline_iteration(run_: Run, logs, pi0) -> dict:
   """One iteration on a user's logs: Q-fit on them, PPO on their states; writes policy step 1."""
   q_tr, q_params, q_metrics = fit_q(run_, 0, logs, pi0)
   new_params, ppo_metrics = improve_policy(run_, 0, logs, pi0, q_tr, q_params, pi0)
-  _save_params(run_, "policy", 1, new_params, {"phase": "ppo", "iteration": 1, "offline": True})
+  save_params(run_, "policy", 1, new_params, {"phase": "ppo", "iteration": 1, "offline": True})
   run_.progress.mark("policy/1")
   summary = {"offline": True, "logs": run_.config.loop.logs, "conversations": len(logs), "qfit": q_metrics,
              "ppo": ppo_metrics, "policy_checkpoint": os.path.join(run_.workdir, "checkpoints", "policy", "1"),

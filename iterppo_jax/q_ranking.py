@@ -25,13 +25,7 @@ import numpy as np
 
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
-
-
-def _spearman(x: np.ndarray, y: np.ndarray) -> float:
-  """Spearman correlation with average ranks for ties; NaN when either side is constant."""
-  from iterppo_jax import qfit  # qfit imports jax; keep this module's import light
-  rx, ry = qfit._average_ranks(x), qfit._average_ranks(y)  # pylint: disable=protected-access
-  return qfit.pearson(rx, ry)
+from iterppo_jax import stats
 
 
 def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
@@ -66,7 +60,7 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     pick_gain.append(float(picked - t.mean()))
     best_gain.append(float(best - t.mean()))
     if np.ptp(p) > 0:  # t varies (checked above); a constant prediction has no rank correlation
-      spear.append(_spearman(p, t))
+      spear.append(stats.spearman(p, t))
     dt = np.sign(t[:, None] - t[None, :])
     dp = np.sign(p[:, None] - p[None, :])
     upper = np.triu(np.ones_like(dt, bool), 1) & (dt != 0)
@@ -216,7 +210,6 @@ def logged_ranking_metrics(q_candidates: Sequence[np.ndarray], taken: Sequence[i
     ips_pick_gain: mean(C 1[a == pick] G) - mean(G), an unbiased estimate of the greedy pick's gain;
     ips_pick_gain_se: its standard error; turns: T.
   """
-  from iterppo_jax import qfit
   returns = np.asarray(returns, np.float64)
   if len(returns) == 0:
     return {"adv_corr": float("nan"), "ips_pick_gain": float("nan"), "ips_pick_gain_se": float("nan"),
@@ -224,6 +217,6 @@ def logged_ranking_metrics(q_candidates: Sequence[np.ndarray], taken: Sequence[i
   adv = np.asarray([c[a] - np.mean(c) for c, a in zip(q_candidates, taken)])
   hit = np.asarray([len(c) * float(int(np.argmax(c)) == a) for c, a in zip(q_candidates, taken)])
   gain = hit * returns - returns
-  return {"adv_corr": qfit.pearson(adv, returns), "ips_pick_gain": float(gain.mean()),
+  return {"adv_corr": stats.pearson(adv, returns), "ips_pick_gain": float(gain.mean()),
           "ips_pick_gain_se": float(gain.std(ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else float("nan"),
           "turns": int(len(returns))}

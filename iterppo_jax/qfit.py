@@ -6,8 +6,7 @@ G_i = sum_{j >= i} gamma^{j - i} r_j with r_j = o_j (the outcome flag, PAPER.md 
     alternatives the note names, TD(0)/SARSA and TD(lambda), whose bootstrap values come from target parameters
     updated by Polyak averaging or periodic copies; and fitted Q evaluation (FQE, expected SARSA over actions
     sampled from the evaluated policy), which estimates Q^pi from logs of another, exploratory policy;
-  * evaluation metrics for a fitted Q (Brier score, expected calibration error, AUC, Pearson correlation), host
-    side in NumPy;
+  * evaluate_q, a fitted Q's scores against outcomes (stats.py: Brier, calibration error, AUC, Pearson);
   * the jitted fit step (appended below the maths).
 
 Turn-level arrays are [B, T] with T = turns of a conversation and ``mask[B, T]`` marking real turns.
@@ -23,6 +22,7 @@ from iterppo_jax import data as data_lib
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import rendering
 from iterppo_jax import sampling
+from iterppo_jax import stats
 from iterppo_jax import train_state as ts
 
 # ---- Q-fit maths ----
@@ -250,80 +250,6 @@ def periodic_copy(target_params: Any, online_params: Any, step: int | jax.Array,
   """
   copy = (step % period) == 0
   return jax.tree.map(lambda t, o: jnp.where(copy, o, t), target_params, online_params)
-
-
-# ---- Q-model evaluation metrics (host side) ----
-
-
-def brier(probs, outcomes) -> float:
-  """Brier score: mean_i (p_i - y_i)^2. Lower is better; 0.25 for a constant 0.5 forecast of fair coins."""
-  probs = np.asarray(probs, np.float64).ravel()
-  outcomes = np.asarray(outcomes, np.float64).ravel()
-  return float(np.mean(np.square(probs - outcomes)))
-
-
-def expected_calibration_error(probs, outcomes, n_bins: int = 10) -> float:
-  """ECE with equal-width bins: sum_b (n_b / N) * |mean_{i in b} p_i - mean_{i in b} y_i|.
-
-  Bins are [0, 1/n), [1/n, 2/n), ..., [(n-1)/n, 1]; the last bin includes 1. Empty bins contribute 0.
-
-  Args:
-    probs: [N] predicted probabilities in [0, 1].
-    outcomes: [N] observed outcomes (0/1, or returns in [0, 1]).
-    n_bins: number of bins.
-
-  Returns:
-    ECE as a float.
-  """
-  probs = np.asarray(probs, np.float64).ravel()
-  outcomes = np.asarray(outcomes, np.float64).ravel()
-  bins = np.clip(np.floor(probs * n_bins).astype(np.int64), 0, n_bins - 1)
-  prob_sums = np.bincount(bins, weights=probs, minlength=n_bins)
-  outcome_sums = np.bincount(bins, weights=outcomes, minlength=n_bins)
-  # |sum p - sum y| / N == (n_b / N) * |mean p - mean y|, and is 0 for empty bins without dividing by 0.
-  return float(np.sum(np.abs(prob_sums - outcome_sums)) / max(len(probs), 1))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-  """1-based ranks with ties given their average rank (the Mann-Whitney convention)."""
-  _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-  first_rank = np.cumsum(counts) - counts + 1  # rank of the first element of each tie group
-  return (first_rank + (counts - 1) / 2.0)[inverse]
-
-
-def auc(scores, labels) -> float:
-  """ROC AUC via the Mann-Whitney U statistic: P(score_pos > score_neg) + 0.5 P(score_pos = score_neg).
-
-    AUC = (sum_{i pos} rank_i - n_pos (n_pos + 1) / 2) / (n_pos * n_neg), ranks averaged over ties.
-
-  Args:
-    scores: [N] predicted scores (any monotone scale).
-    labels: [N] binary labels (truthy = positive).
-
-  Returns:
-    AUC, or NaN when one class is absent.
-  """
-  scores = np.asarray(scores, np.float64).ravel()
-  labels = np.asarray(labels).ravel().astype(bool)
-  n_pos = int(labels.sum())
-  n_neg = len(labels) - n_pos
-  if n_pos == 0 or n_neg == 0:
-    return float("nan")
-  ranks = _average_ranks(scores)
-  u_statistic = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
-  return float(u_statistic / (n_pos * n_neg))
-
-
-def pearson(x, y) -> float:
-  """Pearson correlation cov(x, y) / (std(x) std(y)); NaN when either input is constant."""
-  x = np.asarray(x, np.float64).ravel()
-  y = np.asarray(y, np.float64).ravel()
-  x = x - x.mean()
-  y = y - y.mean()
-  denominator = np.sqrt(np.sum(x * x) * np.sum(y * y))
-  if denominator == 0:
-    return float("nan")
-  return float(np.sum(x * y) / denominator)
 
 
 # ---- the Q-fit step and its driver ----
@@ -592,9 +518,9 @@ def _model_batch(batch: dict) -> dict:
 
 def evaluate_q(q: np.ndarray, outcomes: np.ndarray, true_q: np.ndarray | None = None) -> dict:
   """Calibration and ranking of predicted Q against outcomes (and against true Q from a simulator)."""
-  out = {"brier": brier(q, outcomes), "ece": expected_calibration_error(q, outcomes),
-         "auc": auc(q, outcomes), "q_mean": float(np.mean(q)), "outcome_mean": float(np.mean(outcomes))}
+  out = {"brier": stats.brier(q, outcomes), "ece": stats.expected_calibration_error(q, outcomes),
+         "auc": stats.auc(q, outcomes), "q_mean": float(np.mean(q)), "outcome_mean": float(np.mean(outcomes))}
   if true_q is not None:
-    out["true_q_corr"] = pearson(q, true_q)
+    out["true_q_corr"] = stats.pearson(q, true_q)
     out["true_q_mae"] = float(np.mean(np.abs(q - true_q)))
   return out

@@ -150,11 +150,11 @@ def test_transcript_reading_and_restore_match_the_hidden_state(sr_env):
 
 
 def test_true_q_from_restored_states_separates_good_and_bad(sr_env, direct_env):
-  records = direct_env.play(booking.BookingOraclePolicy(), 30, seed=3)
+  records = direct_env.play(booking.make_booking_policy("oracle"), 30, seed=3)
   # Restore each conversation after its third decision's customer reply (mid-way through the questions).
   states = [direct_env.restore(r, r.agent_steps()[3]) for r in records if len(r.agent_steps()) > 4][:12]
   assert len(states) >= 8
-  oracle = booking.BookingOraclePolicy()
+  oracle = booking.make_booking_policy("oracle")
   good = oracle([e.observation() for e in states])
   bad = ["Shall I book that for you?"] * len(states)  # booking before any slot was agreed
   q_good, se_good = direct_env.estimate_q(states, good, oracle, gamma=0.95, n_rollouts=24, seed=0)

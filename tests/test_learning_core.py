@@ -32,6 +32,7 @@ from iterppo_jax import lm_policy
 from iterppo_jax import qfit
 from iterppo_jax import sft
 from iterppo_jax import sharding
+from iterppo_jax import stats
 from iterppo_jax import tokenizer as tokenizer_lib
 from iterppo_jax import train_state as ts
 from iterppo_jax.envs import base
@@ -181,8 +182,8 @@ def test_monte_carlo_q_fit_matches_true_q(world, sft_run, held_out_q, q_train):
     turn_mean.setdefault(e.turn, []).append(e.target)
   overall = float(np.mean(train["target"]))
   by_turn = np.array([np.mean(turn_mean.get(e.turn, [overall])) for e in held_out_q["chosen"]])
-  turn_corr = qfit.pearson(by_turn, true_q)
-  sample_corr = qfit.pearson(held_out_q["arrays"]["target"], true_q)
+  turn_corr = stats.pearson(by_turn, true_q)
+  sample_corr = stats.pearson(held_out_q["arrays"]["target"], true_q)
   print(f"MC Q-fit on {len(examples)} decisions ({last}):\n  at {len(true_q)} held-out points {at_points}\n"
         f"  all {len(q_all)} held-out decisions {everywhere}\n  true Q spread {true_q.std():.3f}, mean MC stderr "
         f"{held_out_q['stderr'].mean():.3f}; corr(turn-index baseline, true Q) {turn_corr:.3f}, "

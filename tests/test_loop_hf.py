@@ -59,7 +59,7 @@ def test_loop_from_a_hf_checkpoint_renders_chats_and_exports(model_dir, tmp_path
   assert summary["export_dir"] == c.export_dir
   cfg, exported = hf_lib.load_pretrained(c.export_dir)
   assert cfg.family == "llama" and cfg.vocab_size == run_.model_cfg.vocab_size
-  final = loop._restore_params(run_, "policy", 1, exported)
+  final = loop.restore_params(run_, "policy", 1, exported)
   for a, b in zip(jax.tree.leaves(exported), jax.tree.leaves(final)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0)
   torch = pytest.importorskip("torch")

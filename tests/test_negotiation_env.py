@@ -89,7 +89,7 @@ def test_conversations_are_long(sr_env, direct_env, behaviour_sr, oracle_sr):
 
 def test_early_turns_change_what_later_turns_earn(direct_env):
   """Policies that differ only at the first turn, then all play the oracle."""
-  oracle = base.summarize(direct_env.play(negotiation.NegotiationOraclePolicy(), N, seed=1))
+  oracle = base.summarize(direct_env.play(negotiation.make_negotiation_policy("oracle"), N, seed=1))
   discovery = _then_oracle(negotiation.Act("ask_seats"), "ask_first")
   ask_first = base.summarize(direct_env.play(discovery, N, seed=1))
   concede_first = direct_env.play(_then_oracle(negotiation.Act("concede", pct=15), "concede_first"), N, seed=1)
@@ -203,7 +203,7 @@ def test_restore_replays_the_hidden_state_and_supports_true_q(sr_env, direct_env
     assert len(restored.record.turns) == n_turns and not restored.done
   assert len(snapshots) > 400
   # True Q from restored mid-conversation states: the oracle's act beats a 15% concession out of the blue.
-  oracle = negotiation.NegotiationOraclePolicy()
+  oracle = negotiation.make_negotiation_policy("oracle")
   records = direct_env.play(oracle, 16, seed=3)
   states = [direct_env.restore(r, r.agent_steps()[3]) for r in records]
   good = oracle([e.observation() for e in states])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from iterppo_jax import qfit
+from iterppo_jax import stats
 
 
 def _returns_reference(rewards, mask, gamma):
@@ -126,8 +127,8 @@ def test_polyak_and_periodic_copy():
 
 
 def test_brier():
-  assert qfit.brier([0.5, 0.5], [0, 1]) == pytest.approx(0.25)
-  assert qfit.brier([0.9, 0.2, 0.6], [1, 0, 0]) == pytest.approx((0.01 + 0.04 + 0.36) / 3)
+  assert stats.brier([0.5, 0.5], [0, 1]) == pytest.approx(0.25)
+  assert stats.brier([0.9, 0.2, 0.6], [1, 0, 0]) == pytest.approx((0.01 + 0.04 + 0.36) / 3)
 
 
 def test_expected_calibration_error():
@@ -135,10 +136,10 @@ def test_expected_calibration_error():
   outcomes = [0, 1, 0, 1, 1, 0]
   # bins: [0,.1): {0.05|0}; [.1,.2): {0.15|1, 0.12|0}; [.5,.6): {0.55|0}; [.9,1]: {0.95|1, 1.0|1}
   expected = (1 * 0.05 + 2 * abs(0.135 - 0.5) + 1 * 0.55 + 2 * abs(0.975 - 1.0)) / 6
-  assert qfit.expected_calibration_error(probs, outcomes, n_bins=10) == pytest.approx(expected)
-  assert qfit.expected_calibration_error([0.3, 0.3, 0.3], [0, 1, 0], n_bins=10) == pytest.approx(abs(0.3 - 1 / 3))
+  assert stats.expected_calibration_error(probs, outcomes, n_bins=10) == pytest.approx(expected)
+  assert stats.expected_calibration_error([0.3, 0.3, 0.3], [0, 1, 0], n_bins=10) == pytest.approx(abs(0.3 - 1 / 3))
   # A perfectly calibrated forecaster within each bin
-  assert qfit.expected_calibration_error([0.25] * 4 + [0.75] * 4, [1, 0, 0, 0, 1, 1, 1, 0]) == pytest.approx(0.0)
+  assert stats.expected_calibration_error([0.25] * 4 + [0.75] * 4, [1, 0, 0, 0, 1, 1, 1, 0]) == pytest.approx(0.0)
 
 
 def test_auc_with_ties():
@@ -146,10 +147,10 @@ def test_auc_with_ties():
   # 0.8 beats both (2); each 0.5 ties 0.5 (0.5) and beats 0.2 (1) -> total 2 + 1.5 + 1.5 = 5 of 6
   scores = [0.8, 0.5, 0.5, 0.5, 0.2]
   labels = [1, 1, 1, 0, 0]
-  assert qfit.auc(scores, labels) == pytest.approx(5 / 6)
-  assert qfit.auc([0.3] * 4, [1, 0, 1, 0]) == pytest.approx(0.5)
-  assert qfit.auc([0.1, 0.2, 0.9], [0, 0, 1]) == pytest.approx(1.0)
-  assert np.isnan(qfit.auc([0.1, 0.2], [1, 1]))
+  assert stats.auc(scores, labels) == pytest.approx(5 / 6)
+  assert stats.auc([0.3] * 4, [1, 0, 1, 0]) == pytest.approx(0.5)
+  assert stats.auc([0.1, 0.2, 0.9], [0, 0, 1]) == pytest.approx(1.0)
+  assert np.isnan(stats.auc([0.1, 0.2], [1, 1]))
 
 
 def test_auc_matches_pairwise_reference():
@@ -158,16 +159,16 @@ def test_auc_matches_pairwise_reference():
   labels = rng.random(60) < 0.4
   pos, neg = scores[labels], scores[~labels]
   pairwise = ((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean()
-  assert qfit.auc(scores, labels) == pytest.approx(pairwise)
+  assert stats.auc(scores, labels) == pytest.approx(pairwise)
 
 
 def test_pearson():
   rng = np.random.default_rng(4)
   x = rng.normal(size=50)
   y = 2 * x + rng.normal(size=50)
-  assert qfit.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
-  assert qfit.pearson(x, 3 * x + 1) == pytest.approx(1.0)
-  assert np.isnan(qfit.pearson(x, np.ones(50)))
+  assert stats.pearson(x, y) == pytest.approx(np.corrcoef(x, y)[0, 1])
+  assert stats.pearson(x, 3 * x + 1) == pytest.approx(1.0)
+  assert np.isnan(stats.pearson(x, np.ones(50)))
 
 
 def test_bootstrap_override_replaces_the_successor_and_cuts_the_trace():

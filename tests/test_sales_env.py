@@ -74,7 +74,7 @@ def test_early_turn_changes_what_later_turns_earn(direct_env):
       return sales.business_text(sales.Act("recommend", product=sales.product_for("laptop", 1)), obs.rng)
     return sales.business_text(sales.oracle_act(sales.visible_facts(obs.conversation.turns)), obs.rng)
 
-  oracle = _conversion(direct_env, sales.SalesOraclePolicy(), 3000)
+  oracle = _conversion(direct_env, sales.make_sales_policy("oracle"), 3000)
   guess = _conversion(direct_env, policies.FunctionPolicy(guess_first, "guess_first"), 3000)
   print("oracle", oracle["conversion"], "guess first", guess["conversion"])
   assert guess["conversion_hi"] < oracle["conversion_lo"]
@@ -84,7 +84,7 @@ def test_early_turn_changes_what_later_turns_earn(direct_env):
 def test_true_q_separates_good_and_bad_suggestions(direct_env):
   episodes = direct_env.reset(12, seed=3)
   # Advance two rounds with the oracle so the states are mid-conversation.
-  oracle = sales.SalesOraclePolicy()
+  oracle = sales.make_sales_policy("oracle")
   for _ in range(2):
     live = [e for e in episodes if not e.done]
     direct_env.step(live, oracle([e.observation() for e in live]))

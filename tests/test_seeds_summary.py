@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from experiments import seeds_summary
+from iterppo_jax import stats
 
 
 def _summary(conversions, behavior=0.26, top1=0.3):
@@ -15,9 +16,9 @@ def _summary(conversions, behavior=0.26, top1=0.3):
 
 
 def test_mean_interval_is_the_student_t_interval():
-  mean, lo, hi = seeds_summary.mean_interval([0.1, 0.2, 0.3])
+  mean, lo, hi = stats.mean_interval([0.1, 0.2, 0.3])
   assert mean == pytest.approx(0.2) and hi - mean == pytest.approx(4.303 * 0.1 / np.sqrt(3), rel=1e-4)
-  assert np.isnan(seeds_summary.mean_interval([0.5])[1])
+  assert np.isnan(stats.mean_interval([0.5])[1])
 
 
 def test_paired_gains_and_the_behaviour_line():

@@ -174,7 +174,7 @@ def test_early_turn_changes_what_later_turns_earn(direct_env):
       return support.business_text(support.Act("fix", fix="restart"), obs.rng)
     return support.business_text(support.oracle_act(support.visible_facts(obs.conversation.turns)), obs.rng)
 
-  oracle = _summary(direct_env, support.SupportOraclePolicy(), 1500)
+  oracle = _summary(direct_env, support.make_support_policy("oracle"), 1500)
   guess = _summary(direct_env, policies.FunctionPolicy(guess_first, "guess_first"), 1500)
   print("oracle", oracle["conversion"], "guess first", guess["conversion"])
   assert guess["conversion_hi"] < oracle["conversion_lo"]
@@ -195,7 +195,7 @@ def test_abstain_is_logged_and_the_business_writes_its_own(sr_env, direct_env):
 
 def test_true_q_separates_good_and_bad_suggestions(direct_env):
   episodes = direct_env.reset(12, seed=3)
-  oracle = support.SupportOraclePolicy()
+  oracle = support.make_support_policy("oracle")
   live = [e for e in episodes if not e.done]
   direct_env.step(live, oracle([e.observation() for e in live]))  # the error question
   live = [e for e in episodes if not e.done]
@@ -243,7 +243,7 @@ def test_restore_replays_the_hidden_state_and_supports_true_q(sr_env):
   # Monte Carlo Q from restored mid-conversation states.
   picks = [k for k in snapshots if k[1] > 1][:6]
   restored = [sr_env.restore(records[uid], n) for uid, n in picks]
-  oracle = support.SupportOraclePolicy()
+  oracle = support.make_support_policy("oracle")
   q, se = sr_env.estimate_q(restored, oracle([e.observation() for e in restored]), oracle, gamma=0.95,
                             n_rollouts=8, seed=0)
   assert q.shape == (6,) and np.all((0 <= q) & (q <= 1)) and np.all(np.isfinite(se))

@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import stats
 
 FEEDBACK_ORDER = ("accept", "edit", "influenced", "reject")
 QUALITIES = ("good", "ok", "bad")
@@ -308,7 +309,7 @@ def summarize(records: Sequence[conv_lib.Conversation]) -> dict[str, float]:
   """Conversion with a 95% Wilson interval, mean turns, and the business user's behaviour rates."""
   n = len(records)
   wins = sum(1 for r in records if r.outcome >= 1)
-  lo, hi = wilson_interval(wins, n)
+  lo, hi = stats.wilson_interval(wins, n)
   feedback = [t.feedback for r in records for t in r.turns if t.role == "business"]
   suggestions = [t for r in records for t in r.turns if t.role == "suggestion"]
   out = {"conversations": n, "conversion": wins / max(n, 1), "conversion_lo": lo, "conversion_hi": hi,
@@ -321,14 +322,3 @@ def summarize(records: Sequence[conv_lib.Conversation]) -> dict[str, float]:
   for reason in conv_lib.END_REASONS:
     out[f"end/{reason}"] = sum(r.end_reason == reason for r in records) / max(n, 1)
   return out
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-  """95% Wilson score interval for a binomial proportion (sound near 0 and 1, unlike the normal one)."""
-  if n == 0:
-    return 0.0, 1.0
-  p = successes / n
-  denom = 1 + z * z / n
-  centre = (p + z * z / (2 * n)) / denom
-  half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-  return float(centre - half), float(centre + half)

@@ -688,30 +688,14 @@ class BookingEnv(base.TextEnv):
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
 
 
-class BookingBehaviorPolicy(policies.StaffPolicy):
-  """The historical front-desk staff (mistakes: `staff_act`)."""
-
-  def __init__(self, skill_mean: float = 0.38, name: str = "behavior"):
-    super().__init__(SCRIPT, skill_mean, salt=17, name=name)
-
-
-class BookingOraclePolicy(policies.OraclePolicy):
-  """Asks the service, days, time of day and staff, offers the first fitting slot, then books."""
-
-  def __init__(self):
-    super().__init__(SCRIPT)
-
-
 def make_booking_policy(name: str, skill_mean: float = 0.38):
-  """Looks a shipped booking policy up by name: behavior | oracle | random | explore.
+  """Looks a shipped booking policy up by name (policies.shipped): behavior | oracle | random | explore.
 
-  'explore' is the historical front-desk population (same skill_mean) trying candidate acts
-  (policies.ScriptExplorePolicy).
+  'behavior' is the historical front-desk staff (mistakes: `staff_act`); 'oracle' asks the service, days, time of
+  day and staff, offers the first fitting slot, then books; 'explore' the front-desk population (same skill_mean)
+  trying candidate acts.
   """
-  return policies.lookup("booking", name, {
-      "behavior": lambda: BookingBehaviorPolicy(skill_mean), "oracle": BookingOraclePolicy,
-      "random": policies.RandomTextPolicy,
-      "explore": lambda: policies.ScriptExplorePolicy(SCRIPT, skill_mean=skill_mean)})
+  return policies.lookup("booking", name, policies.shipped(SCRIPT, skill_mean))
 
 
 def make_policy(name: str, env_config):

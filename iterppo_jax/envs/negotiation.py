@@ -932,31 +932,15 @@ class NegotiationEnv(base.TextEnv):
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
 
 
-class NegotiationBehaviorPolicy(policies.StaffPolicy):
-  """The historical sales reps (mistakes: discounting up front, pushing to close, ignoring an objection, small
-  talk, pitching the wrong plan, asking again, answering the wrong objection)."""
-
-  def __init__(self, skill_mean: float = 0.48, name: str = "behavior"):
-    super().__init__(SCRIPT, skill_mean, salt=23, name=name)
-
-
-class NegotiationOraclePolicy(policies.OraclePolicy):
-  """Discovers every requirement, pitches the fitting plan, handles each objection and blocker, closes."""
-
-  def __init__(self):
-    super().__init__(SCRIPT)
-
-
 def make_negotiation_policy(name: str, skill_mean: float = 0.48):
-  """Looks a shipped negotiation policy up by name: behavior | oracle | random | explore.
+  """Looks a shipped negotiation policy up by name (policies.shipped): behavior | oracle | random | explore.
 
-  'explore' is the historical rep population (same skill_mean) trying candidate acts
-  (policies.ScriptExplorePolicy).
+  'behavior' is the historical sales reps (mistakes: discounting up front, pushing to close, ignoring an objection,
+  small talk, pitching the wrong plan, asking again, answering the wrong objection); 'oracle' discovers every
+  requirement, pitches the fitting plan, handles each objection and blocker, closes; 'explore' the rep population
+  (same skill_mean) trying candidate acts.
   """
-  return policies.lookup("negotiation", name, {
-      "behavior": lambda: NegotiationBehaviorPolicy(skill_mean), "oracle": NegotiationOraclePolicy,
-      "random": policies.RandomTextPolicy,
-      "explore": lambda: policies.ScriptExplorePolicy(SCRIPT, skill_mean=skill_mean)})
+  return policies.lookup("negotiation", name, policies.shipped(SCRIPT, skill_mean, salt=23))
 
 
 def make_policy(name: str, env_config):

@@ -88,6 +88,13 @@ class OraclePolicy:
     return [s.business_text(s.oracle_act(s.visible_facts(o.conversation.turns)), o.rng) for o in observations]
 
 
+def shipped(script: Script, skill_mean: float, salt: int = 17) -> dict[str, Callable[[], base.Policy]]:
+  """The policies every domain ships, built from its Script, by name (for `lookup`): 'behavior' (the historical
+  staff, StaffPolicy), 'oracle', 'random' (random words) and 'explore' (the staff trying candidate acts)."""
+  return {"behavior": lambda: StaffPolicy(script, skill_mean, salt=salt), "oracle": lambda: OraclePolicy(script),
+          "random": RandomTextPolicy, "explore": lambda: ScriptExplorePolicy(script, skill_mean=skill_mean)}
+
+
 def lookup(domain: str, name: str, table: dict[str, Callable[[], base.Policy]]) -> base.Policy:
   """table[name]() with an error that lists the domain's policies."""
   if name not in table:

@@ -516,21 +516,6 @@ def make_env(env_config) -> SalesEnv:
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
 
 
-class SalesBehaviorPolicy(policies.StaffPolicy):
-  """The historical business staff of the sales simulator (mistakes: guessing a product, closing early,
-  chit-chat, ...)."""
-
-  def __init__(self, skill_mean: float = 0.35, name: str = "behavior"):
-    super().__init__(SCRIPT, skill_mean, salt=17, name=name)
-
-
-class SalesOraclePolicy(policies.OraclePolicy):
-  """Asks the need, then the budget, recommends the fitting product, handles objections, then closes."""
-
-  def __init__(self):
-    super().__init__(SCRIPT)
-
-
 # Exploration: varied personas and acts, so logs cover many (state, action) pairs (off-policy Q).
 
 TONES = ("formal", "casual", "enthusiastic")
@@ -643,12 +628,14 @@ class NoisyOraclePolicy:
 def make_sales_policy(name: str, skill_mean: float = 0.35):
   """Looks a shipped sales policy up by name: behavior | oracle | random | explore | noisy_oracle.
 
-  'explore' is the historical staff population (same skill_mean) with personas and random acts
-  (ExploratoryPolicy); 'noisy_oracle' the oracle with 20% random acts.
+  'behavior' is the historical staff (mistakes: guessing a product, closing early, chit-chat, ...); 'oracle' asks
+  the need, then the budget, recommends the fitting product, handles objections, then closes; 'explore' is the
+  staff population (same skill_mean) with personas and random acts (ExploratoryPolicy); 'noisy_oracle' the oracle
+  with 20% random acts.
   """
   return policies.lookup("sales", name, {
-      "behavior": lambda: SalesBehaviorPolicy(skill_mean), "oracle": SalesOraclePolicy,
-      "random": policies.RandomTextPolicy, "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean), "noisy_oracle": NoisyOraclePolicy})
+      **policies.shipped(SCRIPT, skill_mean), "explore": lambda: ExploratoryPolicy(skill_mean=skill_mean),
+      "noisy_oracle": NoisyOraclePolicy})
 
 
 def make_policy(name: str, env_config):

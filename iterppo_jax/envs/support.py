@@ -634,31 +634,19 @@ class SupportEnv(base.TextEnv):
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
 
 
-class SupportBehaviorPolicy(policies.StaffPolicy):
-  """The historical support agents (mistakes: guessing a fix, jumping to reinstall, escalating or closing
-  early, ...)."""
-
-  def __init__(self, skill_mean: float = 0.2, name: str = "behavior"):
-    super().__init__(SCRIPT, skill_mean, salt=17, name=name)
-
-
-class SupportOraclePolicy(policies.OraclePolicy):
-  """Asks the error, then when it started if that is ambiguous; fixes in order or escalates; then confirms."""
-
-  def __init__(self):
-    super().__init__(SCRIPT)
-
-
 def make_support_policy(name: str, skill_mean: float = 0.2):
-  """Looks a shipped support policy up by name: behavior | oracle | random | explore.
+  """Looks a shipped support policy up by name (policies.shipped): behavior | oracle | random | explore.
 
-  'explore' is the historical agent population (same skill_mean) trying candidate acts
-  (policies.ScriptExplorePolicy).
+  'behavior' is the historical support agents (mistakes: guessing a fix, jumping to reinstall, escalating or closing
+  early, ...); 'oracle' asks the error, then when it started if that is ambiguous; fixes in order or escalates; then
+  confirms; 'explore' the agent population (same skill_mean) trying candidate acts.
   """
-  return policies.lookup("support", name, {
-      "behavior": lambda: SupportBehaviorPolicy(skill_mean), "oracle": SupportOraclePolicy,
-      "random": policies.RandomTextPolicy,
-      "explore": lambda: policies.ScriptExplorePolicy(SCRIPT, skill_mean=skill_mean)})
+  return policies.lookup("support", name, policies.shipped(SCRIPT, skill_mean))
+
+
+def make_policy(name: str, env_config):
+  """The registry's entry point: a support policy for the `env` config section."""
+  return make_support_policy(name, skill_mean=env_config.skill_mean)
 
 
 def make_env(env_config) -> SupportEnv:
@@ -666,8 +654,3 @@ def make_env(env_config) -> SupportEnv:
   return SupportEnv(business_user=base.BusinessUserConfig(mode=env_config.business_user),
                     max_turns=env_config.max_turns, max_render_turns=env_config.max_render_turns,
                     skill_mean=env_config.skill_mean)
-
-
-def make_policy(name: str, env_config):
-  """The registry's entry point: a support policy for the `env` config section."""
-  return make_support_policy(name, skill_mean=env_config.skill_mean)
