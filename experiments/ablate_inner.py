@@ -114,11 +114,7 @@ def plot(rows: list[dict], path: str, reference: dict | None = None) -> str:
   ax.set_title("Inner solver: same sampled responses per iteration")
   ax.legend(loc="best", fontsize=8)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return io_utils.save_figure(fig, path)
 
 
 def main(argv):

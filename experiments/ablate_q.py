@@ -243,11 +243,7 @@ def plot(rows: list[dict], path: str) -> str:
   ax_q.set_title("Q error against the simulator's Monte Carlo Q")
   ax_q.legend(loc="best", fontsize=7)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return io_utils.save_figure(fig, path)
 
 
 def write_report(rows: list[dict], workdir: str) -> tuple[str, str]:

@@ -205,11 +205,7 @@ def simulator_plot(rows: list[dict], path: str) -> str:
   ax.set_title("Scripted policies in each simulator")
   ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return io_utils.save_figure(fig, path)
 
 
 # ---- sections ----

@@ -89,3 +89,14 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
   """Serialises ``obj`` to JSON first (so an unserialisable object never touches disk), then writes atomically."""
   atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> str:
+  """Saves a matplotlib figure as PNG atomically (a reader never sees half a plot), closes it; returns `path`."""
+  import matplotlib.pyplot as plt  # plotting is optional for the library's other writers
+  try:
+    with atomic_open(path, "wb", encoding=None) as f:
+      fig.savefig(f, dpi=dpi, format="png")
+  finally:
+    plt.close(fig)
+  return path

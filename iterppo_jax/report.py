@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from iterppo_jax import io_utils
 
 
 def table(summary: dict) -> str:
@@ -54,8 +54,4 @@ def plot_conversion(summary: dict, path: str) -> str:
   ax.legend(loc="best", fontsize=8)
   ax.set_title("Conversion of pi_k on held-out simulated conversations")
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return io_utils.save_figure(fig, path)

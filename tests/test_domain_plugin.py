@@ -148,8 +148,7 @@ class ScarfEnv(base.TextEnv):
 
 
 def make_env(env_config) -> ScarfEnv:
-  return ScarfEnv(skill_mean=env_config.skill_mean, business_user=registry.business_user(env_config),
-                  max_turns=env_config.max_turns, max_render_turns=env_config.max_render_turns)
+  return ScarfEnv.from_config(env_config, skill_mean=env_config.skill_mean)
 
 
 def make_policy(name: str, env_config):

@@ -114,6 +114,13 @@ class TextEnv:
     self.max_turns = max_turns
     self.max_render_turns = max_render_turns
 
+  @classmethod
+  def from_config(cls, env_config, **kwargs) -> "TextEnv":
+    """The environment from the `env` config section's common keys (business_user, max_turns, max_render_turns)
+    and the domain's own keyword arguments."""
+    return cls(business_user=BusinessUserConfig(mode=env_config.business_user), max_turns=env_config.max_turns,
+               max_render_turns=env_config.max_render_turns, **kwargs)
+
   # ---- domain hooks ----
   def new_hidden(self, rng: np.random.Generator) -> Any:
     """Draws the hidden state at reset (customer profile, business persona)."""

@@ -705,6 +705,4 @@ def make_policy(name: str, env_config):
 
 def make_env(env_config) -> BookingEnv:
   """The booking simulator from the `env` config section (envs/registry.py)."""
-  return BookingEnv(business_user=base.BusinessUserConfig(mode=env_config.business_user),
-                    max_turns=env_config.max_turns, max_render_turns=env_config.max_render_turns,
-                    skill_mean=env_config.skill_mean)
+  return BookingEnv.from_config(env_config, skill_mean=env_config.skill_mean)

@@ -950,6 +950,4 @@ def make_policy(name: str, env_config):
 
 def make_env(env_config) -> NegotiationEnv:
   """The negotiation simulator from the `env` config section (envs/registry.py)."""
-  return NegotiationEnv(business_user=base.BusinessUserConfig(mode=env_config.business_user),
-                        max_turns=env_config.max_turns, max_render_turns=env_config.max_render_turns,
-                        skill_mean=env_config.skill_mean)
+  return NegotiationEnv.from_config(env_config, skill_mean=env_config.skill_mean)

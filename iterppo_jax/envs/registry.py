@@ -54,10 +54,6 @@ def module(domain: str) -> types.ModuleType:
   return mod
 
 
-def business_user(env_config) -> base.BusinessUserConfig:
-  return base.BusinessUserConfig(mode=env_config.business_user)
-
-
 def make_env(env_config) -> base.TextEnv:
   return module(env_config.domain).make_env(env_config)
 

@@ -506,9 +506,7 @@ def candidate_acts(v: Visible) -> list[Act]:
 
 def make_env(env_config) -> SalesEnv:
   """The sales simulator from the `env` config section (envs/registry.py)."""
-  return SalesEnv(business_user=base.BusinessUserConfig(mode=env_config.business_user),
-                  max_turns=env_config.max_turns, max_render_turns=env_config.max_render_turns,
-                  skill_mean=env_config.skill_mean)
+  return SalesEnv.from_config(env_config, skill_mean=env_config.skill_mean)
 
 
 # ---- the shipped policies, built from policies.py's kit ----
