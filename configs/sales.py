@@ -185,6 +185,9 @@ def get_config(arg=None):
 
   # ---- devices ----
   c.mesh = (("data", -1), ("fsdp", 1), ("tensor", 1))  # one -1 takes the remaining devices
+  # (logical axis, mesh axes) pairs replacing sharding.DEFAULT_RULES' entries, e.g. (("embed", None),) to keep
+  # the embedding dimension replicated; every phase of loop.run runs under these rules.
+  c.mesh_rules = ()
 
   if args["tiny"]:
     c.sft.behavior_conversations = 80

@@ -116,7 +116,7 @@ def ppo_config(config) -> ppo_lib.PPOConfig:
 # Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
 # what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
 RESUMABLE_CHANGES = ("resume", "loop.iterations", "loop.stop_after_phase", "loop.stop_after_ppo_step",
-                     "loop.tensorboard", "export_dir", "mesh")
+                     "loop.tensorboard", "export_dir", "mesh", "mesh_rules")
 
 
 def _flat(tree, prefix=""):
@@ -190,6 +190,7 @@ class Run:
   progress: Progress
   renderer: rendering.Renderer = rendering.TAGS
   graphdef: Any = None
+  rules: Any = sharding.DEFAULT_RULES  # logical axis -> mesh axes (config.mesh_rules over the defaults)
 
   def checkpointer(self, name: str, max_to_keep: int | None = None) -> ckpt_lib.Checkpointer:
     return ckpt_lib.Checkpointer(self.workdir, name, max_to_keep=max_to_keep)
@@ -291,7 +292,8 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   else:
     model_cfg = model_config(config, tokenizer.vocab_size)
   renderer = rendering.chat(tokenizer.hf) if config.data.get("chat_template", False) else rendering.TAGS
-  run = Run(config, workdir, env, tokenizer, model_cfg, mesh, writer, progress, renderer)
+  run = Run(config, workdir, env, tokenizer, model_cfg, mesh, writer, progress, renderer,
+            rules=sharding.rules_from_config(config.mesh_rules))
   return run, logs
 
 
@@ -659,7 +661,8 @@ def _true_q_error(run: Run, k: int, held_examples, q_pred, policy_params, record
 def run_policy_graphdef(run: Run):
   """The policy's graph (static structure); params come from checkpoints or training."""
   if run.graphdef is None:
-    run.graphdef = nnx.split(nnx.eval_shape(lambda: tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0))))[0]
+    # jax.eval_shape, not nnx.eval_shape: under the run's mesh the latter reads logical names as mesh axes
+    run.graphdef = jax.eval_shape(lambda: nnx.split(tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0))))[0]
   return run.graphdef
 
 
@@ -826,9 +829,19 @@ def timed(run_: Run, phase: str, iteration: int):
 
 
 def run(config, workdir: str) -> dict:
-  """Runs (or resumes) Iterative PPO; returns the per-iteration summary written to workdir/summary.json."""
+  """Runs (or resumes) Iterative PPO; returns the per-iteration summary written to workdir/summary.json.
+
+  Every phase runs under the run's mesh and logical-axis rules (config.mesh, config.mesh_rules), so the
+  models' activation constraints and the parameters' placement follow the config.
+  """
   start_time = time.perf_counter()
   run_, logs = setup(config, workdir)
+  with sharding.use_mesh(run_.mesh, run_.rules):
+    return _run_phases(run_, logs, start_time)
+
+
+def _run_phases(run_: Run, logs, start_time: float) -> dict:
+  config, workdir = run_.config, run_.workdir
   with timed(run_, "sft", 0):
     trainable, pi0 = train_pi0(run_, logs)
   if config.loop.stop_after_phase == "sft":

@@ -17,6 +17,7 @@ import math
 from iterppo_jax import group_pg
 from iterppo_jax import ppo
 from iterppo_jax import qfit
+from iterppo_jax import sharding
 from iterppo_jax import tokenizer as tok_lib
 
 INNER_SOLVERS = ("ppo", "grpo", "rloo")  # the single-turn solvers loop.improve_policy runs
@@ -166,6 +167,8 @@ def _check_rules(config) -> None:
   if get("qfit.pool") and get("qfit.view") != "dialogue_state":
     raise ValueError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
+  if _has(config, "mesh_rules"):
+    sharding.rules_from_config(get("mesh_rules"))  # logical names the models use, mesh axes that exist
   if not get("loop.logs") and _has(config, "env.domain"):
     from iterppo_jax.envs import registry  # the domain's module: a built-in name or an import path
     registry.module(get("env.domain"))

@@ -153,6 +153,29 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(axes if axes else None))
 
 
+def rules_from_config(overrides: Sequence[Tuple[str, MeshAxes]]) -> Tuple[Tuple[str, MeshAxes], ...]:
+  """DEFAULT_RULES with the config's `mesh_rules` pairs (logical name, mesh axis | tuple of axes | None)
+  replacing their entries, checked: a logical name the models use, mesh axes of MESH_AXES."""
+  rules = dict(DEFAULT_RULES)
+  for pair in overrides:
+    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+      raise ValueError(f"config.mesh_rules: expected (logical name, mesh axes) pairs, got {pair!r}")
+    name, axes = pair
+    if name not in rules:
+      raise ValueError(f"config.mesh_rules: unknown logical name {name!r}; expected one of {', '.join(rules)}")
+    named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    bad = [a for a in named if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"config.mesh_rules: {name!r} -> {axes!r} names {bad}; mesh axes are {', '.join(MESH_AXES)}")
+    rules[name] = None if axes is None else axes if isinstance(axes, str) else tuple(axes)
+  return tuple(rules.items())
+
+
+def active_rules() -> Rules:
+  """The rules of the active `use_mesh` (the run's configured ones), else DEFAULT_RULES."""
+  return _ACTIVE.rules if _ACTIVE.mesh is not None else DEFAULT_RULES
+
+
 # ---- activation constraints -------------------------------------------------------------------
 # Model code calls `constrain` at block boundaries. It is a no-op unless `use_mesh` is active, so
 # models run with no mesh at all (tests, single-device sampling).

@@ -68,14 +68,15 @@ def _split(model):
 
 
 def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
-                   rules=sharding.DEFAULT_RULES, *, with_target: bool = False,
+                   rules=None, *, with_target: bool = False,
                    params: Any = None) -> tuple[Trainable, TrainState]:
   """Builds a sharded TrainState without ever materialising the model unsharded.
 
   Args:
     make_model: () -> a fresh nnx.Module (seeded inside).
     tx: the optimizer.
-    mesh, rules: where parameters live (sharding.make_mesh / DEFAULT_RULES).
+    mesh, rules: where parameters live (sharding.make_mesh; rules default to the active use_mesh's, which
+      loop.run takes from the config, else sharding.DEFAULT_RULES).
     with_target: also keep a target copy of the params (TD Q-fit).
     params: start from these parameters (e.g. pi_k) instead of a fresh init.
   """
@@ -90,7 +91,7 @@ def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTrans
                       target_params=jax.tree.map(jnp.copy, p) if with_target else None)
 
   abstract = jax.eval_shape(lambda: init(None))
-  shardings = sharding.state_shardings(mesh, rules, abstract)
+  shardings = sharding.state_shardings(mesh, sharding.active_rules() if rules is None else rules, abstract)
   if params is None:
     state = jax.jit(lambda: init(None), out_shardings=shardings)()
   else:

@@ -164,3 +164,41 @@ def test_logical_helpers(report):
 
 if __name__ == '__main__':
   print(json.dumps(_worker()))
+
+
+def test_config_rules_replace_the_defaults_and_bad_ones_name_the_key():
+  from iterppo_jax import sharding  # here, not at the top: run as a script, this file sets XLA_FLAGS first
+  rules = dict(sharding.rules_from_config((("embed", None), ("mlp", ("fsdp", "tensor")))))
+  assert rules["embed"] is None and rules["mlp"] == ("fsdp", "tensor")
+  assert rules["heads"] == dict(sharding.DEFAULT_RULES)["heads"]  # the rest stay
+  with pytest.raises(ValueError, match="config.mesh_rules: unknown logical name 'embedding'"):
+    sharding.rules_from_config((("embedding", None),))
+  with pytest.raises(ValueError, match=r"config.mesh_rules: 'mlp' -> 'model' names \['model'\]"):
+    sharding.rules_from_config((("mlp", "model"),))
+
+
+def test_the_loop_runs_every_phase_under_the_configured_mesh_and_rules(tmp_path, monkeypatch):
+  """loop.run enters sharding.use_mesh with config.mesh and config.mesh_rules, so activation constraints and
+  parameter placement inside the phases follow the config (seen from inside the first phase)."""
+  from configs import sales as sales_config
+  from iterppo_jax import loop
+  from iterppo_jax import sharding
+
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def first_phase(run_, logs):
+    seen["mesh"], seen["rules"] = sharding._ACTIVE.mesh, dict(sharding.active_rules())
+    raise Stop
+
+  monkeypatch.setattr(loop, "train_pi0", first_phase)
+  c = sales_config.get_config("tiny")
+  c.sft.behavior_conversations = 8
+  c.mesh_rules = (("embed", None),)
+  with pytest.raises(Stop):
+    loop.run(c, str(tmp_path / "run"))
+  assert seen["mesh"] is not None and seen["mesh"].axis_names == ("data", "fsdp", "tensor")
+  assert seen["rules"]["embed"] is None and seen["rules"]["mlp"] == "tensor"
+  assert sharding._ACTIVE.mesh is None  # left on exit

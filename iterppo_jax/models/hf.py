@@ -390,10 +390,12 @@ def read_config(model_dir: str) -> Dict[str, Any]:
 
 def abstract_model(config: TransformerConfig) -> Tuple[nnx.GraphDef, nnx.State]:
   """(graphdef, abstract state) of ``Transformer(config)``; nothing is allocated."""
-  return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+  # jax.eval_shape, not nnx.eval_shape: under an active mesh (sharding.use_mesh) the latter reads the
+  # parameters' logical names as mesh axes
+  return jax.eval_shape(lambda: nnx.split(Transformer(config, rngs=nnx.Rngs(0))))
 
 
-def load_pretrained(model_dir: str, *, mesh=None, rules: sharding.Rules = sharding.DEFAULT_RULES,
+def load_pretrained(model_dir: str, *, mesh=None, rules: Optional[sharding.Rules] = None,
                     dtype: str = 'float32', param_dtype: str = 'float32'
                     ) -> Tuple[TransformerConfig, nnx.State]:
   """Loads a local Hugging Face model directory into our ``Transformer``'s parameters.
@@ -402,7 +404,7 @@ def load_pretrained(model_dir: str, *, mesh=None, rules: sharding.Rules = shardi
     model_dir: a directory with config.json and model.safetensors (or sharded safetensors with
       model.safetensors.index.json).
     mesh: where the parameters live; default a one-device mesh on ``jax.devices()[0]``.
-    rules: logical -> mesh axis rules (``sharding.DEFAULT_RULES``).
+    rules: logical -> mesh axis rules (default: the active ``sharding.use_mesh``'s, else ``DEFAULT_RULES``).
     dtype: compute dtype of the returned config; param_dtype: dtype the weights are cast to.
 
   Returns:
@@ -418,6 +420,7 @@ def load_pretrained(model_dir: str, *, mesh=None, rules: sharding.Rules = shardi
   if mesh is None:
     mesh = sharding.make_mesh([('data', 1), ('fsdp', 1), ('tensor', 1)], jax.devices()[:1])
   _, abstract = abstract_model(config)
+  rules = sharding.active_rules() if rules is None else rules
   shardings = dict(sharding.state_shardings(mesh, rules, abstract).flat_state())
   variables = dict(abstract.flat_state())
   target_dtype = jnp.dtype(param_dtype)
@@ -464,7 +467,7 @@ def load_pretrained(model_dir: str, *, mesh=None, rules: sharding.Rules = shardi
 
 
 def resize_vocab(config: TransformerConfig, params: nnx.State, vocab_size: int, *, mesh=None,
-                 rules: sharding.Rules = sharding.DEFAULT_RULES
+                 rules: Optional[sharding.Rules] = None
                  ) -> Tuple[TransformerConfig, nnx.State]:
   """Grows the vocabulary to ``vocab_size`` rows, e.g. after ``tokenizer.load_tokenizer`` added our
   role / end-of-turn tokens to a pretrained tokenizer.
@@ -484,6 +487,7 @@ def resize_vocab(config: TransformerConfig, params: nnx.State, vocab_size: int, 
   new_config = dataclasses.replace(config, vocab_size=vocab_size)
   if mesh is None:
     mesh = sharding.make_mesh([('data', 1), ('fsdp', 1), ('tensor', 1)], jax.devices()[:1])
+  rules = sharding.active_rules() if rules is None else rules
   out_shardings = sharding.state_shardings(mesh, rules, abstract_model(new_config)[1])
 
   def grow(state):
