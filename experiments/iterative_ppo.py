@@ -17,7 +17,9 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
+from iterppo_jax import io_utils
 from iterppo_jax import loop
+from iterppo_jax import settings
 
 _CONFIG = cli.define_config("configs/sales.py")
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Run directory (default: a fresh one under ./runs/).")
@@ -29,13 +31,17 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
   try:
+    settings.check(config)  # every choice, size and rule between keys, before anything is written
     loop.check_resumable(config, workdir)
   except ValueError as e:
     sys.exit(f"error: {e}")
   print(f"workdir: {os.path.abspath(workdir)}  devices: {jax.devices()}")
   if not _WORKDIR.value:
     print(f"(interrupted? the same command with --workdir={workdir} continues from the last completed phase)")
-  summary = loop.run(config, workdir)
+  try:
+    summary = loop.run(config, workdir)
+  except io_utils.WorkdirLocked as e:
+    sys.exit(f"error: {e}")
   if summary.get("offline"):
     print(f"offline iteration on {summary['conversations']} logged conversations")
     print(f"Q-fit: {summary['qfit']}")

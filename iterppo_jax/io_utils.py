@@ -100,3 +100,66 @@ def save_figure(fig, path: str, dpi: int = 120) -> str:
   finally:
     plt.close(fig)
   return path
+
+
+class WorkdirLocked(RuntimeError):
+  """Another live run holds the workdir."""
+
+
+LOCK_NAME = ".lock"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, log=print) -> Iterator[str]:
+  """Holds `workdir` for one run: a lock file made atomically (O_EXCL) with the holder's pid, host and start.
+
+  A second run on the same workdir stops at once (WorkdirLocked, naming the holder). A lock left by a process
+  that is gone (killed, or the machine rebooted: same host, dead pid) is taken over with a message, so a killed
+  run resumes by rerunning its command. A workdir this lock created and that is still empty on exit is removed
+  again, so a run that failed before writing anything leaves nothing behind.
+  """
+  import json
+  import socket
+  import time
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_NAME)
+  me = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      try:
+        with open(path) as f:
+          holder = json.load(f)
+      except (OSError, ValueError):
+        holder = {}
+      pid, host = holder.get("pid"), holder.get("host")
+      if isinstance(pid, int) and host == me["host"] and not _alive(pid):
+        log(f"note: {path}: the run that held this workdir (pid {pid}, started {holder.get('started')}) is gone; "
+            "taking over its lock")
+        os.remove(path)
+        continue
+      raise WorkdirLocked(f"{workdir} is in use by pid {pid} on {host} (since {holder.get('started')}); wait for "
+                          f"that run to end, or use another --workdir (if it is gone, remove {path})") from None
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    break
+  try:
+    yield path
+  finally:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(path)
+    if created:
+      with contextlib.suppress(OSError):
+        os.rmdir(workdir)  # only if nothing was written

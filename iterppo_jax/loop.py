@@ -835,9 +835,11 @@ def run(config, workdir: str) -> dict:
   models' activation constraints and the parameters' placement follow the config.
   """
   start_time = time.perf_counter()
-  run_, logs = setup(config, workdir)
-  with sharding.use_mesh(run_.mesh, run_.rules):
-    return _run_phases(run_, logs, start_time)
+  settings.check(config)  # a bad setting stops the run before the workdir is touched
+  with io_utils.workdir_lock(workdir):  # one run per workdir; a killed run's lock is taken over
+    run_, logs = setup(config, workdir)
+    with sharding.use_mesh(run_.mesh, run_.rules):
+      return _run_phases(run_, logs, start_time)
 
 
 def _run_phases(run_: Run, logs, start_time: float) -> dict:
