@@ -70,11 +70,13 @@ VARIANTS = {
 
 def read_run_config(wd: str) -> dict:
   """A finished run's config.json, with the keys added since filled in as that run behaved: runs made before
-  qfit.view and qfit.pool existed fitted the transformer Q-model on D_k alone."""
+  qfit.view and qfit.pool existed fitted the transformer Q-model on D_k alone, and placed parameters by the
+  default rules."""
   with open(os.path.join(wd, "config.json")) as f:
     base = json.load(f)
   base["qfit"].setdefault("view", "tokens")
   base["qfit"].setdefault("pool", 0)
+  base.setdefault("mesh_rules", [])  # sharding.DEFAULT_RULES, which every run used before the key existed
   return base
 
 
@@ -157,7 +159,9 @@ def main(argv):
           f"{row.get('logged_adv_corr') or float('nan'):+.2f} | {row['auc']:.2f} | {row['train_examples']} |",
           flush=True)
   if _OUT.value:
-    io_utils.atomic_write_json(_OUT.value, {"workdir": wd, "iteration": k, "truth": truth, "rows": rows})
+    io_utils.atomic_write_json(_OUT.value, {
+        "workdir": wd, "iteration": k, "truth": truth, "rows": rows, "domain": base["env"]["domain"],
+        "seed": base["seed"], "first_data": base["loop"]["first_data"]})
 
 
 if __name__ == "__main__":

@@ -171,11 +171,18 @@ def iter_jsonl(path: str, *, skip_invalid: bool = False,
     skip_invalid: count and skip bad lines (into `report`) instead of raising.
     report: filled with counts when given.
   Raises:
-    ConversationFormatError naming `path:line` for malformed JSON, non-UTF-8 bytes, a missing outcome,
-    an unknown role, empty text or a conversation with no agent turn (unless skip_invalid).
+    ConversationFormatError naming `path:line` for malformed or too deeply nested JSON, non-UTF-8 bytes, a
+    missing outcome, an unknown role, empty text or a conversation with no agent turn (unless skip_invalid);
+    naming `path` for a file that cannot be read (a directory, a symlink loop, no permission) or holds no line.
   """
   report = report if report is not None else ReadReport()
-  with open(path, "rb") as f:
+  try:
+    f = open(path, "rb")
+  except OSError as e:  # a directory, an unreadable file, a symlink loop, ...
+    raise ConversationFormatError(f"{path}: cannot read this log file ({e.strerror or e}); expected a readable "
+                                  "JSONL file, one conversation per line") from None
+  seen_line = False
+  with f:
     for lineno, raw in enumerate(f, start=1):
       where = f"{path}:{lineno}"
       try:
@@ -185,10 +192,13 @@ def iter_jsonl(path: str, *, skip_invalid: bool = False,
           _fail(where, f"line is not valid UTF-8 ({e.reason} at byte {e.start})")
         if not line.strip():
           continue
+        seen_line = True
         try:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           _fail(where, f"malformed JSON ({e.msg} at column {e.colno})")
+        except RecursionError:
+          _fail(where, "JSON nested too deeply to be a conversation record")
         conv = conversation_from_json(obj, where)
       except ConversationFormatError as e:
         if not skip_invalid:
@@ -199,6 +209,9 @@ def iter_jsonl(path: str, *, skip_invalid: bool = False,
         continue
       report.read += 1
       yield conv
+  if not seen_line:
+    raise ConversationFormatError(f"{path}: empty (no conversation, only blank lines or nothing); expected a JSONL "
+                                  "file, one conversation per line")
 
 
 def read_jsonl(path: str, *, skip_invalid: bool = False,

@@ -46,6 +46,7 @@ _BAD_LINES = [
     ("non_utf8", b'{"id": "x", "outcome": 0, "turns": [{"role": "customer", "text": "caf\xe9"}]}',
      "not valid UTF-8"),
     ("no_agent_turn", _line(0, ("customer", "hi"), ("customer", "anyone?")), "no agent turn"),
+    ("deep_nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a RecursionError traceback
 ]
 
 
@@ -67,6 +68,32 @@ def test_malformed_line_names_file_and_line(tmp_path, name, line, reason):
   message = str(info.value)
   assert f"{path}:3" in message
   assert reason in message
+
+
+def _file(name, data):
+  def make(tmp_path):
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+  return make
+
+
+def _symlink_loop(tmp_path):
+  path = tmp_path / "loop.jsonl"
+  os.symlink(path, path)
+  return path
+
+
+@pytest.mark.parametrize("make, reason", [
+    (_file("empty.jsonl", b""), r"empty \(no conversation"),
+    (_file("blank.jsonl", b"\n  \n\t\n"), r"empty \(no conversation"),
+    (lambda p: (p / "dir.jsonl").mkdir() or p / "dir.jsonl", "cannot read this log file"),
+    (_symlink_loop, "cannot read this log file"),
+], ids=["empty", "whitespace", "directory", "symlink_loop"])
+def test_a_file_that_is_no_log_is_named(tmp_path, make, reason):
+  path = make(tmp_path)
+  with pytest.raises(conv_lib.ConversationFormatError, match=reason) as info:
+    conv_lib.read_jsonl(str(path))
+  assert str(path) in str(info.value)
 
 
 def test_skip_invalid_counts_and_keeps_good_ones(tmp_path):

@@ -1,0 +1,72 @@
+r"""docs/results.md's ranking tables (finding 7) from q_ranking_ablation's JSON files.
+
+  python -m experiments.ranking_table --files='docs/results/ranking_precise/*.json' [--variant=table_sarsa]
+
+Prints one row per (domain, D_0, seed, k) for `--variant`, then, for the Q-models fitted on the staff's logs
+(k = 0 with loop.first_data=behavior) and on pi_k's own deployments, each `--compare` variant's mean over the
+(run, k) sets where all of them were measured.
+"""
+
+import glob
+import json
+
+from absl import flags
+
+from experiments import cli
+
+_FILES = cli.define(flags.DEFINE_string, "files", "docs/results/ranking_precise/*.json",
+                    "q_ranking_ablation --out files (they carry domain, seed and first_data).")
+_VARIANT = cli.define(flags.DEFINE_string, "variant", "table_sarsa", "The variant of the per-run table.")
+_COMPARE = cli.define(flags.DEFINE_list, "compare", ["table_sarsa", "table_lambda_05", "table_lambda_1", "table_mc"],
+                      "Variants compared on the (run, k) sets where each of them was measured.")
+
+
+def load(pattern: str) -> dict:
+  """(domain, first_data, seed, k, variant) -> row."""
+  rows = {}
+  for path in sorted(glob.glob(pattern)):
+    with open(path) as f:
+      d = json.load(f)
+    for r in d["rows"]:
+      rows[(d["domain"], d["first_data"], d["seed"], d["iteration"], r["variant"])] = r
+  if not rows:
+    raise SystemExit(f"error: no q_ranking_ablation file matches {pattern!r}")
+  return rows
+
+
+def on_staff_logs(first_data: str, k: int) -> bool:
+  return k == 0 and first_data == "behavior"
+
+
+def tables(rows: dict, variant: str, variants) -> str:
+  out = ["| domain | D_0 | seed | Q_k | top-1 (chance) | Spearman | pairwise | gain of Q's pick (best) | "
+         "truth reliability | states |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for (dom, fd, seed, k, v), r in sorted(rows.items()):
+    if v == variant:
+      out.append(f"| {dom} | {fd} | {seed} | Q_{k} | {r['rank_top1']:.2f} ({r['rank_top1_chance']:.2f}) | "
+                 f"{r['rank_spearman']:+.2f} | {r['rank_pairwise']:.2f} | {r['rank_pick_gain']:+.3f} "
+                 f"({r['rank_best_gain']:.3f}) | {r['rank_truth_reliability']:.2f} | {r['rank_states']} |")
+  for title, staff in (("fitted on the staff's logs (k = 0, first_data=behavior)", True),
+                       ("fitted on pi_k's own deployments", False)):
+    runs = sorted({key[:4] for key in rows if on_staff_logs(key[1], key[3]) == staff
+                   and all(key[:4] + (v,) in rows for v in variants)})
+    if not runs:
+      continue
+    out += ["", f"The variants compared, {title}: mean over {len(runs)} (run, k) sets "
+            f"({', '.join(f'{d} s{s} Q_{k}' + (' (D_0 ' + fd + ')' if k == 0 else '') for d, fd, s, k in runs)})", "",
+            "| variant | what | top-1 | Spearman | gain of Q's pick |", "|---|---|---|---|---|"]
+    for v in variants:
+      picked = [rows[run + (v,)] for run in runs]
+      mean = lambda name: sum(r[name] for r in picked) / len(picked)  # noqa: E731
+      out.append(f"| {v} | {picked[0]['what']} | {mean('rank_top1'):.2f} | {mean('rank_spearman'):+.2f} | "
+                 f"{mean('rank_pick_gain'):+.3f} |")
+  return "\n".join(out)
+
+
+def main(argv):
+  del argv
+  print(tables(load(_FILES.value), _VARIANT.value, _COMPARE.value))
+
+
+if __name__ == "__main__":
+  cli.run(main)

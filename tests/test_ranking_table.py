@@ -1,0 +1,30 @@
+"""experiments/ranking_table.py: finding 7's tables from q_ranking_ablation's JSON files."""
+
+import json
+
+import pytest
+
+from experiments import ranking_table
+
+
+def _row(variant, top1, spearman):
+  return {"variant": variant, "what": f"{variant} fit", "rank_top1": top1, "rank_top1_chance": 0.1,
+          "rank_spearman": spearman, "rank_pairwise": 0.6, "rank_pick_gain": 0.05, "rank_best_gain": 0.1,
+          "rank_truth_reliability": 0.7, "rank_states": 20}
+
+
+def test_rows_per_run_and_means_over_the_sets_every_variant_has(tmp_path):
+  files = {"a": ("behavior", 0, [_row("sarsa", 0.2, 0.1), _row("mc", 0.4, 0.3)]),
+           "b": ("behavior", 1, [_row("sarsa", 0.6, 0.5), _row("mc", 0.2, 0.1)]),
+           "c": ("behavior", 2, [_row("sarsa", 0.8, 0.7)])}  # no mc: left out of the comparison
+  for name, (first_data, k, rows) in files.items():
+    (tmp_path / f"{name}.json").write_text(json.dumps({"domain": "sales", "first_data": first_data, "seed": 0,
+                                                       "iteration": k, "rows": rows}))
+  text = ranking_table.tables(ranking_table.load(str(tmp_path / "*.json")), "sarsa", ["sarsa", "mc"])
+  assert "| sales | behavior | 0 | Q_2 | 0.80 (0.10) | +0.70 |" in text
+  staff, own = text.split("fitted on pi_k's own deployments")
+  assert "| sarsa | sarsa fit | 0.20 | +0.10 |" in staff and "| mc | mc fit | 0.40 | +0.30 |" in staff
+  assert "mean over 1 (run, k) sets (sales s0 Q_1)" in own  # Q_2 lacks mc
+  assert "| sarsa | sarsa fit | 0.60 | +0.50 |" in own
+  with pytest.raises(SystemExit, match="no q_ranking_ablation file"):
+    ranking_table.load(str(tmp_path / "none*.json"))
