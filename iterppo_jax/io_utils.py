@@ -8,7 +8,9 @@ old destination, if any, is left untouched.
 import contextlib
 import json
 import os
+import socket
 import tempfile
+import time
 from typing import Any, Iterator
 
 
@@ -128,9 +130,6 @@ def workdir_lock(workdir: str, log=print) -> Iterator[str]:
   run resumes by rerunning its command. A workdir this lock created and that is still empty on exit is removed
   again, so a run that failed before writing anything leaves nothing behind.
   """
-  import json
-  import socket
-  import time
   created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_NAME)

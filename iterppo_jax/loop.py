@@ -273,7 +273,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   else:
     behaviour = registry.make_policy(config.env.domain, "behavior", config.env)
     logs = play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
-                         seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
+                        seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
   model_dir = config.get("model_dir", "")
   if os.path.isdir(tok_dir):
@@ -789,7 +789,7 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
     return done
   policy = run.lm_policy(label, run_policy_graphdef(run), params, seed_for(c, k, PHASE_IDS["eval"]))
   records = play_and_log(run.workdir, run.env, c.loop.play_batch, policy, c.loop.eval_conversations,
-                          seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{k}")
+                         seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{k}")
   summary = env_base.summarize(records)
   label_error = label_noise.classifier_error(records)  # the outcome classifier against the simulator's truth
   summary.update({f"classifier_{n}": label_error[n]
@@ -835,8 +835,9 @@ def run(config, workdir: str) -> dict:
   models' activation constraints and the parameters' placement follow the config.
   """
   start_time = time.perf_counter()
-  settings.check(config)  # a bad setting stops the run before the workdir is touched
-  with io_utils.workdir_lock(workdir):  # one run per workdir; a killed run's lock is taken over
+  # One run per workdir; a killed run's lock is taken over. setup checks the settings before it writes, and the
+  # lock removes a workdir it made that is still empty, so a bad setting leaves nothing behind.
+  with io_utils.workdir_lock(workdir):
     run_, logs = setup(config, workdir)
     with sharding.use_mesh(run_.mesh, run_.rules):
       return _run_phases(run_, logs, start_time)
@@ -865,7 +866,7 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
         # D_0: logs of the exploratory behaviour policy; Q^{pi_0} from them needs qfit.method=fqe (off-policy)
         staff = registry.make_policy(config.env.domain, "explore", config.env)
         records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, staff, config.loop.conversations,
-                                seed_for(config, k, PHASE_IDS["collect"], 2), "explore")
+                               seed_for(config, k, PHASE_IDS["collect"], 2), "explore")
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
                                 seed_for(config, k, PHASE_IDS["collect"]))
@@ -873,7 +874,7 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
           policy = explore.RandomisedTurn(policy, registry.candidate_fn(config.env.domain), run_.env.max_turns,
                                           seed=seed_for(config, k, PHASE_IDS["collect"], 3))
         records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, policy, config.loop.conversations,
-                                seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")
+                               seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")
         if not run_.progress.get(f"collect/{k}"):  # what deploying pi_k with randomised turns cost (vs eval/)
           deployed = {n: v for n, v in env_base.summarize(records).items()
                       if n in ("conversion", "conversion_lo", "conversion_hi")}

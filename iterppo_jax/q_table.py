@@ -185,12 +185,13 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
   act_index = {a: i for i, a in enumerate(acts)}
   cell_act = np.asarray([act_index[a] for a in act_of_cell])
   unseen = np.asarray([-1 if a is None else act_index[a] for a in unseen_act])
-  next_index = np.asarray([d.next_index for d in ds])
-  # The trace continues through a next decision whose logged act is pi_k's own (not a randomised turn's).
-  trace = np.asarray([lam if d.next_index >= 0 and ds[d.next_index].act == ds[d.next_index].own_act else 0.0
-                      for d in ds])
-  depth = _depths(ds) if lam > 0 else np.zeros(len(ds), np.int64)
-  levels = [np.flatnonzero(depth == h) for h in range(int(depth.max()) + 1)]
+  if lam > 0:
+    next_index = np.asarray([d.next_index for d in ds])
+    # The trace continues through a next decision whose logged act is pi_k's own (not a randomised turn's).
+    trace = np.asarray([lam if d.next_index >= 0 and ds[d.next_index].act == ds[d.next_index].own_act else 0.0
+                        for d in ds])
+    depth = _depths(ds)
+    levels = [np.flatnonzero(depth == h) for h in range(int(depth.max()) + 1)]  # from the conversations' ends
   q = np.zeros(len(keys))
   for _ in range(max_sweeps):
     act_sum = np.bincount(cell_act, weights=q * counts, minlength=len(acts))

@@ -84,22 +84,17 @@ REALS = {
 OPTIMIZERS = ("sft", "qfit", "ppo", "ppo.critic")  # sections made by configs/sales.py's _optimizer_section
 
 
-def _get(config, key: str):
-  """config's value at a dotted key, or KeyError."""
+_ABSENT = object()
+
+
+def _get(config, key: str, default=_ABSENT):
+  """config's value at a dotted key, or `default` when the config has no such key."""
   node = config
   for part in key.split("."):
     if part not in node:
-      raise KeyError(key)
+      return default
     node = node[part]
   return node
-
-
-def _has(config, key: str) -> bool:
-  try:
-    _get(config, key)
-    return True
-  except KeyError:
-    return False
 
 
 def _bad(key: str, expected: str, value) -> ValueError:
@@ -123,19 +118,23 @@ def _check_real(key: str, value, low: float, high: float, low_in: bool, high_in:
 def check(config) -> None:
   """Raises ValueError (key, value, what is allowed) for the first bad setting; returns None when all are good."""
   for key, allowed in CHOICES.items():
-    if _has(config, key) and _get(config, key) not in allowed:
-      raise _bad(key, f"one of {', '.join(allowed)}", _get(config, key))
+    value = _get(config, key)
+    if value is not _ABSENT and value not in allowed:
+      raise _bad(key, f"one of {', '.join(allowed)}", value)
   for key, low in COUNTS.items():
-    if _has(config, key):
-      _check_int(key, _get(config, key), low)
+    value = _get(config, key)
+    if value is not _ABSENT:
+      _check_int(key, value, low)
   for key, (switch, low) in COUNTS_WHEN.items():
-    if _has(config, key) and _has(config, switch) and _get(config, switch) > 0:
-      _check_int(key, _get(config, key), low)
+    value = _get(config, key)
+    if value is not _ABSENT and _get(config, switch, 0) > 0:
+      _check_int(key, value, low)
   for key, bounds in REALS.items():
-    if _has(config, key):
-      _check_real(key, _get(config, key), *bounds)
+    value = _get(config, key)
+    if value is not _ABSENT:
+      _check_real(key, value, *bounds)
   for section in OPTIMIZERS:
-    if _has(config, f"{section}.learning_rate"):
+    if _get(config, f"{section}.learning_rate") is not _ABSENT:
       _check_real(f"{section}.learning_rate", _get(config, f"{section}.learning_rate"), 0.0, math.inf, False, False)
       _check_int(f"{section}.warmup_steps", _get(config, f"{section}.warmup_steps"), 0)
       _check_int(f"{section}.grad_accum", _get(config, f"{section}.grad_accum"), 1)
@@ -146,7 +145,7 @@ def check(config) -> None:
 def _check_rules(config) -> None:
   """The rules between keys."""
   def get(key, default=None):
-    return _get(config, key) if _has(config, key) else default
+    return _get(config, key, default)
 
   if get("model.num_heads") and get("model.num_kv_heads") and get("model.num_heads") % get("model.num_kv_heads"):
     raise ValueError(f"config.model.num_kv_heads ({get('model.num_kv_heads')}) must divide model.num_heads "
@@ -159,17 +158,20 @@ def _check_rules(config) -> None:
                      f"({get('ppo.batch_size')}) with inner={get('inner')}: ppo.batch_size counts sampled responses")
   if get("group.kl_in") == "loss" and get("inner") == "rloo":
     raise ValueError("config.group.kl_in='loss' is GRPO's placement; RLOO puts the KL in the reward (kl_in=reward)")
-  own_q_size = any(get(f"qfit.model.{n}", 0) for n in ("num_layers", "embed_dim", "mlp_dim", "num_heads",
-                                                       "num_kv_heads", "head_dim"))
+  # loop.q_model_config: a non-zero qfit.model.* size other than the policy's makes a Q-model of its own size.
+  # With model_dir the policy's sizes come from the checkpoint, and loop.fit_q checks this when it knows them.
+  own_q_size = not get("model_dir") and any(
+      get(f"qfit.model.{n}", 0) not in (0, get(f"model.{n}"))
+      for n in ("num_layers", "embed_dim", "mlp_dim", "num_heads", "num_kv_heads", "head_dim"))
   if own_q_size and get("qfit.init") == "policy" and get("qfit.view") == "tokens":
     raise ValueError("config.qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' or "
                      "'previous'")
   if get("qfit.pool") and get("qfit.view") != "dialogue_state":
     raise ValueError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
-  if _has(config, "mesh_rules"):
+  if get("mesh_rules") is not None:
     sharding.rules_from_config(get("mesh_rules"))  # logical names the models use, mesh axes that exist
-  if not get("loop.logs") and _has(config, "env.domain"):
+  if not get("loop.logs") and get("env.domain") is not None:
     from iterppo_jax.envs import registry  # the domain's module: a built-in name or an import path
     registry.module(get("env.domain"))
     if get("qfit.view") == "dialogue_state":

@@ -80,3 +80,17 @@ def test_rules_between_keys(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     loop.setup(c, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_a_q_model_of_its_own_size_cannot_start_from_the_policy(tmp_path):
+  """qfit.init='policy' is refused only when qfit.model.* really differs from the policy's size (as loop.fit_q
+  decides with loop.q_model_config); sizes equal to the policy's are the policy's."""
+  c = sales_config.get_config("tiny")
+  c.qfit.init = "policy"
+  c.qfit.model.num_layers = c.model.num_layers  # the policy's own size: allowed
+  settings.check(c)
+  c.qfit.model.num_layers = c.model.num_layers + 1
+  with pytest.raises(ValueError, match="qfit.init='policy' needs the policy's size"):
+    settings.check(c)
+  c.qfit.view = "dialogue_state"  # the table has no trunk to start from: nothing to refuse
+  settings.check(c)

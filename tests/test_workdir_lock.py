@@ -60,3 +60,13 @@ def test_the_loop_refuses_a_workdir_a_live_run_holds_before_writing(tmp_path):
     with pytest.raises(io_utils.WorkdirLocked):
       loop.run(sales_config.get_config("tiny"), wd)
     assert os.listdir(wd) == [io_utils.LOCK_NAME]  # nothing of the second run
+
+
+def test_a_bad_setting_leaves_no_workdir_behind(tmp_path):
+  """loop.run takes the lock (which makes the workdir) before setup checks the settings; the refused run must
+  leave nothing, not even the empty directory."""
+  c = sales_config.get_config("tiny")
+  c.loop.first_data = "polciy"
+  with pytest.raises(ValueError, match="config.loop.first_data must be one of"):
+    loop.run(c, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
