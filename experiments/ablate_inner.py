@@ -21,6 +21,7 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
@@ -35,11 +36,11 @@ def run_ablation(config, workdir: str, inners=settings.INNER_SOLVERS) -> list[di
   """Runs (or resumes) the loop once per inner solver from a shared prefix; returns and writes the rows."""
   unknown = sorted(set(inners) - set(settings.INNER_SOLVERS))
   if unknown or not inners:
-    raise ValueError(f"inners must be a non-empty subset of {settings.INNER_SOLVERS}, got {list(inners)}")
+    raise errors.SettingsError(f"inners must be a non-empty subset of {settings.INNER_SOLVERS}, got {list(inners)}")
   if config.loop.logs:
-    raise ValueError("the ablation runs the simulator loop; loop.logs (one offline iteration) is not supported")
+    raise errors.SettingsError("the ablation runs the simulator loop; loop.logs (one offline iteration) is not supported")
   if any(i != "ppo" for i in inners) and config.ppo.batch_size % config.group.size:
-    raise ValueError(f"ppo.batch_size {config.ppo.batch_size} (responses per batch) must be a multiple of "
+    raise errors.SettingsError(f"ppo.batch_size {config.ppo.batch_size} (responses per batch) must be a multiple of "
                      f"group.size {config.group.size} for GRPO/RLOO to sample as many responses as PPO")
   shared = os.path.join(workdir, "_shared")
   prefix = copy.deepcopy(config)

@@ -38,6 +38,7 @@ from absl import logging
 from experiments import cli
 from iterppo_jax import bound
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
@@ -84,7 +85,7 @@ def apply_overrides(config, overrides: dict):
         break
       node = node[part]
     if node is None or leaf not in node:
-      raise ValueError(f"config key {key!r} does not exist; this variant needs the Q-ablation keys "
+      raise errors.SettingsError(f"config key {key!r} does not exist; this variant needs the Q-ablation keys "
                        "(qfit.label_flip, qfit.data_fraction, qfit.model.*) in the config and the loop")
     node[leaf] = value
   return out
@@ -96,9 +97,9 @@ TOKEN_ONLY = ("small_q", "few_qfit_steps")
 
 def variant_config(config, name: str):
   if name not in VARIANTS:
-    raise ValueError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
+    raise errors.SettingsError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
   if name in TOKEN_ONLY and config.qfit.view != "tokens":
-    raise ValueError(f"variant {name!r} changes the transformer Q-model, but qfit.view is "
+    raise errors.SettingsError(f"variant {name!r} changes the transformer Q-model, but qfit.view is "
                      f"{config.qfit.view!r}: run it with --config.qfit.view=tokens")
   return apply_overrides(config, VARIANTS[name](config))
 
@@ -151,9 +152,9 @@ def run_ablation(config, workdir: str, variants=tuple(VARIANTS), report_only: bo
   """Runs (or resumes, or with report_only just reads) every variant; returns and writes the rows."""
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown or not variants:
-    raise ValueError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
+    raise errors.SettingsError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
   if config.loop.logs:
-    raise ValueError("the ablation measures Q against the simulator; loop.logs (one offline iteration) has none")
+    raise errors.SettingsError("the ablation measures Q against the simulator; loop.logs (one offline iteration) has none")
   rows = []
   if not report_only:
     configs = {v: variant_config(config, v) for v in variants}  # a missing key fails before any work

@@ -44,6 +44,7 @@ from absl import flags
 from flax import nnx
 
 from experiments import cli
+from iterppo_jax import errors
 from iterppo_jax import ppo, qfit, sampling, sft, sharding
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
@@ -110,7 +111,7 @@ def run_benchmark(config) -> list[dict]:
   B, P, N = b.prompts, b.prompt_len, b.new_tokens
   minibatch = _minibatch(config)
   if B % minibatch:
-    raise ValueError(f"batch.prompts {B} must be a multiple of ppo.minibatch_size {minibatch}")
+    raise errors.SettingsError(f"batch.prompts {B} must be a multiple of ppo.minibatch_size {minibatch}")
   model_config = tf.TransformerConfig(
       vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_len=P + N, style=m.style,
@@ -142,7 +143,7 @@ def run_benchmark(config) -> list[dict]:
     pieces = set(config.pieces)
     unknown = pieces - set(PIECES)
     if unknown:
-      raise ValueError(f"unknown benchmark pieces {sorted(unknown)}; expected some of {PIECES}")
+      raise errors.SettingsError(f"unknown benchmark pieces {sorted(unknown)}; expected some of {PIECES}")
 
     # ---- sampler ----
     def sample_once(key=jax.random.key(config.seed)):

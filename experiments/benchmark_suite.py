@@ -23,6 +23,7 @@ import sys
 from absl import flags
 
 from experiments import benchmark, cli
+from iterppo_jax import errors
 
 STEPS = ("phases", "scaling", "largest")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +48,7 @@ def step_command(config, step: str, json_path: str) -> list[str]:
                     f"--config.sweep.prompts={tuple(config.scaling_prompts)}"]
   if step == "largest":
     return bench + [cell, f"--config.sweep.workloads={tuple(config.largest_workloads)}", *config.largest_overrides]
-  raise ValueError(f"unknown benchmark_suite step {step!r}; expected some of {STEPS}")
+  raise errors.SettingsError(f"unknown benchmark_suite step {step!r}; expected some of {STEPS}")
 
 
 def step_timeout(config, step: str) -> int:
@@ -156,10 +157,10 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   if not config.out:
-    sys.exit("error: --config.out is required (the folder for the steps' JSON and suite.md)")
+    raise errors.SettingsError("--config.out is required (the folder for the steps' JSON and suite.md)")
   unknown = [s for s in config.steps if s not in STEPS]
   if unknown:
-    sys.exit(f"error: unknown steps {unknown} in --config.steps; expected some of {STEPS}")
+    raise errors.SettingsError(f"unknown steps {unknown} in --config.steps; expected some of {STEPS}")
   os.makedirs(config.out, exist_ok=True)
   text = "" if config.steps else write_report(config)  # no step: rebuild the report from the JSON there
   for step in config.steps:

@@ -9,7 +9,6 @@ The dataset lands in WORKDIR/conversations/1.0.0; read it with `tfds_conversatio
 
 import glob
 
-from absl import app
 from absl import flags
 
 from experiments import cli
@@ -33,13 +32,12 @@ def main(argv):
   for pattern in _LOGS.value.split(","):
     matches = sorted(glob.glob(pattern.strip()))
     if not matches:
-      raise app.UsageError(f"no log files match {pattern.strip()!r}")
+      raise conv_lib.ConversationFormatError(f"no log files match {pattern.strip()!r} (--logs); expected a glob "
+                                             "of JSONL files")
     paths.extend(matches)
-  try:
-    builder = tfds_conversations.build(paths, _WORKDIR.value, skip_invalid=_SKIP_INVALID.value,
-                                       heldout_fraction=_HELDOUT.value, overwrite=_OVERWRITE.value)
-  except (conv_lib.ConversationFormatError, FileExistsError) as e:
-    raise SystemExit(f"error: {e}")  # the message names file:line; a traceback adds nothing
+  # Every log is validated before anything is written; errors end as one line (cli.guard).
+  builder = tfds_conversations.build(paths, _WORKDIR.value, skip_invalid=_SKIP_INVALID.value,
+                                     heldout_fraction=_HELDOUT.value, overwrite=_OVERWRITE.value)
   report = builder.report
   print(f"dataset dir: {tfds_conversations.dataset_dir(_WORKDIR.value)}")
   print(f"version: {builder.version}")
@@ -53,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,7 +9,6 @@ the last completed phase; --config.resume=False refuses a workdir that already h
 """
 
 import os
-import sys
 import time
 
 import jax
@@ -17,7 +16,6 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
-from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import settings
 
@@ -30,18 +28,12 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
-  try:
-    settings.check(config)  # every choice, size and rule between keys, before anything is written
-    loop.check_resumable(config, workdir)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  settings.check(config)  # every choice, size and rule between keys, before anything is written
+  loop.check_resumable(config, workdir)
   print(f"workdir: {os.path.abspath(workdir)}  devices: {jax.devices()}")
   if not _WORKDIR.value:
     print(f"(interrupted? the same command with --workdir={workdir} continues from the last completed phase)")
-  try:
-    summary = loop.run(config, workdir)
-  except io_utils.WorkdirLocked as e:
-    sys.exit(f"error: {e}")
+  summary = loop.run(config, workdir)  # errors end as one line and an exit code (cli.guard; --debug: traceback)
   if summary.get("offline"):
     print(f"offline iteration on {summary['conversations']} logged conversations")
     print(f"Q-fit: {summary['qfit']}")

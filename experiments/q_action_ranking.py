@@ -22,6 +22,7 @@ from ml_collections import config_dict
 from experiments import cli
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import qfit as qfit_lib
 from iterppo_jax import train_state as ts
@@ -79,7 +80,7 @@ def main(argv):
   wd = _WORKDIR.value
   config = config_dict.ConfigDict(json.load(open(os.path.join(wd, "config.json"))))
   if config.env.domain != "sales":
-    raise ValueError(f"{wd} is a {config.env.domain!r} run; this diagnostic knows the sales acts only")
+    raise errors.SettingsError(f"{wd} is a {config.env.domain!r} run; this diagnostic knows the sales acts only")
   run_, logs = loop.setup(config, wd)
   _, pi0 = loop.train_pi0(run_, logs)
   sets = {}

@@ -40,6 +40,7 @@ from experiments import cli
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import lm_policy
 from iterppo_jax import loop
@@ -177,7 +178,7 @@ def _policy_and_tokenizer(config, policy_name: str, workdir: str, records_for_bp
                                   os.path.join(out_dir, "tokenizer"))
     return policy, tokenizer, None
   if not workdir:
-    raise ValueError("--policy=checkpoint needs --workdir: a loop run with tokenizer/ and checkpoints/policy/0")
+    raise errors.SettingsError("--policy=checkpoint needs --workdir: a loop run with tokenizer/ and checkpoints/policy/0")
   tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
   model_cfg = loop.model_config(config, tokenizer.vocab_size)
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
@@ -207,7 +208,7 @@ def _q_trainable(config, q_model: str, tokenizer, lm, learning_rate: float, with
     model_cfg = loop.model_config(config, tokenizer.vocab_size)
     make = lambda: heads.ScalarModel(model_cfg, rngs=nnx.Rngs(seed))
   else:
-    raise ValueError(f"unknown q_model {q_model!r}; expected 'bag' or 'transformer'")
+    raise errors.SettingsError(f"unknown q_model {q_model!r}; expected 'bag' or 'transformer'")
   return ts.init_trainable(make, tx, mesh, with_target=with_target)
 
 

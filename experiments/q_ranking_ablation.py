@@ -21,6 +21,7 @@ from ml_collections import config_dict
 
 from experiments import cli
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import loop
 
@@ -132,7 +133,7 @@ def main(argv):
   rows = []
   for name in _VARIANTS.value:
     if name not in VARIANTS:
-      raise SystemExit(f"error: unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
+      raise errors.SettingsError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
     what, overrides = VARIANTS[name]
     config = config_dict.ConfigDict(base)
     config.loop.tensorboard = False

@@ -40,6 +40,7 @@ from experiments import q_lookup_baseline as lookup
 from experiments import q_ranking_ablation
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import q_ranking
 
@@ -78,7 +79,7 @@ def fit_head(x: np.ndarray, returns: np.ndarray, rewards: np.ndarray, next_x: np
   `next_x[i]` are the features of (s_{i+1}, pi's own action there). Only rows with `train` are fitted.
   """
   if estimator not in ("mc", "sarsa"):
-    raise ValueError(f"estimator must be 'mc' or 'sarsa', got {estimator!r}")
+    raise errors.SettingsError(f"estimator must be 'mc' or 'sarsa', got {estimator!r}")
   head = Head(x.shape[1], hidden, dropout, nnx.Rngs(seed))
   opt = nnx.Optimizer(head, optax.adamw(learning_rate, weight_decay=1e-4), wrt=nnx.Param)
 
@@ -210,7 +211,7 @@ def main(argv):
   wd, k = _WORKDIR.value, _ITERATION.value
   config = config_dict.ConfigDict(q_ranking_ablation.read_run_config(wd))
   if config.env.domain != "sales":
-    raise SystemExit(f"error: {wd} is a {config.env.domain} run; the abstract features exist for sales only")
+    raise errors.SettingsError(f"{wd} is a {config.env.domain} run; the abstract features exist for sales only")
   config.loop.tensorboard = False
   # A scratch copy of the run's tokenizer and pi_k (<workdir>/ablate/probe_<k>), so nothing of the run is touched.
   run_, _ = loop.setup(config, q_ranking_ablation.variant_dir(wd, k, "probe"))

@@ -13,6 +13,7 @@ import json
 from absl import flags
 
 from experiments import cli
+from iterppo_jax import errors
 
 _FILES = cli.define(flags.DEFINE_string, "files", "docs/results/ranking_precise/*.json",
                     "q_ranking_ablation --out files (they carry domain, seed and first_data).")
@@ -30,7 +31,7 @@ def load(pattern: str) -> dict:
     for r in d["rows"]:
       rows[(d["domain"], d["first_data"], d["seed"], d["iteration"], r["variant"])] = r
   if not rows:
-    raise SystemExit(f"error: no q_ranking_ablation file matches {pattern!r}")
+    raise errors.DataError(f"no q_ranking_ablation file matches {pattern!r}")
   return rows
 
 

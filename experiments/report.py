@@ -41,6 +41,7 @@ from absl import logging
 from experiments import cli
 from iterppo_jax import baselines as baselines_lib
 from iterppo_jax import bound
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import settings
 from iterppo_jax.envs import base
@@ -75,7 +76,7 @@ def parse_override(text: str) -> tuple[str, object]:
   """'dotted.key=value' -> (key, value); the value is a Python literal where it parses as one, else a string."""
   key, sep, raw = text.partition("=")
   if not sep or not key.strip():
-    raise ValueError(f"an override must read 'dotted.key=value', got {text!r}")
+    raise errors.SettingsError(f"an override must read 'dotted.key=value', got {text!r}")
   try:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
@@ -89,14 +90,14 @@ def set_key(config, key: str, value) -> None:
   node = config
   for part in path:
     if part not in node or not hasattr(node[part], "items"):
-      raise ValueError(f"override {key!r}: the config has no section {part!r}")
+      raise errors.SettingsError(f"override {key!r}: the config has no section {part!r}")
     node = node[part]
   if leaf not in node:
-    raise ValueError(f"override {key!r}: the config has no key {leaf!r}")
+    raise errors.SettingsError(f"override {key!r}: the config has no key {leaf!r}")
   try:
     node[leaf] = value
   except TypeError as e:
-    raise ValueError(f"override {key!r}: expected a value of type {type(node[leaf]).__name__}, got {value!r}") from e
+    raise errors.SettingsError(f"override {key!r}: expected a value of type {type(node[leaf]).__name__}, got {value!r}") from e
 
 
 def _config_file(domain: str) -> str:
@@ -396,7 +397,7 @@ def _selections() -> dict:
 def check_config(config) -> None:
   """Everything a section would refuse, before any section runs."""
   if not any(config[name].enabled for name in SECTIONS):
-    raise ValueError(f"no section is enabled; expected at least one of {list(SECTIONS)}")
+    raise errors.SettingsError(f"no section is enabled; expected at least one of {list(SECTIONS)}")
   s = config.simulator
   if s.enabled:
     for domain in s.domains:
@@ -404,22 +405,22 @@ def check_config(config) -> None:
       for policy in s.policies:
         registry.make_policy(domain, policy, env_config)  # an unknown name fails here, not after other domains
     if not s.domains or not s.policies or not s.business_users or s.conversations < 1:
-      raise ValueError("simulator.domains, policies and business_users must be non-empty and conversations >= 1")
+      raise errors.SettingsError("simulator.domains, policies and business_users must be non-empty and conversations >= 1")
     bad = sorted(set(s.business_users) - {"sr", "direct"})
     if bad:
-      raise ValueError(f"simulator.business_users must be of ('sr', 'direct'), got {bad}")
+      raise errors.SettingsError(f"simulator.business_users must be of ('sr', 'direct'), got {bad}")
   for name, (key, allowed) in _selections().items():
     s = config[name]
     if not s.enabled:
       continue
     if not s.domains:
-      raise ValueError(f"{name}.domains must be non-empty")
+      raise errors.SettingsError(f"{name}.domains must be non-empty")
     for domain in s.domains:
       c = piece_config(domain, s.config_arg, s.overrides)
       if name == "baselines":
         baselines_lib.check_config(c)
     if key and (not s[key] or set(s[key]) - set(allowed)):
-      raise ValueError(f"{name}.{key} must be a non-empty subset of {list(allowed)}, got {list(s[key])}")
+      raise errors.SettingsError(f"{name}.{key} must be a non-empty subset of {list(allowed)}, got {list(s[key])}")
 
 
 def build_report(config, workdir: str, command: str, log=print) -> str:
@@ -430,7 +431,7 @@ def build_report(config, workdir: str, command: str, log=print) -> str:
   if os.path.exists(state_path):
     earlier = _read_json(state_path)["preset"]
     if earlier != config.preset:
-      raise ValueError(f"{workdir} holds a '{earlier}' report; a '{config.preset}' one needs another workdir")
+      raise errors.SettingsError(f"{workdir} holds a '{earlier}' report; a '{config.preset}' one needs another workdir")
   start = time.perf_counter()
   header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": command, "preset": config.preset,
             "machine": machine(), "seconds": 0.0}

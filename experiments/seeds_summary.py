@@ -17,6 +17,7 @@ import numpy as np
 from absl import flags
 
 from experiments import cli
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import stats
 
@@ -76,7 +77,7 @@ def main(argv):
   for wd in _WORKDIRS.value:
     path = os.path.join(wd, "summary.json")
     if not os.path.exists(path):
-      raise SystemExit(f"error: {path} not found: is the run in {wd} finished?")
+      raise errors.DataError(f"{path} not found: is the run in {wd} finished?")
     with open(path) as f:
       summaries.append(json.load(f))
     names.append(os.path.basename(os.path.normpath(wd)))

@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from iterppo_jax import errors
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gpt2")
 NEW_TOKENS = 8
@@ -73,7 +74,7 @@ def _hf_config(transformers, family: str):
   if family == "gpt2":
     return transformers.GPT2Config(vocab_size=256, n_embd=128, n_layer=2, n_head=2, n_positions=64, bos_token_id=1,
                                    eos_token_id=2)
-  raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+  raise errors.SettingsError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
 def export_family(family: str, workdir: str, seed: int = 0) -> dict:

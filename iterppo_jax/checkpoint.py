@@ -14,6 +14,7 @@ every array is then read straight into its sharding. Typed PRNG keys should be s
 """
 
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -36,6 +37,34 @@ def abstract_like(tree: Any) -> Any:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
   return jax.tree.map(to_struct, tree)
+
+
+_PARTIAL = ".orbax-checkpoint-tmp"  # orbax writes a step under this suffix and renames it when committed
+
+
+def _steps(root: str):
+  """(path, is_complete) of every step directory under `root` (any depth: checkpointer names may nest)."""
+  for directory, subdirs, files in os.walk(root):
+    if _PARTIAL in os.path.basename(directory):
+      yield directory, False
+      subdirs[:] = []
+    elif os.path.basename(directory).isdigit() and "_CHECKPOINT_METADATA" in files:
+      yield directory, True
+      subdirs[:] = []
+
+
+def remove_partial(root: str | os.PathLike) -> list[str]:
+  """Removes the half-written steps a failed save left under `root` (disk full, a crash); returns their paths."""
+  partial = [p for p, complete in _steps(os.fspath(root)) if not complete]
+  for path in partial:
+    shutil.rmtree(path, ignore_errors=True)
+  return partial
+
+
+def latest_complete(root: str | os.PathLike) -> str | None:
+  """The most recently committed step directory under `root` (by modification time), or None."""
+  complete = [p for p, ok in _steps(os.fspath(root)) if ok]
+  return max(complete, key=os.path.getmtime) if complete else None
 
 
 class Checkpointer:

@@ -26,6 +26,7 @@ import dataclasses
 import json
 from typing import Any, Iterable, Iterator, Sequence
 
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 
 ROLES = ("customer", "suggestion", "business")
@@ -36,7 +37,14 @@ END_REASONS = ("outcome", "business_silent", "customer_left", "max_turns")
 ABSTAIN_TEXT = "<no suggestion>"
 
 
-class ConversationFormatError(ValueError):
+# Size limits of one record: a longer message is not a chat turn (a pasted file, a broken exporter) and would stall
+# the tokenizer's training; a longer line is refused before it is parsed. Over either, the record is an error
+# (or, with skip_invalid, a counted skip).
+MAX_MESSAGE_CHARS = 20_000
+MAX_RECORD_BYTES = 4_000_000
+
+
+class ConversationFormatError(errors.DataError):
   """A logged conversation that does not fit the record format; the message names file and line."""
 
 
@@ -109,6 +117,9 @@ def _turn_from_json(obj: Any, where: str) -> Turn:
     _fail(where, f"only suggestion turns may abstain, got abstain on a {role} turn")
   if not text.strip() and not abstain:
     _fail(where, f"empty text in a {role} turn (only an abstaining suggestion may be empty)")
+  if len(text) > MAX_MESSAGE_CHARS:
+    _fail(where, f"a {role} message of {len(text):,} characters; the limit is {MAX_MESSAGE_CHARS:,} "
+                 "(conversation.MAX_MESSAGE_CHARS): shorten or drop it, or skip such lines (skip_invalid)")
   flag = obj.get("flag")
   if role == "customer":
     if flag is None:
@@ -193,6 +204,9 @@ def iter_jsonl(path: str, *, skip_invalid: bool = False,
         if not line.strip():
           continue
         seen_line = True
+        if len(raw) > MAX_RECORD_BYTES:
+          _fail(where, f"a line of {len(raw):,} bytes; the limit is {MAX_RECORD_BYTES:,} per conversation "
+                       "(conversation.MAX_RECORD_BYTES)")
         try:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -225,7 +239,7 @@ def read_glob(pattern: str, *, skip_invalid: bool = False,
   import glob
   paths = sorted(glob.glob(pattern))
   if not paths:
-    raise FileNotFoundError(f"no log files match {pattern!r}")
+    raise ConversationFormatError(f"no log files match {pattern!r}; expected a glob of JSONL files")
   out: list[Conversation] = []
   for p in paths:
     out.extend(read_jsonl(p, skip_invalid=skip_invalid, report=report))

@@ -13,6 +13,8 @@ import tempfile
 import time
 from typing import Any, Iterator
 
+from iterppo_jax import errors
+
 
 def _fsync_directory(directory: str) -> None:
   """Makes the rename itself durable; some filesystems do not support it, which is harmless."""
@@ -104,7 +106,7 @@ def save_figure(fig, path: str, dpi: int = 120) -> str:
   return path
 
 
-class WorkdirLocked(RuntimeError):
+class WorkdirLocked(errors.WorkdirError):
   """Another live run holds the workdir."""
 
 

@@ -24,6 +24,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
+import shutil
 import time
 from typing import Any
 
@@ -35,6 +37,7 @@ from flax import nnx
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import errors
 from iterppo_jax import explore
 from iterppo_jax import group_pg
 from iterppo_jax import io_utils
@@ -137,25 +140,25 @@ def check_resumable(config, workdir: str) -> None:
   (more iterations may be asked for: the run goes on from its last completed phase).
 
   Raises:
-    ValueError: naming the file and each differing setting with its old and new value.
+    errors.WorkdirError: naming the file and each differing setting with its old and new value.
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
   if not config.get("resume", True):
-    raise ValueError(f"{workdir} already holds a run ({path}) and resume is False: pick a new --workdir, or "
+    raise errors.WorkdirError(f"{workdir} already holds a run ({path}) and resume is False: pick a new --workdir, or "
                      "pass --config.resume=True to continue it")
   try:
     with open(path) as f:
       saved = _flat(json.load(f))
   except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: not a readable run config ({e}); pick a new --workdir") from e
+    raise errors.WorkdirError(f"{path}: not a readable run config ({e}); pick a new --workdir") from e
   now = _flat(json.loads(config.to_json_best_effort()))
   changed = [k for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
   if changed:
     listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
-    raise ValueError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
+    raise errors.WorkdirError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
                      "settings to continue it, or pick a new --workdir for the new ones.")
 
 
@@ -256,6 +259,14 @@ def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
 def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers."""
   settings.check(config)  # every choice, size and rule between keys, before anything is written
+  if config.loop.logs:  # a user's logs are read and validated in full before anything is written
+    report = conv_lib.ReadReport()
+    logs = conv_lib.read_glob(config.loop.logs, skip_invalid=config.loop.skip_invalid, report=report)
+    if not logs:
+      raise conv_lib.ConversationFormatError(f"{config.loop.logs}: no valid conversation ({report.skipped} lines "
+                                             f"skipped; first: {report.errors[:1]})")
+    if report.skipped:
+      print(f"skipped {report.skipped} invalid lines; first: {report.errors[:3]}")
   os.makedirs(workdir, exist_ok=True)
   io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   progress = Progress(workdir)
@@ -265,12 +276,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
                                                        "ppo/value_loss"))
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
   env = None if config.loop.logs else registry.make_env(config.env)
-  if config.loop.logs:
-    report = conv_lib.ReadReport()
-    logs = conv_lib.read_glob(config.loop.logs, skip_invalid=config.loop.skip_invalid, report=report)
-    if report.skipped:
-      print(f"skipped {report.skipped} invalid lines; first: {report.errors[:3]}")
-  else:
+  if not config.loop.logs:
     behaviour = registry.make_policy(config.env.domain, "behavior", config.env)
     logs = play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
                         seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
@@ -752,8 +758,9 @@ def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts
   return ppo_lib.make_host_reward_fn(score_fn)
 
 
-class Interrupted(RuntimeError):
-  """Raised on purpose to test resuming (loop.stop_after_* keys)."""
+class Interrupted(errors.RunError, RuntimeError):
+  """Raised on purpose to test resuming (loop.stop_after_* keys); entry points exit with 130 as for Ctrl-C."""
+  exit_code = errors.EXIT_INTERRUPTED
 
 
 def policy_kl(run: Run, params, ref_params, prompts: dict, seed: int) -> float:
@@ -835,12 +842,66 @@ def run(config, workdir: str) -> dict:
   models' activation constraints and the parameters' placement follow the config.
   """
   start_time = time.perf_counter()
-  # One run per workdir; a killed run's lock is taken over. setup checks the settings before it writes, and the
-  # lock removes a workdir it made that is still empty, so a bad setting leaves nothing behind.
+  # One run per workdir; a killed run's lock is taken over. setup checks the settings and reads a user's logs
+  # before it writes; a run that fails before its first phase completes leaves the workdir as it found it.
   with io_utils.workdir_lock(workdir):
-    run_, logs = setup(config, workdir)
-    with sharding.use_mesh(run_.mesh, run_.rules):
-      return _run_phases(run_, logs, start_time)
+    before = _fresh_entries(workdir)
+    try:
+      run_, logs = setup(config, workdir)
+      with sharding.use_mesh(run_.mesh, run_.rules):
+        return _run_phases(run_, logs, start_time)
+    except Exception as e:  # pylint: disable=broad-except
+      stopped = _stopped(e, workdir, before)
+      if stopped is e:
+        raise
+      raise stopped from e
+
+
+def _fresh_entries(workdir: str) -> set[str] | None:
+  """What a workdir that holds no run yet contains (None for one that holds a run: nothing is ever removed)."""
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    return None
+  return set(os.listdir(workdir))
+
+
+def _stopped(e: Exception, workdir: str, before: set[str] | None) -> Exception:
+  """The error a failed run ends with, after tidying the workdir.
+
+  A fresh run that failed before completing a phase has what it wrote removed (so the corrected command starts
+  cleanly, not refused as a changed setting); otherwise half-written checkpoints are removed and storage and
+  divergence errors say which checkpoint is the last good one and that rerunning the same command resumes.
+  """
+  try:
+    kept = before is None or bool(Progress(workdir).done)
+  except (OSError, ValueError):
+    kept = True  # unreadable progress: remove nothing
+  try:
+    if not kept:
+      for name in set(os.listdir(workdir)) - before - {io_utils.LOCK_NAME}:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          with contextlib.suppress(OSError):
+            os.remove(path)
+      state = f"no phase had completed, so nothing was kept in {workdir}"
+    else:
+      ckpt_lib.remove_partial(os.path.join(workdir, "checkpoints"))
+      last = ckpt_lib.latest_complete(os.path.join(workdir, "checkpoints"))
+      state = f"the last good checkpoint is {last}" if last else "no checkpoint had been completed"
+  except OSError:  # a read-only or vanished workdir: report the error as it is
+    state = f"the workdir {workdir} could not be tidied"
+  if errors.storage_errno(e) is not None:
+    return errors.StorageError(
+        f"{errors.describe_storage(e, workdir)}; {state}. Free space (or make the path writable) and rerun the "
+        "same command" + (": it resumes from the last completed phase." if kept else "."))
+  if isinstance(e, FloatingPointError):
+    family = (re.findall(r"(\w+)/\w+=", str(e)) or ["ppo"])[0]
+    return errors.DivergedError(
+        f"training diverged: {e}; {state}. The same settings diverge again: lower {family}.learning_rate"
+        + (" (or raise ppo.kl_coef)" if family == "ppo" else "") + " and rerun"
+        + (" with a new --workdir." if kept else "."))
+  return e
 
 
 def _run_phases(run_: Run, logs, start_time: float) -> dict:

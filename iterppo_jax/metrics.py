@@ -17,6 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from iterppo_jax import errors
+
 METRICS_FILENAME = "metrics.jsonl"
 NO_PROGRESS_ENV = "IPPO_NO_PROGRESS"
 
@@ -50,7 +52,7 @@ def check_finite(metrics: Mapping[str, Any], step: int, families: bool | Sequenc
       equal to or under one of them.
 
   Raises:
-    FloatingPointError: naming the step and every offending key with its value.
+    errors.DivergedError (a FloatingPointError): naming the step and every offending key with its value.
   """
   bad = {}
   for name, value in metrics.items():
@@ -60,7 +62,7 @@ def check_finite(metrics: Mapping[str, Any], step: int, families: bool | Sequenc
         bad[name] = number
   if bad:
     listing = ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
-    raise FloatingPointError(f"Non-finite metrics at step {step}: {listing}")
+    raise errors.DivergedError(f"non-finite metrics at step {step}: {listing}")
 
 
 class MetricWriter:
@@ -126,7 +128,7 @@ class MetricWriter:
       The record written (with 'step' and, if given, 'phase' and 'iteration').
 
     Raises:
-      FloatingPointError: a checked metric is non-finite (nothing is written then).
+      errors.DivergedError: a checked metric is non-finite (nothing is written then).
     """
     step = int(step)
     values = {name: to_float(value, name) for name, value in metrics.items()}

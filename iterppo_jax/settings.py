@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from iterppo_jax import errors
 from iterppo_jax import group_pg
 from iterppo_jax import ppo
 from iterppo_jax import qfit
@@ -97,8 +98,8 @@ def _get(config, key: str, default=_ABSENT):
   return node
 
 
-def _bad(key: str, expected: str, value) -> ValueError:
-  return ValueError(f"config.{key} must be {expected}, got {value!r}")
+def _bad(key: str, expected: str, value) -> errors.SettingsError:
+  return errors.SettingsError(f"config.{key} must be {expected}, got {value!r}")
 
 
 def _check_int(key: str, value, low: int) -> None:
@@ -116,7 +117,7 @@ def _check_real(key: str, value, low: float, high: float, low_in: bool, high_in:
 
 
 def check(config) -> None:
-  """Raises ValueError (key, value, what is allowed) for the first bad setting; returns None when all are good."""
+  """Raises errors.SettingsError (a ValueError: key, value, what is allowed) for the first bad setting; returns None when all are good."""
   for key, allowed in CHOICES.items():
     value = _get(config, key)
     if value is not _ABSENT and value not in allowed:
@@ -148,26 +149,26 @@ def _check_rules(config) -> None:
     return _get(config, key, default)
 
   if get("model.num_heads") and get("model.num_kv_heads") and get("model.num_heads") % get("model.num_kv_heads"):
-    raise ValueError(f"config.model.num_kv_heads ({get('model.num_kv_heads')}) must divide model.num_heads "
+    raise errors.SettingsError(f"config.model.num_kv_heads ({get('model.num_kv_heads')}) must divide model.num_heads "
                      f"({get('model.num_heads')})")
   if get("ppo.batch_size") and get("ppo.minibatch_size") and get("ppo.batch_size") % get("ppo.minibatch_size"):
-    raise ValueError(f"config.ppo.minibatch_size ({get('ppo.minibatch_size')}) must divide ppo.batch_size "
+    raise errors.SettingsError(f"config.ppo.minibatch_size ({get('ppo.minibatch_size')}) must divide ppo.batch_size "
                      f"({get('ppo.batch_size')})")
   if get("inner") in ("grpo", "rloo") and get("ppo.batch_size") % get("group.size"):
-    raise ValueError(f"config.group.size ({get('group.size')}) must divide ppo.batch_size "
+    raise errors.SettingsError(f"config.group.size ({get('group.size')}) must divide ppo.batch_size "
                      f"({get('ppo.batch_size')}) with inner={get('inner')}: ppo.batch_size counts sampled responses")
   if get("group.kl_in") == "loss" and get("inner") == "rloo":
-    raise ValueError("config.group.kl_in='loss' is GRPO's placement; RLOO puts the KL in the reward (kl_in=reward)")
+    raise errors.SettingsError("config.group.kl_in='loss' is GRPO's placement; RLOO puts the KL in the reward (kl_in=reward)")
   # loop.q_model_config: a non-zero qfit.model.* size other than the policy's makes a Q-model of its own size.
   # With model_dir the policy's sizes come from the checkpoint, and loop.fit_q checks this when it knows them.
   own_q_size = not get("model_dir") and any(
       get(f"qfit.model.{n}", 0) not in (0, get(f"model.{n}"))
       for n in ("num_layers", "embed_dim", "mlp_dim", "num_heads", "num_kv_heads", "head_dim"))
   if own_q_size and get("qfit.init") == "policy" and get("qfit.view") == "tokens":
-    raise ValueError("config.qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' or "
+    raise errors.SettingsError("config.qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' or "
                      "'previous'")
   if get("qfit.pool") and get("qfit.view") != "dialogue_state":
-    raise ValueError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
+    raise errors.SettingsError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
   if get("mesh_rules") is not None:
     sharding.rules_from_config(get("mesh_rules"))  # logical names the models use, mesh axes that exist

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import errors
 
 NAME = "conversations"
 DATASET_VERSION = "1.0.0"
@@ -132,6 +133,11 @@ class ConversationsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
         index += 1
 
 
+class DatasetExists(errors.RunError, FileExistsError):
+  """The dataset's version directory exists and overwrite was not asked for."""
+  exit_code = errors.EXIT_WORKDIR
+
+
 def builder(data_dir: str, **kwargs):
   """A ConversationsBuilder over `data_dir` (array_record files); kwargs go to its constructor."""
   return ConversationsBuilder(data_dir=data_dir, file_format="array_record", **kwargs)
@@ -141,7 +147,7 @@ def validate(jsonl_paths: Sequence[str], skip_invalid: bool = False) -> conv_lib
   """Reads every line once; raises ConversationFormatError (file:line) unless skip_invalid."""
   report = conv_lib.ReadReport()
   if not jsonl_paths:
-    raise FileNotFoundError("no JSONL log files given")
+    raise conv_lib.ConversationFormatError("no JSONL log files given")
   for path in jsonl_paths:
     for _ in conv_lib.iter_jsonl(path, skip_invalid=skip_invalid, report=report):
       pass
@@ -165,16 +171,17 @@ def build(jsonl_paths: Sequence[str], data_dir: str, skip_invalid: bool = False,
     The builder of the finished dataset; `builder.report` holds the read/skipped counts.
   Raises:
     ConversationFormatError naming file:line for a malformed line (unless skip_invalid), before any write.
-    FileExistsError if the dataset exists and not overwrite.
+    DatasetExists (a FileExistsError) if the dataset exists and not overwrite.
   """
   jsonl_paths = [os.fspath(p) for p in jsonl_paths]
   report = validate(jsonl_paths, skip_invalid)
   if report.read == 0:
-    raise ValueError(f"no valid conversations in {len(jsonl_paths)} file(s) ({report.skipped} skipped)")
+    raise conv_lib.ConversationFormatError(f"no valid conversations in {len(jsonl_paths)} file(s) "
+                                           f"({report.skipped} skipped; first: {report.errors[:1]})")
   data_dir = os.path.abspath(data_dir)
   final = os.path.join(data_dir, NAME, DATASET_VERSION)
   if os.path.exists(final) and not overwrite:
-    raise FileExistsError(f"dataset already exists at {final}; pass overwrite=True (--overwrite) to replace")
+    raise DatasetExists(f"dataset already exists at {final}; pass overwrite=True (--overwrite) to replace")
   os.makedirs(data_dir, exist_ok=True)
   staging = tempfile.mkdtemp(dir=data_dir, prefix=".tmp-build-")
   try:

@@ -15,7 +15,7 @@ def test_unknown_override_fails_before_any_work(module, config, tmp_path):
   out = subprocess.run([sys.executable, "-m", module, f"--config={config}", "--config.loop.iteratons=3",
                         f"--workdir={tmp_path}/w"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": ROOT})
-  assert out.returncode != 0
+  assert out.returncode == 2
   assert "unknown config key 'loop.iteratons'" in out.stderr
   assert "loop.iterations" in out.stderr  # the suggestion
   assert "Traceback" not in out.stderr
@@ -25,11 +25,13 @@ def test_unknown_override_fails_before_any_work(module, config, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("--config.loop.first_data=polciy", "error: config.loop.first_data must be one of behavior, policy, explore, "
                                         "got 'polciy'"),
-    ("--config.ppo.batch_size=0", "error: config.ppo.batch_size must be an integer >= 1, got 0")])
+    ("--config.ppo.batch_size=0", "error: config.ppo.batch_size must be an integer >= 1, got 0"),
+    ("--config.model.num_layers=0", "error: config.model.num_layers must be an integer >= 1, got 0"),
+    ("--config.loop.iterations=-1", "error: config.loop.iterations must be an integer >= 0, got -1")])
 def test_a_bad_setting_is_one_line_before_any_work(override, message, tmp_path):
   out = subprocess.run([sys.executable, "-m", "experiments.iterative_ppo", "--config=configs/sales.py:tiny",
                         override, f"--workdir={tmp_path}/w"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": ROOT})
-  assert out.returncode != 0
+  assert out.returncode == 2  # usage (iterppo_jax/errors.py)
   assert message in out.stderr and "Traceback" not in out.stderr
   assert not os.path.exists(tmp_path / "w")

@@ -10,6 +10,7 @@ import pytest
 from configs import sales as sales_config
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
 
@@ -122,15 +123,15 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
   other = tiny_config()
   other.ppo.kl_coef = 0.5
   other.qfit.method = "td"
-  with pytest.raises(ValueError, match=r"ppo\.kl_coef: 0\.1 -> 0\.5; qfit\.method: 'mc' -> 'td'"):
+  with pytest.raises(errors.WorkdirError, match=r"ppo\.kl_coef: 0\.1 -> 0\.5; qfit\.method: 'mc' -> 'td'"):
     loop.check_resumable(other, workdir)
   fresh_only = tiny_config()
   fresh_only.resume = False
-  with pytest.raises(ValueError, match="already holds a run"):
+  with pytest.raises(errors.WorkdirError, match="already holds a run"):
     loop.check_resumable(fresh_only, workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write('{"seed": 0,')  # a truncated file
-  with pytest.raises(ValueError, match="not a readable run config"):
+  with pytest.raises(errors.WorkdirError, match="not a readable run config"):
     loop.check_resumable(c, workdir)
 
 

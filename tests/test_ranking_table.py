@@ -5,6 +5,7 @@ import json
 import pytest
 
 from experiments import ranking_table
+from iterppo_jax import errors
 
 
 def _row(variant, top1, spearman):
@@ -26,5 +27,5 @@ def test_rows_per_run_and_means_over_the_sets_every_variant_has(tmp_path):
   assert "| sarsa | sarsa fit | 0.20 | +0.10 |" in staff and "| mc | mc fit | 0.40 | +0.30 |" in staff
   assert "mean over 1 (run, k) sets (sales s0 Q_1)" in own  # Q_2 lacks mc
   assert "| sarsa | sarsa fit | 0.60 | +0.50 |" in own
-  with pytest.raises(SystemExit, match="no q_ranking_ablation file"):
+  with pytest.raises(errors.DataError, match="no q_ranking_ablation file"):
     ranking_table.load(str(tmp_path / "none*.json"))
