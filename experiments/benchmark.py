@@ -11,11 +11,11 @@ A sweep runs one PPO iteration per cell, each cell in a process of its own (`--c
 peak device memory is then that cell's, and a cell that runs out of memory becomes a "failed" row.
 
 Rows: the sampler alone (ignore_eos, so every row makes all its tokens), one SFT step, one Q-fit step, and one
-PPO iteration split into generation (the sampler as train_ppo calls it, every row making all its tokens),
-scoring (ppo.make_experience_fn as train_ppo calls it: reference, critic and reward passes, the policy's too
-unless the sampler's log-probs stand in (float32 compute), token rewards, GAE) and update (every minibatch step
-of the iteration, cut on the device, and the one metrics transfer, as in train_ppo). Each piece is called once
-to compile, then `iterations` more times.
+PPO iteration split into the pieces solvers.train runs, called the same way: generation (solvers.sample, every
+row making all its tokens), scoring (PPO's Programs.experience: reference, critic and reward passes, the
+policy's too unless the sampler's log-probs stand in (float32 compute), token rewards, GAE) and update
+(solvers.run_epochs: every minibatch step of the iteration, cut on the device, and the one metrics transfer).
+Each piece is called once to compile, then `iterations` more times.
 
 Columns: "ms" is the steady-state mean wall time and "cpu ms" the mean process CPU time over the same calls
 (all threads: on an idle machine cpu / wall is the parallelism, on a shared one wall is inflated by the other
@@ -45,7 +45,7 @@ from flax import nnx
 
 from experiments import cli
 from iterppo_jax import errors
-from iterppo_jax import ppo, qfit, sampling, sft, sharding
+from iterppo_jax import ppo, qfit, sampling, sft, sharding, solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
@@ -182,21 +182,23 @@ def run_benchmark(config) -> list[dict]:
     if "ppo" not in pieces:
       return rows
 
-    # ---- one PPO iteration, by phase (the body of ppo.train_ppo) ----
+    # ---- one PPO iteration, by phase: the pieces solvers.train runs (PPO's row), timed one by one ----
     critic, critic_state = ts.init_trainable(make_scalar, tx(), mesh)
     ref_params = ts.copy_params(policy_state.params)
     cfg = ppo.PPOConfig(kl_coef=config.ppo.kl_coef, epochs=config.ppo.epochs,
                         minibatch_size=minibatch, max_new_tokens=N)
-    experience_fn = ppo.make_experience_fn(policy, critic, ppo.make_q_reward_fn(q_tr), cfg)
-    update_fn = ppo.make_update_step(policy, critic, cfg, P)
-    take_rows = ppo.make_take_rows(mesh)
+    solver = solvers.SOLVERS["ppo"]
     reuse_logprobs = ppo.sampler_logprobs_reusable(policy, policy_state.params)
+    programs = solver.programs(policy, critic, ppo.make_q_reward_fn(q_tr), cfg, P, B, reuse_logprobs)
+    take = solvers.make_take_rows(mesh, programs.update_keys)
+    kl_coef = jnp.float32(cfg.kl_coef)
+    prompts = {"tokens": np.asarray(prompt_tokens), "valid": np.asarray(prompt_valid)}
     state = ppo.PPOState(policy=policy_state, critic=critic_state)
     phases = {"generation": [], "scoring": [], "update": []}
 
     def generate(params, i):
-      out = sampling.sample(policy.graphdef, params, prompt_tokens, prompt_valid, jax.random.key(i),
-                            max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
+      out = solvers.sample(policy, params, prompts, np.arange(B), jax.random.key(i), cfg, eos_id=EOS_ID,
+                           pad_id=PAD_ID, ignore_eos=True)
       jax.block_until_ready(out.tokens)
       return out
 
@@ -204,17 +206,12 @@ def run_benchmark(config) -> list[dict]:
       t0 = _clock()
       out = generate(state.policy.params, i)
       t1 = _clock()
-      exp = experience_fn(state.policy.params, ref_params, state.critic.params, q_params, out.prompt_tokens,
-                          out.prompt_valid, out.tokens, out.valid, jnp.float32(cfg.kl_coef),
-                          old_logprobs=out.logprobs if reuse_logprobs else None)
+      exp = programs.experience(state, ref_params, q_params, out, kl_coef)
       jax.block_until_ready(exp)
       t2 = _clock()
-      step_metrics = []
-      for epoch in range(cfg.epochs):
-        order = np.random.default_rng([config.seed, i, epoch]).permutation(B)
-        for mb in range(B // cfg.minibatch_size):
-          state, metrics = update_fn(state, take_rows(exp, order[mb * cfg.minibatch_size:][:cfg.minibatch_size]))
-          step_metrics.append(metrics)
+      state, step_metrics = solvers.run_epochs(
+          programs.update, take, state, exp, B, cfg.minibatch_size, cfg.epochs,
+          lambda epoch, i=i: np.random.default_rng([config.seed, i, epoch + 1]).permutation(B))
       jax.device_get(step_metrics)
       t3 = _clock()
       for name, (a, z) in (("generation", (t0, t1)), ("scoring", (t1, t2)), ("update", (t2, t3))):
@@ -242,19 +239,16 @@ def run_benchmark(config) -> list[dict]:
     rows.append(phase_row("ppo iteration", summed(phases.values()), B * L, sum(flops.values()),
                           sum(hbm.values())))
 
-    # ---- the same iteration as train_ppo runs it when one update takes the whole batch (ppo.fuses): the
+    # ---- the same iteration as solvers.train runs it when one update takes the whole batch (ppo.fuses): the
     # update's policy and critic passes also give the old log-probs and values, so scoring runs only the
     # reference and the reward model, inside the update's program ----
     if ppo.fuses(cfg, B):
-      fused_fn = ppo.make_fused_step(policy, critic, ppo.make_q_reward_fn(q_tr), cfg, P)
       fused_phases = {"generation": [], "fused": []}
       for i in range(config.iterations + 1):
         t0 = _clock()
         out = generate(state.policy.params, i)
         t1 = _clock()
-        state, metrics, _ = fused_fn(state, ref_params, q_params, out.prompt_tokens, out.prompt_valid, out.tokens,
-                                     out.valid, jnp.float32(cfg.kl_coef),
-                                     old_logprobs=out.logprobs if reuse_logprobs else None)
+        state, metrics, _ = programs.fused(state, ref_params, q_params, out, kl_coef)
         jax.device_get(metrics)
         t2 = _clock()
         for name, (a, z) in (("generation", (t0, t1)), ("fused", (t1, t2))):
@@ -345,7 +339,7 @@ def run_sweep(config, argv) -> list[dict]:
 
 def iteration_parts(rows: dict) -> tuple[float, float, dict]:
   """(generation ms, scoring + update ms, the iteration's row) from one run's rows by name: the fused iteration
-  where it ran (what train_ppo runs for one epoch of one minibatch), else the separate passes."""
+  where it ran (what solvers.train runs for one epoch of one minibatch), else the separate passes."""
   fused = "ppo iteration, fused" in rows
   rest = rows["ppo scoring+update, fused"]["ms"] if fused else rows["ppo scoring"]["ms"] + rows["ppo update"]["ms"]
   return rows["ppo generation"]["ms"], rest, rows["ppo iteration, fused" if fused else "ppo iteration"]

@@ -38,15 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import ppo
-from iterppo_jax import sampling
 from iterppo_jax import train_state as ts
 
 ALGORITHMS = ("grpo", "rloo")
@@ -244,81 +241,5 @@ def make_update_step(policy: ts.Trainable, cfg: GroupConfig, prompt_len: int):
   return ts.make_train_step(policy, loss_fn)
 
 
-_UPDATE_KEYS = ("tokens", "valid", "positions", "mask", "old_logprobs", "ref_logprobs", "advantages",
+UPDATE_KEYS = ("tokens", "valid", "positions", "mask", "old_logprobs", "ref_logprobs", "advantages",
                 "loss_kl_coef")
-
-
-def train_group(policy: ts.Trainable, state: ts.TrainState, ref_params: Any, reward_fn: Callable,
-                reward_params: Any, prompts: dict, cfg: GroupConfig, *, steps: int, batch_size: int, seed: int,
-                eos_id: int, pad_id: int, writer=None, desc: Optional[str] = None, start_step: int = 0,
-                kl_coef: Optional[float] = None, on_step: Callable | None = None):
-  """Runs `steps` GRPO or RLOO iterations on the single-turn problem over `prompts` (ppo.train_ppo's contract).
-
-  Each iteration picks batch_size / G prompts (deterministic in (seed, step)), repeats each G times, samples
-  all batch_size responses in one compiled sampler call, scores them (reward, reference, old log-probs), forms
-  the group advantages and runs `cfg.epochs` passes of minibatch updates. `on_step(step, state, kl_coef)` is
-  called after each iteration (checkpointing), so a run resumed with `start_step` replays exactly.
-
-  Args:
-    policy, state: the policy's Trainable and TrainState (no critic).
-    ref_params: the frozen reference (pi_k), a params tree of the policy's graph.
-    reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index, state_index) -> [B].
-    prompts: {'tokens': [M, P] int32 left-padded, 'valid': [M, P] bool} from data.encode_prompts.
-    batch_size: sampled responses per iteration (a multiple of G and of cfg.minibatch_size), the same count
-      PPO's batch_size samples.
-    desc: metric prefix and phase name; defaults to cfg.algorithm.
-  Returns:
-    (state, kl_coef, metrics of the last iteration), metric names '<algorithm>/...'.
-  """
-  G = cfg.group_size
-  if batch_size % G:
-    raise ValueError(f"{cfg.algorithm} batch_size {batch_size} (responses) must be a multiple of group_size {G}")
-  if batch_size % cfg.minibatch_size:
-    raise ValueError(f"{cfg.algorithm} batch_size {batch_size} must be a multiple of minibatch_size "
-                     f"{cfg.minibatch_size}")
-  prefix = cfg.algorithm
-  desc = desc or prefix
-  n_prompts, P = prompts["tokens"].shape
-  n_groups = batch_size // G
-  experience_fn = make_experience_fn(policy, reward_fn, cfg)
-  update_fn = make_update_step(policy, cfg, P)
-  kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
-  base_key = jax.random.key(seed)
-  last = {}
-  for i in metrics_lib.progress(range(start_step, steps), total=steps - start_step, desc=desc):
-    key = jax.random.fold_in(base_key, i)
-    rng = np.random.default_rng([seed, i])
-    rows = np.repeat(rng.choice(n_prompts, size=n_groups, replace=n_prompts < n_groups), G)
-    out = sampling.sample(policy.graphdef, state.params, jnp.asarray(prompts["tokens"][rows]),
-                          jnp.asarray(prompts["valid"][rows]), jax.random.fold_in(key, 0),
-                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                          eos_id=eos_id, pad_id=pad_id)
-    exp = experience_fn(state.params, ref_params, reward_params, out.prompt_tokens, out.prompt_valid,
-                        out.tokens, out.valid, jnp.float32(kl_coef))
-    exp = jax.device_get(exp)
-    sums = {}
-    for epoch in range(cfg.epochs):
-      order = np.random.default_rng([seed, i, epoch + 1]).permutation(batch_size)
-      for mb in range(batch_size // cfg.minibatch_size):
-        idx = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
-        batch = ts.device_batch({k: exp[k][idx] for k in _UPDATE_KEYS}, policy.mesh)
-        state, m = update_fn(state, batch)
-        for k, v in m.items():
-          sums[k] = sums.get(k, 0.0) + float(v)
-    n_updates = cfg.epochs * (batch_size // cfg.minibatch_size)
-    mean_kl = float(np.mean(exp["kl"]))
-    last = {f"{prefix}/{k}": v / n_updates for k, v in sums.items()}
-    last.update({f"{prefix}/score": float(np.mean(exp["score"])), f"{prefix}/reward": float(np.mean(exp["reward"])),
-                 f"{prefix}/kl": mean_kl, f"{prefix}/kl_k1": float(np.mean(exp["exact_kl_k1"])),
-                 f"{prefix}/kl_coef": float(kl_coef), f"{prefix}/group_std": float(np.mean(exp["group_std"])),
-                 # Groups whose rewards are all equal teach nothing (GRPO and RLOO advantages are 0 there).
-                 f"{prefix}/zero_std_frac": float(np.mean(exp["group_std"] < 1e-6)),
-                 f"{prefix}/response_len": float(np.mean(np.sum(exp["mask"], 1)))})
-    metrics_lib.check_finite(last, i + 1, (f"{prefix}/loss", f"{prefix}/policy_loss"))
-    if cfg.kl_target is not None:
-      kl_coef = float(ppo.update_kl_coef(kl_coef, mean_kl, cfg.kl_target, cfg.kl_horizon, batch_size))
-    if writer is not None:
-      writer.write(i + 1, last, phase=desc)
-    if on_step is not None:
-      on_step(i + 1, state, kl_coef)
-  return state, kl_coef, last

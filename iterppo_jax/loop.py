@@ -39,7 +39,6 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
 from iterppo_jax import errors
 from iterppo_jax import explore
-from iterppo_jax import group_pg
 from iterppo_jax import io_utils
 from iterppo_jax import label_noise
 from iterppo_jax import lm_policy
@@ -54,6 +53,7 @@ from iterppo_jax import settings
 from iterppo_jax import stats
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import sharding
+from iterppo_jax import solvers
 from iterppo_jax import tokenizer as tok_lib
 from iterppo_jax import train_state as ts
 from iterppo_jax.envs import base as env_base
@@ -106,16 +106,6 @@ def optimizer(section) -> Any:
       weight_decay=section.weight_decay, clip_norm=section.clip_norm, grad_accum=section.grad_accum))
 
 
-def ppo_config(config) -> ppo_lib.PPOConfig:
-  p = config.ppo
-  return ppo_lib.PPOConfig(
-      kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, kl_target=p.kl_target or None,
-      kl_horizon=p.kl_horizon, gamma=p.gamma, lam=p.lam, clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps,
-      entropy_coef=p.entropy_coef, epochs=p.epochs, minibatch_size=p.minibatch_size,
-      whiten_advantages=p.whiten_advantages, max_new_tokens=config.data.max_action_len,
-      temperature=p.temperature, top_p=1.0)
-
-
 # Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
 # what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
 RESUMABLE_CHANGES = ("resume", "loop.iterations", "loop.stop_after_phase", "loop.stop_after_ppo_step",
@@ -160,16 +150,6 @@ def check_resumable(config, workdir: str) -> None:
     listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
     raise errors.WorkdirError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
                      "settings to continue it, or pick a new --workdir for the new ones.")
-
-
-def group_config(config) -> group_pg.GroupConfig:
-  """GRPO / RLOO settings: the group keys of config.group, everything shared with PPO from config.ppo."""
-  p, g = config.ppo, config.group
-  return group_pg.GroupConfig(
-      algorithm=config.inner, group_size=g.size, kl_coef=p.kl_coef, kl_in=g.kl_in, kl_estimator=p.kl_estimator,
-      kl_target=p.kl_target or None, kl_horizon=p.kl_horizon, std_eps=g.std_eps, clip_eps=p.clip_eps,
-      entropy_coef=p.entropy_coef, epochs=p.epochs, minibatch_size=p.minibatch_size,
-      max_new_tokens=config.data.max_action_len, temperature=p.temperature, top_p=1.0)
 
 
 def seed_for(config, *parts: int) -> int:
@@ -675,53 +655,50 @@ def run_policy_graphdef(run: Run):
 def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_params, pi0_params):
   """The single-turn step of iteration k with the solver config.inner; returns pi_{k+1}'s params and metrics.
 
-  ppo: token-level PPO with a critic (ppo.py); grpo | rloo: G responses per state with the group as baseline and
-  no critic (group_pg.py). All maximise E_{s~D_k, a~pi}[Q_k] - beta KL(pi || pi_k) on the same rollout and reward
-  code and checkpoint inside the phase (workdir/checkpoints/<inner>/<k>), so a resumed run replays exactly.
+  The solver is the row config.inner of solvers.SOLVERS (ppo: token-level PPO with a critic; grpo | rloo: G
+  responses per state with the group as baseline, no critic), run by solvers.train. All maximise
+  E_{s~D_k, a~pi}[Q_k] - beta KL(pi || pi_k) on the same rollout and reward code and checkpoint the solver's
+  state inside the phase (workdir/checkpoints/<inner>/<k>), so a resumed run replays exactly.
   Afterwards KL(pi_{k+1} || pi_k) is measured on states of D_k (improve/kl_to_pi_k).
   """
   c = run.config
-  inner = c.inner  # checked by settings.check
+  solver = solvers.SOLVERS[c.inner]  # checked by settings.check
+  cfg = solver.config(c)
   ref_params = pi0_params if c.ppo.reference == "sft" else policy_params
-  policy_tr, state = ts.init_trainable(
+  policy_tr, model = ts.init_trainable(
       lambda: tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0)), optimizer(c.ppo), run.mesh,
       params=ts.copy_params(policy_params))
-  if inner == "ppo":
+  critic_tr = None
+  if solver.critic:
     critic_tr, critic_state = ts.init_trainable(
         lambda: heads.scalar_model_from_policy(nnx.merge(policy_tr.graphdef, policy_params),
                                                rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["ppo"]))),
         optimizer(c.ppo.critic), run.mesh)
-    state = ppo_lib.PPOState(policy=state, critic=critic_state)
-  ckpt = run.checkpointer(f"{inner}/{k}", max_to_keep=2)
-  start, kl_coef = 0, c.ppo.kl_coef
+    model = ppo_lib.PPOState(policy=model, critic=critic_state)
+  state = solvers.init_state(model, cfg.kl_coef)
+  ckpt = run.checkpointer(f"{solver.name}/{k}", max_to_keep=2)
+  start = 0
   if ckpt.latest_step() is not None:
-    template = {"state": state, "kl_coef": jnp.float32(0)}
-    restored, meta = ckpt.restore(None, ckpt_lib.abstract_like(template))
-    state, kl_coef, start = restored["state"], float(restored["kl_coef"]), int(meta["step"])
+    restored, meta = ckpt.restore(None, ckpt_lib.abstract_like(_solver_checkpoint(state)))
+    state, start = solvers.SolverState(model=restored["state"], kl_coef=restored["kl_coef"]), int(meta["step"])
   examples = run.examples(records)
   prompts = data_lib.encode_prompts(run.tokenizer, [e.prompt for e in examples], c.data.max_prompt_len)
 
-  def on_step(step, state_, coef):
+  def on_step(step, state_):
     if step % c.ppo.checkpoint_every == 0 or step == c.ppo.steps:
-      ckpt.save(step, {"state": state_, "kl_coef": jnp.float32(coef)}, {"step": step}, overwrite=True)
+      ckpt.save(step, _solver_checkpoint(state_), {"step": step}, overwrite=True)
     if c.loop.stop_after_ppo_step and step == c.loop.stop_after_ppo_step:
-      raise Interrupted(f"stopped after {inner} step {step} (loop.stop_after_ppo_step)")
+      raise Interrupted(f"stopped after {solver.name} step {step} (loop.stop_after_ppo_step)")
 
   if isinstance(q_trainable, q_table.TableQ):
     reward_fn, q_params = _table_reward_fn(run, q_trainable, records, examples, prompts), jnp.zeros(())
   else:
     reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
-  common = dict(steps=c.ppo.steps, batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]),
-                eos_id=run.renderer.end_id(run.tokenizer), pad_id=run.tokenizer.pad_id, writer=run.writer,
-                desc=f"{inner}/{k}", start_step=start, kl_coef=kl_coef, on_step=on_step)
-  if inner == "ppo":
-    state, kl_coef, last = ppo_lib.train_ppo(policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts,
-                                             ppo_config(c), **common)
-    new_params = state.policy.params
-  else:
-    state, kl_coef, last = group_pg.train_group(policy_tr, state, ref_params, reward_fn, q_params, prompts,
-                                                group_config(c), **common)
-    new_params = state.params
+  state, last = solvers.train(solver, policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts, cfg,
+                              steps=c.ppo.steps, batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]),
+                              eos_id=run.renderer.end_id(run.tokenizer), pad_id=run.tokenizer.pad_id,
+                              writer=run.writer, desc=f"{solver.name}/{k}", start_step=start, on_step=on_step)
+  new_params = solver.policy_state(state.model).params
   ckpt.close()
   # The same measurement for every solver: KL(pi_{k+1} || pi_k) on a fixed sample of D_k's states (the
   # distribution the inner objective's KL is taken over), not the last rollout's estimate during training.
@@ -731,6 +708,11 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
                  seed_for(c, k, PHASE_IDS["ppo"], 2))
   run.log(k, {"improve/kl_to_pi_k": kl}, phase="improve", iteration=k)
   return new_params, {**last, "improve/kl_to_pi_k": kl}
+
+
+def _solver_checkpoint(state: solvers.SolverState) -> dict:
+  """The phase's checkpoint: the solver's state (its models and beta) under the keys runs have always used."""
+  return {"state": state.model, "kl_coef": state.kl_coef}
 
 
 def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts: dict):

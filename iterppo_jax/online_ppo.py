@@ -39,6 +39,7 @@ from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import ppo
 from iterppo_jax import qfit
 from iterppo_jax import sharding
+from iterppo_jax import solvers
 from iterppo_jax import train_state as ts
 
 # ---- turn-level maths ----
@@ -321,17 +322,11 @@ def update(steps: OnlineSteps, state: ppo.PPOState, ref_params: Any, arrays: dic
   batch = {**seqs, "mask": mask.astype(np.float32), "row_valid": real.astype(np.float32),
            "old_logprobs": exp["old_logprobs"], "old_values": exp["values"], "advantages": pad(advantages),
            "returns": pad(returns)}
-  sums: dict[str, float] = {}
-  n_updates = 0
-  for epoch in range(cfg.epochs):
-    order = np.random.default_rng([seed, epoch]).permutation(len(rows))
-    for start in range(0, len(rows), M):
-      idx = order[start:start + M]
-      state, m = steps.update(state, ts.device_batch({k: batch[k][idx] for k in _UPDATE_KEYS}, mesh))
-      n_updates += 1
-      for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-  metrics = {f"online_ppo/{k}": v / n_updates for k, v in sums.items()}
+  # The single-turn solvers' epoch loop (solvers.run_epochs); minibatches are cut on the host (padded rows).
+  state, step_metrics = solvers.run_epochs(
+      steps.update, lambda b, idx: ts.device_batch({k: b[k][idx] for k in _UPDATE_KEYS}, mesh), state, batch,
+      len(rows), M, cfg.epochs, lambda epoch: np.random.default_rng([seed, epoch]).permutation(len(rows)))
+  metrics = solvers.mean_metrics(jax.device_get(step_metrics), "online_ppo")
   metrics.update({
       "online_ppo/decisions": float(D), "online_ppo/conversations": float(grid_mask.shape[0]),
       "online_ppo/outcome_rate": float(np.sum(arrays["reward"]) / max(grid_mask.shape[0], 1)),

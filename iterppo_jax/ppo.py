@@ -17,7 +17,7 @@ any arithmetic rather than multiplied by the mask).
 """
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import flax
 import jax
@@ -26,9 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import qfit
-from iterppo_jax import sampling
 from iterppo_jax import sharding
 from iterppo_jax import train_state as ts
 
@@ -573,7 +571,7 @@ def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Calla
 
   Returns step(PPOState, ref_params, reward_params, prompt_tokens, prompt_valid, response, response_valid,
   kl_coef, old_logprobs=None) -> (PPOState, metrics, summary), metrics as ``make_update_step``'s and summary
-  the per-row 'score', 'kl', 'exact_kl_k1' and the response 'mask' (the experience keys train_ppo logs).
+  the per-row 'score', 'kl', 'exact_kl_k1' and the response 'mask' (the experience keys solvers.train logs).
   ``old_logprobs``: the sampler's (``sampler_logprobs_reusable``); left out, the update's forward gives them.
   """
   P = prompt_len
@@ -624,7 +622,7 @@ def make_fused_step(policy: ts.Trainable, critic: ts.Trainable, reward_fn: Calla
   return jax.jit(step, out_shardings=(shardings, replicated, replicated), donate_argnums=(0,))
 
 
-_UPDATE_KEYS = ("tokens", "valid", "positions", "mask", "old_logprobs", "old_values", "advantages", "returns")
+UPDATE_KEYS = ("tokens", "valid", "positions", "mask", "old_logprobs", "old_values", "advantages", "returns")
 
 
 def sampler_logprobs_reusable(policy: ts.Trainable, params) -> bool:
@@ -634,91 +632,3 @@ def sampler_logprobs_reusable(policy: ts.Trainable, params) -> bool:
   they differ by up to ~4e-2, which would show up as a spurious PPO ratio away from 1 at the first update.
   """
   return jnp.dtype(policy.merge(params).config.dtype) == jnp.float32
-
-
-def make_take_rows(mesh) -> Callable:
-  """Jitted `take(exp, idx) -> minibatch`: rows `idx` of the update keys of an experience dict.
-
-  The minibatch is cut where the experience lives and placed as a batch (sharding.batch_sharding), so a
-  PPO iteration never copies its experience to the host and back.
-  """
-  return jax.jit(lambda exp, idx: {k: exp[k][idx] for k in _UPDATE_KEYS},
-                 out_shardings=sharding.batch_sharding(mesh))
-
-
-def train_ppo(policy: ts.Trainable, critic: ts.Trainable, state: PPOState, ref_params: Any,
-              reward_fn: Callable, reward_params: Any, prompts: dict, cfg: PPOConfig, *, steps: int,
-              batch_size: int, seed: int, eos_id: int, pad_id: int, writer=None, desc: str = "ppo",
-              start_step: int = 0, kl_coef: Optional[float] = None, on_step: Callable | None = None):
-  """Runs `steps` PPO iterations on the single-turn problem over `prompts`.
-
-  Each iteration samples `batch_size` prompts (deterministic in (seed, step)), samples responses from the
-  current policy, scores them (reward, reference, critic, old log-probs), then runs `cfg.epochs` passes of
-  minibatch updates. `on_step(step, state, kl_coef)` is called after each iteration (checkpointing).
-
-  Args:
-    prompts: {'tokens': [M, P] int32 left-padded, 'valid': [M, P] bool} from data.encode_prompts.
-    ref_params: the frozen reference (pi_k), a params tree of the policy's graph.
-    reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index, state_index) -> [B].
-  Returns:
-    (state, kl_coef, metrics of the last iteration).
-  """
-  if batch_size % cfg.minibatch_size:
-    raise ValueError(f"PPO batch_size {batch_size} must be a multiple of minibatch_size {cfg.minibatch_size}")
-  n_prompts, P = prompts["tokens"].shape
-  fused = fuses(cfg, batch_size)
-  if fused:
-    fused_fn = make_fused_step(policy, critic, reward_fn, cfg, P)
-  else:
-    experience_fn = make_experience_fn(policy, critic, reward_fn, cfg)
-    update_fn = make_update_step(policy, critic, cfg, P)
-    take_rows = make_take_rows(policy.mesh)
-  reuse_logprobs = sampler_logprobs_reusable(policy, state.policy.params)
-  kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
-  base_key = jax.random.key(seed)
-  last = {}
-  for i in metrics_lib.progress(range(start_step, steps), total=steps - start_step, desc=desc):
-    key = jax.random.fold_in(base_key, i)
-    rng = np.random.default_rng([seed, i])
-    rows = rng.choice(n_prompts, size=batch_size, replace=n_prompts < batch_size)
-    prompt_tokens = jnp.asarray(prompts["tokens"][rows])
-    prompt_valid = jnp.asarray(prompts["valid"][rows])
-    out = sampling.sample(policy.graphdef, state.policy.params, prompt_tokens, prompt_valid,
-                          jax.random.fold_in(key, 0), max_new_tokens=cfg.max_new_tokens,
-                          temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id)
-    # The sampler's log-probs are the old policy's (same parameters): in float32, no forward pass for them.
-    old_logprobs = out.logprobs if reuse_logprobs else None
-    step_metrics = []
-    if fused:  # one update on the whole batch: scoring and update share the policy's and critic's passes
-      state, m, exp = fused_fn(state, ref_params, reward_params, out.prompt_tokens, out.prompt_valid, out.tokens,
-                               out.valid, jnp.float32(kl_coef), old_logprobs=old_logprobs)
-      step_metrics.append(m)
-    else:
-      exp = experience_fn(state.policy.params, ref_params, state.critic.params, reward_params,
-                          out.prompt_tokens, out.prompt_valid, out.tokens, out.valid, jnp.float32(kl_coef),
-                          old_logprobs=old_logprobs)
-      for epoch in range(cfg.epochs):
-        order = np.random.default_rng([seed, i, epoch + 1]).permutation(batch_size)
-        for mb in range(batch_size // cfg.minibatch_size):
-          idx = order[mb * cfg.minibatch_size:(mb + 1) * cfg.minibatch_size]
-          state, m = update_fn(state, take_rows(exp, idx))
-          step_metrics.append(m)
-    # One host transfer per iteration, after every step is queued; the sums are taken in step order.
-    step_metrics, exp = jax.device_get((step_metrics, {k: exp[k] for k in ("kl", "score", "exact_kl_k1", "mask")}))
-    sums = {}
-    for m in step_metrics:
-      for k, v in m.items():
-        sums[k] = sums.get(k, 0.0) + float(v)
-    n_updates = cfg.epochs * (batch_size // cfg.minibatch_size)
-    mean_kl = float(np.mean(exp["kl"]))
-    last = {f"ppo/{k}": v / n_updates for k, v in sums.items()}
-    last.update({"ppo/score": float(np.mean(exp["score"])), "ppo/kl": mean_kl,
-                 "ppo/kl_k1": float(np.mean(exp["exact_kl_k1"])), "ppo/kl_coef": float(kl_coef),
-                 "ppo/response_len": float(np.mean(np.sum(exp["mask"], 1)))})
-    if cfg.kl_target is not None:
-      kl_coef = float(update_kl_coef(kl_coef, mean_kl, cfg.kl_target, cfg.kl_horizon, batch_size))
-    if writer is not None:
-      writer.write(i + 1, last, phase=desc)
-    if on_step is not None:
-      on_step(i + 1, state, kl_coef)
-  return state, kl_coef, last

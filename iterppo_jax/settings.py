@@ -19,9 +19,10 @@ from iterppo_jax import group_pg
 from iterppo_jax import ppo
 from iterppo_jax import qfit
 from iterppo_jax import sharding
+from iterppo_jax import solvers
 from iterppo_jax import tokenizer as tok_lib
 
-INNER_SOLVERS = ("ppo", "grpo", "rloo")  # the single-turn solvers loop.improve_policy runs
+INNER_SOLVERS = tuple(solvers.SOLVERS)  # the single-turn solvers (a row of solvers.SOLVERS each)
 QFIT_TARGETS = ("unbiased", "all", "explored")  # which turns' Monte Carlo returns the Q-fit uses
 QFIT_VIEWS = ("tokens", "dialogue_state")  # what the Q-model reads: the rendered prompt | the state tracker
 FIRST_DATA = ("behavior", "policy", "explore")  # D_0

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from experiments import benchmark
-from iterppo_jax import ppo, sampling, sharding
+from iterppo_jax import ppo, sampling, sharding, solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
@@ -115,7 +115,7 @@ def test_policy_response_logprobs_is_the_full_head_sliced():
 
 
 def test_sampler_logprobs_stand_in_for_the_policy_pass():
-  """Experience from the sampler's log-probs (train_ppo, the benchmark) against the policy's own forward pass."""
+  """Experience from the sampler's log-probs (solvers.train, the benchmark) against the policy's own forward pass."""
   mesh, (policy, policy_state), (critic, critic_state), (q_tr, q_state), prompt_tokens, prompt_valid = _small_ppo()
   cfg = ppo.PPOConfig(kl_coef=0.1, max_new_tokens=5)
   with sharding.use_mesh(mesh):
@@ -140,17 +140,17 @@ def test_sampler_logprobs_stand_in_for_the_policy_pass():
 
 def test_take_rows_cuts_minibatches_on_device():
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
-  exp = {k: jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3) + i for i, k in enumerate(ppo._UPDATE_KEYS)}
+  exp = {k: jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3) + i for i, k in enumerate(ppo.UPDATE_KEYS)}
   exp["score"] = jnp.zeros(12)  # keys outside the update are left out
   idx = np.array([5, 0, 11, 2])
-  batch = ppo.make_take_rows(mesh)(exp, idx)
-  assert set(batch) == set(ppo._UPDATE_KEYS)
-  for k in ppo._UPDATE_KEYS:
+  batch = solvers.make_take_rows(mesh, ppo.UPDATE_KEYS)(exp, idx)
+  assert set(batch) == set(ppo.UPDATE_KEYS)
+  for k in ppo.UPDATE_KEYS:
     np.testing.assert_array_equal(batch[k], np.asarray(exp[k])[idx])
 
 
 def test_sampler_logprobs_reused_in_float32_only():
-  """bf16 decode and full forward round differently (~1e-2 in log-prob): there train_ppo keeps the policy pass."""
+  """bf16 decode and full forward round differently (~1e-2 in log-prob): there solvers.train keeps the policy pass."""
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
   for dtype, reusable in (("float32", True), ("bfloat16", False)):
     config = tf.TransformerConfig(**SMALL, dtype=dtype)
@@ -178,7 +178,7 @@ def test_fused_step_equals_experience_then_update(entropy_coef, with_sampler_log
     copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731 (both steps donate their state)
     start = ppo.PPOState(policy=copy(policy_state), critic=copy(critic_state))
     slow_state, slow_metrics = ppo.make_update_step(policy, critic, cfg, 6)(
-        start, ppo.make_take_rows(mesh)(exp, np.arange(4)))
+        start, solvers.make_take_rows(mesh, ppo.UPDATE_KEYS)(exp, np.arange(4)))
     start = ppo.PPOState(policy=copy(policy_state), critic=copy(critic_state))
     fast_state, fast_metrics, summary = ppo.make_fused_step(policy, critic, reward_fn, cfg, 6)(
         start, ref_params, q_state.params, *args, old_logprobs=old)

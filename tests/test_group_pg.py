@@ -3,7 +3,7 @@
   * the group advantages, the KL-regularised sequence reward and the loss gradient against hand-computed values;
   * the closed form of the inner step, pi* ∝ pi_k exp(r / beta) (PAPER.md, "Why it works"): a tabular policy
     trained with the group maths lands on it with the KL in the reward, and away from it with DeepSeekMath's
-    in-loss k3 KL (the reason 'reward' is the default); a real Transformer trained by group_pg.train_group
+    in-loss k3 KL (the reason 'reward' is the default); a real Transformer trained by solvers.train (the grpo and rloo rows)
     (sampler, scoring pass, jitted donated step) lands on it for both GRPO and RLOO;
   * the loop end to end with inner = grpo through experiments/ablate_inner.py, with an exact resume inside the
     GRPO phase; and the ablation's rows, table and plot.
@@ -27,6 +27,7 @@ from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import ppo
 from iterppo_jax import sharding
+from iterppo_jax import solvers
 from iterppo_jax import train_state as ts
 from tests import test_loop as loop_tests
 from tests import test_ppo_closed_form as toy
@@ -176,7 +177,7 @@ def test_in_loss_k3_kl_misses_closed_form():
 
 @pytest.mark.slow  # ~15-20 s each on two cores
 @pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
-def test_train_group_reaches_closed_form(algorithm):
+def test_group_solvers_reach_closed_form(algorithm):
   """The real code path: a one-layer Transformer, the jitted sampler, scoring pass and donated update step."""
   beta, steps, batch, minibatch = 0.5, 60, 512, 128
   config = toy._config()
@@ -190,13 +191,15 @@ def test_train_group_reaches_closed_form(algorithm):
   cfg = group_pg.GroupConfig(algorithm=algorithm, group_size=4, kl_coef=beta, epochs=2, minibatch_size=minibatch,
                              max_new_tokens=1)
   prompts = {"tokens": np.full((1, 1), toy.PROMPT_TOKEN, np.int32), "valid": np.ones((1, 1), bool)}
-  with pytest.raises(ValueError, match="multiple of group_size"):
-    group_pg.train_group(policy, state, ref_params, toy._reward_fn, jnp.asarray(toy.REWARDS), prompts, cfg,
-                         steps=1, batch_size=510, seed=0, eos_id=toy.VOCAB - 1, pad_id=0)
-  state, _, metrics = group_pg.train_group(policy, state, ref_params, toy._reward_fn, jnp.asarray(toy.REWARDS),
-                                           prompts, cfg, steps=steps, batch_size=batch, seed=0,
-                                           eos_id=toy.VOCAB - 1, pad_id=0)
-  trained = toy._next_token_probs(policy, state.params)
+  solver = solvers.SOLVERS[algorithm]
+  with pytest.raises(ValueError, match="multiple of group size 4"):
+    solvers.train(solver, policy, None, solvers.init_state(state, beta), ref_params, toy._reward_fn,
+                  jnp.asarray(toy.REWARDS), prompts, cfg, steps=1, batch_size=510, seed=0, eos_id=toy.VOCAB - 1,
+                  pad_id=0)
+  state, metrics = solvers.train(solver, policy, None, solvers.init_state(state, beta), ref_params, toy._reward_fn,
+                                 jnp.asarray(toy.REWARDS), prompts, cfg, steps=steps, batch_size=batch, seed=0,
+                                 eos_id=toy.VOCAB - 1, pad_id=0)
+  trained = toy._next_token_probs(policy, state.model.params)
   tv = toy._total_variation(trained, optimum)
   print(f"{algorithm}: TV(pi_ref, pi*)={toy._total_variation(pi_ref, optimum):.3f} TV(trained, pi*)={tv:.4f}")
   assert metrics[f"{algorithm}/response_len"] == 1.0

@@ -3,7 +3,7 @@
 PAPER.md ("Why it works"): with a reward r(a) and a per-token penalty beta * KL(pi || pi_ref), the exact
 maximiser of E_{a~pi}[r(a)] - beta KL(pi || pi_ref) is pi*(a) ∝ pi_ref(a) exp(r(a) / beta). tests/test_toy_ppo.py
 checks it with a tabular policy and re-assembled maths; here nothing is re-implemented: a one-layer
-``models.transformer.Transformer`` is trained by ``ppo.train_ppo`` (the jitted sampler, ``make_experience_fn``
+``models.transformer.Transformer`` is trained by ``solvers.train`` (PPO's row) (the jitted sampler, ``make_experience_fn``
 and ``make_update_step``) on a single-turn problem whose responses are exactly one token (max_new_tokens=1),
 with a jittable reward table looked up at the response token. The policy's exact next-token distribution after
 training must be within 0.05 total variation of pi*, and pi* far from pi_ref (so passing is no accident of the
@@ -20,6 +20,7 @@ from flax import nnx
 
 from iterppo_jax import ppo
 from iterppo_jax import sharding
+from iterppo_jax import solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
@@ -75,7 +76,7 @@ def _make_reference(config):
 @pytest.mark.slow  # ~15 s per case on two cores
 @pytest.mark.parametrize("beta,fused", [(0.5, False), (1.0, False), (1.0, True)])
 def test_ppo_reaches_kl_regularised_optimum(beta, fused):
-  """fused: one epoch of one minibatch per iteration, which train_ppo runs as ppo.make_fused_step."""
+  """fused: one epoch of one minibatch per iteration, which solvers.train runs as ppo.make_fused_step."""
   config = _config()
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)])
   epochs, minibatch, steps = (1, BATCH, 4 * STEPS) if fused else (2, MINIBATCH, STEPS)
@@ -106,11 +107,11 @@ def test_ppo_reaches_kl_regularised_optimum(beta, fused):
   assert ppo.fuses(cfg, BATCH) is fused
   prompts = {"tokens": np.full((1, 1), PROMPT_TOKEN, np.int32), "valid": np.ones((1, 1), bool)}
   state = ppo.PPOState(policy=policy_state, critic=critic_state)
-  state, _, metrics = ppo.train_ppo(policy, critic, state, ref_params, _reward_fn, jnp.asarray(REWARDS),
-                                    prompts, cfg, steps=steps, batch_size=BATCH, seed=0, eos_id=VOCAB - 1,
-                                    pad_id=0)
+  state, metrics = solvers.train(solvers.SOLVERS["ppo"], policy, critic, solvers.init_state(state, beta),
+                                 ref_params, _reward_fn, jnp.asarray(REWARDS), prompts, cfg, steps=steps,
+                                 batch_size=BATCH, seed=0, eos_id=VOCAB - 1, pad_id=0)
 
-  trained = _next_token_probs(policy, state.policy.params)
+  trained = _next_token_probs(policy, state.model.policy.params)
   tv = _total_variation(trained, optimum)
   print(f"beta={beta} TV(pi_ref, pi*)={_total_variation(pi_ref, optimum):.3f} TV(trained, pi*)={tv:.4f}")
   print("pi_ref ", pi_ref.round(3), "\npi*    ", optimum.round(3), "\ntrained", trained.round(3))
