@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any, Iterable, Iterator, Sequence
 
 from iterppo_jax import errors
@@ -32,7 +33,10 @@ from iterppo_jax import io_utils
 ROLES = ("customer", "suggestion", "business")
 # The business user's four behaviours (PAPER.md), plus `none` when there was no suggestion to react to.
 FEEDBACKS = ("accept", "edit", "influenced", "reject", "none")
+# How the loop's environments end a conversation; a domain may log its own as well (a negotiation's "no_deal": a
+# logged failure, not a customer who went silent), any lowercase name (END_REASON_PATTERN).
 END_REASONS = ("outcome", "business_silent", "customer_left", "max_turns")
+END_REASON_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # What a policy emits, and how the renderer shows it, when it abstains.
 ABSTAIN_TEXT = "<no suggestion>"
 
@@ -154,8 +158,9 @@ def conversation_from_json(obj: Any, where: str = "<record>") -> Conversation:
   if not any(t.role in ("suggestion", "business") for t in turns):
     _fail(where, "conversation has no agent turn (no suggestion or business message)")
   end_reason = obj.get("end_reason", "max_turns")
-  if end_reason not in END_REASONS:
-    _fail(where, f"unknown end_reason {end_reason!r}; expected one of {', '.join(END_REASONS)}")
+  if not isinstance(end_reason, str) or not END_REASON_PATTERN.fullmatch(end_reason):
+    _fail(where, f"end_reason must be one of {', '.join(END_REASONS)} or a domain's own lowercase name "
+                 f"(letters, digits, _), got {end_reason!r}")
   metadata = obj.get("metadata", {})
   if not isinstance(metadata, dict):
     _fail(where, "metadata must be a JSON object")

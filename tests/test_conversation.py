@@ -47,6 +47,11 @@ _BAD_LINES = [
      "not valid UTF-8"),
     ("no_agent_turn", _line(0, ("customer", "hi"), ("customer", "anyone?")), "no agent turn"),
     ("deep_nesting", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # was a RecursionError traceback
+    ("bad_end_reason", json.dumps({"outcome": 0, "end_reason": "No Deal!", "turns": [
+        {"role": "customer", "text": "hi"}, {"role": "business", "text": "hello"}]}).encode(),
+     "end_reason must be one of outcome, business_silent, customer_left, max_turns or a domain's own"),
+    ("long_message", _line(0, ("customer", "x" * 20_001), ("business", "hello")),
+     "a customer message of 20,001 characters; the limit is 20,000"),
 ]
 
 

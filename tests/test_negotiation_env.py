@@ -255,3 +255,18 @@ def test_tiny_loop_end_to_end(tmp_path):
     c.close()
   logged = conv_lib.read_jsonl(os.path.join(workdir, "data", "iter_1.jsonl"))
   assert logged and all(r.domain == "negotiation" for r in logged)
+
+
+def test_a_declined_deal_ends_as_no_deal_and_reads_back(behaviour_sr, tmp_path):
+  """The domain's own end reason: a buyer who twice did not sign ends 'no_deal' (a logged failure), one who stops
+  answering 'customer_left'; both are read back from JSONL and counted by summarize."""
+  reasons = {r.end_reason for r in behaviour_sr}
+  assert {"no_deal", "customer_left"} <= reasons <= set(negotiation.NegotiationEnv.end_reasons)
+  assert all(r.outcome == 0.0 for r in behaviour_sr if r.end_reason == "no_deal")
+  path = str(tmp_path / "logs.jsonl")
+  conv_lib.write_jsonl(path, behaviour_sr)
+  assert [r.end_reason for r in conv_lib.read_jsonl(path)] == [r.end_reason for r in behaviour_sr]
+  summary = base.summarize(behaviour_sr)
+  share = sum(r.end_reason == "no_deal" for r in behaviour_sr) / len(behaviour_sr)
+  assert summary["end/no_deal"] == pytest.approx(share) and share > 0
+  assert sum(v for k, v in summary.items() if k.startswith("end/")) == pytest.approx(1.0)

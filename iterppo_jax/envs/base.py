@@ -138,6 +138,16 @@ class TextEnv:
     """The outcome classifier over customer text (as in production): o_i in {0, 1}."""
     raise NotImplementedError
 
+  # Every end_reason this domain logs (conversation.END_REASONS plus its own, e.g. a negotiation's "no_deal");
+  # summaries report the share of each as end/<reason>.
+  end_reasons: tuple[str, ...] = conv_lib.END_REASONS
+
+  def end_reason(self, hidden: Any) -> str:
+    """Why the conversation ended when customer_reply returned no text: "customer_left" unless the domain says
+    otherwise (one of its end_reasons, e.g. "no_deal" for a declined offer)."""
+    del hidden
+    return "customer_left"
+
   def judge(self, hidden: Any, record: conv_lib.Conversation, suggestion: str) -> str:
     """The business user's view of a suggestion's quality: 'good' | 'ok' | 'bad'."""
     raise NotImplementedError
@@ -240,7 +250,7 @@ class TextEnv:
       reply, truth = self.customer_reply(ep.hidden, sent, ep.rng)
       ep.true_outcome = max(ep.true_outcome, truth)
       if reply is None:
-        ep.done, ep.record.end_reason = True, "customer_left"
+        ep.done, ep.record.end_reason = True, self.end_reason(ep.hidden)
         continue
       flag = self.classify_outcome(reply)
       turns.append(conv_lib.Turn("customer", reply, flag=flag))
@@ -326,6 +336,7 @@ def summarize(records: Sequence[conv_lib.Conversation]) -> dict[str, float]:
   shown = [f for f in feedback if f != "none"]
   for f in FEEDBACK_ORDER:
     out[f"{f}_rate"] = shown.count(f) / len(shown) if shown else 0.0
-  for reason in conv_lib.END_REASONS:
+  domain_reasons = sorted({r.end_reason for r in records} - set(conv_lib.END_REASONS))  # e.g. no_deal
+  for reason in conv_lib.END_REASONS + tuple(domain_reasons):
     out[f"end/{reason}"] = sum(r.end_reason == reason for r in records) / max(n, 1)
   return out

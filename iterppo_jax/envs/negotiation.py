@@ -865,6 +865,13 @@ class NegotiationEnv(base.TextEnv):
   def classify_outcome(self, customer_text: str) -> int:
     return int(bool(_BUY_PATTERN.search(customer_text.lower())))
 
+  end_reasons = conv_lib.END_REASONS + ("no_deal",)
+
+  def end_reason(self, s: NegotiationState) -> str:
+    """A buyer who was ready and twice did not sign declined the deal ("no_deal", a logged failure); one who
+    stopped answering left."""
+    return "no_deal" if s.hesitations >= 2 else "customer_left"
+
   def customer_reply(self, s: NegotiationState, business_text_: str, rng):
     parts = transition(s, business_text_)
     if parts == [("ready",)]:
