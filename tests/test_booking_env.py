@@ -165,23 +165,6 @@ def test_true_q_from_restored_states_separates_good_and_bad(sr_env, direct_env):
   assert all(len(e.record.agent_steps()) == 3 for e in states)  # estimating Q leaves the episodes alone
 
 
-def test_same_seed_same_logs_and_jsonl_round_trip(tmp_path, sr_env):
-  policy = booking.make_booking_policy("behavior")
-  a = sr_env.play(policy, 200, seed=5, batch_size=48)
-  b = sr_env.play(policy, 200, seed=5, batch_size=200)  # batch size does not change the logs
-  c = sr_env.play(policy, 200, seed=6, batch_size=48)
-  for name, recs in (("a", a), ("b", b), ("c", c)):
-    conv_lib.write_jsonl(tmp_path / f"{name}.jsonl", recs)
-  assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-  assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
-  back = conv_lib.read_jsonl(tmp_path / "a.jsonl")  # validates every line
-  assert [r.to_json() for r in back] == [r.to_json() for r in a]
-  # A record read back from JSON (lists, not tuples) restores to the same state as the live one.
-  r = next(r for r in back if len(r.agent_steps()) > 3)
-  live = next(x for x in a if x.id == r.id)
-  assert sr_env.restore(r, r.agent_steps()[3]).hidden == sr_env.restore(live, live.agent_steps()[3]).hidden
-
-
 def test_abstain_and_bad_input(sr_env, direct_env):
   abstain = policies.FunctionPolicy(lambda o: "", "abstain")
   recs = sr_env.play(abstain, 40, seed=0)

@@ -173,6 +173,19 @@ class TextEnv:
     raise NotImplementedError
 
   # ---- helpers for the domains ----
+  def logged_profile(self, record: conv_lib.Conversation) -> dict:
+    """The `metadata.profile` a record of this domain carries (what `restore` rebuilds `hidden` from).
+
+    Raises ValueError for another domain's record or one without a profile (a production log).
+    """
+    name = type(self).__name__
+    if record.domain != self.domain:
+      raise ValueError(f"record {record.id} is a {record.domain!r} conversation; it was not logged by {name}")
+    prof = record.metadata.get("profile")
+    if not isinstance(prof, dict):
+      raise ValueError(f"record {record.id} has no metadata.profile; it was not logged by {name}")
+    return prof
+
   def restored_episode(self, record: conv_lib.Conversation, n_turns: int, hidden: Any) -> Episode:
     """The live episode at turn `n_turns` of `record`, whose hidden state the domain has replayed to `hidden`.
 

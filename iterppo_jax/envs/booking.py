@@ -643,6 +643,7 @@ class BookingEnv(base.TextEnv):
     The hidden state is a replay of the sent business messages from the logged profile; the episode's
     random stream is re-seeded from the record, so a restored state supports Monte Carlo rollouts.
     """
+    self.logged_profile(record)  # this domain's record, with a profile
     prof = record.metadata.get("profile")
     if prof is None or set(prof) != set(_PROFILE):
       raise ValueError(f"record {record.id} has no booking metadata.profile with keys {_PROFILE}; "

@@ -892,6 +892,7 @@ class NegotiationEnv(base.TextEnv):
     The hidden state is a replay of the sent business messages from the logged profile; the random stream
     is re-seeded from the record, so a restored state supports Monte Carlo rollouts.
     """
+    self.logged_profile(record)  # this domain's record, with a profile
     prof = record.metadata.get("profile")
     if prof is None:
       raise ValueError(f"record {record.id} has no metadata.profile; it was not logged by NegotiationEnv")

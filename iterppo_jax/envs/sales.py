@@ -423,6 +423,7 @@ class SalesEnv(base.TextEnv):
     The hidden state is a replay of the sent business messages from the logged profile; the episode's
     random stream is re-seeded from the record, so a restored state supports Monte Carlo rollouts.
     """
+    self.logged_profile(record)  # this domain's record, with a profile
     prof = record.metadata.get("profile")
     if prof is None:
       raise ValueError(f"record {record.id} has no metadata.profile; it was not logged by SalesEnv")

@@ -587,6 +587,7 @@ class SupportEnv(base.TextEnv):
     The hidden state is a replay of the sent business messages from the logged profile (a logged conversation
     that went on after a fix had not been confirmed then); the random stream is re-seeded from the record.
     """
+    self.logged_profile(record)  # this domain's record, with a profile
     prof = record.metadata.get("profile")
     if prof is None or "cause" not in prof:
       raise ValueError(f"record {record.id} has no metadata.profile with a cause; "

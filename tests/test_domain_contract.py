@@ -1,0 +1,134 @@
+"""What every registered domain must do (docs/domains.md), checked once for all of them.
+
+Each domain's own test file keeps what is particular to it (its conversion bands, its parser, its credit
+assignment); a new domain passes this file by being added to `registry.DOMAINS` (an outside one: see
+tests/test_domain_plugin.py).
+"""
+
+import copy
+
+import numpy as np
+import pytest
+
+from configs import booking as booking_config
+from configs import negotiation as negotiation_config
+from configs import sales as sales_config
+from configs import support as support_config
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax.envs import base, policies, registry
+
+CONFIGS = {"sales": sales_config, "support": support_config, "booking": booking_config,
+           "negotiation": negotiation_config}
+DOMAINS = sorted(registry.DOMAINS)
+
+
+def _env_config(domain, mode="sr"):
+  c = CONFIGS[domain].get_config().env
+  c.business_user = mode
+  return c
+
+
+def _env(domain, mode="sr"):
+  return registry.make_env(_env_config(domain, mode))
+
+
+def _behaviour(domain):
+  return registry.make_policy(domain, "behavior", _env_config(domain))
+
+
+def test_every_domain_has_a_config():
+  assert DOMAINS == sorted(CONFIGS)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_logs_depend_on_the_seed_only_and_survive_jsonl(domain, tmp_path):
+  env, policy = _env(domain), _behaviour(domain)
+  a = env.play(policy, 60, seed=5, batch_size=16)
+  b = env.play(policy, 60, seed=5, batch_size=60)  # the batch size does not change the logs
+  c = env.play(policy, 60, seed=6, batch_size=16)
+  for name, records in (("a", a), ("b", b), ("c", c)):
+    conv_lib.write_jsonl(str(tmp_path / f"{name}.jsonl"), records)
+  assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+  assert (tmp_path / "a.jsonl").read_bytes() != (tmp_path / "c.jsonl").read_bytes()
+  back = conv_lib.read_jsonl(str(tmp_path / "a.jsonl"))  # validates every line
+  assert [conv_lib.dumps(r) for r in back] == [conv_lib.dumps(r) for r in a]
+  assert all(r.domain == domain and r.end_reason in env.end_reasons for r in back)
+  # A record read back from JSON (lists, not tuples) restores to the state the live record restores to.
+  r = next(r for r in back if len(r.agent_steps()) > 2)
+  live = next(x for x in a if x.id == r.id)
+  assert env.restore(r, r.agent_steps()[2]).hidden == env.restore(live, live.agent_steps()[2]).hidden
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_restore_rebuilds_the_live_hidden_state_at_every_turn(domain):
+  env, policy = _env(domain), _behaviour(domain)
+  episodes = env.reset(16, seed=11)
+  snapshots = {}
+  while any(not e.done for e in episodes):
+    live = [e for e in episodes if not e.done]
+    for e in live:
+      snapshots[(e.uid, len(e.record.turns))] = copy.deepcopy(e.hidden)
+    env.step(live, policy([e.observation() for e in live]))
+  records = {e.uid: e.record for e in episodes}
+  for (uid, n_turns), hidden in snapshots.items():
+    restored = env.restore(records[uid], n_turns)
+    assert restored.hidden == hidden, (uid, n_turns)
+    assert restored.record.turns == records[uid].turns[:n_turns]
+  assert len(snapshots) > 40
+  other = next(d for d in DOMAINS if d != domain)
+  foreign = _env(other).play(_behaviour(other), 1, seed=0)[0]
+  with pytest.raises(ValueError):
+    env.restore(foreign, 1)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_abstaining_is_logged_and_with_no_business_user_the_conversation_ends(domain):
+  abstain = policies.FunctionPolicy(lambda o: "", "abstain")
+  records = _env(domain).play(abstain, 20, seed=0)
+  suggestions = [t for r in records for t in r.turns if t.role == "suggestion"]
+  assert suggestions and all(t.abstain and t.text == "" for t in suggestions)
+  assert {t.feedback for r in records for t in r.turns if t.role == "business"} == {"none"}
+  # In `direct` mode nobody else writes: the business sends nothing and the episode ends.
+  assert all(r.end_reason == "business_silent" for r in _env(domain, "direct").play(abstain, 10, seed=0))
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_the_registry_builds_every_policy_by_name(domain):
+  env = _env(domain)
+  episodes = env.reset(4, seed=0)
+  observations = [e.observation() for e in episodes]
+  for name in ("behavior", "oracle", "random", "explore"):
+    policy = registry.make_policy(domain, name, _env_config(domain))
+    suggestions = policy(observations)
+    assert len(suggestions) == 4 and all(isinstance(s, str) for s in suggestions), name
+  assert all(s.strip() for s in registry.make_policy(domain, "oracle", _env_config(domain))(observations))
+  with pytest.raises(ValueError):
+    registry.make_policy(domain, "no_such_policy", _env_config(domain))
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_true_q_prefers_the_oracle_to_an_off_topic_message_and_leaves_episodes_alone(domain):
+  env = _env(domain, "direct")
+  oracle = registry.make_policy(domain, "oracle", _env_config(domain, "direct"))
+  episodes = env.reset(10, seed=3)
+  env.step(episodes, oracle([e.observation() for e in episodes]))
+  live = [e for e in episodes if not e.done]
+  assert len(live) >= 6
+  before = [conv_lib.dumps(e.record) for e in live]
+  good = oracle([e.observation() for e in live])
+  bad = ["Nice weather today, isn't it?"] * len(live)
+  q_good, se_good = env.estimate_q(live, good, oracle, gamma=0.95, n_rollouts=16, seed=0)
+  q_bad, _ = env.estimate_q(live, bad, oracle, gamma=0.95, n_rollouts=16, seed=0)
+  assert np.all((0 <= q_good) & (q_good <= 1)) and np.all(np.isfinite(se_good))
+  assert np.mean(q_good) > np.mean(q_bad)
+  assert [conv_lib.dumps(e.record) for e in live] == before
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_summaries_count_every_end_reason(domain):
+  records = _env(domain).play(_behaviour(domain), 60, seed=1)
+  s = base.summarize(records)
+  assert sum(v for k, v in s.items() if k.startswith("end/")) == pytest.approx(1.0)
+  for f in ("accept", "edit", "influenced", "reject"):
+    assert 0 <= s[f"{f}_rate"] <= 1
+  assert 0 <= s["conversion_lo"] <= s["conversion"] <= s["conversion_hi"] <= 1
