@@ -24,7 +24,9 @@ def get_config(arg=None):
   c = sales.get_config(arg)
 
   # ---- the pretrained model ----
-  c.model_dir = ""  # local HF model dir (config.json + *.safetensors + tokenizer); '' = train from scratch
+  # A local HF model dir (config.json + *.safetensors + tokenizer), or a Llama-family .gguf file (models/gguf.py:
+  # tokenizer and chat template from its metadata); '' = train from scratch.
+  c.model_dir = ""
   c.export_dir = ""  # if set, the final policy is also written here as an HF model of the same family
   c.data.chat_template = True  # render states/actions with the tokenizer's chat template when it has one
 

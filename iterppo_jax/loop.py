@@ -58,6 +58,7 @@ from iterppo_jax import tokenizer as tok_lib
 from iterppo_jax import train_state as ts
 from iterppo_jax.envs import base as env_base
 from iterppo_jax.envs import registry
+from iterppo_jax.models import gguf as gguf_lib
 from iterppo_jax.models import heads
 from iterppo_jax.models import hf as hf_lib
 from iterppo_jax.models import transformer as tf
@@ -266,15 +267,26 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     tokenizer = tok_lib.load_tokenizer(tok_dir)
   elif config.tokenizer.path or model_dir:
     # A pretrained tokenizer gains our role / end-of-turn tokens; keep that version with the run.
-    tokenizer = tok_lib.load_tokenizer(config.tokenizer.path or model_dir)
+    if not config.tokenizer.path and _is_gguf(model_dir):  # its vocabulary and chat template are in the file
+      tokenizer = tok_lib.from_hf(gguf_lib.tokenizer_from_gguf(model_dir))
+    else:
+      tokenizer = tok_lib.load_tokenizer(config.tokenizer.path or model_dir)
     tokenizer.save(tok_dir)
   else:
     tokenizer = tok_lib.train_bpe(tok_lib.corpus_from_conversations(logs), config.tokenizer.vocab_size, tok_dir)
   if model_dir:
-    hf_cfg = hf_lib.config_from_hf(hf_lib.read_config(model_dir), dtype=config.model.dtype,
-                                   param_dtype=config.model.param_dtype)
+    if _is_gguf(model_dir):
+      hf_cfg = gguf_lib.config_from_gguf(model_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+    else:
+      hf_cfg = hf_lib.config_from_hf(hf_lib.read_config(model_dir), dtype=config.model.dtype,
+                                     param_dtype=config.model.param_dtype)
     model_cfg = dataclasses.replace(hf_cfg, vocab_size=max(hf_cfg.vocab_size, tokenizer.vocab_size),
                                     remat=config.model.remat)
+    budget = config.data.max_prompt_len + config.data.max_action_len
+    if budget > model_cfg.max_len:  # positions past the model's context would read outside its tables
+      raise errors.SettingsError(
+          f"config.data.max_prompt_len + data.max_action_len = {budget} tokens exceeds the context of "
+          f"{model_dir} ({model_cfg.max_len} tokens); lower them to fit")
   else:
     model_cfg = model_config(config, tokenizer.vocab_size)
   renderer = rendering.chat(tokenizer.hf) if config.data.get("chat_template", False) else rendering.TAGS
@@ -283,14 +295,19 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   return run, logs
 
 
+def _is_gguf(model_dir: str) -> bool:
+  """`model_dir` names a GGUF file (llama.cpp's single-file checkpoint) rather than a Hugging Face directory."""
+  return model_dir.endswith(".gguf") and os.path.isfile(model_dir)
+
+
 def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   """SFT pi_0 on what the business sent in the logs (checkpoint 'policy' step 0)."""
   c = run.config
   pretrained = None
   model_dir = c.get("model_dir", "")
   if model_dir and not run.progress.get("sft"):
-    hf_cfg, pretrained = hf_lib.load_pretrained(model_dir, mesh=run.mesh, dtype=c.model.dtype,
-                                                param_dtype=c.model.param_dtype)
+    load = gguf_lib.load_gguf if _is_gguf(model_dir) else hf_lib.load_pretrained
+    hf_cfg, pretrained = load(model_dir, mesh=run.mesh, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
     if run.model_cfg.vocab_size > hf_cfg.vocab_size:
       _, pretrained = hf_lib.resize_vocab(hf_cfg, pretrained, run.model_cfg.vocab_size, mesh=run.mesh)
   trainable, state = run.policy_trainable(params=pretrained)

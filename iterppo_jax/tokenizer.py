@@ -182,6 +182,13 @@ def load_tokenizer(path: str) -> Tokenizer:
   return Tokenizer(hf)
 
 
+def from_hf(hf) -> Tokenizer:
+  """Our Tokenizer around a Hugging Face tokenizer object (e.g. models.gguf.tokenizer_from_gguf's), with our
+  special tokens added as `load_tokenizer` adds them."""
+  _add_missing_specials(hf)
+  return Tokenizer(hf)
+
+
 def _add_missing_specials(hf) -> int:
   """Adds whichever of our special tokens `hf` lacks; returns how many were added."""
   from tokenizers import AddedToken
