@@ -152,6 +152,8 @@ def guard(main):
         raise
       if errors.storage_errno(e) is not None:
         fail(errors.EXIT_STORAGE, errors.describe_storage(e))
+      if isinstance(e, OSError) and e.filename:  # a path the user gave: missing, not a directory, ...
+        fail(errors.EXIT_STORAGE, f"{e.strerror or e} ({e.filename})")
       first = (str(e).strip().splitlines() or [""])[0][:300]
       fail(errors.EXIT_INTERNAL, f"internal error ({type(e).__name__}: {first}); rerun with --debug for the "
                                  "traceback, and please report it")

@@ -117,6 +117,13 @@ def test_the_offline_loop_validates_every_log_before_writing(tmp_path):
     assert not wd.exists(), name
 
 
+def test_a_workdir_under_a_file_is_one_line(tmp_path):
+  (tmp_path / "afile").write_text("")
+  out = _cli([TINY, f"--workdir={tmp_path}/afile/w"])
+  assert out.returncode == errors.EXIT_STORAGE
+  assert f"Not a directory ({tmp_path}/afile/w)" in _error_line(out)
+
+
 def test_a_workdir_another_run_holds_is_exit_4_and_untouched(tmp_path):
   wd = tmp_path / "w"
   wd.mkdir()
