@@ -132,3 +132,22 @@ def test_summaries_count_every_end_reason(domain):
   for f in ("accept", "edit", "influenced", "reject"):
     assert 0 <= s[f"{f}_rate"] <= 1
   assert 0 <= s["conversion_lo"] <= s["conversion"] <= s["conversion_hi"] <= 1
+
+
+def test_a_script_may_word_its_acts_from_the_transcript():
+  """Script.say sees the transcript (the agent's side never sees the hidden state); without it the shipped
+  policies word acts with business_text, unchanged."""
+  from iterppo_jax.envs import sales
+  env = _env("sales")
+  episodes = env.reset(6, seed=2)
+  observations = [e.observation() for e in episodes]
+  plain = policies.OraclePolicy(sales.SCRIPT)(observations)
+  again = [e.observation() for e in env.reset(6, seed=2)]
+  assert policies.OraclePolicy(sales.SCRIPT._replace(say=None))(again) == plain
+
+  def say(act, turns, rng):
+    return f"You said '{turns[-1].text[:20]}'. " + sales.business_text(act, rng)
+  worded = policies.OraclePolicy(sales.SCRIPT._replace(say=say))([e.observation() for e in env.reset(6, seed=2)])
+  assert all(w.endswith(p) and w.startswith("You said '") for w, p in zip(worded, plain))
+  staff = policies.StaffPolicy(sales.SCRIPT._replace(say=say), 0.5)(observations)
+  assert all(s.startswith("You said '") for s in staff)

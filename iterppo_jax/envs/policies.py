@@ -35,13 +35,23 @@ class Script(NamedTuple):
   staff_act(visible, skill, rng) -> the oracle's act with probability `skill`, else a common mistake;
   business_text(act, rng) -> the act as a templated business message;
   candidate_acts(visible) -> the distinct acts worth trying there, one per act kind and the oracle's among them
-  (what a Q-model ranks, and what an exploratory policy tries).
+  (what a Q-model ranks, and what an exploratory policy tries);
+  say (optional) say(act, turns, rng) -> the act worded for the state the transcript `turns` shows (naming what
+  the customer said, say); without it, business_text(act, rng).
+
+  The scripts are the agent's side: they see the transcript, never the simulator's hidden state (the simulated
+  business user, which may read it, is TextEnv.staff_message / rewrite).
   """
   visible_facts: Callable
   oracle_act: Callable
   staff_act: Callable
   business_text: Callable
   candidate_acts: Callable
+  say: Callable | None = None
+
+  def message(self, act, turns: Sequence, rng: np.random.Generator) -> str:
+    """The business message for `act` at the state `turns` shows (`say`, else `business_text`)."""
+    return self.say(act, turns, rng) if self.say is not None else self.business_text(act, rng)
 
 
 def candidate_texts(script: Script, turns: Sequence, rng: np.random.Generator) -> list[str]:
@@ -49,7 +59,7 @@ def candidate_texts(script: Script, turns: Sequence, rng: np.random.Generator) -
 
   The texts a Q-model scores to rank actions at a logged state, in the order of `candidate_acts`.
   """
-  return [script.business_text(act, rng) for act in script.candidate_acts(script.visible_facts(turns))]
+  return [script.message(act, turns, rng) for act in script.candidate_acts(script.visible_facts(turns))]
 
 
 class StaffPolicy:
@@ -71,8 +81,8 @@ class StaffPolicy:
 
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
     s = self.script
-    return [s.business_text(s.staff_act(s.visible_facts(o.conversation.turns), self.skill(o.uid), o.rng), o.rng)
-            for o in observations]
+    return [s.message(s.staff_act(s.visible_facts(o.conversation.turns), self.skill(o.uid), o.rng),
+                      o.conversation.turns, o.rng) for o in observations]
 
 
 class OraclePolicy:
@@ -85,7 +95,8 @@ class OraclePolicy:
 
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
     s = self.script
-    return [s.business_text(s.oracle_act(s.visible_facts(o.conversation.turns)), o.rng) for o in observations]
+    return [s.message(s.oracle_act(s.visible_facts(o.conversation.turns)), o.conversation.turns, o.rng)
+            for o in observations]
 
 
 def shipped(script: Script, skill_mean: float, salt: int = 17) -> dict[str, Callable[[], base.Policy]]:
@@ -144,7 +155,7 @@ class ScriptExplorePolicy:
         act = acts[int(obs.rng.integers(len(acts)))]
       else:
         act = s.staff_act(v, self.skill(obs.uid), obs.rng)
-      out.append(s.business_text(act, obs.rng))
+      out.append(s.message(act, obs.conversation.turns, obs.rng))
     return out
 
 
