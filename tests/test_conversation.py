@@ -176,3 +176,21 @@ def test_strict_field_types(tmp_path, record, reason):
   with pytest.raises(conv_lib.ConversationFormatError, match=reason) as e:
     conv_lib.read_jsonl(str(path))
   assert "strict.jsonl:1" in str(e.value)
+
+
+def test_an_unreadable_log_is_named(tmp_path, monkeypatch):
+  """No permission to read: a real chmod 000 where file modes bind (not as root, who reads anyway), else the
+  PermissionError that open() raises there, patched in."""
+  path = tmp_path / "secret.jsonl"
+  path.write_text(conv_lib.dumps(_good_record()) + "\n")
+  path.chmod(0)
+  if os.geteuid() == 0:
+    real_open = open
+
+    def no_permission(file, *args, **kwargs):
+      if str(file) == str(path):
+        raise PermissionError(13, "Permission denied", str(path))
+      return real_open(file, *args, **kwargs)
+    monkeypatch.setattr("builtins.open", no_permission)
+  with pytest.raises(conv_lib.ConversationFormatError, match=r"cannot read this log file \(Permission denied\)"):
+    conv_lib.read_jsonl(str(path))
