@@ -4,7 +4,7 @@
   python -m experiments.build_dataset --logs='/tmp/sim/*.jsonl' --workdir=/tmp/sim
   python -m experiments.build_dataset --logs='/tmp/logs/*.jsonl' --workdir=/tmp/ds --skip_invalid --overwrite
 
-The dataset lands in WORKDIR/conversations/1.0.0; read it with `tfds_conversations.load(WORKDIR)`.
+The dataset lands in WORKDIR/conversations/1.1.0; read it with `tfds_conversations.load(WORKDIR)`.
 """
 
 import glob

@@ -85,17 +85,25 @@ def _apply(hf_tokenizer: Any, messages: List[Dict[str, str]], generation_prompt:
 
 
 def render_state_chat(turns: Sequence[conv_lib.Turn], hf_tokenizer: Any,
-                      max_turns: Optional[int] = None) -> str:
+                      max_turns: Optional[int] = None, context: str = '') -> str:
   """The state s_i as chat text ending with the generation prompt (our tags without a template).
 
   Args:
     turns: the conversation so far (customer, suggestion and business turns).
     hf_tokenizer: a ``transformers`` tokenizer (``Tokenizer.hf``).
     max_turns: keep only the last rounds (a round starts at a customer message).
+    context: the agent's private information (Conversation.context), added to the last user message (or as
+      one) so that it sits right before the generation prompt, where truncation never reaches.
   """
   if not has_chat_template(hf_tokenizer):
-    return conv_lib.render_state(turns, max_turns)
+    return conv_lib.render_state(turns, max_turns, context)
   messages = state_messages(turns, max_turns)
+  if context:
+    note = f'{conv_lib.CONTEXT_MARK} {context}'
+    if messages and messages[-1]['role'] == 'user':
+      messages[-1] = {**messages[-1], 'content': f"{messages[-1]['content']}\n\n{note}"}
+    else:
+      messages.append({'role': 'user', 'content': note})
   try:
     return _apply(hf_tokenizer, messages, True)
   except Exception:  # a jinja2 TemplateError raised by the template (e.g. roles must alternate)

@@ -80,13 +80,20 @@ class Conversation:
   outcome: float  # the episode's outcome label (0/1 for purchase); what Q is regressed on
   end_reason: str = "max_turns"
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # What the agent knows privately about this conversation (a negotiator's price floor, the customer's account):
+  # shown in every state, after the history and right before the agent's turn, so a prompt cut to its budget
+  # (which drops the oldest tokens) always keeps it. '' for none; written to JSON only when set.
+  context: str = ""
 
   def to_json(self) -> dict[str, Any]:
-    return {
+    out = {
         "id": self.id, "domain": self.domain, "policy": self.policy,
         "outcome": self.outcome, "end_reason": self.end_reason,
         "metadata": self.metadata, "turns": [t.to_json() for t in self.turns],
     }
+    if self.context:
+      out["context"] = self.context
+    return out
 
   def agent_steps(self) -> list[int]:
     """Indices of the suggestion turns: the decision points a_i of the SR MDP."""
@@ -164,10 +171,16 @@ def conversation_from_json(obj: Any, where: str = "<record>") -> Conversation:
   metadata = obj.get("metadata", {})
   if not isinstance(metadata, dict):
     _fail(where, "metadata must be a JSON object")
+  context = obj.get("context", "")
+  if not isinstance(context, str):
+    _fail(where, f"context (the agent's private information) must be a string, got {type(context).__name__}")
+  if len(context) > MAX_MESSAGE_CHARS:
+    _fail(where, f"a context of {len(context):,} characters; the limit is {MAX_MESSAGE_CHARS:,} "
+                 "(conversation.MAX_MESSAGE_CHARS)")
   return Conversation(
       id=str(obj.get("id", where)), domain=str(obj.get("domain", "unknown")),
       policy=str(obj.get("policy", "unknown")), turns=turns, outcome=float(outcome),
-      end_reason=end_reason, metadata=metadata)
+      end_reason=end_reason, metadata=metadata, context=context)
 
 
 @dataclasses.dataclass
@@ -266,6 +279,7 @@ def write_jsonl(path: str, conversations: Iterable[Conversation]) -> int:
 
 ROLE_TAGS = {"customer": "<customer>", "suggestion": "<suggestion>", "business": "<business>"}
 END_OF_TURN = "<eot>"
+CONTEXT_MARK = "[context]"  # plain text (no new special token: vocabularies stay as they are)
 
 
 def render_turn(turn: Turn) -> str:
@@ -273,16 +287,20 @@ def render_turn(turn: Turn) -> str:
   return f"{ROLE_TAGS[turn.role]} {text} {END_OF_TURN}"
 
 
-def render_state(turns: Sequence[Turn], max_turns: int | None = None) -> str:
+def render_state(turns: Sequence[Turn], max_turns: int | None = None, context: str = "") -> str:
   """The state s_i as text: every earlier customer message, suggestion and sent message.
 
-  The prompt ends with the suggestion tag so that a language model continues with a_i.
+  The prompt ends with the suggestion tag so that a language model continues with a_i; the conversation's
+  `context` (the agent's private information), when set, comes right before it as `[context] ...`, where
+  cutting a prompt to its token budget from the left never reaches it.
   `max_turns` keeps the last rounds (a round = customer, suggestion, business) in full and, of the older rounds,
   the customer's messages only: what the customer said (their need, budget, constraints) decides the right action
   however long ago it was said, while old suggestions and sent messages matter less and take most of the tokens.
   """
   turns = compact_turns(turns, max_turns)
   body = " ".join(render_turn(t) for t in turns)
+  if context:
+    body = f"{body} {CONTEXT_MARK} {context}"
   return f"{body} {ROLE_TAGS['suggestion']}".strip()
 
 

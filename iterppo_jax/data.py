@@ -81,7 +81,7 @@ def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma:
       last = k == len(steps) - 1
       out.append(Example(
           conversation_id=record.id, turn=k,
-          prompt=renderer.state(turns[:i], max_render_turns),
+          prompt=renderer.state(turns[:i], max_render_turns, record.context),
           suggestion=conv_lib.ABSTAIN_TEXT if suggestion.abstain else suggestion.text,
           sent=sent, feedback=feedback, target=float(targets[k]), reward=reward,
           next_index=-1 if last else first + k + 1, done=last, outcome=float(record.outcome),

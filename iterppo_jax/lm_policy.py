@@ -85,7 +85,8 @@ class LMPolicy:
   def __call__(self, observations) -> list[str]:
     if self.renderer is rendering.TAGS:
       return self.generate([o.text for o in observations])
-    return self.generate([self.renderer.state(o.conversation.turns, self.max_render_turns) for o in observations])
+    return self.generate([self.renderer.state(o.conversation.turns, self.max_render_turns, o.conversation.context)
+                          for o in observations])
 
 
 def recognised_rate(texts: Sequence[str], parse_fn) -> float:

@@ -580,7 +580,7 @@ def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet:
       run.env, records, policy, registry.candidate_fn(c.env.domain), n_states=c.loop.rank_states,
       policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=c.gamma,
       seed=seed_for(c, k, PHASE_IDS["rank"], 1),
-      render_fn=lambda turns: run.renderer.state(turns, c.env.max_render_turns))
+      render_fn=lambda turns, context: run.renderer.state(turns, c.env.max_render_turns, context))
   action_set.save(path)
   return action_set
 

@@ -142,7 +142,7 @@ class ActionSet:
 def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
                      candidate_fn: Callable[[list[conv_lib.Turn], np.random.Generator], list[str]], *,
                      n_states: int, policy_samples: int, rollouts: int, gamma: float, seed: int,
-                     render_fn: Callable[[list[conv_lib.Turn]], str]) -> ActionSet:
+                     render_fn: Callable[[list[conv_lib.Turn], str], str]) -> ActionSet:
   """Draws states from `records`, collects candidates and estimates their true Q^policy in the simulator.
 
   Args:
@@ -155,7 +155,7 @@ def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
     rollouts: Monte Carlo rollouts per (state, candidate); the standard error is saved with each estimate.
     gamma: discount of the returns.
     seed: draws the states, the scripted candidates' wording and the rollouts.
-    render_fn: transcript -> the prompt the Q-model reads.
+    render_fn: (transcript, the conversation's context) -> the prompt the Q-model reads.
   """
   rng = np.random.default_rng(seed)
   points = [(r, i) for r in records for i in r.agent_steps()]
@@ -189,7 +189,7 @@ def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
     true_q[n, :len(cs)] = q[pos:pos + len(cs)]
     true_se[n, :len(cs)] = se[pos:pos + len(cs)]
     pos += len(cs)
-  return ActionSet(where=[(r.id, i) for r, i in chosen], prompts=[render_fn(r.turns[:i]) for r, i in chosen],
+  return ActionSet(where=[(r.id, i) for r, i in chosen], prompts=[render_fn(r.turns[:i], r.context) for r, i in chosen],
                    candidates=candidates, source=source, true_q=true_q, true_se=true_se, rollouts=rollouts)
 
 

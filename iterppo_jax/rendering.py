@@ -17,13 +17,14 @@ from iterppo_jax import conversation as conv_lib
 @dataclasses.dataclass(frozen=True)
 class Renderer:
   name: str
-  state_fn: Callable[[Sequence[conv_lib.Turn], int | None], str]
+  state_fn: Callable[[Sequence[conv_lib.Turn], int | None, str], str]
   action_fn: Callable[[str], str]
   end_text: str  # what closes an action (a single special token): sampling stops there
 
-  def state(self, turns: Sequence[conv_lib.Turn], max_turns: int | None = None) -> str:
-    """The state s_i as the prompt text (ends where the model writes a_i)."""
-    return self.state_fn(turns, max_turns)
+  def state(self, turns: Sequence[conv_lib.Turn], max_turns: int | None = None, context: str = "") -> str:
+    """The state s_i as the prompt text (ends where the model writes a_i); `context` is the conversation's
+    private information for the agent (Conversation.context), placed last so truncation keeps it."""
+    return self.state_fn(turns, max_turns, context)
 
   def action(self, text: str) -> str:
     """The action as the model writes it after the prompt; '' (abstain) is written as ABSTAIN_TEXT."""
@@ -49,5 +50,5 @@ def chat(hf_tokenizer: Any) -> Renderer:
   if not chat_format.has_chat_template(hf_tokenizer):
     return TAGS
   end = chat_format.chat_end_of_turn(hf_tokenizer)
-  return Renderer("chat", lambda turns, m: chat_format.render_state_chat(turns, hf_tokenizer, m),
+  return Renderer("chat", lambda turns, m, context: chat_format.render_state_chat(turns, hf_tokenizer, m, context),
                   lambda text: chat_format.render_action_chat(text, hf_tokenizer), end)

@@ -5,7 +5,7 @@ the array_record format, readable by random access with `builder.as_data_source(
 take TFDS's no-TensorFlow path (array_record + numpy decoding), so nothing here needs TensorFlow; the
 turns are stored as a nested `Sequence` feature, which that path supports.
 
-Layout under `data_dir`: `conversations/1.0.0/` with dataset_info.json, features.json and
+Layout under `data_dir`: `conversations/1.1.0/` with dataset_info.json, features.json and
 `conversations-{train,heldout}.array_record-*` shards.
 
 Every JSONL line is validated before anything is written: a malformed line raises the conversation module's
@@ -28,7 +28,7 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import errors
 
 NAME = "conversations"
-DATASET_VERSION = "1.0.0"
+DATASET_VERSION = "1.1.0"
 HELDOUT_SPLIT = "heldout"
 
 
@@ -43,7 +43,7 @@ def _to_example(index: int, conv: conv_lib.Conversation) -> dict:
   return {
       "index": index, "id": conv.id, "domain": conv.domain, "policy": conv.policy,
       "outcome": conv.outcome, "end_reason": conv.end_reason,
-      "metadata": json.dumps(conv.metadata, ensure_ascii=False),
+      "metadata": json.dumps(conv.metadata, ensure_ascii=False), "context": conv.context,
       "turns": [{"role": t.role, "text": t.text, "flag": -1 if t.flag is None else t.flag,
                  "feedback": t.feedback or "", "abstain": t.abstain} for t in conv.turns],
   }
@@ -62,7 +62,7 @@ def _from_example(ex: dict) -> conv_lib.Conversation:
   return conv_lib.Conversation(
       id=_text(ex["id"]), domain=_text(ex["domain"]), policy=_text(ex["policy"]), turns=turns,
       outcome=float(ex["outcome"]), end_reason=_text(ex["end_reason"]),
-      metadata=json.loads(_text(ex["metadata"])))
+      metadata=json.loads(_text(ex["metadata"])), context=_text(ex["context"]))
 
 
 # skip_registration: tfds's global name registry is not needed (we load by data_dir) and a re-import
@@ -78,7 +78,8 @@ class ConversationsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
   name = NAME
   VERSION = tfds.core.Version(DATASET_VERSION)
   RELEASE_NOTES = {"1.0.0": "First release: SR-MDP conversations (turns with role, text, outcome flag, "
-                            "business feedback, abstain); metadata as JSON text."}
+                            "business feedback, abstain); metadata as JSON text.",
+                   "1.1.0": "The agent's private context of each conversation ('' when none)."}
 
   @tfds.core.utils.classproperty
   @classmethod
@@ -105,6 +106,7 @@ class ConversationsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
             "index": np.int64,  # position in the input files, so `load` returns the original order
             "id": text, "domain": text, "policy": text, "outcome": np.float64, "end_reason": text,
             "metadata": text,  # JSON: free-form per domain, so no fixed schema
+            "context": text,  # the agent's private information (Conversation.context); '' when none
             "turns": tfds.features.Sequence({
                 "role": text, "text": text,
                 "flag": np.int32,  # customer outcome flag o_i; -1 on other roles
@@ -163,7 +165,7 @@ def build(jsonl_paths: Sequence[str], data_dir: str, skip_invalid: bool = False,
 
   Args:
     jsonl_paths: log files, read in the given order.
-    data_dir: TFDS data dir; the dataset lands in `data_dir/conversations/1.0.0`.
+    data_dir: TFDS data dir; the dataset lands in `data_dir/conversations/1.1.0`.
     skip_invalid: skip malformed lines (counted in `builder.report`) instead of failing.
     heldout_fraction: share of conversations (by id hash) in a 'heldout' split.
     overwrite: replace an existing dataset of this version (otherwise that is an error).

@@ -108,3 +108,11 @@ def test_messages_merge_same_role_and_keep_unsent_suggestions():
       {'role': 'user', 'content': 'Hi\nAnyone?'},
       {'role': 'assistant', 'content': '[suggested (not sent): Hello!]'},
       {'role': 'user', 'content': 'Hello?'}]
+
+
+def test_the_agents_context_comes_last_in_the_chat(hf_tok):
+  tok = _with_template(hf_tok, CHATML)
+  turns = [conv_lib.Turn('customer', 'Hi, a laptop please.', flag=0)]
+  text = chat_format.render_state_chat(turns, tok, None, 'Loyalty tier: gold.')
+  assert text.endswith('Hi, a laptop please.\n\n[context] Loyalty tier: gold.<|im_end|>\n<|im_start|>assistant\n')
+  assert chat_format.render_state_chat(turns, tok, None, '') == chat_format.render_state_chat(turns, tok)

@@ -80,7 +80,7 @@ def test_true_q_of_the_action_set_matches_the_closed_form():
   records = env.play(policies_any_offer(), 60, seed=0)
   action_set = q_ranking.build_action_set(env, records, policies_any_offer(), offers, n_states=12,
                                           policy_samples=1, rollouts=300, gamma=0.95, seed=1,
-                                          render_fn=conv_lib.render_state)
+                                          render_fn=lambda turns, context: conv_lib.render_state(turns, None, context))
   assert len(action_set.prompts) == 12 and action_set.rollouts == 300
   by_id = {r.id: r for r in records}
   for (rid, _), cands, q, se in zip(action_set.where, action_set.candidates, action_set.true_q, action_set.true_se):

@@ -15,14 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _hand_record():
-  """Every field that needs care: abstain, None flag/feedback, unicode, nested metadata, a float outcome."""
+  """Every field that needs care: abstain, None flag/feedback, unicode, nested metadata, a float outcome, the
+  agent's context."""
   T = conv_lib.Turn
   return conv_lib.Conversation(
       id="hand-0", domain="sales", policy="hand", outcome=0.25, end_reason="customer_left",
       metadata={"profile": {"need": "camera", "budget": 812.5, "tags": ["a", "b"]}, "note": "Café ☕"},
       turns=[T("customer", "Bonjour, un appareil photo ? 📷", flag=0), T("suggestion", "", abstain=True),
              T("business", "Welcome!", feedback="none"), T("customer", "Merci.", flag=0),
-             T("suggestion", "Lumo Z5 at $799."), T("business", "Lumo Z5, $799.", feedback="influenced")])
+             T("suggestion", "Lumo Z5 at $799."), T("business", "Lumo Z5, $799.", feedback="influenced")],
+      context="Loyalty tier: gold (10% off).")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def logs(tmp_path_factory):
 def test_round_trip_equal(logs, tmp_path):
   path, records = logs
   builder = tfds_conversations.build([path], str(tmp_path / "ds"))
-  assert str(builder.version) == "1.0.0"
+  assert str(builder.version) == "1.1.0"
   assert builder.info.splits["train"].num_examples == len(records)
   assert (builder.report.read, builder.report.skipped) == (len(records), 0)
   loaded = tfds_conversations.load(str(tmp_path / "ds"))
@@ -87,8 +89,8 @@ def test_build_dataset_entry_point_without_tensorflow(logs, tmp_path):
          f"--workdir={workdir}"]
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, done.stderr
-  assert f"dataset dir: {workdir}/conversations/1.0.0" in done.stdout
-  assert "version: 1.0.0" in done.stdout and f"records: {len(records)}" in done.stdout
+  assert f"dataset dir: {workdir}/conversations/1.1.0" in done.stdout
+  assert "version: 1.1.0" in done.stdout and f"records: {len(records)}" in done.stdout
   assert tfds_conversations.load(str(workdir)) == records
   # A malformed file: non-zero exit naming file:line, nothing written.
   bad = tmp_path / "bad" / "logs.jsonl"

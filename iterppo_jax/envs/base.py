@@ -80,7 +80,7 @@ class Episode:
   def observation(self, max_render_turns: int | None = None) -> Observation:
     key = self.seed_key + (self.turns_played, 7)
     return Observation(uid=self.uid, turn=self.turns_played, conversation=self.record,
-                       text=conv_lib.render_state(self.record.turns, max_render_turns),
+                       text=conv_lib.render_state(self.record.turns, max_render_turns, self.record.context),
                        rng=np.random.default_rng(key))
 
 
@@ -137,6 +137,13 @@ class TextEnv:
   def classify_outcome(self, customer_text: str) -> int:
     """The outcome classifier over customer text (as in production): o_i in {0, 1}."""
     raise NotImplementedError
+
+  def agent_context(self, hidden: Any) -> str:
+    """What the agent knows privately about this conversation (Conversation.context): '' by default; a domain
+    whose agent has its own information (a price floor, the customer's account) returns it here. Every state
+    shows it, right before the agent's turn, and no truncation drops it."""
+    del hidden
+    return ""
 
   # Every end_reason this domain logs (conversation.END_REASONS plus its own, e.g. a negotiation's "no_deal");
   # summaries report the share of each as end/<reason>.
@@ -214,7 +221,8 @@ class TextEnv:
       record = conv_lib.Conversation(
           id=f"{self.domain}-{seed}-{idx:06d}", domain=self.domain, policy=policy_name,
           turns=[conv_lib.Turn("customer", text, flag=flag)], outcome=0.0,
-          metadata={"seed": int(seed), "index": int(idx), **self.metadata(hidden)})
+          metadata={"seed": int(seed), "index": int(idx), **self.metadata(hidden)},
+          context=self.agent_context(hidden))
       episodes.append(Episode(uid=record.id, record=record, hidden=hidden, rng=rng, seed_key=key))
     return episodes
 
