@@ -34,10 +34,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -285,57 +283,6 @@ def _gguf_rows(num_layers: int) -> Iterator[Tuple[str, str, Optional[str]]]:
       yield fmt(gguf_name), fmt(hf_name), heads
 
 
-HfTensor = Tuple[str, str, Tuple[int, ...], Callable[[], np.ndarray]]  # (name, HF key, shape, load)
-
-
-def _place_hf_tensors(source: str, config: TransformerConfig, tensors: Iterable[HfTensor], *,
-                      mesh, rules: Optional[sharding.Rules], param_dtype: str) -> nnx.State:
-  """``hf.load_pretrained``'s placement loop over any Hugging Face tensors, not only safetensors.
-
-  Each tensor is matched to its row of ``hf.weight_table``, its shape checked before it is read,
-  loaded, transformed to our layout and put straight onto its ``NamedSharding``.
-
-  Args:
-    source: the file, for error messages.
-    tensors: (name in the file, Hugging Face key, shape in Hugging Face layout, load) tuples;
-      ``load()`` returns the array in that layout.
-  """
-  if mesh is None:
-    mesh = sharding.make_mesh([('data', 1), ('fsdp', 1), ('tensor', 1)], jax.devices()[:1])
-  _, abstract = hf.abstract_model(config)
-  rules = sharding.active_rules() if rules is None else rules
-  shardings = dict(sharding.state_shardings(mesh, rules, abstract).flat_state())
-  variables = dict(abstract.flat_state())
-  target_dtype = jnp.dtype(param_dtype)
-  compiled = hf._compile(hf.weight_table(config))  # pylint: disable=protected-access
-  path_tuple = hf._path_tuple  # pylint: disable=protected-access
-
-  values: Dict[Tuple[Any, ...], jax.Array] = {}
-  for name, hf_key, got, load in tensors:
-    for pattern, (_, ours, transform) in compiled:
-      m = pattern.match(hf_key)
-      if m:
-        break
-    else:
-      raise ValueError(f'{source}: tensor {name!r} ({hf_key}) has no place in our '
-                       f'{config.family} model')
-    targets = [path_tuple(o.replace('{i}', m.group(1)) if m.groups() else o) for o in ours]
-    shapes = [tuple(variables[t].get_value().shape) for t in targets]
-    expected = tuple(transform.hf_shape(shapes))
-    if tuple(got) != expected:
-      raise ValueError(f'{source}: tensor {name!r} has shape {tuple(got)} ([out, in]), expected '
-                       f'{expected} for {[".".join(map(str, t)) for t in targets]}')
-    for t, shape, ours_array in zip(targets, shapes, transform.to_ours(load(), shapes)):
-      assert ours_array.shape == shape, (name, t, ours_array.shape, shape)
-      host = np.ascontiguousarray(ours_array.astype(target_dtype))
-      sh = shardings[t].get_value()
-      values[t] = jax.make_array_from_callback(shape, sh, lambda idx, h=host: h[idx])
-  lacking = sorted('.'.join(map(str, p)) for p in variables if p not in values)
-  if lacking:
-    raise ValueError(f'{source}: no tensor for {lacking[:8]}{" ..." if len(lacking) > 8 else ""}')
-  return nnx.from_flat_state([(p, v.replace(values[p])) for p, v in variables.items()])
-
-
 def load_gguf(path: str, *, mesh=None, rules: Optional[sharding.Rules] = None,
               dtype: str = 'float32', param_dtype: str = 'float32'
               ) -> Tuple[TransformerConfig, nnx.State]:
@@ -384,10 +331,9 @@ def load_gguf(path: str, *, mesh=None, rules: Optional[sharding.Rules] = None,
     array = dequantize(path, tensors[name])
     return unpermute_rows(array, int(hf_config[heads])) if heads else array
 
-  hf_tensors = ((name, hf_key, _shape(tensors[name]), functools.partial(load, name, heads))
+  hf_tensors = ((f'{path}: {name}', hf_key, _shape(tensors[name]), functools.partial(load, name, heads))
                 for name, (hf_key, heads) in rows.items())
-  params = _place_hf_tensors(path, config, hf_tensors, mesh=mesh, rules=rules,
-                             param_dtype=param_dtype)
+  params = hf.place_tensors(config, hf_tensors, source=path, mesh=mesh, rules=rules, param_dtype=param_dtype)
   return config, params
 
 

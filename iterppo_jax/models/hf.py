@@ -30,7 +30,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -415,8 +415,40 @@ def load_pretrained(model_dir: str, *, mesh=None, rules: Optional[sharding.Rules
   """
   from safetensors import safe_open
 
-  hf_config = read_config(model_dir)
-  config = config_from_hf(hf_config, dtype=dtype, param_dtype=param_dtype)
+  config = config_from_hf(read_config(model_dir), dtype=dtype, param_dtype=param_dtype)
+  ignored = [re.compile(p + '$') for p in _IGNORED_KEYS]
+
+  def tensors():
+    for path in _weight_files(model_dir):
+      with safe_open(path, framework='numpy') as f:
+        for key in f.keys():
+          if any(p.match(key) for p in ignored) or (config.tie_embeddings and key == 'lm_head.weight'):
+            continue
+          yield (f'{path}: {key}', key, tuple(f.get_slice(key).get_shape()),
+                 lambda f=f, key=key: f.get_tensor(key))
+
+  return config, place_tensors(config, tensors(), source=model_dir, mesh=mesh, rules=rules,
+                               param_dtype=param_dtype)
+
+
+# (where, Hugging Face key, shape in Hugging Face layout, load() -> that array)
+HfTensor = Tuple[str, str, Tuple[int, ...], Callable[[], np.ndarray]]
+
+
+def place_tensors(config: TransformerConfig, tensors: Iterable[HfTensor], *, source: str, mesh=None,
+                  rules: Optional[sharding.Rules] = None, param_dtype: str = 'float32') -> nnx.State:
+  """Our parameters from Hugging Face tensors of any source (safetensors here, GGUF in gguf.py).
+
+  Each tensor is matched to its row of ``weight_table``, its shape checked before it is read, then loaded,
+  transformed to our layout and put straight onto its ``NamedSharding`` (each device gets only its shard).
+
+  Args:
+    tensors: (where, Hugging Face key, shape in Hugging Face layout, load) tuples, ``where`` naming the tensor
+      in errors; ``load()`` is called once, when the tensor is placed.
+    source: the checkpoint, named in errors; mesh, rules: as ``load_pretrained``'s.
+  Raises:
+    ValueError for a tensor with no place in the model, a shape mismatch, or parameters no tensor fills.
+  """
   if mesh is None:
     mesh = sharding.make_mesh([('data', 1), ('fsdp', 1), ('tensor', 1)], jax.devices()[:1])
   _, abstract = abstract_model(config)
@@ -425,45 +457,34 @@ def load_pretrained(model_dir: str, *, mesh=None, rules: Optional[sharding.Rules
   variables = dict(abstract.flat_state())
   target_dtype = jnp.dtype(param_dtype)
   compiled = _compile(weight_table(config))
-  ignored = [re.compile(p + '$') for p in _IGNORED_KEYS]
-  tied_head = 'lm_head.weight'
-
   values: Dict[Tuple[Any, ...], jax.Array] = {}
-  for path in _weight_files(model_dir):
-    with safe_open(path, framework='numpy') as f:
-      for key in f.keys():
-        if any(p.match(key) for p in ignored) or (config.tie_embeddings and key == tied_head):
-          continue
-        for pattern, (_, ours, transform) in compiled:
-          m = pattern.match(key)
-          if m:
-            break
-        else:
-          raise ValueError(f'{path}: tensor {key!r} has no place in our {config.family} model '
-                           f'(unsupported option or architecture?)')
-        targets = [_path_tuple(o.replace('{i}', m.group(1)) if m.groups() else o) for o in ours]
-        missing = [t for t in targets if t not in variables]
-        if missing:
-          raise ValueError(f'{path}: tensor {key!r} maps to {missing}, which the model lacks '
-                           f'(layer index beyond num_layers?)')
-        shapes = [tuple(variables[t].get_value().shape) for t in targets]
-        hf_array = f.get_tensor(key)
-        expected = tuple(transform.hf_shape(shapes))
-        if tuple(hf_array.shape) != expected:
-          raise ValueError(f'{path}: tensor {key!r} has shape {tuple(hf_array.shape)}, expected '
-                           f'{expected} for {[".".join(map(str, t)) for t in targets]}')
-        for t, shape, ours_array in zip(targets, shapes, transform.to_ours(hf_array, shapes)):
-          assert ours_array.shape == shape, (key, t, ours_array.shape, shape)
-          host = np.ascontiguousarray(ours_array.astype(target_dtype))
-          sh = shardings[t].get_value()
-          values[t] = jax.make_array_from_callback(shape, sh, lambda idx, h=host: h[idx])
-        del hf_array
+  for where, key, shape_hf, load in tensors:
+    for pattern, (_, ours, transform) in compiled:
+      m = pattern.match(key)
+      if m:
+        break
+    else:
+      raise ValueError(f'{where}: tensor {key!r} has no place in our {config.family} model '
+                       f'(unsupported option or architecture?)')
+    targets = [_path_tuple(o.replace('{i}', m.group(1)) if m.groups() else o) for o in ours]
+    missing = [t for t in targets if t not in variables]
+    if missing:
+      raise ValueError(f'{where}: tensor {key!r} maps to {missing}, which the model lacks '
+                       f'(layer index beyond num_layers?)')
+    shapes = [tuple(variables[t].get_value().shape) for t in targets]
+    expected = tuple(transform.hf_shape(shapes))
+    if tuple(shape_hf) != expected:
+      raise ValueError(f'{where}: tensor {key!r} has shape {tuple(shape_hf)}, expected '
+                       f'{expected} for {[".".join(map(str, t)) for t in targets]}')
+    for t, shape, ours_array in zip(targets, shapes, transform.to_ours(load(), shapes)):
+      assert ours_array.shape == shape, (key, t, ours_array.shape, shape)
+      host = np.ascontiguousarray(ours_array.astype(target_dtype))
+      values[t] = jax.make_array_from_callback(shape, shardings[t].get_value(), lambda idx, h=host: h[idx])
   missing = sorted('.'.join(map(str, p)) for p in variables if p not in values)
   if missing:
-    raise ValueError(f'{model_dir}: the checkpoint lacks tensors for {missing[:8]}'
+    raise ValueError(f'{source}: the checkpoint lacks tensors for {missing[:8]}'
                      f'{" ..." if len(missing) > 8 else ""}')
-  params = nnx.from_flat_state([(p, v.replace(values[p])) for p, v in variables.items()])
-  return config, params
+  return nnx.from_flat_state([(p, v.replace(values[p])) for p, v in variables.items()])
 
 
 def resize_vocab(config: TransformerConfig, params: nnx.State, vocab_size: int, *, mesh=None,
