@@ -127,14 +127,20 @@ def guard(main):
 
   @functools.wraps(main)
   def guarded(argv):
+    background: list[str] = []
     if not _DEBUG.value:
       logging.get_absl_handler().addFilter(_NoLibraryErrors())
       # A failed orbax save also surfaces from its background threads and asyncio callbacks (each with a
-      # traceback) before the main thread gets the error; that error is the one reported.
-      sys.unraisablehook = lambda unraisable: None
-      threading.excepthook = lambda args: None
+      # traceback) before the main thread gets the error; that error is the one reported. A background error
+      # that no main-thread error follows is summed up in one warning line at the end.
+      sys.unraisablehook = lambda u: background.append(f"{type(u.exc_value).__name__}: {u.exc_value}")
+      threading.excepthook = lambda a: background.append(f"{a.exc_type.__name__}: {a.exc_value}")
     try:
-      return main(argv)
+      result = main(argv)
+      if background:
+        print(f"warning: {len(background)} error(s) in background threads, first: {background[0][:200]} "
+              "(--debug shows them)", file=sys.stderr)
+      return result
     except (SystemExit, app.UsageError) as e:
       if isinstance(e, app.UsageError):
         fail(errors.EXIT_USAGE, str(e))

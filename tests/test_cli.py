@@ -40,3 +40,25 @@ def test_a_bad_setting_is_one_line_before_any_work(override, message, tmp_path):
   assert out.returncode == 2  # usage (iterppo_jax/errors.py)
   assert message in out.stderr and "Traceback" not in out.stderr
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_background_thread_error_is_one_warning_line(capsys):
+  import threading
+  from absl import flags
+  from experiments import cli
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  saved = (sys.unraisablehook, threading.excepthook)
+
+  def main(argv):
+    t = threading.Thread(target=lambda: 1 / 0)
+    t.start()
+    t.join()
+    return "done"
+  try:
+    assert cli.guard(main)(["prog"]) == "done"
+  finally:
+    sys.unraisablehook, threading.excepthook = saved
+  err = capsys.readouterr().err
+  assert "warning: 1 error(s) in background threads, first: ZeroDivisionError: division by zero" in err
+  assert "Traceback" not in err
