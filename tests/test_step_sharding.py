@@ -117,7 +117,7 @@ def _worker() -> dict:
       fixed_experience = exp if fixed_experience is None else fixed_experience
       update = ppo.make_update_step(policy, critic, ppo_cfg, PROMPT)
       state = ppo.PPOState(policy=p_state, critic=c_state)
-      batch = ts.device_batch({k: fixed_experience[k] for k in ppo._UPDATE_KEYS}, mesh)
+      batch = ts.device_batch({k: fixed_experience[k] for k in ppo.UPDATE_KEYS}, mesh)
       state, _ = update(state, batch)
       state, metrics = update(state, batch)
       res["ppo"] = (jax.device_get(metrics), {**flat(state.policy.params),
