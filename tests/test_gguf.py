@@ -569,10 +569,11 @@ def test_smollm2_matches_transformers():
 
 
 
-@pytest.mark.slow  # ~1 min on two cores: the tiny loop on a 2-layer model from the file
+@pytest.mark.slow  # ~15 s on two cores: SFT's phase of the tiny loop on a 2-layer model from the file
 def test_the_loop_starts_from_a_gguf_file(tmp_path):
-  """`--config.model_dir=model.gguf`: the tokenizer and chat template come from the file, pi_0 is its weights
-  (the tiny preset deploys them without SFT) and one iteration of Iterative PPO runs on top."""
+  """`--config.model_dir=model.gguf`: the tokenizer and chat template come from the file and pi_0 is its weights
+  (the tiny preset deploys them without SFT); the run stops after that phase (what follows is the loop of
+  tests/test_loop_hf.py, the same from here for either checkpoint format)."""
   from configs import sales_hf
   from iterppo_jax import loop
   path = str(tmp_path / 'tiny.gguf')
@@ -585,9 +586,10 @@ def test_the_loop_starts_from_a_gguf_file(tmp_path):
   write_gguf(path, 'Q8_0', meta={'llama.context_length': 256})
   c.model_dir, c.loop.iterations, c.loop.tensorboard = path, 1, False
   c.data.max_prompt_len, c.data.max_action_len = 160, 24
+  c.loop.stop_after_phase = 'sft'
   workdir = str(tmp_path / 'run')
-  summary = loop.run(c, workdir)
-  assert len(summary['iterations']) == 2
+  with pytest.raises(loop.Interrupted, match='stopped after sft'):
+    loop.run(c, workdir)
   run_, _ = loop.setup(c, workdir)
   assert run_.renderer.name == 'chat' and run_.renderer.end_text == '<|im_end|>'
   assert (run_.model_cfg.num_layers, run_.model_cfg.embed_dim) == (SMALL['L'], SMALL['D'])
@@ -596,6 +598,7 @@ def test_the_loop_starts_from_a_gguf_file(tmp_path):
   pi0 = loop.restore_params(run_, 'policy', 0, params)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(pi0)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
 
 if __name__ == '__main__':
   print(json.dumps(_sharded_worker(sys.argv[1])))
