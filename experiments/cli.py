@@ -109,9 +109,19 @@ _DEBUG = define(flags.DEFINE_bool, "debug", False,
 
 
 class _NoLibraryErrors(py_logging.Filter):
-  """Drops orbax's log records: a failed write is logged once per thread, then raised to us and reported once."""
+  """Drops orbax's log records (a failed write is logged once per thread, then raised to us and reported once)
+  and asyncio's "Task exception was never retrieved" for orbax's write tasks, which the garbage collector may
+  log after our error line, even at exit; those are kept in `background`."""
+
+  def __init__(self, background: list[str]):
+    super().__init__()
+    self.background = background
 
   def filter(self, record):
+    if record.name == "asyncio" or record.name.startswith("asyncio."):
+      exc = record.exc_info[1] if record.exc_info else None
+      self.background.append(f"{type(exc).__name__}: {exc}" if exc else record.getMessage())
+      return False
     return "orbax" not in record.pathname
 
 
@@ -129,7 +139,7 @@ def guard(main):
   def guarded(argv):
     background: list[str] = []
     if not _DEBUG.value:
-      logging.get_absl_handler().addFilter(_NoLibraryErrors())
+      logging.get_absl_handler().addFilter(_NoLibraryErrors(background))
       # A failed orbax save also surfaces from its background threads and asyncio callbacks (each with a
       # traceback) before the main thread gets the error; that error is the one reported. A background error
       # that no main-thread error follows is summed up in one warning line at the end.

@@ -60,3 +60,34 @@ def test_a_background_thread_error_is_one_warning_line(capsys):
   err = capsys.readouterr().err
   assert "warning: 1 error(s) in background threads, first: ZeroDivisionError: division by zero" in err
   assert "Traceback" not in err
+
+
+_ORPHAN_TASK = '''
+import asyncio, gc, sys
+from absl import app
+from experiments import cli
+from iterppo_jax import errors
+
+async def write():
+  raise OSError(28, "No space left on device")
+
+def main(argv):
+  loop = asyncio.new_event_loop()
+  task = loop.create_task(write())
+  loop.run_until_complete(asyncio.sleep(0.01))
+  loop.close()
+  sys.modules["__main__"].orphan = task  # released at exit, after the error line: asyncio logs it then
+  raise errors.StorageError("no space left on device (test)")
+
+app.run(cli.guard(main), flags_parser=cli._parse_flags)
+'''
+
+
+def test_an_asyncio_task_error_logged_after_the_error_line_is_not_printed():
+  """A failed orbax write leaves asyncio tasks whose exception nobody retrieved; the garbage collector logs each
+  (with a traceback) whenever it frees them, which can be after our one line, at exit."""
+  from iterppo_jax import errors
+  out = subprocess.run([sys.executable, "-c", _ORPHAN_TASK], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+  assert out.returncode == errors.EXIT_STORAGE, out.stderr
+  assert out.stderr.strip() == "error: no space left on device (test)", out.stderr
