@@ -63,6 +63,13 @@ def get_config(arg=None):
   c.model.param_dtype = "float32"
   c.model.remat = False  # recompute activations in the backward pass (memory for compute)
 
+  # ---- LoRA (iterppo_jax/models/lora.py): adapters on a frozen base instead of full fine-tuning ----
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0  # 0: every weight trains; r > 0: the loop's SFT, PPO and Q-fit train rank-r adapters
+  c.lora.alpha = 16.0  # the update is (alpha / rank) A B
+  c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")  # of q_proj k_proj v_proj o_proj gate up down
+  c.lora.models = ("policy", "critic", "qmodel")  # which of the loop's models use it (baselines train in full)
+
   # ---- SFT: pi_0 clones what the business sent in the behaviour logs ----
   c.sft = _optimizer_section(learning_rate=1e-3, warmup_steps=20)
   c.sft.behavior_conversations = 2000  # historical logs (~14k decisions)

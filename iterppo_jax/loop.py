@@ -61,6 +61,7 @@ from iterppo_jax.envs import registry
 from iterppo_jax.models import gguf as gguf_lib
 from iterppo_jax.models import heads
 from iterppo_jax.models import hf as hf_lib
+from iterppo_jax.models import lora as lora_lib
 from iterppo_jax.models import transformer as tf
 
 
@@ -179,9 +180,18 @@ class Run:
   def checkpointer(self, name: str, max_to_keep: int | None = None) -> ckpt_lib.Checkpointer:
     return ckpt_lib.Checkpointer(self.workdir, name, max_to_keep=max_to_keep)
 
-  def policy_trainable(self, params=None):
+  def policy_trainable(self, params=None, lora=None, lora_seed=0):
     return ts.init_trainable(lambda: tf.Transformer(self.model_cfg, rngs=nnx.Rngs(seed_for(self.config, 0, 2))),
-                             optimizer(self.config.sft), self.mesh, params=params)
+                             optimizer(self.config.sft), self.mesh, params=params, lora=lora, lora_seed=lora_seed)
+
+  def lora(self, model: str, dueling: bool = False) -> lora_lib.LoraConfig | None:
+    """How `model` ('policy' | 'critic' | 'qmodel') trains: LoRA adapters on a frozen base (config.lora, with
+    a critic's or Q-model's head trained in full), or None for full fine-tuning."""
+    l = self.config.get("lora")
+    if not l or not l.rank or model not in l.models:
+      return None
+    head = () if model == "policy" else heads.ScalarModel.head_names(dueling)
+    return lora_lib.LoraConfig(rank=l.rank, alpha=l.alpha, targets=tuple(l.targets), train_full=head)
 
   def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
     d = self.config.data
@@ -216,6 +226,27 @@ def restore_params(run: Run, name: str, step: int, template):
   tree, _ = c.restore(step, ckpt_lib.abstract_like(template))
   c.close()
   return tree
+
+
+def save_trained(run: Run, name: str, step: int, params, metadata=None) -> None:
+  """Keeps what training produced: for LoRA (ts.LoraParams) the adapters alone, not the frozen base."""
+  save_params(run, name, step, ts.trainable_part(params), metadata)
+
+
+def restore_trained(run: Run, name: str, step: int, template):
+  """Inverse of save_trained: `template` gives shapes and shardings and, for LoRA, the frozen base."""
+  return ts.attach_frozen(restore_params(run, name, step, ts.trainable_part(template)), template)
+
+
+def load_policy(run: Run, step: int, previous):
+  """pi_step's params from checkpoint 'policy' <step>. Trained with LoRA, that checkpoint holds the adapters
+  PPO trained on the frozen pi_{step-1} (`previous`), and pi_step = pi_{step-1} + (alpha / r) A B."""
+  lora = run.lora("policy")
+  if lora is None:
+    return restore_params(run, "policy", step, previous)
+  template = jax.eval_shape(lambda p: lora_lib.init_adapters(p, lora, jax.random.key(0)), previous)
+  adapters = restore_params(run, "policy", step, template)
+  return ts.merged(ts.LoraParams(frozen=previous, adapters=adapters), lora)
 
 
 def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
@@ -289,7 +320,8 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
           f"{model_dir} ({model_cfg.max_len} tokens); lower them to fit")
   else:
     model_cfg = model_config(config, tokenizer.vocab_size)
-  renderer = rendering.chat(tokenizer.hf) if config.data.get("chat_template", False) else rendering.TAGS
+  renderer = (rendering.chat(tokenizer.hf, config.data.get("system_prompt", "")) if config.data.get("chat_template", False)
+              else rendering.TAGS)
   run = Run(config, workdir, env, tokenizer, model_cfg, mesh, writer, progress, renderer,
             rules=sharding.rules_from_config(config.mesh_rules))
   return run, logs
@@ -305,14 +337,17 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   c = run.config
   pretrained = None
   model_dir = c.get("model_dir", "")
-  if model_dir and not run.progress.get("sft"):
+  lora = run.lora("policy")
+  # With LoRA the SFT checkpoint holds adapters only: a resumed run reads the base again.
+  if model_dir and (lora is not None or not run.progress.get("sft")):
     load = gguf_lib.load_gguf if _is_gguf(model_dir) else hf_lib.load_pretrained
     hf_cfg, pretrained = load(model_dir, mesh=run.mesh, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
     if run.model_cfg.vocab_size > hf_cfg.vocab_size:
       _, pretrained = hf_lib.resize_vocab(hf_cfg, pretrained, run.model_cfg.vocab_size, mesh=run.mesh)
-  trainable, state = run.policy_trainable(params=pretrained)
+  trainable, state = run.policy_trainable(params=pretrained, lora=lora,
+                                          lora_seed=seed_for(c, 0, PHASE_IDS["sft"], 1))
   if run.progress.get("sft"):
-    return trainable, restore_params(run, "policy", 0, state.params)
+    return trainable, trainable.merged_params(restore_trained(run, "policy", 0, state.params))
   examples = [e for e in run.examples(logs) if e.sent is not None]
   arrays = run.arrays(examples, action="sent")
   note_truncation(run, arrays, "sft", 0)
@@ -326,9 +361,9 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   after = sft_lib.evaluate(eval_fn, state.params, held, c.sft.batch_size, run.mesh)
   run.log(c.sft.steps, {"sft/heldout_nll_before": before["nll"], "sft/heldout_nll": after["nll"],
                         "sft/heldout_accuracy": after["accuracy"]}, phase="sft", iteration=0)
-  save_params(run, "policy", 0, state.params, {"phase": "sft"})
+  save_trained(run, "policy", 0, state.params, {"phase": "sft"})
   run.progress.mark("sft", {"heldout_nll": after["nll"], "heldout_nll_before": before["nll"]})
-  return trainable, state.params
+  return trainable, trainable.merged_params(state.params)
 
 
 def fit_q(run: Run, k: int, records, policy_params):
@@ -352,14 +387,21 @@ def fit_q(run: Run, k: int, records, policy_params):
   if q_cfg.init == "scratch" or own_size:  # own size with 'previous': Q_0 from scratch, then Q_k from Q_{k-1}
     make_q = lambda: heads.ScalarModel(q_model, rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])),
                                        dueling=dueling)
-  trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, with_target=q_cfg.method != "mc")
+  lora = run.lora("qmodel", dueling)  # adapters on the trunk and the head in full, or None
+  lora_seed = seed_for(c, k, PHASE_IDS["qfit"], 4)
+  trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, with_target=q_cfg.method != "mc",
+                                       lora=lora, lora_seed=lora_seed)
   if q_cfg.init == "previous" and k > 0 and not run.progress.get(f"qfit/{k}"):
-    previous = restore_params(run, "qmodel", k - 1, state.params)
-    trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, params=previous,
-                                         with_target=q_cfg.method != "mc")
+    previous = restore_params(run, "qmodel", k - 1, ts.trainable_part(state.params))
+    if lora is None:
+      trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, params=previous,
+                                           with_target=q_cfg.method != "mc")
+    else:  # Q_{k-1}'s adapters and head, on this iteration's base
+      trainable, state = ts.init_trainable(make_q, optimizer(q_cfg), run.mesh, params=state.params.frozen,
+                                           with_target=q_cfg.method != "mc", lora=lora, adapters=previous)
   done = run.progress.get(f"qfit/{k}")
   if done:
-    return trainable, restore_params(run, "qmodel", k, state.params), done
+    return trainable, restore_trained(run, "qmodel", k, state.params), done
   # Issue #10: degrade what the Q-fit sees on purpose (flipped outcome labels, fewer conversations); by default
   # (label_flip 0, data_fraction 1) the records pass through unchanged.
   records = label_noise.qfit_records(records, label_flip=q_cfg.get("label_flip", 0.0),
@@ -417,7 +459,7 @@ def fit_q(run: Run, k: int, records, policy_params):
     metrics["selected_step"] = best[1]
   _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params), records, examples, held, q,
                  policy_params)
-  save_params(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
+  save_trained(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
   run.progress.mark(f"qfit/{k}", metrics)
   return trainable, state.params, metrics
 
@@ -670,7 +712,8 @@ def run_policy_graphdef(run: Run):
 
 
 def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_params, pi0_params):
-  """The single-turn step of iteration k with the solver config.inner; returns pi_{k+1}'s params and metrics.
+  """The single-turn step of iteration k with the solver config.inner; returns (pi_{k+1}'s params, what
+  `save_trained` keeps of them: the same params, or with config.lora the adapters on pi_k, and metrics).
 
   The solver is the row config.inner of solvers.SOLVERS (ppo: token-level PPO with a critic; grpo | rloo: G
   responses per state with the group as baseline, no critic), run by solvers.train. All maximise
@@ -684,20 +727,21 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
   ref_params = pi0_params if c.ppo.reference == "sft" else policy_params
   policy_tr, model = ts.init_trainable(
       lambda: tf.Transformer(run.model_cfg, rngs=nnx.Rngs(0)), optimizer(c.ppo), run.mesh,
-      params=ts.copy_params(policy_params))
+      params=ts.copy_params(policy_params), lora=run.lora("policy"), lora_seed=seed_for(c, k, PHASE_IDS["ppo"], 3))
   critic_tr = None
   if solver.critic:
     critic_tr, critic_state = ts.init_trainable(
         lambda: heads.scalar_model_from_policy(nnx.merge(policy_tr.graphdef, policy_params),
                                                rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["ppo"]))),
-        optimizer(c.ppo.critic), run.mesh)
+        optimizer(c.ppo.critic), run.mesh, lora=run.lora("critic"), lora_seed=seed_for(c, k, PHASE_IDS["ppo"], 4))
     model = ppo_lib.PPOState(policy=model, critic=critic_state)
   state = solvers.init_state(model, cfg.kl_coef)
   ckpt = run.checkpointer(f"{solver.name}/{k}", max_to_keep=2)
   start = 0
   if ckpt.latest_step() is not None:
     restored, meta = ckpt.restore(None, ckpt_lib.abstract_like(_solver_checkpoint(state)))
-    state, start = solvers.SolverState(model=restored["state"], kl_coef=restored["kl_coef"]), int(meta["step"])
+    state, start = (solvers.SolverState(model=ts.attach_frozen(restored["state"], state.model),
+                                        kl_coef=restored["kl_coef"]), int(meta["step"]))
   examples = run.examples(records)
   prompts = data_lib.encode_prompts(run.tokenizer, [e.prompt for e in examples], c.data.max_prompt_len)
 
@@ -715,7 +759,8 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
                               steps=c.ppo.steps, batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]),
                               eos_id=run.renderer.end_id(run.tokenizer), pad_id=run.tokenizer.pad_id,
                               writer=run.writer, desc=f"{solver.name}/{k}", start_step=start, on_step=on_step)
-  new_params = solver.policy_state(state.model).params
+  trained = solver.policy_state(state.model).params
+  new_params = policy_tr.merged_params(trained)
   ckpt.close()
   # The same measurement for every solver: KL(pi_{k+1} || pi_k) on a fixed sample of D_k's states (the
   # distribution the inner objective's KL is taken over), not the last rollout's estimate during training.
@@ -724,12 +769,13 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
   kl = policy_kl(run, new_params, policy_params, {n: v[rows] for n, v in prompts.items()},
                  seed_for(c, k, PHASE_IDS["ppo"], 2))
   run.log(k, {"improve/kl_to_pi_k": kl}, phase="improve", iteration=k)
-  return new_params, {**last, "improve/kl_to_pi_k": kl}
+  return new_params, trained, {**last, "improve/kl_to_pi_k": kl}
 
 
 def _solver_checkpoint(state: solvers.SolverState) -> dict:
-  """The phase's checkpoint: the solver's state (its models and beta) under the keys runs have always used."""
-  return {"state": state.model, "kl_coef": state.kl_coef}
+  """The phase's checkpoint: the solver's state (its models and beta) under the keys runs have always used;
+  with LoRA without the frozen bases (rebuilt from pi_k when the phase resumes)."""
+  return {"state": ts.trainable_part(state.model), "kl_coef": state.kl_coef}
 
 
 def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts: dict):
@@ -804,6 +850,7 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
             for r in records[:32] for i in r.agent_steps()[:2]]
   prompts = data_lib.encode_prompts(run.tokenizer, states, c.data.max_prompt_len)
   summary["kl_to_pi0"] = policy_kl(run, params, pi0_params, prompts, seed_for(c, k, PHASE_IDS["eval"], 1))
+  summary["off_topic_share"] = registry.off_topic_share(c.env.domain, records)
   run.log(k, {f"eval/{n}": v for n, v in summary.items()}, phase="eval", iteration=k)
   run.progress.mark(f"eval/{k}", summary)
   return summary
@@ -916,7 +963,7 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
   params = pi0
   for k in range(config.loop.iterations):
     if run_.progress.get(f"policy/{k + 1}"):
-      params = restore_params(run_, "policy", k + 1, params)
+      params = load_policy(run_, k + 1, params)
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
       continue
     with timed(run_, "collect", k):
@@ -947,8 +994,8 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
     if config.loop.stop_after_phase == f"qfit/{k}":
       raise Interrupted(f"stopped after qfit/{k}")
     with timed(run_, "ppo", k):
-      new_params, _ = improve_policy(run_, k, records, params, q_tr, q_params, pi0)
-    save_params(run_, "policy", k + 1, new_params, {"phase": "ppo", "iteration": k + 1})
+      new_params, trained, _ = improve_policy(run_, k, records, params, q_tr, q_params, pi0)
+    save_trained(run_, "policy", k + 1, trained, {"phase": "ppo", "iteration": k + 1})
     run_.progress.mark(f"policy/{k + 1}")
     params = new_params
     with timed(run_, "eval", k + 1):
@@ -983,8 +1030,8 @@ def export_policy(run_: Run, params) -> str:
 def offline_iteration(run_: Run, logs, pi0) -> dict:
   """One iteration on a user's logs: Q-fit on them, PPO on their states; writes policy step 1."""
   q_tr, q_params, q_metrics = fit_q(run_, 0, logs, pi0)
-  new_params, ppo_metrics = improve_policy(run_, 0, logs, pi0, q_tr, q_params, pi0)
-  save_params(run_, "policy", 1, new_params, {"phase": "ppo", "iteration": 1, "offline": True})
+  new_params, trained, ppo_metrics = improve_policy(run_, 0, logs, pi0, q_tr, q_params, pi0)
+  save_trained(run_, "policy", 1, trained, {"phase": "ppo", "iteration": 1, "offline": True})
   run_.progress.mark("policy/1")
   summary = {"offline": True, "logs": run_.config.loop.logs, "conversations": len(logs), "qfit": q_metrics,
              "ppo": ppo_metrics, "policy_checkpoint": os.path.join(run_.workdir, "checkpoints", "policy", "1"),

