@@ -29,6 +29,7 @@ def get_config(arg=None):
   c.model_dir = ""
   c.export_dir = ""  # if set, the final policy is also written here as an HF model of the same family
   c.data.chat_template = True  # render states/actions with the tokenizer's chat template when it has one
+  c.data.system_prompt = ""  # opens every state (the business goal, for a prompted pi_0); '' = the template's
 
   if args["tiny"]:
     c.sft.steps = 0  # a pretrained pi_0 is deployed as is

@@ -84,8 +84,20 @@ def _apply(hf_tokenizer: Any, messages: List[Dict[str, str]], generation_prompt:
                                           add_generation_prompt=generation_prompt)
 
 
+def _with_system(messages: List[Dict[str, str]], system: str) -> List[List[Dict[str, str]]]:
+  """The ways to put a system prompt first, best first: the template's own system message, else (templates
+  that refuse the role, e.g. Gemma's) folded into the first user message."""
+  if not system:
+    return [messages]
+  if messages and messages[0]['role'] == 'user':
+    folded = [{'role': 'user', 'content': f"{system}\n\n{messages[0]['content']}"}] + messages[1:]
+  else:
+    folded = [{'role': 'user', 'content': system}] + messages
+  return [[{'role': 'system', 'content': system}] + messages, folded]
+
+
 def render_state_chat(turns: Sequence[conv_lib.Turn], hf_tokenizer: Any,
-                      max_turns: Optional[int] = None, context: str = '') -> str:
+                      max_turns: Optional[int] = None, context: str = '', system: str = '') -> str:
   """The state s_i as chat text ending with the generation prompt (our tags without a template).
 
   Args:
@@ -94,6 +106,7 @@ def render_state_chat(turns: Sequence[conv_lib.Turn], hf_tokenizer: Any,
     max_turns: keep only the last rounds (a round starts at a customer message).
     context: the agent's private information (Conversation.context), added to the last user message (or as
       one) so that it sits right before the generation prompt, where truncation never reaches.
+    system: a system prompt (the business goal for a prompted pi_0); '' keeps the template's default.
   """
   if not has_chat_template(hf_tokenizer):
     return conv_lib.render_state(turns, max_turns, context)
@@ -104,17 +117,19 @@ def render_state_chat(turns: Sequence[conv_lib.Turn], hf_tokenizer: Any,
       messages[-1] = {**messages[-1], 'content': f"{messages[-1]['content']}\n\n{note}"}
     else:
       messages.append({'role': 'user', 'content': note})
-  try:
-    return _apply(hf_tokenizer, messages, True)
-  except Exception:  # a jinja2 TemplateError raised by the template (e.g. roles must alternate)
-    fixed = list(messages)
-    if fixed and fixed[0]['role'] == 'assistant':
-      fixed.insert(0, {'role': 'user', 'content': _OPENER})
-    if fixed and fixed[-1]['role'] == 'assistant':
-      fixed.append({'role': 'user', 'content': _WAITING})
-    if fixed == messages:
-      raise
-    return _apply(hf_tokenizer, fixed, True)
+  fixed = list(messages)  # for templates that demand user first and last
+  if fixed and fixed[0]['role'] == 'assistant':
+    fixed.insert(0, {'role': 'user', 'content': _OPENER})
+  if fixed and fixed[-1]['role'] == 'assistant':
+    fixed.append({'role': 'user', 'content': _WAITING})
+  tries = _with_system(messages, system) + (_with_system(fixed, system) if fixed != messages else [])
+  for i, attempt in enumerate(tries):
+    try:
+      return _apply(hf_tokenizer, attempt, True)
+    except Exception:  # a jinja2 TemplateError raised by the template (roles must alternate, no system role)
+      if i == len(tries) - 1:
+        raise
+  raise AssertionError('unreachable')
 
 
 def render_action_chat(text: str, hf_tokenizer: Any) -> str:

@@ -45,10 +45,12 @@ class Renderer:
 TAGS = Renderer("tags", conv_lib.render_state, conv_lib.render_action, conv_lib.END_OF_TURN)
 
 
-def chat(hf_tokenizer: Any) -> Renderer:
-  """The tokenizer's chat template (chat_format.py); our tags when it has none."""
+def chat(hf_tokenizer: Any, system: str = "") -> Renderer:
+  """The tokenizer's chat template (chat_format.py), every state opening with `system` when it is given; our
+  tags when the tokenizer has no template (they have no system prompt)."""
   if not chat_format.has_chat_template(hf_tokenizer):
     return TAGS
   end = chat_format.chat_end_of_turn(hf_tokenizer)
-  return Renderer("chat", lambda turns, m, context: chat_format.render_state_chat(turns, hf_tokenizer, m, context),
+  return Renderer("chat", lambda turns, m, context: chat_format.render_state_chat(turns, hf_tokenizer, m, context,
+                                                                                system),
                   lambda text: chat_format.render_action_chat(text, hf_tokenizer), end)

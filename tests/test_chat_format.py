@@ -116,3 +116,13 @@ def test_the_agents_context_comes_last_in_the_chat(hf_tok):
   text = chat_format.render_state_chat(turns, tok, None, 'Loyalty tier: gold.')
   assert text.endswith('Hi, a laptop please.\n\n[context] Loyalty tier: gold.<|im_end|>\n<|im_start|>assistant\n')
   assert chat_format.render_state_chat(turns, tok, None, '') == chat_format.render_state_chat(turns, tok)
+
+
+def test_a_system_prompt_opens_the_state_or_the_first_user_message(hf_tok):
+  goal = 'You sell electronics; your goal is a purchase.'
+  chatml = chat_format.render_state_chat(TURNS[:4], _with_template(hf_tok, CHATML), system=goal)
+  assert chatml.startswith(f'<|im_start|>system\n{goal}<|im_end|>\n<|im_start|>user\nHi there')
+  # Gemma's template refuses a system role (strict alternation): the goal opens the first user message
+  gemma = chat_format.render_state_chat(TURNS[:4], _with_template(hf_tok, GEMMA), system=goal)
+  assert f'<start_of_turn>user\n{goal}\n\nHi there<end_of_turn>' in gemma
+  assert chat_format.render_state_chat(TURNS[:4], _with_template(hf_tok, CHATML)).startswith('<|im_start|>user')
