@@ -151,3 +151,17 @@ def test_a_script_may_word_its_acts_from_the_transcript():
   assert all(w.endswith(p) and w.startswith("You said '") for w, p in zip(worded, plain))
   staff = policies.StaffPolicy(sales.SCRIPT._replace(say=say), 0.5)(observations)
   assert all(s.startswith("You said '") for s in staff)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_the_share_of_suggestions_read_as_no_act(domain):
+  """registry.off_topic_share: how much of a free-text policy's output the simulator reads as small talk."""
+  import dataclasses
+  records = _env(domain).play(_behaviour(domain), 20, seed=3, batch_size=20)
+  scripted = registry.off_topic_share(domain, records)
+  assert 0 <= scripted < 0.5  # the staff's scripts say something the simulator reads
+
+  def chatter(r):  # every suggestion replaced by small talk the parser cannot read
+    return dataclasses.replace(r, turns=[dataclasses.replace(t, text="Lovely weather we are having.")
+                                         if t.role == "suggestion" and not t.abstain else t for t in r.turns])
+  assert registry.off_topic_share(domain, [chatter(r) for r in records]) == 1.0

@@ -85,3 +85,15 @@ def tracker(domain: str):
                      f"(dialogue_state and act_key in {mod.__name__}); domains with one: {', '.join(have)}; "
                      "or use qfit.view=tokens")
   return mod.dialogue_state, mod.act_key
+
+
+def off_topic_share(domain: str, records) -> float:
+  """Share of the non-abstaining suggestions in `records` that the domain's parser reads as no dialogue act
+  ('off_topic': the simulated business user and customer react to them as small talk). NaN for a domain without
+  a dialogue-state tracker, or with no suggestion. How a free-text LLM policy is read (issue #18)."""
+  mod = module(domain)
+  if not all(hasattr(mod, name) for name in TRACKER):
+    return float("nan")
+  kinds = [mod.act_key(r.turns[:i], r.turns[i].text)[0] for r in records for i in r.agent_steps()
+           if not r.turns[i].abstain]
+  return sum(k == "off_topic" for k in kinds) / len(kinds) if kinds else float("nan")
