@@ -35,6 +35,11 @@ WORKLOADS = {
                      vocab_size=128256, tie_embeddings=True, rope_theta=500000.0),
     "llama_8b": _gpu(num_layers=32, embed_dim=4096, mlp_dim=14336, num_heads=32, num_kv_heads=8, head_dim=128,
                      vocab_size=128256, tie_embeddings=False, rope_theta=500000.0),
+    # SmolLM2-135M-Instruct's shapes (configs/sales_smollm.py) with its LoRA, at a laptop's batch: how long the
+    # CPU preset's sampling, SFT, Q-fit and PPO take per token (random weights: the timings do not depend on them).
+    "smollm2": dict(model=dict(num_layers=30, embed_dim=576, mlp_dim=1536, num_heads=9, num_kv_heads=3, head_dim=64,
+                               vocab_size=49152, tie_embeddings=True, rope_theta=100000.0),
+                    batch=dict(prompts=16, prompt_len=256, new_tokens=40), lora=dict(rank=8), iterations=2),
     # Smaller than tiny, for the benchmark's own smoke test.
     "smoke": dict(model=dict(num_layers=1, embed_dim=64, mlp_dim=128, num_heads=2, num_kv_heads=2, head_dim=32,
                              vocab_size=128, tie_embeddings=False),
@@ -78,6 +83,13 @@ def get_config(arg=None):
   c.model.dtype = "float32"  # compute dtype: bfloat16 on accelerators
   c.model.param_dtype = "float32"  # master weights and optimizer state stay f32
   c.model.remat = False  # recompute blocks in the backward pass (memory for compute)
+
+  # LoRA (models/lora.py): rank > 0 trains adapters on frozen weights in the SFT, Q-fit and PPO rows (the
+  # model-FLOPs columns still count 6 per parameter per token for training: an upper bound then)
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 16.0
+  c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
 
   c.batch = ml_collections.ConfigDict()
   c.batch.prompts = 16  # rows of every batch (sampler, SFT, Q-fit, PPO rollout)

@@ -48,6 +48,7 @@ from iterppo_jax import errors
 from iterppo_jax import ppo, qfit, sampling, sft, sharding, solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
+from iterppo_jax.models import lora as lora_lib
 from iterppo_jax.models import transformer as tf
 
 EOS_ID, PAD_ID = 2, 0
@@ -122,6 +123,12 @@ def run_benchmark(config) -> list[dict]:
   tx = lambda: optax.adamw(config.learning_rate)  # noqa: E731
   make_policy = lambda: tf.Transformer(model_config, rngs=nnx.Rngs(config.seed))  # noqa: E731
   make_scalar = lambda: heads.ScalarModel(model_config, rngs=nnx.Rngs(config.seed + 1))  # noqa: E731
+  lora_cfg = config.get("lora")
+  lora, scalar_lora = None, None
+  if lora_cfg and lora_cfg.rank:
+    lora = lora_lib.LoraConfig(rank=lora_cfg.rank, alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets))
+    scalar_lora = lora_lib.LoraConfig(rank=lora_cfg.rank, alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets),
+                                      train_full=heads.ScalarModel.head_names())
 
   prompt_tokens = jnp.asarray(rng.integers(3, m.vocab_size, size=(B, P)), jnp.int32)
   prompt_valid = jnp.ones((B, P), bool)
@@ -134,9 +141,9 @@ def run_benchmark(config) -> list[dict]:
   peak = config.peak_tflops * 1e12 * jax.device_count()
   bandwidth = config.peak_hbm_gbps * 1e9 * jax.device_count()
   with sharding.use_mesh(mesh):
-    policy, policy_state = ts.init_trainable(make_policy, tx(), mesh)
+    policy, policy_state = ts.init_trainable(make_policy, tx(), mesh, lora=lora)
     # Model FLOPs (Kaplan et al.): 2 per parameter per token forward, 6 forward + backward.
-    n = tf.num_params(policy_state.params)
+    n = tf.num_params(policy_state.params.frozen if lora else policy_state.params)
     fwd, train = (lambda t: 2.0 * n * t), (lambda t: 6.0 * n * t)  # noqa: E731
     traffic = _traffic(n, jnp.dtype(m.param_dtype).itemsize, model_config, B, P, N)
 
@@ -146,8 +153,10 @@ def run_benchmark(config) -> list[dict]:
       raise errors.SettingsError(f"unknown benchmark pieces {sorted(unknown)}; expected some of {PIECES}")
 
     # ---- sampler ----
+    sampled_params = policy.merged_params(policy_state.params)  # LoRA: the sampler runs on merged weights
+
     def sample_once(key=jax.random.key(config.seed)):
-      out = sampling.sample(policy.graphdef, policy_state.params, prompt_tokens, prompt_valid, key,
+      out = sampling.sample(policy.graphdef, sampled_params, prompt_tokens, prompt_valid, key,
                             max_new_tokens=N, eos_id=EOS_ID, pad_id=PAD_ID, ignore_eos=True)
       jax.block_until_ready(out.tokens)
     if "sampler" in pieces:
@@ -166,7 +175,7 @@ def run_benchmark(config) -> list[dict]:
                        traffic["train"], bandwidth))
     policy_state = holder.pop("state")
 
-    q_tr, q_state = ts.init_trainable(make_scalar, tx(), mesh)
+    q_tr, q_state = ts.init_trainable(make_scalar, tx(), mesh, lora=scalar_lora)
     q_batch = ts.device_batch({k: sequence[k] for k in ("tokens", "positions", "valid", "last_index", "target")},
                               mesh)
     holder["state"] = q_state
@@ -183,8 +192,8 @@ def run_benchmark(config) -> list[dict]:
       return rows
 
     # ---- one PPO iteration, by phase: the pieces solvers.train runs (PPO's row), timed one by one ----
-    critic, critic_state = ts.init_trainable(make_scalar, tx(), mesh)
-    ref_params = ts.copy_params(policy_state.params)
+    critic, critic_state = ts.init_trainable(make_scalar, tx(), mesh, lora=scalar_lora)
+    ref_params = ts.copy_params(policy.merged_params(policy_state.params))
     cfg = ppo.PPOConfig(kl_coef=config.ppo.kl_coef, epochs=config.ppo.epochs,
                         minibatch_size=minibatch, max_new_tokens=N)
     solver = solvers.SOLVERS["ppo"]

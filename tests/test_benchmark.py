@@ -29,12 +29,14 @@ def _config(arg):
   return module.get_config(arg)
 
 
-@pytest.mark.parametrize("minibatch", [4, 8])
-def test_benchmark_table(minibatch):
-  """Smoke: 8 prompts in minibatches of 4 (separate scoring and update), or one minibatch (also fused)."""
+@pytest.mark.parametrize("minibatch, lora_rank", [(4, 2), (8, 0)])
+def test_benchmark_table(minibatch, lora_rank):
+  """Smoke: 8 prompts in minibatches of 4 (separate scoring and update) with LoRA adapters training, or one
+  minibatch (also fused) of full fine-tuning."""
   config = _config("smoke")
   config.iterations = 1
   config.ppo.minibatch_size = minibatch
+  config.lora.rank = lora_rank
   rows = benchmark.run_benchmark(config)
   fused = ("ppo scoring+update, fused", "ppo iteration, fused") if minibatch == 8 else ()
   assert [r["name"] for r in rows] == list(ROWS + fused)
@@ -54,6 +56,9 @@ def test_workloads():
   assert (big.model.num_layers, big.model.embed_dim, big.model.num_heads, big.model.num_kv_heads) == (24, 896, 14, 2)
   assert (big.model.vocab_size, big.model.dtype, big.model.param_dtype) == (151936, "bfloat16", "float32")
   assert (big.batch.prompts, big.batch.new_tokens) == (32, 128)
+  smol = _config("smollm2")  # SmolLM2-135M-Instruct's shapes (the GGUF's metadata, tests/test_gguf.py)
+  assert (smol.model.num_layers, smol.model.embed_dim, smol.model.num_heads, smol.model.num_kv_heads,
+          smol.model.vocab_size, smol.lora.rank) == (30, 576, 9, 3, 49152, 8)
   with pytest.raises(ValueError, match="unknown benchmark workload"):
     _config("nope")
 
