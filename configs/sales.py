@@ -75,6 +75,7 @@ def get_config(arg=None):
   c.sft.behavior_conversations = 2000  # historical logs (~14k decisions)
   c.sft.steps = 300  # held-out action NLL ~0.34 nats/token by then (7.0 before)
   c.sft.batch_size = 32
+  c.sft.eval_examples = 0  # held-out decisions the NLL is measured on before and after SFT; 0: all (10%)
 
   # ---- Q-fit: Q_k ~ Q^{pi_k} on D_k ----
   c.qfit = _optimizer_section(learning_rate=3e-4, warmup_steps=10)

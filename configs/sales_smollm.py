@@ -50,6 +50,7 @@ def get_config(arg=None):
   c.loop.conversations = 256
   c.loop.play_batch = 50
   c.sft.steps = 100
+  c.sft.eval_examples = 256  # a 135M model's forward pass over all 1,400 held-out decisions takes minutes on CPU
   c.sft.learning_rate = 1e-4  # adapters take larger steps than full fine-tuning
   c.ppo.learning_rate = 2e-5
   c.qfit.learning_rate = 1e-4

@@ -355,10 +355,11 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   held = {k: v[:n_hold] for k, v in arrays.items()}
   train = {k: v[n_hold:] for k, v in arrays.items()}
   eval_fn = sft_lib.make_eval_fn(trainable)
-  before = sft_lib.evaluate(eval_fn, state.params, held, c.sft.batch_size, run.mesh)
+  measured = {k: v[:c.sft.get("eval_examples", 0) or n_hold] for k, v in held.items()}  # 0: all held out
+  before = sft_lib.evaluate(eval_fn, state.params, measured, c.sft.batch_size, run.mesh)
   state, _ = sft_lib.train_sft(trainable, state, train, steps=c.sft.steps, batch_size=c.sft.batch_size,
                                seed=seed_for(c, 0, PHASE_IDS["sft"]), writer=run.writer, desc="sft")
-  after = sft_lib.evaluate(eval_fn, state.params, held, c.sft.batch_size, run.mesh)
+  after = sft_lib.evaluate(eval_fn, state.params, measured, c.sft.batch_size, run.mesh) if c.sft.steps else before
   run.log(c.sft.steps, {"sft/heldout_nll_before": before["nll"], "sft/heldout_nll": after["nll"],
                         "sft/heldout_accuracy": after["accuracy"]}, phase="sft", iteration=0)
   save_trained(run, "policy", 0, state.params, {"phase": "sft"})

@@ -55,7 +55,7 @@ COUNTS = {
     "data.max_prompt_len": 8, "data.max_action_len": 2,
     "model.num_layers": 1, "model.embed_dim": 1, "model.mlp_dim": 1, "model.num_heads": 1,
     "model.num_kv_heads": 1, "model.head_dim": 1,
-    "sft.behavior_conversations": 1, "sft.steps": 0, "sft.batch_size": 1,
+    "sft.behavior_conversations": 1, "sft.steps": 0, "sft.batch_size": 1, "sft.eval_examples": 0,
     "qfit.steps": 1, "qfit.batch_size": 1, "qfit.refresh_every": 1, "qfit.fqe_samples": 1,
     "qfit.select_every": 0, "qfit.pool": -1,  # pool -1: every earlier iteration
     "qfit.model.num_layers": 0, "qfit.model.embed_dim": 0, "qfit.model.mlp_dim": 0, "qfit.model.num_heads": 0,
