@@ -48,6 +48,7 @@ def get_config(arg=None):
   c.data = ml_collections.ConfigDict()
   c.data.max_prompt_len = 192  # fits ~99.9% of states (a run warns with counts when prompts are cut)
   c.data.max_action_len = 24  # business messages are ~11 tokens with <eot>
+  c.data.prompt_bucket = 0  # deployment: 0 pads prompts to max_prompt_len; N pads a batch to its longest, in N's
 
   # ---- the model (policy, Q-model and critic share the shape) ----
   c.model = ml_collections.ConfigDict()

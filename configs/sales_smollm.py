@@ -46,6 +46,7 @@ def get_config(arg=None):
   c.model.remat = False
   c.data.max_prompt_len = 384  # system prompt ~150 tokens + 3 rounds (p99 ~200, max ~220 SmolLM2 tokens)
   c.data.max_action_len = 40  # one sentence; a longer one is cut (counted in the run's warnings)
+  c.data.prompt_bucket = 64  # prefill a batch over its longest prompt (in 64s), not always over 384 columns
   c.loop.eval_conversations = 150
   c.loop.conversations = 256
   c.loop.play_batch = 50

@@ -111,25 +111,33 @@ def _truncate_left(ids: list[int], max_len: int) -> list[int]:
   return ids[len(ids) - max_len:] if len(ids) > max_len else ids
 
 
-def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int) -> dict[str, np.ndarray]:
+def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int, bucket: int = 0) -> dict[str, np.ndarray]:
   """Prompts for sampling, left-padded so every row's last prompt token sits at column P-1.
 
   Args:
     tokenizer: a tokenizer.Tokenizer.
     prompts: B rendered states.
-    max_len: P; longer prompts keep their last P tokens.
+    max_len: longer prompts keep their last max_len tokens.
+    bucket: 0: P = max_len. N > 0: P = the longest prompt rounded up to a multiple of N (at most max_len), so a
+      batch of short prompts is not prefilled over max_len columns (positions follow `valid`, so the padding
+      width changes no number but the float rounding of masked sums; one compiled sampler per width).
   Returns:
     tokens [B, P] int32 (pad_id on the left), valid [B, P] bool, cut [B] bool (the prompt lost tokens).
   """
-  tokens = np.full((len(prompts), max_len), tokenizer.pad_id, dtype=np.int32)
-  valid = np.zeros((len(prompts), max_len), dtype=bool)
+  encoded = tokenizer.encode_batch(list(prompts))
+  width = max_len
+  if bucket:
+    longest = max((len(ids) for ids in encoded), default=1)
+    width = min(max_len, -(-max(longest, 1) // bucket) * bucket)
+  tokens = np.full((len(prompts), width), tokenizer.pad_id, dtype=np.int32)
+  valid = np.zeros((len(prompts), width), dtype=bool)
   cut = np.zeros((len(prompts),), dtype=bool)
-  for b, ids in enumerate(tokenizer.encode_batch(list(prompts))):
+  for b, ids in enumerate(encoded):
     cut[b] = len(ids) > max_len
     ids = _truncate_left(ids, max_len)
     if ids:
-      tokens[b, max_len - len(ids):] = ids
-      valid[b, max_len - len(ids):] = True
+      tokens[b, width - len(ids):] = ids
+      valid[b, width - len(ids):] = True
   return {"tokens": tokens, "valid": valid, "cut": cut}
 
 

@@ -31,7 +31,7 @@ class LMPolicy:
   def __init__(self, name: str, graphdef, params, tokenizer, *, max_prompt_len: int, max_new_tokens: int,
                seed: int, temperature: float = 1.0, top_p: float = 1.0, greedy: bool = False,
                max_batch: int = 512, renderer: rendering.Renderer | None = None,
-               max_render_turns: int | None = None):
+               max_render_turns: int | None = None, prompt_bucket: int = 0):
     self.name, self.graphdef, self.params, self.tokenizer = name, graphdef, params, tokenizer
     self.max_prompt_len, self.max_new_tokens = max_prompt_len, max_new_tokens
     self.temperature, self.top_p, self.greedy = temperature, top_p, greedy
@@ -41,6 +41,7 @@ class LMPolicy:
     # With our own tags the environment's rendering (Observation.text) is already the prompt.
     self.renderer = renderer or rendering.TAGS
     self.max_render_turns = max_render_turns
+    self.prompt_bucket = prompt_bucket  # data.encode_prompts: pad a batch to its longest prompt's bucket
     self.end_id = self.renderer.end_id(tokenizer)
     # What the token budgets cut, over every call: prompts that lost their oldest tokens, suggestions that hit
     # max_new_tokens before their end marker (sent as cut), and all suggestions generated.
@@ -65,7 +66,7 @@ class LMPolicy:
       n = len(chunk)
       rows = bucket_size(n)
       padded = chunk + [chunk[-1]] * (rows - n)
-      enc = data_lib.encode_prompts(self.tokenizer, padded, self.max_prompt_len)
+      enc = data_lib.encode_prompts(self.tokenizer, padded, self.max_prompt_len, self.prompt_bucket)
       self.cut_prompts += int(enc["cut"][:n].sum())
       self.generated += n
       key = jax.random.fold_in(self.key, self.calls)

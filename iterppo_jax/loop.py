@@ -198,7 +198,8 @@ class Run:
     return lm_policy.LMPolicy(name, graphdef, params, self.tokenizer, max_prompt_len=d.max_prompt_len,
                               max_new_tokens=d.max_action_len, seed=seed,
                               temperature=self.config.loop.deploy_temperature, renderer=self.renderer,
-                              max_render_turns=self.config.env.max_render_turns)
+                              max_render_turns=self.config.env.max_render_turns,
+                              prompt_bucket=d.get("prompt_bucket", 0))
 
   def examples(self, records):
     return data_lib.examples_from_conversations(records, self.config.gamma, self.config.env.max_render_turns,

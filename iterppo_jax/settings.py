@@ -52,7 +52,7 @@ CHOICES = {
 COUNTS = {
     "seed": 0, "env.max_turns": 1, "env.max_render_turns": 0,
     "tokenizer.vocab_size": 256 + len(tok_lib.SPECIAL_TOKENS),
-    "data.max_prompt_len": 8, "data.max_action_len": 2,
+    "data.max_prompt_len": 8, "data.max_action_len": 2, "data.prompt_bucket": 0,
     "model.num_layers": 1, "model.embed_dim": 1, "model.mlp_dim": 1, "model.num_heads": 1,
     "model.num_kv_heads": 1, "model.head_dim": 1,
     "sft.behavior_conversations": 1, "sft.steps": 0, "sft.batch_size": 1, "sft.eval_examples": 0,

@@ -184,3 +184,17 @@ def test_host_slice():
     data.host_slice(batch, 0, 3)
   with pytest.raises(ValueError, match="out of range"):
     data.host_slice(batch, 4, 4)
+
+
+def test_prompt_buckets_pad_a_batch_to_its_longest_prompt_only(tok):
+  """data.prompt_bucket: a batch of short prompts is not prefilled over max_len columns; the tokens are the same."""
+  short = "<customer> Hi. <eot> <suggestion>"
+  n = len(tok.encode(short))
+  full = data.encode_prompts(tok, [short, short], max_len=64)
+  bucketed = data.encode_prompts(tok, [short, short], max_len=64, bucket=8)
+  width = -(-n // 8) * 8
+  assert bucketed["tokens"].shape == (2, width) < full["tokens"].shape
+  np.testing.assert_array_equal(bucketed["tokens"], full["tokens"][:, -width:])
+  np.testing.assert_array_equal(bucketed["valid"], full["valid"][:, -width:])
+  long = data.encode_prompts(tok, [short * 20], max_len=64, bucket=8)  # never wider than max_len, cut counted
+  assert long["tokens"].shape == (1, 64) and long["cut"].tolist() == [True]
