@@ -105,6 +105,12 @@ def test_a_language_model_policy_counts_what_its_budgets_cut(tmp_path):
   assert policy.generated == 6 and policy.cut_prompts == long > 0
   assert 0 < policy.cut_actions <= 6  # an untrained model rarely ends within 4 tokens
   assert policy.truncation_note().startswith(f"pi: {long} of 6 prompts")
+  # data.prompt_bucket: short prompts prefilled over their own width give the same greedy suggestions
+  short = [conv_lib.render_state(r.turns[:r.agent_steps()[0]]) for r in records[:6]]
+  assert max(len(ids) for ids in tok.encode_batch(short)) <= 40
+  greedy = [lm_policy.LMPolicy("pi", graphdef, params, tok, max_prompt_len=64, max_new_tokens=4, seed=0,
+                               greedy=True, prompt_bucket=b).generate(short) for b in (0, 8)]
+  assert greedy[0] == greedy[1]
 
 
 @pytest.mark.parametrize("domain", ["sales", "support", "booking", "negotiation"])
