@@ -232,3 +232,18 @@ def test_the_report_simulator_table_takes_the_domain(tmp_path):
   assert {(r["domain"], r["policy"]) for r in rows} == {(PATH, p) for p in ("behavior", "oracle", "random")}
   oracle = [r for r in rows if r["policy"] == "oracle"]
   assert all(r["conversion"] > 0.8 for r in oracle)
+
+
+def test_the_baselines_take_the_domain(tmp_path):
+  """A domain from outside the package through baselines.run_all: scripted rows, pi_0 and filtered BC."""
+  from iterppo_jax import baselines
+  c = sales_config.get_config("tiny")
+  c.env.domain = PATH
+  c.loop.tensorboard = False
+  c.baselines.seeds = (0,)
+  c.baselines.methods = ("oracle", "pi0", "filtered_bc")
+  rows = baselines.run_all(c, str(tmp_path), log=lambda _: None)
+  assert [r["method"] for r in rows] == ["oracle", "pi0", "filtered_bc"]
+  assert rows[0]["conversion"] > 0.8 and all(0 <= r["conversion"] <= 1 for r in rows)
+  with open(os.path.join(str(tmp_path), "seed_0", "filtered_bc_k2", "data", "eval_2.jsonl")) as f:
+    assert {json.loads(line)["domain"] for line in f} == {"scarves"}
