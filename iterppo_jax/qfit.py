@@ -306,12 +306,17 @@ def make_qfit_step(trainable, *, kind: str = "bce", target_update: str = "polyak
   def post_update(state):
     if state.target_params is None:
       return state
+    lora = isinstance(state.params, ts.LoraParams)  # only the adapters move; the target keeps the frozen base
+    online, old = (state.params.adapters, state.target_params.adapters) if lora else (state.params,
+                                                                                      state.target_params)
     if target_update == "polyak":
-      target = polyak_update(state.target_params, state.params, tau)
+      target = polyak_update(old, online, tau)
     elif target_update == "periodic":
-      target = periodic_copy(state.target_params, state.params, state.step, period)
+      target = periodic_copy(old, online, state.step, period)
     else:
       raise ValueError(f"unknown target_update {target_update!r}; expected 'polyak' or 'periodic'")
+    if lora:
+      target = state.target_params.replace(adapters=target)
     return state.replace(target_params=target)
 
   return ts.make_train_step(trainable, loss_fn, post_update=post_update)

@@ -112,3 +112,30 @@ def test_resume_inside_ppo_then_a_second_iteration(lora_run, tmp_path):
   assert all("lora" in k for k in saved_keys(resumed, "policy", 2))
   assert {k for k in saved_keys(resumed, "qmodel", 1) if "lora" not in k} == {"('head_bias', 'value')",
                                                                              "('head_kernel', 'value')"}
+
+
+def test_a_lora_q_models_target_network_moves_its_adapters_only():
+  """TD's Polyak target of a LoRA Q-model: the adapters and head average, the frozen trunk stays bit for bit."""
+  import optax
+  from iterppo_jax import qfit
+  from iterppo_jax import sharding
+  from iterppo_jax.models import heads
+  cfg = tf.TransformerConfig.tiny(vocab_size=40, num_layers=1, embed_dim=16, mlp_dim=32, num_heads=2,
+                                  num_kv_heads=1, head_dim=8, max_len=16)
+  lora = lora_lib.LoraConfig(rank=2, alpha=4.0, train_full=heads.ScalarModel.head_names())
+  trainable, state = ts.init_trainable(lambda: heads.ScalarModel(cfg, rngs=nnx.Rngs(0)), optax.adam(1e-2),
+                                       sharding.make_mesh([("data", -1)]), with_target=True, lora=lora)
+  frozen = [np.asarray(x) for x in jax.tree.leaves(state.params.frozen)]
+  rng = np.random.default_rng(0)
+  batch = {"tokens": rng.integers(0, 40, (4, 10)).astype(np.int32), "positions": np.tile(np.arange(10), (4, 1)),
+           "valid": np.ones((4, 10), bool), "last_index": np.full(4, 9, np.int32),
+           "target": rng.uniform(size=4).astype(np.float32)}
+  step = qfit.make_qfit_step(trainable, tau=0.3)
+  for _ in range(3):
+    state, _ = step(state, batch)
+  for a, b, c in zip(frozen, jax.tree.leaves(state.params.frozen), jax.tree.leaves(state.target_params.frozen)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+    np.testing.assert_array_equal(a, np.asarray(c))
+  moved = [not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+           zip(jax.tree.leaves(state.params.adapters), jax.tree.leaves(state.target_params.adapters))]
+  assert any(moved)  # the target lags the online adapters
