@@ -17,7 +17,6 @@ SYSTEM = ("You are a customer support agent in the chat of a company whose app r
 
 def get_config(arg=None):
   c = sales_smollm.get_config(arg)
-  env = support.get_config().env  # the support world (its sizes do not vary); everything else is sales_smollm's
-  c.env = env
+  c.env = support.get_config().env  # the support world (its sizes do not vary); everything else is sales_smollm's
   c.data.system_prompt = SYSTEM
   return c

@@ -123,12 +123,8 @@ def run_benchmark(config) -> list[dict]:
   tx = lambda: optax.adamw(config.learning_rate)  # noqa: E731
   make_policy = lambda: tf.Transformer(model_config, rngs=nnx.Rngs(config.seed))  # noqa: E731
   make_scalar = lambda: heads.ScalarModel(model_config, rngs=nnx.Rngs(config.seed + 1))  # noqa: E731
-  lora_cfg = config.get("lora")
-  lora, scalar_lora = None, None
-  if lora_cfg and lora_cfg.rank:
-    lora = lora_lib.LoraConfig(rank=lora_cfg.rank, alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets))
-    scalar_lora = lora_lib.LoraConfig(rank=lora_cfg.rank, alpha=lora_cfg.alpha, targets=tuple(lora_cfg.targets),
-                                      train_full=heads.ScalarModel.head_names())
+  lora = lora_lib.LoraConfig.from_section(config.get("lora"))
+  scalar_lora = lora_lib.LoraConfig.from_section(config.get("lora"), train_full=heads.ScalarModel.head_names())
 
   prompt_tokens = jnp.asarray(rng.integers(3, m.vocab_size, size=(B, P)), jnp.int32)
   prompt_valid = jnp.ones((B, P), bool)

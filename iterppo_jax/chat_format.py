@@ -123,13 +123,12 @@ def render_state_chat(turns: Sequence[conv_lib.Turn], hf_tokenizer: Any,
   if fixed and fixed[-1]['role'] == 'assistant':
     fixed.append({'role': 'user', 'content': _WAITING})
   tries = _with_system(messages, system) + (_with_system(fixed, system) if fixed != messages else [])
-  for i, attempt in enumerate(tries):
+  for attempt in tries[:-1]:
     try:
       return _apply(hf_tokenizer, attempt, True)
     except Exception:  # a jinja2 TemplateError raised by the template (roles must alternate, no system role)
-      if i == len(tries) - 1:
-        raise
-  raise AssertionError('unreachable')
+      pass
+  return _apply(hf_tokenizer, tries[-1], True)
 
 
 def render_action_chat(text: str, hf_tokenizer: Any) -> str:

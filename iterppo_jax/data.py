@@ -127,8 +127,8 @@ def encode_prompts(tokenizer, prompts: Sequence[str], max_len: int, bucket: int 
   encoded = tokenizer.encode_batch(list(prompts))
   width = max_len
   if bucket:
-    longest = max((len(ids) for ids in encoded), default=1)
-    width = min(max_len, -(-max(longest, 1) // bucket) * bucket)
+    longest = max([1, *map(len, encoded)])  # an all-empty batch still gets one column
+    width = min(max_len, -(-longest // bucket) * bucket)
   tokens = np.full((len(prompts), width), tokenizer.pad_id, dtype=np.int32)
   valid = np.zeros((len(prompts), width), dtype=bool)
   cut = np.zeros((len(prompts),), dtype=bool)

@@ -187,11 +187,11 @@ class Run:
   def lora(self, model: str, dueling: bool = False) -> lora_lib.LoraConfig | None:
     """How `model` ('policy' | 'critic' | 'qmodel') trains: LoRA adapters on a frozen base (config.lora, with
     a critic's or Q-model's head trained in full), or None for full fine-tuning."""
-    l = self.config.get("lora")
-    if not l or not l.rank or model not in l.models:
+    section = self.config.get("lora")
+    if not section or model not in section.models:
       return None
     head = () if model == "policy" else heads.ScalarModel.head_names(dueling)
-    return lora_lib.LoraConfig(rank=l.rank, alpha=l.alpha, targets=tuple(l.targets), train_full=head)
+    return lora_lib.LoraConfig.from_section(section, train_full=head)
 
   def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
     d = self.config.data

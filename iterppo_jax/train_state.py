@@ -145,7 +145,7 @@ def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTrans
     params: start from these parameters (e.g. pi_k) instead of a fresh init.
     lora: train LoRA adapters (seeded by `lora_seed`, B = 0: the model starts as its base) on the frozen
       `params` (or fresh init); the state's params are then LoraParams and the optimizer sees the adapters only.
-    adapters: with `lora`, start from these adapters (a warm start) instead of fresh ones.
+    adapters: with `lora` and `params`, start from these adapters (a warm start) instead of fresh ones.
   """
   # jax.eval_shape rather than nnx.eval_shape: under an active mesh (sharding.use_mesh) the latter reads the
   # params' *logical* names as mesh axes and fails ("Resource axis: embed ... not found in mesh").
@@ -164,11 +164,11 @@ def init_trainable(make_model: Callable[[], nnx.Module], tx: optax.GradientTrans
 
   abstract = jax.eval_shape(lambda: init(None))
   shardings = sharding.state_shardings(mesh, sharding.active_rules() if rules is None else rules, abstract)
-  if params is None and adapters is None:
+  if adapters is not None and (lora is None or params is None):
+    raise ValueError("init_trainable: adapters (a LoRA warm start) need lora and the frozen base's params")
+  if params is None:
     state = jax.jit(lambda: init(None), out_shardings=shardings)()
   else:
-    if params is None:  # warm-started adapters on a fresh base
-      params = jax.jit(lambda: _split(make_model())[1], out_shardings=shardings.params.frozen)()
     base_shardings = shardings.params.frozen if lora is not None else shardings.params
     params = jax.device_put(params, base_shardings)
     if adapters is None:

@@ -74,13 +74,17 @@ def candidate_fn(domain: str):
   return lambda turns, rng: policies.candidate_texts(s, turns, rng)
 
 
+def _has_tracker(mod: types.ModuleType) -> bool:
+  return all(hasattr(mod, name) for name in TRACKER)
+
+
 def tracker(domain: str):
   """(dialogue_state(turns) -> key, act_key(turns, text) -> key): the domain's dialogue-state tracker, which a
   dialogue-state Q-model reads (qfit.view=dialogue_state, q_table.py). A domain module that defines both
   functions has one."""
   mod = module(domain)
-  if not all(hasattr(mod, name) for name in TRACKER):
-    have = [d for d in DOMAINS if all(hasattr(module(d), name) for name in TRACKER)]
+  if not _has_tracker(mod):
+    have = [d for d in DOMAINS if _has_tracker(module(d))]
     raise ValueError(f"qfit.view='dialogue_state': env.domain {domain!r} has no dialogue-state tracker "
                      f"(dialogue_state and act_key in {mod.__name__}); domains with one: {', '.join(have)}; "
                      "or use qfit.view=tokens")
@@ -92,7 +96,7 @@ def off_topic_share(domain: str, records) -> float:
   ('off_topic': the simulated business user and customer react to them as small talk). NaN for a domain without
   a dialogue-state tracker, or with no suggestion. How a free-text LLM policy is read (issue #18)."""
   mod = module(domain)
-  if not all(hasattr(mod, name) for name in TRACKER):
+  if not _has_tracker(mod):
     return float("nan")
   kinds = [mod.act_key(r.turns[:i], r.turns[i].text)[0] for r in records for i in r.agent_steps()
            if not r.turns[i].abstain]
