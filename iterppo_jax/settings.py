@@ -42,6 +42,7 @@ CHOICES = {
     "qfit.head": ("q", "dueling"),
     "qfit.targets": QFIT_TARGETS,
     "qfit.view": QFIT_VIEWS,
+    "qfit.next_act": ("pi_k", "logged"),
     "ppo.kl_estimator": ppo.KL_ESTIMATORS,
     "ppo.reference": ("pi_k", "sft"),
     "group.kl_in": group_pg.KL_PLACEMENTS,
@@ -176,6 +177,9 @@ def _check_rules(config) -> None:
     raise errors.SettingsError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
   model_dir = get("model_dir")
+  if get("loop.eval_pretrained") and not model_dir:
+    raise errors.SettingsError("config.loop.eval_pretrained evaluates the pretrained model of config.model_dir "
+                               "before SFT: set model_dir, or loop.eval_pretrained=False")
   if model_dir and not os.path.exists(model_dir):
     raise _bad("model_dir", "a Llama-family .gguf file or a local Hugging Face model directory", model_dir)
   if get("lora.rank"):

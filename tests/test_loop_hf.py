@@ -45,9 +45,17 @@ def test_loop_from_a_hf_checkpoint_renders_chats_and_exports(model_dir, tmp_path
   c.loop.iterations, c.loop.tensorboard = 1, False
   c.sft.steps = 2  # a short behaviour-cloning pass on top of the checkpoint
   c.data.max_prompt_len = 160
+  c.loop.eval_pretrained = True  # the checkpoint as loaded is evaluated first, on the same customers
   workdir = str(tmp_path / "run")
   summary = loop.run(c, workdir)
   assert len(summary["iterations"]) == 2
+  pretrained = conv_lib.read_jsonl(os.path.join(workdir, "data", "eval_pretrained.jsonl"))
+  evaluated = conv_lib.read_jsonl(os.path.join(workdir, "data", "eval_0.jsonl"))
+  assert len(pretrained) == c.loop.eval_conversations
+  assert [r.id for r in pretrained] == [r.id for r in evaluated]  # the same held-out customers
+  assert summary["pretrained"]["conversion"] == pytest.approx(np.mean([r.outcome for r in pretrained]))
+  assert "| pretrained, before SFT |" in summary["table"] and "where the time went: " in summary["table"]
+  assert {"eval_pretrained", "sft", "qfit", "ppo", "eval"} <= set(summary["phase_seconds"])
   # pi_0 started from the checkpoint: its sft-free copy equals the exported-then-loaded weights... and the
   # states the model saw were chats in the checkpoint's template.
   run_, _ = loop.setup(c, workdir)

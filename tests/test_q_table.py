@@ -1,6 +1,7 @@
 """The dialogue-state Q-model (q_table.py): SARSA and Monte Carlo tables against hand-computed values, its JSON,
 the host-computed PPO reward, and the loop with qfit.view=dialogue_state (diagnostics, resume, refusals)."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -70,6 +71,25 @@ def test_td_lambda_mixes_pis_returns_and_bootstraps():
   assert values(q_table.fit_sarsa(chain(), GAMMA, lam=1.0)) == pytest.approx(values(q_table.fit_sarsa(chain(), GAMMA)))
   with pytest.raises(ValueError, match="lam must be in"):
     q_table.fit_sarsa(ds, GAMMA, lam=1.5)
+
+
+def test_sarsa_on_anothers_logs_averages_over_pis_samples():
+  """Fitted Q evaluation: the logs follow another policy (at s1 it took b); pi's sampled acts there are b and y,
+  and (s1, y) was logged once elsewhere with no sale, so Q^pi(s0, a) = gamma * (Q(s1, b) + Q(s1, y)) / 2. With
+  the logged next act only (no samples) it is the logging policy's gamma * Q(s1, b)."""
+  D = q_table.Decision
+  ds = [D(("s0",), ("a",), ("b",), 0.0, 1, GAMMA, True, "A"),
+        D(("s1",), ("b",), ("b",), 1.0, -1, 1.0, True, "A", own_acts=(("b",), ("y",))),
+        D(("s1",), ("y",), ("y",), 0.0, -1, 0.0, True, "F")]
+  q = {key: v for key, (v, _) in q_table.fit_sarsa(ds, GAMMA).cells.items()}
+  assert q[(("s0",), ("a",))] == pytest.approx(GAMMA * 0.5)
+  assert q[(("s1",), ("b",))] == pytest.approx(1.0)
+  logged = [dataclasses.replace(d, own_acts=()) for d in ds]
+  q_logged = {key: v for key, (v, _) in q_table.fit_sarsa(logged, GAMMA).cells.items()}
+  assert q_logged[(("s0",), ("a",))] == pytest.approx(GAMMA)
+  # several samples cut the lambda trace: lambda = 1 bootstraps there too instead of following the logged return
+  q_lam = {key: v for key, (v, _) in q_table.fit_sarsa(ds, GAMMA, lam=1.0).cells.items()}
+  assert q_lam[(("s0",), ("a",))] == pytest.approx(GAMMA * 0.5)
 
 
 def test_monte_carlo_keeps_unbiased_returns_only():
@@ -187,6 +207,22 @@ def test_every_domain_has_a_tracker_that_separates_the_oracles_act(domain):
   assert len(states) > 3
 
 
+def test_q0_on_the_staffs_logs_can_bootstrap_from_pi0s_samples(tmp_path):
+  """qfit.next_act=pi_k: D_0 is the staff's logs, which pi_0 did not make, so Q_0 bootstraps from pi_0's samples
+  (fitted Q evaluation); D_1 is pi_1's own deployment and bootstraps from its logged acts."""
+  config, workdir = _tiny("fqe0", tmp_path, **{"qfit.next_act": "pi_k", "loop.iterations": 2,
+                                               "loop.stop_after_phase": "qfit/1"})
+  with pytest.raises(loop.Interrupted):
+    loop.run(config, workdir)
+  metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert {m["iteration"]: m["qfit/off_policy"] for m in metrics if "qfit/off_policy" in m} == {0: 1.0, 1: 0.0}
+  logged, workdir2 = _tiny("logged0", tmp_path, **{"loop.iterations": 1, "loop.stop_after_phase": "qfit/0"})
+  with pytest.raises(loop.Interrupted):
+    loop.run(logged, workdir2)
+  q = [json.load(open(os.path.join(w, "checkpoints", "qtable", "0.json"))) for w in (workdir, workdir2)]
+  assert q[0]["cells"] != q[1]["cells"]  # the same logs, another policy's continuation
+
+
 def test_pooling_earlier_logs_bootstraps_from_pi_ks_samples(tmp_path):
   """qfit.pool=-1: Q_1 is also fitted on D_0 (here the behaviour logs), every one of its decisions, with pi_1's
   own samples as the next actions; a mistyped pool is refused up front."""
@@ -197,6 +233,8 @@ def test_pooling_earlier_logs_bootstraps_from_pi_ks_samples(tmp_path):
   pooled = {m["iteration"]: m["qfit/pooled_examples"] for m in metrics if "qfit/pooled_examples" in m}
   behaviour = conv_lib.read_jsonl(os.path.join(workdir, "data", "behavior.jsonl"))
   assert pooled == {1: sum(len(r.agent_steps()) for r in behaviour)}
+  # by default Q_0 bootstraps from the staff's logged next acts
+  assert {m["iteration"]: m["qfit/off_policy"] for m in metrics if "qfit/off_policy" in m} == {0: 0.0, 1: 0.0}
   records = behaviour[:3]
   examples = data_lib.examples_from_conversations(records, gamma=0.9)
   n = sum(len(r.agent_steps()) for r in records)
@@ -204,6 +242,9 @@ def test_pooling_earlier_logs_bootstraps_from_pi_ks_samples(tmp_path):
   assert {d.own_act for d in own} == {("ask_budget",)}
   with pytest.raises(ValueError, match="own suggestions"):
     q_table.decisions(records, examples, sales.dialogue_state, sales.act_key, own_texts=["x"])
+  several = q_table.decisions(records, examples, sales.dialogue_state, sales.act_key,
+                              own_texts=[["Which budget?", "Hello there!"]] * n)
+  assert {d.successors() for d in several} == {(("ask_budget",), sales.act_key([], "Hello there!"))}
   bad, workdir = _tiny("bad_pool", tmp_path, **{"qfit.pool": -2})
   with pytest.raises(ValueError, match="qfit.pool must be an integer >= -1"):
     loop.setup(bad, workdir)

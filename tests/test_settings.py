@@ -77,6 +77,8 @@ def test_a_bad_setting_names_its_key_before_any_work(tmp_path, key, value, expec
     ({"lora.rank": 4, "lora.targets": ("q_proj", "qkv")}, "lora.targets must be a non-empty tuple of q_proj, "),
     ({"lora.rank": 4, "lora.models": ("policy", "reward")}, "lora.models must be a non-empty tuple of policy, "),
     ({"lora.rank": 4, "model.style": "gpt2", "lora.targets": ("gate",)}, "a gpt2-style MLP has no 'gate'"),
+    ({"loop.eval_pretrained": True}, "loop.eval_pretrained evaluates the pretrained model of config.model_dir"),
+    ({"qfit.next_act": "staff"}, "config.qfit.next_act must be one of pi_k, logged"),
     ({"model_dir": "/no/such/model.gguf"}, "config.model_dir must be a Llama-family .gguf file or a local Hugging "
                                            "Face model directory, got '/no/such/model.gguf'"),
 ])
@@ -103,7 +105,8 @@ def test_a_q_model_of_its_own_size_cannot_start_from_the_policy(tmp_path):
   settings.check(c)
 
 
-@pytest.mark.parametrize("spec", ["sales_smollm", "sales_smollm:tiny", "sales_smollm:prompted", "support_smollm",
+@pytest.mark.parametrize("spec", ["sales_smollm", "sales_smollm:tiny", "sales_smollm:prompted", "sales_smollm:laptop",
+                                  "support_smollm",
                                   "support_smollm:prompted"])
 def test_the_smollm2_configs_pass_or_say_what_to_install(spec):
   from iterppo_jax.models import gguf
