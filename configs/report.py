@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.simulator.seed = 0  # docs/results.md's simulator tables use seed 0
   c.simulator.batch_size = 1024  # conversations advanced in lock-step (logs do not depend on it)
 
-  # ---- baselines at equal conversation budget (experiments/baselines.py, iterppo_jax/baselines.py) ----
+  # ---- baselines at equal conversation budget (experiments/baselines.py, iterppo_jax/studies/baselines.py) ----
   # Small: the reference lines, pi_0, fully offline (= Iterative PPO K=1) and Iterative PPO K=2, one seed, the
   # default budget (~14 min on 2 cores: the fixed SFT, Q-fit and PPO steps cost more than playing conversations).
   c.baselines = _piece(True, ("sales",), "", (

@@ -8,7 +8,7 @@ Sections (configs/report.py says which run, on which domains, with which sub-con
   simulator     behaviour / oracle / random conversion per domain and business user, with 95% intervals and the
                 median conversation length (registry.make_env / make_policy, envs/base.summarize), one cached
                 file per cell in workdir/simulator/<domain>/
-  baselines     iterppo_jax/baselines.run_all, table and plot per domain, in workdir/baselines/<domain>/
+  baselines     iterppo_jax/studies/baselines.run_all, table and plot per domain, in workdir/baselines/<domain>/
   ablate_q      experiments/ablate_q.run_ablation and write_report, in workdir/ablate_q/<domain>/
   ablate_inner  experiments/ablate_inner.run_ablation, table and plot, in workdir/ablate_inner/<domain>/
   bound         bound.py's table of every ablation iteration that logged KL and eps_Q (runs nothing itself)
@@ -39,13 +39,13 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
-from iterppo_jax import baselines as baselines_lib
 from iterppo_jax import bound
 from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import settings
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import baselines as baselines_lib
 
 _CONFIG = cli.define_config("configs/report.py")
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where every section and report.md go.", required=True)

@@ -236,7 +236,7 @@ def test_the_report_simulator_table_takes_the_domain(tmp_path):
 
 def test_the_baselines_take_the_domain(tmp_path):
   """A domain from outside the package through baselines.run_all: scripted rows, pi_0 and filtered BC."""
-  from iterppo_jax import baselines
+  from iterppo_jax.studies import baselines
   c = sales_config.get_config("tiny")
   c.env.domain = PATH
   c.loop.tensorboard = False

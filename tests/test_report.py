@@ -12,10 +12,10 @@ import pytest
 
 from configs import report as report_config
 from experiments import report
-from iterppo_jax import baselines as baselines_lib
 from iterppo_jax import loop
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import baselines as baselines_lib
 
 TABLE_HEADERS = {  # section -> the start of its table's header row
     "simulator": "| domain | policy | conversion sr (95% CI) | conversion direct (95% CI) | median rounds sr |",
