@@ -9,7 +9,7 @@ Sections (configs/report.py says which run, on which domains, with which sub-con
                 median conversation length (registry.make_env / make_policy, envs/base.summarize), one cached
                 file per cell in workdir/simulator/<domain>/
   baselines     iterppo_jax/studies/baselines.run_all, table and plot per domain, in workdir/baselines/<domain>/
-  ablate_q      experiments/ablate_q.run_ablation and write_report, in workdir/ablate_q/<domain>/
+  ablate_q      iterppo_jax/studies/ablate_q.run_ablation and write_report, in workdir/ablate_q/<domain>/
   ablate_inner  experiments/ablate_inner.run_ablation, table and plot, in workdir/ablate_inner/<domain>/
   bound         bound.py's table of every ablation iteration that logged KL and eps_Q (runs nothing itself)
 and writes workdir/report.md (date, machine, commands, each table, each plot as a relative link, the wall time of
@@ -45,6 +45,7 @@ from iterppo_jax import io_utils
 from iterppo_jax import settings
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import ablate_q
 from iterppo_jax.studies import baselines as baselines_lib
 
 _CONFIG = cli.define_config("configs/report.py")
@@ -286,27 +287,26 @@ def _bound_rows(rows: list[dict], label: str) -> list[dict]:
 
 def ablate_q_section(s, domain: str, workdir: str, log=print) -> tuple[dict, list[dict]]:
   """The Q-quality ablation's section and its bound rows (labelled ablate_q/<domain>/<variant>)."""
-  aq = _entry("ablate_q")
   config = piece_config(domain, s.config_arg, s.overrides)
   out = os.path.join(workdir, "ablate_q", domain)
   log(f"report: ablate_q {domain} {list(s.variants)}")
   rows, done = _run_or_reuse(
-      out, _settings(domain, s, s.variants), lambda: aq.run_ablation(config, out, tuple(s.variants)),
+      out, _settings(domain, s, s.variants), lambda: ablate_q.run_ablation(config, out, tuple(s.variants)),
       lambda: _read_jsonl(os.path.join(out, "ablate_q.jsonl")))
   png = os.path.join(out, "ablate_q.png")
   if rows and (done["status"] == "ran" or not os.path.exists(png)):
-    aq.write_report(rows, out)
+    ablate_q.write_report(rows, out)
   note = (f"Variants {list(s.variants)}, {config.loop.iterations} iteration(s) each from the same pi_0; Q_k's "
           "error is against the simulator's Monte Carlo Q on sampled held-out states.")
   command = piece_command("ablate_q", domain, s, out, f"--variants={','.join(s.variants)}")
   section = _section("ablate_q", domain, f"Q-quality ablation: {domain}", **done,
-                     tables=[aq.table(rows)], plots=[png] if rows else [], commands=[command], note=note)
+                     tables=[ablate_q.table(rows)], plots=[png] if rows else [], commands=[command], note=note)
   return section, _bound_rows(rows, f"ablate_q/{domain}")
 
 
 def ablate_inner_section(s, domain: str, workdir: str, log=print) -> tuple[dict, list[dict]]:
   """The inner-solver ablation's section and its bound rows (each solver's run read as an ablate_q variant)."""
-  ai, aq = _entry("ablate_inner"), _entry("ablate_q")
+  ai = _entry("ablate_inner")
   config = piece_config(domain, s.config_arg, s.overrides)
   out = os.path.join(workdir, "ablate_inner", domain)
   log(f"report: ablate_inner {domain} {list(s.inners)}")
@@ -319,7 +319,7 @@ def ablate_inner_section(s, domain: str, workdir: str, log=print) -> tuple[dict,
     ai.plot(rows, png, reference)
   bound_rows = []
   for inner in s.inners:
-    bound_rows += _bound_rows(aq.variant_rows(inner, os.path.join(out, inner)), f"ablate_inner/{domain}")
+    bound_rows += _bound_rows(ablate_q.variant_rows(inner, os.path.join(out, inner)), f"ablate_inner/{domain}")
   note = f"Solvers {list(s.inners)}, {config.loop.iterations} iteration(s) each from the same pi_0 and Q_0."
   command = piece_command("ablate_inner", domain, s, out, f"--inners={','.join(s.inners)}")
   section = _section("ablate_inner", domain, f"Inner-solver ablation: {domain}", **done,
@@ -390,7 +390,7 @@ def render(header: dict, sections: list[dict], pending=()) -> str:
 
 def _selections() -> dict:
   """Piece section -> (its selection key, the names it accepts); the ablations' lists are read on use."""
-  return {"baselines": ("", ()), "ablate_q": ("variants", tuple(_entry("ablate_q").VARIANTS)),
+  return {"baselines": ("", ()), "ablate_q": ("variants", tuple(ablate_q.VARIANTS)),
           "ablate_inner": ("inners", tuple(settings.INNER_SOLVERS))}
 
 
