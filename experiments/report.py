@@ -10,7 +10,7 @@ Sections (configs/report.py says which run, on which domains, with which sub-con
                 file per cell in workdir/simulator/<domain>/
   baselines     iterppo_jax/studies/baselines.run_all, table and plot per domain, in workdir/baselines/<domain>/
   ablate_q      iterppo_jax/studies/ablate_q.run_ablation and write_report, in workdir/ablate_q/<domain>/
-  ablate_inner  experiments/ablate_inner.run_ablation, table and plot, in workdir/ablate_inner/<domain>/
+  ablate_inner  iterppo_jax/studies/ablate_inner.run_ablation, table and plot, in workdir/ablate_inner/<domain>/
   bound         bound.py's table of every ablation iteration that logged KL and eps_Q (runs nothing itself)
 and writes workdir/report.md (date, machine, commands, each table, each plot as a relative link, the wall time of
 each section) and workdir/report.json, rewritten after every section so a long run shows what is done.
@@ -45,6 +45,7 @@ from iterppo_jax import io_utils
 from iterppo_jax import settings
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import ablate_inner
 from iterppo_jax.studies import ablate_q
 from iterppo_jax.studies import baselines as baselines_lib
 
@@ -53,12 +54,6 @@ _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where every section
 
 DONE_FILE = "report_done.json"
 SECTIONS = ("simulator", "baselines", "ablate_q", "ablate_inner", "bound")
-
-
-def _entry(name: str):
-  """experiments.<name>, imported on use: importing an entry point defines its absl flags, and this module's own
-  --config (default configs/report.py) must be the first definition when it runs as the main program."""
-  return importlib.import_module(f"experiments.{name}")
 
 
 def _read_json(path: str):
@@ -306,24 +301,23 @@ def ablate_q_section(s, domain: str, workdir: str, log=print) -> tuple[dict, lis
 
 def ablate_inner_section(s, domain: str, workdir: str, log=print) -> tuple[dict, list[dict]]:
   """The inner-solver ablation's section and its bound rows (each solver's run read as an ablate_q variant)."""
-  ai = _entry("ablate_inner")
   config = piece_config(domain, s.config_arg, s.overrides)
   out = os.path.join(workdir, "ablate_inner", domain)
   log(f"report: ablate_inner {domain} {list(s.inners)}")
   rows, done = _run_or_reuse(
-      out, _settings(domain, s, s.inners), lambda: ai.run_ablation(config, out, tuple(s.inners)),
+      out, _settings(domain, s, s.inners), lambda: ablate_inner.run_ablation(config, out, tuple(s.inners)),
       lambda: _read_jsonl(os.path.join(out, "ablate_inner.jsonl")))
   png = os.path.join(out, "ablate_inner.png")
   if done["status"] == "ran" or not os.path.exists(png):
     reference = _read_json(os.path.join(out, s.inners[0], "summary.json"))["reference"]
-    ai.plot(rows, png, reference)
+    ablate_inner.plot(rows, png, reference)
   bound_rows = []
   for inner in s.inners:
     bound_rows += _bound_rows(ablate_q.variant_rows(inner, os.path.join(out, inner)), f"ablate_inner/{domain}")
   note = f"Solvers {list(s.inners)}, {config.loop.iterations} iteration(s) each from the same pi_0 and Q_0."
   command = piece_command("ablate_inner", domain, s, out, f"--inners={','.join(s.inners)}")
   section = _section("ablate_inner", domain, f"Inner-solver ablation: {domain}", **done,
-                     tables=[ai.table(rows)], plots=[png], commands=[command], note=note)
+                     tables=[ablate_inner.table(rows)], plots=[png], commands=[command], note=note)
   return section, bound_rows
 
 
