@@ -18,11 +18,11 @@ import pytest
 
 from configs import report as report_config
 from configs import sales as sales_config
-from experiments import report
 from iterppo_jax import loop
 from iterppo_jax.envs import base
 from iterppo_jax.envs import policies
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import report
 
 COLOURS = ("red", "green", "blue")
 PATH = "toy_domains.scarves"  # the import path a user's package would have
