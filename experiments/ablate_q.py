@@ -20,7 +20,8 @@ from experiments import cli
 from iterppo_jax.studies import ablate_q
 
 _CONFIG = cli.define_config("configs/sales.py")
-_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where the runs, the tables and the plot go.", required=True)
+_WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where the runs, the tables and the plot go.",
+                      required=True)
 _VARIANTS = cli.define(flags.DEFINE_list, "variants", list(ablate_q.VARIANTS),
                        f"Variants to run, of {list(ablate_q.VARIANTS)}.")
 _REPORT_ONLY = cli.define(flags.DEFINE_bool, "report_only", False, "Only read the variants' runs so far; run nothing.")

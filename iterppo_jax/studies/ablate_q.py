@@ -80,7 +80,7 @@ def apply_overrides(config, overrides: dict):
       node = node[part]
     if node is None or leaf not in node:
       raise errors.SettingsError(f"config key {key!r} does not exist; this variant needs the Q-ablation keys "
-                       "(qfit.label_flip, qfit.data_fraction, qfit.model.*) in the config and the loop")
+                                 "(qfit.label_flip, qfit.data_fraction, qfit.model.*) in the config and the loop")
     node[leaf] = value
   return out
 
@@ -94,7 +94,7 @@ def variant_config(config, name: str):
     raise errors.SettingsError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
   if name in TOKEN_ONLY and config.qfit.view != "tokens":
     raise errors.SettingsError(f"variant {name!r} changes the transformer Q-model, but qfit.view is "
-                     f"{config.qfit.view!r}: run it with --config.qfit.view=tokens")
+                               f"{config.qfit.view!r}: run it with --config.qfit.view=tokens")
   return apply_overrides(config, VARIANTS[name](config))
 
 
@@ -148,7 +148,8 @@ def run_ablation(config, workdir: str, variants=tuple(VARIANTS), report_only: bo
   if unknown or not variants:
     raise errors.SettingsError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
   if config.loop.logs:
-    raise errors.SettingsError("the ablation measures Q against the simulator; loop.logs (one offline iteration) has none")
+    raise errors.SettingsError("the ablation measures Q against the simulator; loop.logs (one offline iteration) "
+                               "has none")
   rows = []
   if not report_only:
     configs = {v: variant_config(config, v) for v in variants}  # a missing key fails before any work
