@@ -57,7 +57,7 @@ def get_config(arg=None):
   c.simulator.seed = 0  # docs/results.md's simulator tables use seed 0
   c.simulator.batch_size = 1024  # conversations advanced in lock-step (logs do not depend on it)
 
-  # ---- baselines at equal conversation budget (experiments/baselines.py, iterppo_jax/baselines.py) ----
+  # ---- baselines at equal conversation budget (experiments/baselines.py, iterppo_jax/studies/baselines.py) ----
   # Small: the reference lines, pi_0, fully offline (= Iterative PPO K=1) and Iterative PPO K=2, one seed, the
   # default budget (~14 min on 2 cores: the fixed SFT, Q-fit and PPO steps cost more than playing conversations).
   c.baselines = _piece(True, ("sales",), "", (
@@ -66,7 +66,7 @@ def get_config(arg=None):
 
   # ---- Q-quality ablation (experiments/ablate_q.py): degrade Q on purpose ----
   c.ablate_q = _piece(True, ("sales",), "", ("loop.iterations=1",))  # one iteration: Q_0's quality -> pi_1
-  c.ablate_q.variants = ("baseline", "flip_10")  # experiments/ablate_q.VARIANTS: clean labels vs 10% flipped
+  c.ablate_q.variants = ("baseline", "flip_10")  # iterppo_jax/studies/ablate_q.VARIANTS: clean labels vs 10% flipped
 
   # ---- inner-solver ablation (experiments/ablate_inner.py): ppo vs grpo vs rloo from the same pi_0 and Q_0 ----
   # Small: one iteration of each solver from the same pi_0 and Q_0 (~11 min); the full preset runs the default two.
@@ -80,7 +80,7 @@ def get_config(arg=None):
   if preset == "full":
     c.baselines = _piece(True, DOMAINS, "", ())  # the defaults: 1,536 conversations, 3 seeds, K=1,2,4,8, all
     # the default loop (2 iterations per variant) with the transformer Q-model, which small_q and
-    # few_qfit_steps change (experiments/ablate_q.TOKEN_ONLY)
+    # few_qfit_steps change (iterppo_jax/studies/ablate_q.TOKEN_ONLY)
     c.ablate_q = _piece(True, ("sales",), "", ("qfit.view=tokens", "qfit.method=mc"))
     c.ablate_q.variants = ("baseline", "fewer_conversations", "flip_10", "flip_30", "small_q", "few_qfit_steps")
     c.ablate_inner = _piece(True, ("sales",), "", ())

@@ -186,7 +186,7 @@ def get_config(arg=None):
   c.loop.stop_after_phase = ""  # testing resume: stop after e.g. 'sft', 'collect/0', 'qfit/0'
   c.loop.stop_after_ppo_step = 0  # testing resume: stop inside PPO after this many steps
 
-  # ---- baselines at the same conversation budget (experiments.baselines; iterppo_jax/baselines.py) ----
+  # ---- baselines at the same conversation budget (experiments.baselines; iterppo_jax/studies/baselines.py) ----
   c.baselines = ml_collections.ConfigDict()
   c.baselines.budget = 1536  # conversations each method may play and learn from (beyond the shared behaviour logs)
   c.baselines.seeds = (0, 1, 2)  # replicates (own behaviour logs, pi_0, eval set): a 95% interval needs >= 3

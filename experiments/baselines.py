@@ -1,4 +1,4 @@
-r"""Baselines at the same number of simulated conversations (iterppo_jax/baselines.py).
+r"""Baselines at the same number of simulated conversations (iterppo_jax/studies/baselines.py).
 
   python -m experiments.baselines --config=configs/sales.py --workdir=/tmp/baselines       # hours on a 2-core CPU
   python -m experiments.baselines --config=configs/sales.py:tiny --workdir=/tmp/baselines_tiny   # minutes
@@ -19,7 +19,7 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
-from iterppo_jax import baselines
+from iterppo_jax.studies import baselines
 
 _CONFIG = cli.define_config("configs/sales.py")
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Run directory (default: a fresh one under ./runs/).")

@@ -1074,7 +1074,7 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
   if export_dir:
     summary["export_dir"] = export_dir
   io_utils.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
-  from iterppo_jax import report  # matplotlib only when a plot is made
+  from iterppo_jax.studies import report  # on use: matplotlib only when a plot is made; the studies import loop
   summary["plot"] = report.plot_conversion(summary, os.path.join(workdir, "conversion.png"))
   summary["table"] = report.table(summary)
   run_.writer.close()

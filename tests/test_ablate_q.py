@@ -1,4 +1,4 @@
-"""experiments/ablate_q.py on a stand-in for loop.run that writes the loop's files (fast, no training).
+"""iterppo_jax/studies/ablate_q.py on a stand-in for loop.run that writes the loop's files (fast, no training).
 
 The stand-in writes what the loop writes (config.json, progress.json, metrics.jsonl, data/eval_<k>.jsonl) with
 Q errors that grow with the variant's label-flip rate and evaluation logs played by real simulator policies, so
@@ -11,7 +11,6 @@ import os
 import pytest
 
 from configs import sales as sales_config
-from experiments import ablate_q
 from iterppo_jax import bound
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
@@ -19,6 +18,7 @@ from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax.envs import base as env_base
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import ablate_q
 
 EVAL_POLICIES = ("random", "behavior", "oracle")  # pi_0, pi_1, pi_2 of the stand-in: each better than the last
 

@@ -12,7 +12,6 @@ import pytest
 from configs import sales as sales_config
 from flax import nnx
 
-from iterppo_jax import baselines
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
@@ -24,6 +23,7 @@ from iterppo_jax import train_state as ts
 from iterppo_jax.envs import registry
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
+from iterppo_jax.studies import baselines
 
 # ---- turn-level maths ----
 

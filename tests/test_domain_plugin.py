@@ -18,11 +18,11 @@ import pytest
 
 from configs import report as report_config
 from configs import sales as sales_config
-from experiments import report
 from iterppo_jax import loop
 from iterppo_jax.envs import base
 from iterppo_jax.envs import policies
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import report
 
 COLOURS = ("red", "green", "blue")
 PATH = "toy_domains.scarves"  # the import path a user's package would have
@@ -236,7 +236,7 @@ def test_the_report_simulator_table_takes_the_domain(tmp_path):
 
 def test_the_baselines_take_the_domain(tmp_path):
   """A domain from outside the package through baselines.run_all: scripted rows, pi_0 and filtered BC."""
-  from iterppo_jax import baselines
+  from iterppo_jax.studies import baselines
   c = sales_config.get_config("tiny")
   c.env.domain = PATH
   c.loop.tensorboard = False

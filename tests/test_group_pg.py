@@ -5,7 +5,7 @@
     trained with the group maths lands on it with the KL in the reward, and away from it with DeepSeekMath's
     in-loss k3 KL (the reason 'reward' is the default); a real Transformer trained by solvers.train (the grpo and rloo rows)
     (sampler, scoring pass, jitted donated step) lands on it for both GRPO and RLOO;
-  * the loop end to end with inner = grpo through experiments/ablate_inner.py, with an exact resume inside the
+  * the loop end to end with inner = grpo through iterppo_jax/studies/ablate_inner.py, with an exact resume inside the
     GRPO phase; and the ablation's rows, table and plot.
 """
 
@@ -20,7 +20,6 @@ import numpy as np
 import optax
 import pytest
 
-from experiments import ablate_inner
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import group_pg
 from iterppo_jax import loop
@@ -29,6 +28,7 @@ from iterppo_jax import ppo
 from iterppo_jax import sharding
 from iterppo_jax import solvers
 from iterppo_jax import train_state as ts
+from iterppo_jax.studies import ablate_inner
 from tests import test_loop as loop_tests
 from tests import test_ppo_closed_form as toy
 

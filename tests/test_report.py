@@ -1,4 +1,5 @@
-"""experiments/report.py: overrides and presets, the simulator tables, the markdown, and the tiny report end to end.
+"""iterppo_jax/studies/report.py: overrides and presets, the simulator tables, the markdown, and the tiny
+report end to end.
 
 The end-to-end test builds the tiny preset (every piece at configs/sales.py:tiny sizes, ~2.5 min on a loaded
 2-core machine), then builds it again with every way of doing work replaced by a function that fails: the
@@ -11,11 +12,12 @@ import re
 import pytest
 
 from configs import report as report_config
-from experiments import report
-from iterppo_jax import baselines as baselines_lib
 from iterppo_jax import loop
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
+from iterppo_jax.studies import ablate_q
+from iterppo_jax.studies import baselines as baselines_lib
+from iterppo_jax.studies import report
 
 TABLE_HEADERS = {  # section -> the start of its table's header row
     "simulator": "| domain | policy | conversion sr (95% CI) | conversion direct (95% CI) | median rounds sr |",
@@ -185,7 +187,7 @@ def test_tiny_report_has_every_table_and_plot(tiny_report):
   rows = baselines_lib.read_rows(os.path.join(workdir, "baselines", "sales", baselines_lib.ROWS_FILE))
   assert [r["method"] for r in rows] == ["behavior", "oracle", "pi0", "iterative_ppo_k1"]
   assert baselines_lib.table(rows) in md
-  q_rows = report._read_jsonl(os.path.join(workdir, "ablate_q", "sales", "ablate_q.jsonl"))
+  q_rows = ablate_q.read_rows(os.path.join(workdir, "ablate_q", "sales"))
   assert [(r["variant"], r["label_error"] > 0) for r in q_rows] == [("baseline", False), ("flip_30", True)]
   for label in ("ablate_q/sales/baseline", "ablate_q/sales/flip_30", "ablate_inner/sales/ppo",
                 "ablate_inner/sales/rloo"):
