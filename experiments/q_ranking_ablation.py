@@ -55,10 +55,10 @@ VARIANTS = {
     "td_800": ("TD(0), 800 steps, targets refreshed every 100", {"qfit.method": "td", "qfit.steps": 800,
                                                                  "qfit.refresh_every": 100}),
     # Few free parameters: a table over the domain's dialogue-state keys of the transcript (q_table.py).
-    "table_sarsa": ("dialogue-state table, SARSA of pi_k (pi_k's samples on logs it did not make)",
-                    {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.next_act": "pi_k"}),
-    "table_sarsa_logged": ("dialogue-state table, SARSA of the logging policy (its logged next acts)",
-                           {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.next_act": "logged"}),
+    "table_sarsa": ("dialogue-state table, SARSA of pi_k", {"qfit.view": "dialogue_state", "qfit.method": "td"}),
+    # On logs pi_k did not make (k = 0, D_0 the staff's): bootstrap from pi_k's samples (fitted Q evaluation).
+    "table_fqe": ("dialogue-state table, SARSA of pi_k from pi_k's samples on logs it did not make",
+                  {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.next_act": "pi_k"}),
     "table_sarsa_pool": ("dialogue-state table, SARSA of pi_k on D_0..D_k (FQE on the earlier logs)",
                          {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.pool": -1}),
     "table_lambda_05": ("dialogue-state table, TD(0.5) of pi_k (trace cut at randomised turns)",
