@@ -1,7 +1,8 @@
 """Every setting of a run checked before any work, and handed to the library as typed, frozen settings.
 
-  settings.load(config) -> Settings   # loop.setup calls it first: check(config), then the typed tree
-  settings.check(config)              # only the checks: choices, ranges, the rules between keys
+  settings.load(config) -> Settings     # loop.setup calls it first: check(config), then the typed tree
+  settings.load_env(config.env) -> Env  # the simulator's section alone (experiments.simulate)
+  settings.check(config)                # only the checks: choices, ranges, the rules between keys
 
 `check` tests each choice against its allowed values, each size and count against its range, and the rules
 between keys. A bad value stops the run at once with the key, the value and what was expected, before a workdir
@@ -113,7 +114,7 @@ def _get(config, key: str, default=_ABSENT):
   """config's value at a dotted key, or `default` when the config has no such key."""
   node = config
   for part in key.split("."):
-    if part not in node:
+    if not _is_section(node) or part not in node:  # a value where a section belongs: load names it
       return default
     node = node[part]
   return node
@@ -443,6 +444,13 @@ def load(config) -> Settings:
   """
   check(config)
   return _build(Settings, config, "")
+
+
+def load_env(section) -> Env:
+  """The `env` section alone, checked and typed: what playing a simulator needs (experiments.simulate, the
+  report's simulator table), without the loop's settings and their rules."""
+  check({"env": section})
+  return _build(Env, section, "env.")
 
 
 def _build(cls, node, prefix: str):
