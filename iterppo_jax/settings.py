@@ -2,6 +2,7 @@
 
   settings.load(config) -> Settings     # loop.setup calls it first: check(config), then the typed tree
   settings.load_env(config.env) -> Env  # the simulator's section alone (experiments.simulate)
+  settings.parse(config) -> Settings    # the typed tree without check (a study's own checks come first)
   settings.check(config)                # only the checks: choices, ranges, the rules between keys
 
 `check` tests each choice against its allowed values, each size and count against its range, and the rules
@@ -443,6 +444,13 @@ def load(config) -> Settings:
       expected one of ...`), or a value of the wrong type.
   """
   check(config)
+  return parse(config)
+
+
+def parse(config) -> Settings:
+  """The typed settings of `config` without `check`'s ranges and rules (a key no section knows and a value of the
+  wrong type are still refused): for a study that reads a few keys to steer copies of the config, whose own
+  checks come first, before loop.run loads each copy."""
   return _build(Settings, config, "")
 
 

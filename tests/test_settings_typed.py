@@ -164,3 +164,16 @@ def test_a_bad_setting_is_still_named_by_check_first():
   c["loop"]["first_data"] = "polciy"
   with pytest.raises(errors.SettingsError, match=r"config\.loop\.first_data must be one of behavior, policy, explore"):
     settings.load(c)
+
+
+def test_parse_types_without_the_checks():
+  """settings.parse: the typed tree for a study's own checks, which come before loop.run's (studies/ablate_*.py)."""
+  c = sales_config.get_config("tiny")
+  c.ppo.batch_size = 6  # minibatch_size 4 does not divide it: load refuses, parse types it
+  with pytest.raises(errors.SettingsError, match="must divide ppo.batch_size"):
+    settings.load(c)
+  assert settings.parse(c).ppo.batch_size == 6
+  c.qfit.unlock()
+  c.qfit.methd = "mc"
+  with pytest.raises(errors.SettingsError, match=r"config\.qfit\.methd: unknown key"):
+    settings.parse(c)

@@ -34,7 +34,7 @@ def run_ablation(config, workdir: str, inners=settings.INNER_SOLVERS) -> list[di
   unknown = sorted(set(inners) - set(settings.INNER_SOLVERS))
   if unknown or not inners:
     raise errors.SettingsError(f"inners must be a non-empty subset of {settings.INNER_SOLVERS}, got {list(inners)}")
-  typed = settings.load(config)
+  typed = settings.parse(config)  # loop.run checks every setting of each solver's copy
   if typed.loop.logs:
     raise errors.SettingsError("the ablation runs the simulator loop; loop.logs (one offline iteration) is not "
                                "supported")

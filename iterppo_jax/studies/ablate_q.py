@@ -93,7 +93,7 @@ TOKEN_ONLY = ("small_q", "few_qfit_steps")
 def variant_config(config, name: str):
   if name not in VARIANTS:
     raise errors.SettingsError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
-  typed = settings.load(config)
+  typed = settings.parse(config)  # loop.run checks every setting of the variant's copy
   if name in TOKEN_ONLY and typed.qfit.view != "tokens":
     raise errors.SettingsError(f"variant {name!r} changes the transformer Q-model, but qfit.view is "
                                f"{typed.qfit.view!r}: run it with --config.qfit.view=tokens")
@@ -149,7 +149,7 @@ def run_ablation(config, workdir: str, variants=tuple(VARIANTS), report_only: bo
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown or not variants:
     raise errors.SettingsError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
-  if settings.load(config).loop.logs:
+  if settings.parse(config).loop.logs:
     raise errors.SettingsError("the ablation measures Q against the simulator; loop.logs (one offline iteration) "
                                "has none")
   rows = []
