@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
+from iterppo_jax import settings
 from iterppo_jax.studies import baselines
 
 _CONFIG = cli.define_config("configs/sales.py")
@@ -31,8 +32,8 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("baselines_%Y%m%d_%H%M%S"))
   print(f"workdir: {os.path.abspath(workdir)}  devices: {jax.devices()}")
-  print(f"budget: {config.baselines.budget} conversations; seeds: {list(config.baselines.seeds)}; "
-        f"methods: {list(baselines.method_fns(config))}")
+  b = settings.load(config).baselines
+  print(f"budget: {b.budget} conversations; seeds: {list(b.seeds)}; methods: {list(baselines.method_fns(config))}")
   start = time.perf_counter()
   rows = baselines.run_all(config, workdir)
   print(baselines.table(rows))

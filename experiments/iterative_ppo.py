@@ -28,7 +28,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
-  settings.check(config)  # every choice, size and rule between keys, before anything is written
+  settings.load(config)  # every key known, every choice, size and rule between keys, before anything is written
   loop.check_resumable(config, workdir)
   print(f"workdir: {os.path.abspath(workdir)}  devices: {jax.devices()}")
   if not _WORKDIR.value:

@@ -25,6 +25,7 @@ from iterppo_jax import data as data_lib
 from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import qfit as qfit_lib
+from iterppo_jax import settings
 from iterppo_jax import train_state as ts
 from iterppo_jax.envs import sales
 from iterppo_jax.models import heads
@@ -79,19 +80,20 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   wd = _WORKDIR.value
   config = config_dict.ConfigDict(json.load(open(os.path.join(wd, "config.json"))))
-  if config.env.domain != "sales":
-    raise errors.SettingsError(f"{wd} is a {config.env.domain!r} run; this diagnostic knows the sales acts only")
+  typed = settings.load(config)
+  if typed.env.domain != "sales":
+    raise errors.SettingsError(f"{wd} is a {typed.env.domain!r} run; this diagnostic knows the sales acts only")
   run_, logs = loop.setup(config, wd)
   _, pi0 = loop.train_pi0(run_, logs)
   sets = {}
-  for k in range(config.loop.iterations + 1):
+  for k in range(typed.loop.iterations + 1):
     path = os.path.join(wd, "data", f"eval_{k}.jsonl")
     if os.path.exists(path):
       sets[f"eval_{k}"] = state_set(run_, conv_lib.read_jsonl(path), _STATES.value)
   make_q = lambda: heads.scalar_model_from_policy(nnx.merge(loop.run_policy_graphdef(run_), pi0), rngs=nnx.Rngs(0))
-  trainable, state = ts.init_trainable(make_q, loop.optimizer(config.qfit), run_.mesh)
-  predict_fn = qfit_lib.make_predict_fn(trainable, config.qfit.kind)
-  for k in range(config.loop.iterations):
+  trainable, state = ts.init_trainable(make_q, loop.optimizer(typed.qfit), run_.mesh)
+  predict_fn = qfit_lib.make_predict_fn(trainable, typed.qfit.kind)
+  for k in range(typed.loop.iterations):
     if not run_.progress.get(f"qfit/{k}"):
       continue
     params = loop.restore_params(run_, "qmodel", k, state.params)

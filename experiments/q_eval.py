@@ -45,6 +45,7 @@ from iterppo_jax import io_utils
 from iterppo_jax import lm_policy
 from iterppo_jax import loop
 from iterppo_jax import qfit
+from iterppo_jax import settings
 from iterppo_jax import sharding
 from iterppo_jax import stats
 from iterppo_jax import tokenizer as tok_lib
@@ -218,6 +219,8 @@ def compare(config, *, policy_name: str = "noisy_oracle", workdir: str = "", con
             out_dir: str | None = None) -> list[dict]:
   """Fits the three Q estimates of pi and scores them against the true Q^pi; returns one row per (method, pairs).
 
+  config: the settings (settings.Settings; a ConfigDict of the same keys reads the same).
+
   learning_rate: default 1e-2 for the bag of tokens (an embedding model trained from scratch), the config's
   qfit.learning_rate for the transformer.
   Logs: `conversations` of pi and of the exploratory policy (ExploratoryPolicy(explore_eps, explore_skill)) to
@@ -308,7 +311,7 @@ _EXPLORE_SKILL = cli.define(flags.DEFINE_float, "explore_skill", 0.6, "Mean skil
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
-  rows = compare(_CONFIG.value, policy_name=_POLICY.value, workdir=_WORKDIR.value,
+  rows = compare(settings.load(_CONFIG.value), policy_name=_POLICY.value, workdir=_WORKDIR.value,
                  conversations=_CONVERSATIONS.value, pairs=_PAIRS.value, rollouts=_ROLLOUTS.value,
                  q_model=_Q_MODEL.value, steps=_STEPS.value, batch_size=_BATCH_SIZE.value,
                  learning_rate=_LEARNING_RATE.value, explore_eps=_EXPLORE_EPS.value,

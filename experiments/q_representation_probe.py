@@ -43,6 +43,7 @@ from iterppo_jax import data as data_lib
 from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import q_ranking
+from iterppo_jax import settings
 
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A sales loop run (its pi_k, D_k, ranking set).")
 _ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which pi_k and D_k.")
@@ -210,8 +211,9 @@ def main(argv):
   del argv
   wd, k = _WORKDIR.value, _ITERATION.value
   config = config_dict.ConfigDict(q_ranking_ablation.read_run_config(wd))
-  if config.env.domain != "sales":
-    raise errors.SettingsError(f"{wd} is a {config.env.domain} run; the abstract features exist for sales only")
+  domain = settings.load(config).env.domain
+  if domain != "sales":
+    raise errors.SettingsError(f"{wd} is a {domain} run; the abstract features exist for sales only")
   config.loop.tensorboard = False
   # A scratch copy of the run's tokenizer and pi_k (<workdir>/ablate/probe_<k>), so nothing of the run is touched.
   run_, _ = loop.setup(config, q_ranking_ablation.variant_dir(wd, k, "probe"))
@@ -231,7 +233,7 @@ def main(argv):
   # Hold out every tenth conversation for the R^2 probe; the heads see the rest.
   held_ids = set(sorted({e.conversation_id for e in examples})[::10])
   train = np.asarray([e.conversation_id not in held_ids for e in examples])
-  d = config.data
+  d = run_.config.data
   pairs = lambda prompts, actions: data_lib.encode_pairs(run_.tokenizer, prompts, actions, d.max_prompt_len,
                                                          d.max_action_len, run_.renderer)
   truth_prompts, truth_actions = action_set.pairs()
@@ -269,7 +271,7 @@ def main(argv):
     for estimator in ("mc", "sarsa"):
       ms = []
       for seed in range(_SEEDS.value):
-        q = fit_head(x, returns, rewards, x_own, live, train, estimator=estimator, gamma=config.gamma, seed=seed)
+        q = fit_head(x, returns, rewards, x_own, live, train, estimator=estimator, gamma=run_.config.gamma, seed=seed)
         ms.append(q_ranking.ranking_metrics(action_set.unflatten(q(x_truth)), action_set.true_q, action_set.mask))
       m = {n: float(np.mean([r[n] for r in ms])) for n in ms[0]}
       print(f"| {view} | {estimator} | {m['top1']:.2f} ({m['top1_chance']:.2f}) | {m['spearman']:+.2f} | "

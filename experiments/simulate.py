@@ -13,6 +13,7 @@ from experiments import cli
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
 from iterppo_jax import metrics
+from iterppo_jax import settings
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
 
@@ -23,9 +24,12 @@ _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Where the logs and 
 def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
+  # The world alone, checked and typed (the loop's settings and their rules do not matter here); the policy, the
+  # number of conversations, the seed and the batch size are this entry point's own keys.
+  env_settings = settings.load_env(config.env)
   os.makedirs(workdir, exist_ok=True)
-  env = registry.make_env(config.env)
-  policy = registry.make_policy(config.env.domain, config.policy, config.env)
+  env = registry.make_env(env_settings)
+  policy = registry.make_policy(env_settings.domain, config.policy, env_settings)
   n = config.num_conversations
   start = time.perf_counter()
   bar = lambda starts: metrics.progress(starts, total=len(starts), desc=f"simulate {policy.name}")
@@ -34,7 +38,7 @@ def main(argv):
   path = os.path.join(workdir, "conversations.jsonl")
   conv_lib.write_jsonl(path, records)
   summary = base.summarize(records)
-  summary.update(policy=policy.name, business_user=config.env.business_user, seed=config.seed,
+  summary.update(policy=policy.name, business_user=env_settings.business_user, seed=config.seed,
                  seconds=seconds, conversations_per_second=n / seconds)
   io_utils.atomic_write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   print(format_summary(summary))

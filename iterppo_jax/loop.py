@@ -87,7 +87,7 @@ class Progress:
 
 # ---- building pieces from the config ----
 
-def model_config(config, vocab_size: int) -> tf.TransformerConfig:
+def model_config(config: settings.Settings, vocab_size: int) -> tf.TransformerConfig:
   m = config.model
   return tf.TransformerConfig(
       vocab_size=vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
@@ -98,7 +98,7 @@ def model_config(config, vocab_size: int) -> tf.TransformerConfig:
 
 def q_model_config(run) -> tf.TransformerConfig:
   """The Q-model's shape: the policy's, with every non-zero qfit.model.* size in its place (issue #10)."""
-  sizes = {n: v for n, v in run.config.qfit.get("model", {}).items() if v}
+  sizes = {n: v for n, v in dataclasses.asdict(run.config.qfit.model).items() if v}
   return dataclasses.replace(run.model_cfg, **sizes)
 
 
@@ -137,7 +137,7 @@ def check_resumable(config, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
-  if not config.get("resume", True):
+  if not config.get("resume", settings.Settings.resume):
     raise errors.WorkdirError(f"{workdir} already holds a run ({path}) and resume is False: pick a new --workdir, or "
                      "pass --config.resume=True to continue it")
   try:
@@ -154,7 +154,7 @@ def check_resumable(config, workdir: str) -> None:
                      "settings to continue it, or pick a new --workdir for the new ones.")
 
 
-def seed_for(config, *parts: int) -> int:
+def seed_for(config: settings.Settings, *parts: int) -> int:
   """A seed folded from the run seed and (iteration, phase, ...), so a resume replays exactly."""
   return int(np.random.SeedSequence([config.seed, *parts]).generate_state(1)[0])
 
@@ -164,8 +164,8 @@ PHASE_IDS = {"behavior": 1, "sft": 2, "collect": 3, "qfit": 4, "ppo": 5, "eval":
 
 @dataclasses.dataclass
 class Run:
-  """What a run holds while it goes: config, workdir, world, tokenizer, mesh, writers, checkpoints."""
-  config: Any
+  """What a run holds while it goes: settings, workdir, world, tokenizer, mesh, writers, checkpoints."""
+  config: settings.Settings  # the run's typed settings (settings.load of its ConfigDict): every phase reads these
   workdir: str
   env: env_base.TextEnv | None
   tokenizer: tok_lib.Tokenizer
@@ -187,8 +187,8 @@ class Run:
   def lora(self, model: str, dueling: bool = False) -> lora_lib.LoraConfig | None:
     """How `model` ('policy' | 'critic' | 'qmodel') trains: LoRA adapters on a frozen base (config.lora, with
     a critic's or Q-model's head trained in full), or None for full fine-tuning."""
-    section = self.config.get("lora")
-    if not section or model not in section.models:
+    section = self.config.lora
+    if model not in section.models:
       return None
     head = () if model == "policy" else heads.ScalarModel.head_names(dueling)
     return lora_lib.LoraConfig.from_section(section, train_full=head)
@@ -199,7 +199,7 @@ class Run:
                               max_new_tokens=d.max_action_len, seed=seed,
                               temperature=self.config.loop.deploy_temperature, renderer=self.renderer,
                               max_render_turns=self.config.env.max_render_turns,
-                              prompt_bucket=d.get("prompt_bucket", 0))
+                              prompt_bucket=d.prompt_bucket)
 
   def examples(self, records):
     return data_lib.examples_from_conversations(records, self.config.gamma, self.config.env.max_render_turns,
@@ -270,8 +270,12 @@ def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
 # ---- phases ----
 
 def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
-  """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers."""
-  settings.check(config)  # every choice, size and rule between keys, before anything is written
+  """Builds the run: behaviour (or user) logs, the tokenizer, the mesh and the writers.
+
+  `config` is the run's ConfigDict: it is written to workdir/config.json, and the run reads the typed settings
+  made from it (settings.load: every choice, size and rule between keys checked, before anything is written).
+  """
+  raw, config = config, settings.load(config)
   if config.loop.logs:  # a user's logs are read and validated in full before anything is written
     report = conv_lib.ReadReport()
     logs = conv_lib.read_glob(config.loop.logs, skip_invalid=config.loop.skip_invalid, report=report)
@@ -281,7 +285,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     if report.skipped:
       print(f"skipped {report.skipped} invalid lines; first: {report.errors[:3]}")
   os.makedirs(workdir, exist_ok=True)
-  io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  io_utils.atomic_write_text(os.path.join(workdir, "config.json"), raw.to_json_best_effort(indent=2))
   progress = Progress(workdir)
   # Losses must stay finite; eval statistics may be NaN (an AUC with one class in a tiny held-out set).
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.loop.tensorboard,
@@ -294,7 +298,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     logs = play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
                         seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
-  model_dir = config.get("model_dir", "")
+  model_dir = config.model_dir
   if os.path.isdir(tok_dir):
     tokenizer = tok_lib.load_tokenizer(tok_dir)
   elif config.tokenizer.path or model_dir:
@@ -321,7 +325,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
           f"{model_dir} ({model_cfg.max_len} tokens); lower them to fit")
   else:
     model_cfg = model_config(config, tokenizer.vocab_size)
-  renderer = (rendering.chat(tokenizer.hf, config.data.get("system_prompt", "")) if config.data.get("chat_template", False)
+  renderer = (rendering.chat(tokenizer.hf, config.data.system_prompt) if config.data.chat_template
               else rendering.TAGS)
   run = Run(config, workdir, env, tokenizer, model_cfg, mesh, writer, progress, renderer,
             rules=sharding.rules_from_config(config.mesh_rules))
@@ -359,7 +363,7 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   pretrained = None
   lora = run.lora("policy")
   # With LoRA the SFT checkpoint holds adapters only: a resumed run reads the base again.
-  if c.get("model_dir", "") and (lora is not None or not run.progress.get("sft")):
+  if c.model_dir and (lora is not None or not run.progress.get("sft")):
     pretrained = load_pretrained(run)
   trainable, state = run.policy_trainable(params=pretrained, lora=lora,
                                           lora_seed=seed_for(c, 0, PHASE_IDS["sft"], 1))
@@ -372,7 +376,7 @@ def train_pi0(run: Run, logs) -> tuple[ts.Trainable, Any]:
   held = {k: v[:n_hold] for k, v in arrays.items()}
   train = {k: v[n_hold:] for k, v in arrays.items()}
   eval_fn = sft_lib.make_eval_fn(trainable)
-  measured = {k: v[:c.sft.get("eval_examples", 0) or n_hold] for k, v in held.items()}  # 0: all held out
+  measured = {k: v[:c.sft.eval_examples or n_hold] for k, v in held.items()}  # 0: all held out
   before = sft_lib.evaluate(eval_fn, state.params, measured, c.sft.batch_size, run.mesh)
   state, _ = sft_lib.train_sft(trainable, state, train, steps=c.sft.steps, batch_size=c.sft.batch_size,
                                seed=seed_for(c, 0, PHASE_IDS["sft"]), writer=run.writer, desc="sft")
@@ -398,7 +402,7 @@ def fit_q(run: Run, k: int, records, policy_params):
   own_size = q_model != run.model_cfg  # a Q-model of its own size cannot start from a policy's trunk
   if own_size and q_cfg.init == "policy":
     raise ValueError("qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' or 'previous'")
-  dueling = q_cfg.get("head", "q") == "dueling"  # Q = V(s) + A(s, a) (models/heads.py)
+  dueling = q_cfg.head == "dueling"  # Q = V(s) + A(s, a) (models/heads.py)
   make_q = (lambda: heads.scalar_model_from_policy(nnx.merge(run_policy_graphdef(run), policy_params),
                                                     rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])),
                                                     dueling=dueling))
@@ -422,8 +426,8 @@ def fit_q(run: Run, k: int, records, policy_params):
     return trainable, restore_trained(run, "qmodel", k, state.params), done
   # Issue #10: degrade what the Q-fit sees on purpose (flipped outcome labels, fewer conversations); by default
   # (label_flip 0, data_fraction 1) the records pass through unchanged.
-  records = label_noise.qfit_records(records, label_flip=q_cfg.get("label_flip", 0.0),
-                                     data_fraction=q_cfg.get("data_fraction", 1.0),
+  records = label_noise.qfit_records(records, label_flip=q_cfg.label_flip,
+                                     data_fraction=q_cfg.data_fraction,
                                      seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
   examples = run.examples(records)
   arrays = run.arrays(examples)
@@ -447,7 +451,7 @@ def fit_q(run: Run, k: int, records, policy_params):
                                      train["next_index"])
   predict_fn = qfit_lib.make_predict_fn(trainable, q_cfg.kind)
   held_explored = [e for e, h in zip(examples, held) if h and e.explored]
-  every = q_cfg.get("select_every", 0) if held_explored else 0
+  every = q_cfg.select_every if held_explored else 0
   chunks = [q_cfg.steps] if not every else [min(every, q_cfg.steps - s) for s in range(0, q_cfg.steps, every)]
   best = None
   for i, steps in enumerate(chunks):
@@ -568,8 +572,8 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   done = run.progress.get(f"qfit/{k}")
   if done and os.path.exists(path):
     return q_table.TableQ.load(path, state_fn, act_fn), None, done
-  records = label_noise.qfit_records(records, label_flip=q_cfg.get("label_flip", 0.0),
-                                     data_fraction=q_cfg.get("data_fraction", 1.0),
+  records = label_noise.qfit_records(records, label_flip=q_cfg.label_flip,
+                                     data_fraction=q_cfg.data_fraction,
                                      seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
   examples = run.examples(records)
   # SARSA of pi_k bootstraps from pi_k's own next act: on logs pi_k made, the logged one; on logs of another
@@ -941,7 +945,8 @@ def run(config, workdir: str) -> dict:
   """Runs (or resumes) Iterative PPO; returns the per-iteration summary written to workdir/summary.json.
 
   Every phase runs under the run's mesh and logical-axis rules (config.mesh, config.mesh_rules), so the
-  models' activation constraints and the parameters' placement follow the config.
+  models' activation constraints and the parameters' placement follow the config. `config` is the run's
+  ConfigDict; setup checks it and makes the typed settings the phases read (settings.load).
   """
   start_time = time.perf_counter()
   # One run per workdir; a killed run's lock is taken over. setup checks the settings and reads a user's logs
@@ -1083,7 +1088,7 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
 
 def export_policy(run_: Run, params) -> str:
   """Writes the final policy as a Hugging Face model directory when `export_dir` is configured."""
-  out = run_.config.get("export_dir", "")
+  out = run_.config.export_dir
   if not out:
     return ""
   return hf_lib.export(run_.model_cfg, params, out, tokenizer_dir=os.path.join(run_.workdir, "tokenizer"))

@@ -1,19 +1,36 @@
-"""Every setting of a run checked before any work: each choice against its allowed values, each size and count
-against its range, and the rules between keys. A bad value stops the run at once with the key, the value and
-what was expected, before a workdir is made (a typo in `loop.first_data` used to deploy pi_k silently; a
-negative size failed deep inside JAX minutes later).
+"""Every setting of a run checked before any work, and handed to the library as typed, frozen settings.
 
-  settings.check(config)   # loop.setup and baselines.run_all call it first
+  settings.load(config) -> Settings     # loop.setup calls it first: check(config), then the typed tree
+  settings.load_env(config.env) -> Env  # the simulator's section alone (experiments.simulate)
+  settings.parse(config) -> Settings    # the typed tree without check (a study's own checks come first)
+  settings.check(config)                # only the checks: choices, ranges, the rules between keys
 
-The allowed values of a choice live with the code that reads it (qfit.METHODS, ppo.KL_ESTIMATORS, ...) or
-here, for the loop's own choices. A key a config does not have is not checked (sub-configs such as
-configs/benchmark.py hold only what they use).
+`check` tests each choice against its allowed values, each size and count against its range, and the rules
+between keys. A bad value stops the run at once with the key, the value and what was expected, before a workdir
+is made (a typo in `loop.first_data` used to deploy pi_k silently; a negative size failed deep inside JAX
+minutes later). The allowed values of a choice live with the code that reads it (qfit.METHODS,
+ppo.KL_ESTIMATORS, ...) or here, for the loop's own choices. A key a config does not have is not checked
+(sub-configs such as configs/benchmark.py hold only what they use).
+
+`load` then builds `Settings`: one frozen dataclass per config section, with the keys' names, so
+`settings.qfit.method` reads what `config.qfit.method` held. A key the config does not set takes the
+dataclass's default (configs/sales.py's value, or for keys only some configs have, such as model_dir or
+data.chat_template, the value that leaves the feature off); a key the dataclasses do not know is a
+SettingsError naming it. The `env` section alone may hold keys of its own for a domain defined outside the
+package (envs/registry.py): plain values (numbers, strings, booleans, tuples) kept in `Env.extras` and read as
+attributes, `env.my_key`, or `env.get("my_key", default)`, as from the config section.
+
+The library reads the typed settings only (loop.Run.config); the ConfigDict is kept where it is the record of
+the run: workdir/config.json and the resume check that compares a rerun's settings with it (loop.check_resumable).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+import typing
+from typing import Any
 
 from iterppo_jax import errors
 from iterppo_jax import group_pg
@@ -98,7 +115,7 @@ def _get(config, key: str, default=_ABSENT):
   """config's value at a dotted key, or `default` when the config has no such key."""
   node = config
   for part in key.split("."):
-    if part not in node:
+    if not _is_section(node) or part not in node:  # a value where a section belongs: load names it
       return default
     node = node[part]
   return node
@@ -196,3 +213,303 @@ def _check_rules(config) -> None:
     registry.module(get("env.domain"))
     if get("qfit.view") == "dialogue_state":
       registry.tracker(get("env.domain"))  # the domain must have a dialogue-state tracker
+
+
+# ---- the typed settings: one frozen dataclass per section, defaults = configs/sales.py ----
+
+@dataclasses.dataclass(frozen=True)
+class Env:
+  """The simulated world (`env`): its common keys (envs/base.py), and a domain's own keys in `extras`."""
+  domain: str = "sales"  # a built-in domain of iterppo_jax/envs or an import path (envs/registry.py)
+  business_user: str = "sr"
+  max_turns: int = 10
+  skill_mean: float = 0.35
+  max_render_turns: int = 3
+  # (key, value) pairs of env keys the fields above do not name: settings of a domain defined outside the package
+  extras: tuple[tuple[str, Any], ...] = ()
+
+  def __getattr__(self, name: str):
+    """A domain's own key (`extras`), as the config section would give it."""
+    for key, value in self.__dict__.get("extras", ()):
+      if key == name:
+        return value
+    raise AttributeError(f"config.env has no key {name!r}")
+
+  def get(self, name: str, default=None):
+    """The value of a key of the section, or `default` when it has none (ConfigDict.get)."""
+    try:
+      return getattr(self, name)
+    except AttributeError:
+      return default
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  path: str = ""  # a local Hugging Face tokenizer dir; empty: a BPE trained on the behaviour logs
+  vocab_size: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  max_prompt_len: int = 192
+  max_action_len: int = 24
+  prompt_bucket: int = 0  # 0 pads prompts to max_prompt_len; N pads a batch to its longest, in N's
+  chat_template: bool = False  # render with the tokenizer's chat template (configs/sales_hf.py)
+  system_prompt: str = ""  # opens every state rendered with a chat template
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  style: str = "llama"
+  num_layers: int = 2
+  embed_dim: int = 128
+  mlp_dim: int = 512
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 32
+  tie_embeddings: bool = True
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+  rank: int = 0  # 0: every weight trains
+  alpha: float = 16.0
+  targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+  models: tuple[str, ...] = LORA_MODELS
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """An optimizer section (configs/sales.py's _optimizer_section): AdamW after a linear warmup."""
+  learning_rate: float = 3e-4
+  warmup_steps: int = 2
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Critic(Optimizer):
+  learning_rate: float = 2e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Sft(Optimizer):
+  learning_rate: float = 1e-3
+  warmup_steps: int = 20
+  behavior_conversations: int = 2000
+  steps: int = 300
+  batch_size: int = 32
+  eval_examples: int = 0  # 0: all held-out decisions
+
+
+@dataclasses.dataclass(frozen=True)
+class QModel:
+  """The Q-model's own sizes (`qfit.model`); 0 keeps the policy's."""
+  num_layers: int = 0
+  embed_dim: int = 0
+  mlp_dim: int = 0
+  num_heads: int = 0
+  num_kv_heads: int = 0
+  head_dim: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class QFit(Optimizer):
+  learning_rate: float = 3e-4
+  warmup_steps: int = 10
+  method: str = "td"
+  kind: str = "bce"
+  init: str = "previous"
+  steps: int = 200
+  batch_size: int = 32
+  lam: float = 0.9
+  refresh_every: int = 50
+  target_update: str = "polyak"
+  tau: float = 0.05
+  label_flip: float = 0.0
+  data_fraction: float = 1.0
+  model: QModel = QModel()
+  view: str = "dialogue_state"
+  pool: int = 0
+  next_act: str = "logged"
+  head: str = "q"
+  select_every: int = 0
+  targets: str = "unbiased"
+  fqe_samples: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Ppo(Optimizer):
+  learning_rate: float = 3e-4
+  warmup_steps: int = 2
+  critic: Critic = Critic()
+  kl_coef: float = 0.1
+  kl_estimator: str = "k1"
+  kl_target: float = 0.0  # > 0: the adaptive controller
+  kl_horizon: int = 10000
+  reference: str = "pi_k"
+  steps: int = 20
+  batch_size: int = 64
+  minibatch_size: int = 32
+  epochs: int = 2
+  gamma: float = 1.0
+  lam: float = 0.95
+  clip_eps: float = 0.2
+  value_clip_eps: float = 0.2
+  entropy_coef: float = 0.0
+  whiten_advantages: bool = True
+  temperature: float = 1.0
+  checkpoint_every: int = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class Group:
+  size: int = 4
+  kl_in: str = "reward"
+  std_eps: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Loop:
+  iterations: int = 2
+  first_data: str = "behavior"
+  conversations: int = 768
+  eval_conversations: int = 400
+  play_batch: int = 256
+  deploy_temperature: float = 1.0
+  explore_turns: bool = True
+  rank_states: int = 16
+  rank_policy_samples: int = 2
+  rank_rollouts: int = 16
+  true_q_states: int = 16
+  true_q_rollouts: int = 8
+  tensorboard: bool = True
+  eval_pretrained: bool = False
+  logs: str = ""
+  skip_invalid: bool = False
+  stop_after_phase: str = ""
+  stop_after_ppo_step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Baselines:
+  budget: int = 1536
+  seeds: tuple[int, ...] = (0, 1, 2)
+  ks: tuple[int, ...] = (1, 2, 4, 8)
+  iterations: int = 4
+  online_batch: int = 32
+  online_lam: float = 0.95
+  online_eval_every: int = 384
+  bc_steps: int = 50
+  methods: tuple[str, ...] = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "filtered_bc_own", "myopic",
+                              "online_ppo", "iterative_ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A run's settings (configs/sales.py and the configs built on it), typed and frozen: what the library reads."""
+  seed: int = 0
+  gamma: float = 0.95
+  resume: bool = True
+  env: Env = Env()
+  policy: str = "behavior"  # experiments.simulate
+  num_conversations: int = 5000
+  batch_size: int = 1024
+  tokenizer: Tokenizer = Tokenizer()
+  data: Data = Data()
+  model: Model = Model()
+  lora: Lora = Lora()
+  sft: Sft = Sft()
+  qfit: QFit = QFit()
+  inner: str = "ppo"
+  ppo: Ppo = Ppo()
+  group: Group = Group()
+  loop: Loop = Loop()
+  baselines: Baselines = Baselines()
+  mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1), ("tensor", 1))
+  mesh_rules: tuple[tuple[str, Any], ...] = ()
+  model_dir: str = ""  # a pretrained model (configs/sales_hf.py); '' trains from scratch
+  export_dir: str = ""  # the final policy also written here as a Hugging Face model
+
+
+def load(config) -> Settings:
+  """The typed settings of a ConfigDict (or a plain dict of the same shape), after `check`.
+
+  Raises:
+    errors.SettingsError: for a bad setting (`check`), a key no section knows (`config.qfit.methd: unknown key;
+      expected one of ...`), or a value of the wrong type.
+  """
+  check(config)
+  return parse(config)
+
+
+def parse(config) -> Settings:
+  """The typed settings of `config` without `check`'s ranges and rules (a key no section knows and a value of the
+  wrong type are still refused): for a study that reads a few keys to steer copies of the config, whose own
+  checks come first, before loop.run loads each copy."""
+  return _build(Settings, config, "")
+
+
+def load_env(section) -> Env:
+  """The `env` section alone, checked and typed: what playing a simulator needs (experiments.simulate, the
+  report's simulator table), without the loop's settings and their rules."""
+  check({"env": section})
+  return _build(Env, section, "env.")
+
+
+def _build(cls, node, prefix: str):
+  """`cls` from the mapping `node` (the config section at `prefix`), refusing keys `cls` does not have."""
+  hints = typing.get_type_hints(cls)
+  names = [f.name for f in dataclasses.fields(cls) if f.name != "extras"]
+  values, extras = {}, []
+  for key in node.keys():
+    value, where = node[key], f"{prefix}{key}"
+    if key not in names:
+      if cls is not Env:
+        raise errors.SettingsError(f"config.{where}: unknown key; expected one of {', '.join(names)}")
+      if _is_section(value):
+        raise errors.SettingsError(f"config.{where}: a domain's own env keys hold plain values (numbers, strings, "
+                                   "booleans, tuples), not sections")
+      extras.append((key, _tuples(value)))
+      continue
+    values[key] = _typed(hints[key], value, where)
+  if extras:
+    values["extras"] = tuple(extras)
+  return cls(**values)
+
+
+def _is_section(value) -> bool:
+  return hasattr(value, "keys") and hasattr(value, "__getitem__")
+
+
+def _tuples(value):
+  """Lists (a config read back from JSON) as tuples, all the way down, so the settings stay frozen."""
+  return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _typed(hint, value, where: str):
+  """`value` as the field type `hint`: a section, or a value of that type (an int where a float is expected)."""
+  if dataclasses.is_dataclass(hint):
+    if not _is_section(value):
+      raise _bad(where, "a section", value)
+    return _build(hint, value, where + ".")
+  origin = typing.get_origin(hint) or hint
+  if origin is tuple:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+      raise _bad(where, "a tuple", value)
+    return _tuples(value)
+  if hint is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise _bad(where, "a number", value)
+    return float(value)
+  if hint is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise _bad(where, "an integer", value)
+    return value
+  if hint in (bool, str) and not isinstance(value, hint):
+    raise _bad(where, f"a {hint.__name__}", value)
+  return value

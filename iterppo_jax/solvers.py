@@ -67,7 +67,7 @@ class Solver:
   """One row of SOLVERS: everything the driver and the loop need to know about a solver."""
   name: str  # config.inner, the metric prefix and the checkpoint directory
   critic: bool  # whether the loop builds a critic (a scalar head on the policy's trunk)
-  config: Callable[[Any], Any]  # the run's ConfigDict -> the solver's frozen config (epochs, minibatch_size, ...)
+  config: Callable[[Any], Any]  # the run's settings.Settings -> the solver's frozen config (epochs, minibatch, ...)
   group_size: Callable[[Any], int]  # responses per prompt (1: one each)
   programs: Callable[..., Programs]  # (policy, critic, reward_fn, cfg, prompt_len, batch_size, reuse_logprobs)
   policy_state: Callable[[Any], ts.TrainState]  # the model state -> the policy's TrainState
@@ -79,6 +79,7 @@ class Solver:
 # ---- the rows ----
 
 def _ppo_config(config) -> ppo.PPOConfig:
+  """PPO's settings from the run's typed settings (settings.Settings: config.ppo and data.max_action_len)."""
   p = config.ppo
   return ppo.PPOConfig(
       kl_coef=p.kl_coef, kl_estimator=p.kl_estimator, kl_target=p.kl_target or None,
@@ -89,7 +90,8 @@ def _ppo_config(config) -> ppo.PPOConfig:
 
 
 def _group_config(config) -> group_pg.GroupConfig:
-  """GRPO / RLOO settings: the group keys of config.group, everything shared with PPO from config.ppo."""
+  """GRPO / RLOO settings (settings.Settings): the group keys of config.group, everything shared with PPO from
+  config.ppo."""
   p, g = config.ppo, config.group
   return group_pg.GroupConfig(
       algorithm=config.inner, group_size=g.size, kl_coef=p.kl_coef, kl_in=g.kl_in, kl_estimator=p.kl_estimator,
@@ -229,7 +231,7 @@ def train(solver: Solver, policy: ts.Trainable, critic: Optional[ts.Trainable], 
   """Runs iterations start_step .. steps-1 of `solver` on the single-turn problem over `prompts`.
 
   Args:
-    solver: a row of SOLVERS; cfg its config (solver.config of the run's ConfigDict, or built directly).
+    solver: a row of SOLVERS; cfg its config (solver.config of the run's settings.Settings, or built directly).
     policy, critic: the Trainables (critic None for critic-free solvers); state: their SolverState.
     ref_params: the frozen reference (pi_k), a params tree of the policy's graph.
     reward_fn / reward_params: reward_fn(reward_params, tokens, positions, valid, last_index, state_index) -> [B].

@@ -3,7 +3,8 @@
 
 A domain is one Python module that defines (docs/domains.md has the whole protocol, with a worked example):
 
-  make_env(env_config) -> base.TextEnv     the simulator, from the `env` config section
+  make_env(env_config) -> base.TextEnv     the simulator, from the `env` section (settings.Env: the common keys,
+                                           and a domain's own in its extras, read as attributes)
   make_policy(name, env_config) -> Policy  its shipped scripted policies by name: at least 'behavior' (the
                                            historical staff: D_0 and pi_0's SFT), 'oracle' and 'random' (the
                                            report's simulator table); 'explore' for loop.first_data=explore

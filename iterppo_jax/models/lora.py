@@ -98,7 +98,8 @@ class LoraConfig:
 
   @classmethod
   def from_section(cls, section: Any, train_full: Tuple[str, ...] = ()) -> Optional['LoraConfig']:
-    """From a config's `lora` section (rank, alpha, targets); None when it is absent or its rank is 0."""
+    """From a `lora` section (rank, alpha, targets: settings.Lora, or configs/benchmark.py's section); None when
+    it is absent or its rank is 0."""
     if not section or not section.rank:
       return None
     return cls(rank=section.rank, alpha=section.alpha, targets=tuple(section.targets), train_full=train_full)

@@ -34,12 +34,13 @@ def run_ablation(config, workdir: str, inners=settings.INNER_SOLVERS) -> list[di
   unknown = sorted(set(inners) - set(settings.INNER_SOLVERS))
   if unknown or not inners:
     raise errors.SettingsError(f"inners must be a non-empty subset of {settings.INNER_SOLVERS}, got {list(inners)}")
-  if config.loop.logs:
+  typed = settings.parse(config)  # loop.run checks every setting of each solver's copy
+  if typed.loop.logs:
     raise errors.SettingsError("the ablation runs the simulator loop; loop.logs (one offline iteration) is not "
                                "supported")
-  if any(i != "ppo" for i in inners) and config.ppo.batch_size % config.group.size:
-    raise errors.SettingsError(f"ppo.batch_size {config.ppo.batch_size} (responses per batch) must be a multiple of "
-                               f"group.size {config.group.size} for GRPO/RLOO to sample as many responses as PPO")
+  if any(i != "ppo" for i in inners) and typed.ppo.batch_size % typed.group.size:
+    raise errors.SettingsError(f"ppo.batch_size {typed.ppo.batch_size} (responses per batch) must be a multiple of "
+                               f"group.size {typed.group.size} for GRPO/RLOO to sample as many responses as PPO")
   shared = os.path.join(workdir, "_shared")
   prefix = copy.deepcopy(config)
   prefix.loop.stop_after_phase = "qfit/0"  # everything before the first inner step is solver-independent

@@ -36,6 +36,7 @@ from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import settings
 
 
 def _small_q(config) -> dict:
@@ -49,7 +50,7 @@ def _small_q(config) -> dict:
           "qfit.model.embed_dim": heads * m.head_dim, "qfit.model.mlp_dim": max(m.mlp_dim // 2, 8)}
 
 
-# name -> overrides of the base config (dotted keys), computed from it so sizes stay relative.
+# name -> overrides of the base config (dotted keys), computed from its typed settings so sizes stay relative.
 VARIANTS: dict[str, Callable] = {
     "baseline": lambda c: {},
     "fewer_conversations": lambda c: {"qfit.data_fraction": 0.25},
@@ -92,10 +93,11 @@ TOKEN_ONLY = ("small_q", "few_qfit_steps")
 def variant_config(config, name: str):
   if name not in VARIANTS:
     raise errors.SettingsError(f"unknown variant {name!r}; expected one of {list(VARIANTS)}")
-  if name in TOKEN_ONLY and config.qfit.view != "tokens":
+  typed = settings.parse(config)  # loop.run checks every setting of the variant's copy
+  if name in TOKEN_ONLY and typed.qfit.view != "tokens":
     raise errors.SettingsError(f"variant {name!r} changes the transformer Q-model, but qfit.view is "
-                               f"{config.qfit.view!r}: run it with --config.qfit.view=tokens")
-  return apply_overrides(config, VARIANTS[name](config))
+                               f"{typed.qfit.view!r}: run it with --config.qfit.view=tokens")
+  return apply_overrides(config, VARIANTS[name](typed))
 
 
 # ---- reading a run ----
@@ -147,7 +149,7 @@ def run_ablation(config, workdir: str, variants=tuple(VARIANTS), report_only: bo
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown or not variants:
     raise errors.SettingsError(f"variants must be a non-empty subset of {list(VARIANTS)}, got {list(variants)}")
-  if config.loop.logs:
+  if settings.parse(config).loop.logs:
     raise errors.SettingsError("the ablation measures Q against the simulator; loop.logs (one offline iteration) "
                                "has none")
   rows = []

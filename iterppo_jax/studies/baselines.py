@@ -81,11 +81,11 @@ def per_iteration(budget: int, iterations: int, what: str) -> int:
   return budget // iterations
 
 
-def check_config(config) -> None:
-  """Fails before any work on settings no method could honour."""
-  settings.check(config)  # the loop's settings, which every method runs with
-  b = config.baselines
-  if config.loop.logs:
+def check_config(config) -> settings.Settings:
+  """Fails before any work on settings no method could honour; returns the typed settings of `config`."""
+  typed = settings.load(config)  # the loop's settings, which every method runs with
+  b = typed.baselines
+  if typed.loop.logs:
     raise ValueError("baselines play the simulator; loop.logs (one offline iteration on user logs) is not supported")
   unknown = sorted(set(b.methods) - set(METHODS))
   if unknown or not b.methods:
@@ -100,6 +100,7 @@ def check_config(config) -> None:
       per_iteration(b.budget, k, f"iterative_ppo K={k}")
   if {"filtered_bc", "filtered_bc_own", "myopic"} & set(b.methods):
     per_iteration(b.budget, b.iterations, "baselines.iterations")
+  return typed
 
 
 def seed_dir(workdir: str, seed: int) -> str:
@@ -192,7 +193,7 @@ def pi0(config, workdir: str, seed: int) -> dict:
 def _loop_method(config, workdir: str, seed: int, *, method: str, name: str, iterations: int,
                  gamma: float | None = None) -> dict:
   """loop.run with K = iterations and budget / K conversations per iteration (D_0 played by pi_0)."""
-  budget = config.baselines.budget
+  budget = settings.load(config).baselines.budget
   conversations = per_iteration(budget, iterations, method)
   prefix = shared_prefix(config, workdir, seed)
   start = time.perf_counter()
@@ -207,9 +208,10 @@ def _loop_method(config, workdir: str, seed: int, *, method: str, name: str, ite
     c.gamma = gamma
   summary = loop.run(c, run_dir)
   used = [count_conversations(run_dir, f"iter_{k}") for k in range(iterations)]
+  gamma = settings.load(c).gamma
   curve = [_point(sum(used[:k]), s) for k, s in enumerate(summary["iterations"])]
   row = _row(method, seed, summary["iterations"][-1], sum(used), time.perf_counter() - start, prefix,
-             iterations=iterations, gamma=c.gamma, curve=curve, run_dir=os.path.relpath(run_dir, workdir),
+             iterations=iterations, gamma=gamma, curve=curve, run_dir=os.path.relpath(run_dir, workdir),
              resumed=existed)
   return _finish(run_dir, row)
 
@@ -227,7 +229,7 @@ def iterative_ppo(config, workdir: str, seed: int, k: int) -> dict:
 
 def myopic(config, workdir: str, seed: int) -> dict:
   """Iterative PPO with gamma = 0: each Q_k is a one-step reward model of the next customer flag."""
-  k = config.baselines.iterations
+  k = settings.load(config).baselines.iterations
   return _loop_method(config, workdir, seed, method="myopic", name=f"myopic_k{k}", iterations=k, gamma=0.0)
 
 
@@ -248,7 +250,7 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
   for baselines.bc_steps steps. An iteration without a success keeps pi_k.
   """
   method = "filtered_bc_own" if own else "filtered_bc"
-  b = config.baselines
+  b = settings.load(config).baselines
   iterations = b.iterations
   conversations = per_iteration(b.budget, iterations, method)
   prefix = shared_prefix(config, workdir, seed)
@@ -257,8 +259,8 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
   done = _finished(run_dir)
   if done:
     return done
-  c = method_config(config, seed)
-  run_, logs = loop.setup(c, run_dir)
+  run_, logs = loop.setup(method_config(config, seed), run_dir)
+  c = run_.config  # the typed settings the run was made with
   _, pi0_params = loop.train_pi0(run_, logs)  # restored from the shared SFT checkpoint
   graphdef = loop.run_policy_graphdef(run_)
   params, used, curve, filtered = pi0_params, [], [_point(0, prefix["pi0"])], []
@@ -296,7 +298,8 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
 
 
 def online_config(config) -> online_lib.OnlineConfig:
-  """Online PPO's settings: the clipped-update keys of config.ppo, gamma, and the turn-level lambda."""
+  """Online PPO's settings (settings.Settings): the clipped-update keys of config.ppo, gamma, and the turn-level
+  lambda."""
   p = config.ppo
   return online_lib.OnlineConfig(gamma=config.gamma, lam=config.baselines.online_lam, kl_coef=p.kl_coef,
                                  clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps,
@@ -344,7 +347,7 @@ def online_ppo(config, workdir: str, seed: int) -> dict:
   state is checkpointed every ppo.checkpoint_every updates, so a rerun continues exactly where it stopped.
   pi is evaluated every baselines.online_eval_every conversations (0: only at the end).
   """
-  b = config.baselines
+  b = settings.load(config).baselines
   prefix = shared_prefix(config, workdir, seed)
   start = time.perf_counter()
   run_dir, existed = method_dir(workdir, seed, "online_ppo")
@@ -354,6 +357,7 @@ def online_ppo(config, workdir: str, seed: int) -> dict:
   c = method_config(config, seed)
   c.loop.deploy_temperature = 1.0  # the importance ratio and the KL assume the suggestions were sampled from pi
   run_, logs = loop.setup(c, run_dir)
+  c = run_.config  # the typed settings the run was made with
   _, pi0_params = loop.train_pi0(run_, logs)
   sizes = online_batches(b.budget, b.online_batch)
   evals = online_eval_points(sizes, b.online_eval_every)
@@ -406,11 +410,11 @@ _METHOD_FNS: dict[str, Callable] = {"behavior": behavior, "oracle": oracle, "pi0
 
 def method_fns(config) -> dict[str, Callable]:
   """Row name -> (config, workdir, seed) -> row, in the configured order; iterative_ppo expands over ks."""
-  check_config(config)
+  b = check_config(config).baselines
   out = {}
-  for name in config.baselines.methods:
+  for name in b.methods:
     if name == "iterative_ppo":
-      out.update({f"iterative_ppo_k{k}": functools.partial(iterative_ppo, k=k) for k in config.baselines.ks})
+      out.update({f"iterative_ppo_k{k}": functools.partial(iterative_ppo, k=k) for k in b.ks})
     else:
       out[name] = _METHOD_FNS[name]
   return out
@@ -435,12 +439,13 @@ def run_all(config, workdir: str, log: Callable[[str], Any] = print) -> list[dic
   fns = method_fns(config)
   path = os.path.join(workdir, ROWS_FILE)
   rows = read_rows(path)
-  budget = config.baselines.budget
+  b = settings.load(config).baselines
+  budget = b.budget
   stale = [r for r in rows if r.get("budget") != budget]
   if stale:
     raise ValueError(f"{path} holds rows for budget {stale[0].get('budget')}, not {budget}; use another workdir")
   done = {(r["method"], r["seed"]) for r in rows}
-  for seed in config.baselines.seeds:
+  for seed in b.seeds:
     for name, fn in fns.items():
       if (name, seed) in done:
         continue

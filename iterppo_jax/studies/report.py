@@ -23,7 +23,7 @@ one preset: a rerun with another preset is refused.
 from __future__ import annotations
 
 import ast
-import copy
+import dataclasses
 import importlib
 import json
 import os
@@ -183,8 +183,7 @@ def piece_command(module: str, domain: str, section, workdir: str, *extra: str) 
 def simulate_cell(domain: str, env_config, policy: str, business_user: str, conversations: int, seed: int,
                   batch_size: int) -> dict:
   """Plays one scripted policy in one domain and business-user mode; conversion, its interval, the rounds."""
-  env_config = copy.deepcopy(env_config)
-  env_config.business_user = business_user
+  env_config = dataclasses.replace(env_config, business_user=business_user)
   env = registry.make_env(env_config)
   start = time.perf_counter()
   records = env.play(registry.make_policy(domain, policy, env_config), conversations, seed=seed,
@@ -200,7 +199,7 @@ def simulator_rows(s, workdir: str, log=print) -> tuple[list[dict], int]:
   it was played with the same size and seed; returns the rows and how many cells were simulated now."""
   rows, played = [], 0
   for domain in s.domains:
-    env_config = piece_config(domain, "").env
+    env_config = settings.load_env(piece_config(domain, "").env)
     for policy in s.policies:
       for mode in s.business_users:
         path = os.path.join(workdir, "simulator", domain, f"{policy}_{mode}.json")
@@ -320,9 +319,10 @@ def baselines_section(s, domain: str, workdir: str, log=print) -> dict:
   png = os.path.join(out, "baselines.png")
   if done["status"] == "ran" or not os.path.exists(png):
     baselines_lib.plot(rows, png)
-  b = config.baselines
+  typed = settings.load(config)
+  b = typed.baselines
   note = (f"Budget {b.budget} simulated conversations per method, seeds {list(b.seeds)}, "
-          f"{config.loop.eval_conversations} evaluation conversations per policy; methods "
+          f"{typed.loop.eval_conversations} evaluation conversations per policy; methods "
           f"{list(baselines_lib.method_fns(config))}.")
   return _section("baselines", domain, f"Baselines at equal budget: {domain}", **done,
                   tables=[baselines_lib.table(rows)], plots=[png],
@@ -344,7 +344,7 @@ def ablate_q_section(s, domain: str, workdir: str, log=print) -> tuple[dict, lis
   png = os.path.join(out, ablate_q.PLOT_FILE)
   if rows and (done["status"] == "ran" or not os.path.exists(png)):
     ablate_q.write_report(rows, out)
-  note = (f"Variants {list(s.variants)}, {config.loop.iterations} iteration(s) each from the same pi_0; Q_k's "
+  note = (f"Variants {list(s.variants)}, {settings.load(config).loop.iterations} iteration(s) each from the same pi_0; Q_k's "
           "error is against the simulator's Monte Carlo Q on sampled held-out states.")
   command = piece_command("ablate_q", domain, s, out, f"--variants={','.join(s.variants)}")
   section = _section("ablate_q", domain, f"Q-quality ablation: {domain}", **done,
@@ -366,7 +366,8 @@ def ablate_inner_section(s, domain: str, workdir: str, log=print) -> tuple[dict,
   bound_rows = []
   for inner in s.inners:
     bound_rows += _bound_rows(ablate_q.variant_rows(inner, os.path.join(out, inner)), f"ablate_inner/{domain}")
-  note = f"Solvers {list(s.inners)}, {config.loop.iterations} iteration(s) each from the same pi_0 and Q_0."
+  note = (f"Solvers {list(s.inners)}, {settings.load(config).loop.iterations} iteration(s) each from the same pi_0 "
+          "and Q_0.")
   command = piece_command("ablate_inner", domain, s, out, f"--inners={','.join(s.inners)}")
   section = _section("ablate_inner", domain, f"Inner-solver ablation: {domain}", **done,
                      tables=[ablate_inner.table(rows)], plots=[png], commands=[command], note=note)
@@ -446,7 +447,7 @@ def check_config(config) -> None:
   s = config.simulator
   if s.enabled:
     for domain in s.domains:
-      env_config = piece_config(domain, "").env
+      env_config = settings.load_env(piece_config(domain, "").env)
       for policy in s.policies:
         registry.make_policy(domain, policy, env_config)  # an unknown name fails here, not after other domains
     if not s.domains or not s.policies or not s.business_users or s.conversations < 1:
