@@ -15,7 +15,7 @@ loop sizes for tests. CPU sizes: float32 compute, 150 evaluation conversations (
 
 `:laptop` is the run a person can make on a 2-core laptop (issue #18: two iterations in about 90 minutes):
 the prompted model evaluated first (loop.eval_pretrained), a short LoRA SFT, then two iterations with RLOO (no
-critic to train) on small batches, 60 evaluation conversations (intervals of about +-9 points: a smoke test of
+critic to train) on small batches, 40 evaluation conversations (intervals of about +-10 points: a smoke test of
 the method on a real LLM, not a measurement), no ranking or true-Q measurement (their simulator rollouts with
 a 30-layer model would take hours). The table it prints ends with where its time went.
 
@@ -67,19 +67,21 @@ def get_config(arg=None):
     c.sft.steps = 0  # pi_0 is the prompted model itself
     c.loop.iterations = 0
   if args["laptop"]:
+    # Sized from measured costs on 2 cores (experiments.benchmark smollm2, shared CPU): an SFT step of 8 x 424
+    # tokens ~30 s, 8 suggestions of 40 tokens ~20 s; 60 prompted conversations played in ~7 min.
     c.loop.eval_pretrained = True
     c.loop.iterations = 2
-    c.loop.eval_conversations = 60
-    c.loop.conversations = 60  # D_1 (D_0 is the behaviour logs SFT clones)
-    c.loop.play_batch = 60  # one lock-step batch: one sampler program per prompt width
+    c.loop.eval_conversations = 40
+    c.loop.conversations = 40  # D_1 (D_0 is the behaviour logs SFT clones)
+    c.loop.play_batch = 40  # one lock-step batch: one sampler program per prompt width
     c.loop.rank_states = 0
     c.loop.true_q_states = 0
-    c.sft.steps = 30
+    c.sft.steps = 10
     c.sft.batch_size = 8
-    c.sft.eval_examples = 64
+    c.sft.eval_examples = 32
     c.inner = "rloo"  # leave-one-out baseline over G = 4 responses per state: no critic
-    c.ppo.steps = 4
-    c.ppo.batch_size = 32  # sampled responses per step (8 states x 4)
+    c.ppo.steps = 2
+    c.ppo.batch_size = 16  # sampled responses per step (4 states x 4)
     c.ppo.minibatch_size = 16
     c.ppo.epochs = 1
     c.ppo.learning_rate = 1e-4  # few steps on adapters
