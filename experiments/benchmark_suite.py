@@ -22,8 +22,9 @@ import sys
 
 from absl import flags
 
-from experiments import benchmark, cli
+from experiments import cli
 from iterppo_jax import errors
+from iterppo_jax.studies import benchmark
 
 STEPS = ("phases", "scaling", "largest")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

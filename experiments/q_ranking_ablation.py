@@ -11,19 +11,14 @@ agreement with the true best, within-state Spearman, pairwise accuracy, the true
 candidates' mean (and the best possible gain), the logs-only measures, and the number of fitted examples.
 """
 
-import json
 import os
-import shutil
 
 from absl import flags
 from absl import logging
-from ml_collections import config_dict
 
 from experiments import cli
-from iterppo_jax import conversation as conv_lib
-from iterppo_jax import errors
 from iterppo_jax import io_utils
-from iterppo_jax import loop
+from iterppo_jax.studies import q_ranking_ablation as ablation
 
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A loop run that has data/ranking_<k>.json.")
 _ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which D_k / pi_k to refit Q on.")
@@ -35,129 +30,20 @@ _TRUTH_STATES = cli.define(flags.DEFINE_integer, "truth_states", 0,
 _TRUTH_ROLLOUTS = cli.define(flags.DEFINE_integer, "truth_rollouts", 0,
                              "Rollouts per (state, candidate) of that set (0: use the run's data/ranking_<k>.json).")
 
-# name -> (what it changes, config overrides); 'explored_only' keeps only the randomised turns themselves.
-VARIANTS = {
-    "default": ("the loop's Q-fit (turns from t* on, 200 steps, from pi_k's trunk)", {}),
-    "all_targets": ("every turn's return, also before t* (biased)", {"qfit.targets": "all"}),
-    "explored_only": ("only the randomised turns t*", {"qfit.targets": "explored"}),
-    "steps_800": ("4x the Q-fit steps", {"qfit.steps": 800}),
-    "scratch": ("a fresh trunk instead of pi_k's", {"qfit.init": "scratch"}),
-    # From pi_k's trunk (what 'previous' does at k = 0): the run's Q_{k-1} has no V head to warm-start from.
-    "dueling": ("Q = V(s) + A(s, a), V at the prompt's end", {"qfit.head": "dueling", "qfit.init": "policy"}),
-    "dueling_800": ("dueling, 4x the Q-fit steps", {"qfit.head": "dueling", "qfit.init": "policy",
-                                                    "qfit.steps": 800}),
-    # SARSA: r + gamma Q_bar(s', a'), a' pi_k's own action (the logged one, or pi_k's sample where t* drew
-    # another), on every turn; targets refreshed from the target network every `refresh_every` steps.
-    "td": ("TD(0)/SARSA on every turn, pi_k's own next action", {"qfit.method": "td"}),
-    "td_r20_400": ("TD(0), 400 steps, targets refreshed every 20", {"qfit.method": "td", "qfit.steps": 400,
-                                                                    "qfit.refresh_every": 20}),
-    "td_lambda_05": ("TD(lambda = 0.5), trace cut at t*", {"qfit.method": "td_lambda", "qfit.lam": 0.5}),
-    "td_800": ("TD(0), 800 steps, targets refreshed every 100", {"qfit.method": "td", "qfit.steps": 800,
-                                                                 "qfit.refresh_every": 100}),
-    # Few free parameters: a table over the domain's dialogue-state keys of the transcript (q_table.py).
-    "table_sarsa": ("dialogue-state table, SARSA of pi_k", {"qfit.view": "dialogue_state", "qfit.method": "td"}),
-    # On logs pi_k did not make (k = 0, D_0 the staff's): bootstrap from pi_k's samples (fitted Q evaluation).
-    "table_fqe": ("dialogue-state table, SARSA of pi_k from pi_k's samples on logs it did not make",
-                  {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.next_act": "pi_k"}),
-    "table_sarsa_pool": ("dialogue-state table, SARSA of pi_k on D_0..D_k (FQE on the earlier logs)",
-                         {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.pool": -1}),
-    "table_lambda_05": ("dialogue-state table, TD(0.5) of pi_k (trace cut at randomised turns)",
-                        {"qfit.view": "dialogue_state", "qfit.method": "td_lambda", "qfit.lam": 0.5}),
-    "table_lambda_08": ("dialogue-state table, TD(0.8) of pi_k", {"qfit.view": "dialogue_state",
-                                                                 "qfit.method": "td_lambda", "qfit.lam": 0.8}),
-    "table_lambda_1": ("dialogue-state table, TD(1) of pi_k (Monte Carlo up to a randomised turn)",
-                       {"qfit.view": "dialogue_state", "qfit.method": "td_lambda", "qfit.lam": 1.0}),
-    "table_mc": ("dialogue-state table, Monte Carlo (turns from t* on)", {"qfit.view": "dialogue_state",
-                                                                          "qfit.method": "mc"}),
-}
-
-
-def read_run_config(wd: str) -> dict:
-  """A finished run's config.json, with the keys added since filled in as that run behaved: runs made before
-  qfit.view and qfit.pool existed fitted the transformer Q-model on D_k alone, and placed parameters by the
-  default rules."""
-  with open(os.path.join(wd, "config.json")) as f:
-    base = json.load(f)
-  base["qfit"].setdefault("view", "tokens")
-  base["qfit"].setdefault("pool", 0)
-  base["qfit"].setdefault("next_act", "logged")  # SARSA bootstrapped from the logged next act before it existed
-  base.setdefault("mesh_rules", [])  # sharding.DEFAULT_RULES, which every run used before the key existed
-  return base
-
-
-def variant_dir(wd: str, k: int, name: str) -> str:
-  """A run directory holding the source run's tokenizer, pi_k, D_k and measurements, nothing fitted yet."""
-  out = os.path.join(wd, "ablate", f"{name}_{k}")
-  if os.path.exists(out):
-    shutil.rmtree(out)
-  os.makedirs(os.path.join(out, "data"))
-  shutil.copytree(os.path.join(wd, "tokenizer"), os.path.join(out, "tokenizer"))
-  shutil.copytree(os.path.join(wd, "checkpoints", "policy"), os.path.join(out, "checkpoints", "policy"))
-  if k and os.path.isdir(os.path.join(wd, "checkpoints", "qmodel")):  # Q_{k-1}, for qfit.init='previous'
-    shutil.copytree(os.path.join(wd, "checkpoints", "qmodel"), os.path.join(out, "checkpoints", "qmodel"))
-  # D_0..D_k: the Q-fit of D_k, and the earlier logs qfit.pool adds
-  for name_ in ("behavior.jsonl", "explore.jsonl", f"eval_{k}.jsonl", f"ranking_{k}.json",
-                *(f"iter_{j}.jsonl" for j in range(k + 1))):
-    src = os.path.join(wd, "data", name_)
-    if os.path.exists(src):
-      shutil.copy(src, os.path.join(out, "data", name_))
-  io_utils.atomic_write_json(os.path.join(out, "progress.json"), {"sft": True})
-  return out
-
-
-def _precise_truth(wd: str, k: int, base: dict) -> str:
-  """A true-Q set of pi_k with --truth_states x --truth_rollouts, measured once into <workdir>/ablate/."""
-  path = os.path.join(wd, "ablate", f"truth_{k}_{_TRUTH_STATES.value}x{_TRUTH_ROLLOUTS.value}.json")
-  if os.path.exists(path):
-    return path
-  config = config_dict.ConfigDict(base)
-  config.loop.tensorboard = False
-  config.loop.rank_states, config.loop.rank_rollouts = _TRUTH_STATES.value, _TRUTH_ROLLOUTS.value
-  out = variant_dir(wd, k, "truth")
-  os.remove(os.path.join(out, "data", f"ranking_{k}.json"))
-  run_, _ = loop.setup(config, out)
-  _, policy = loop.train_pi0(run_, [])
-  if k:
-    policy = loop.restore_params(run_, "policy", k, policy)
-  loop.measure_action_set(run_, k, policy)
-  run_.writer.close()
-  shutil.copy(os.path.join(out, "data", f"ranking_{k}.json"), path)
-  return path
-
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   wd, k = _WORKDIR.value, _ITERATION.value
-  base = read_run_config(wd)
+  base = ablation.read_run_config(wd)
   data_path = os.path.join(wd, "data", f"iter_{k}.jsonl")
   if not os.path.exists(data_path):
     data_path = os.path.join(wd, "data", "behavior.jsonl")
-  truth = _precise_truth(wd, k, base) if _TRUTH_ROLLOUTS.value else os.path.join(wd, "data", f"ranking_{k}.json")
+  truth = (ablation.precise_truth(wd, k, base, _TRUTH_STATES.value, _TRUTH_ROLLOUTS.value) if _TRUTH_ROLLOUTS.value
+           else os.path.join(wd, "data", f"ranking_{k}.json"))
   rows = []
   for name in _VARIANTS.value:
-    if name not in VARIANTS:
-      raise errors.SettingsError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
-    what, overrides = VARIANTS[name]
-    config = config_dict.ConfigDict(base)
-    config.loop.tensorboard = False
-    config.loop.true_q_states = 0
-    for key, value in overrides.items():
-      section, field = key.split(".")
-      config[section][field] = value
-    out = variant_dir(wd, k, name)
-    shutil.copy(truth, os.path.join(out, "data", f"ranking_{k}.json"))
-    run_, _ = loop.setup(config, out)
-    _, policy = loop.train_pi0(run_, [])
-    if k:
-      policy = loop.restore_params(run_, "policy", k, policy)
-    records = conv_lib.read_jsonl(data_path)
-    _, _, m = loop.fit_q(run_, k, records, policy)
-    run_.writer.close()
-    row = {"variant": name, "what": what, **{n: m.get(n) for n in (
-        "rank_top1", "rank_top1_chance", "rank_spearman", "rank_pairwise", "rank_pick_gain", "rank_best_gain",
-        "rank_truth_reliability", "rank_states",
-        "logged_adv_corr", "logged_ips_pick_gain", "logged_ips_pick_gain_se", "auc", "train_examples")}}
+    row = ablation.refit(base, wd, k, name, truth, data_path)
     rows.append(row)
     print(f"| {name} | {row['rank_top1']:.2f} (chance {row['rank_top1_chance']:.2f}) | {row['rank_spearman']:+.2f} | "
           f"{row['rank_pairwise']:.2f} | {row['rank_pick_gain']:+.3f} / {row['rank_best_gain']:.3f} | "

@@ -36,14 +36,14 @@ from flax import nnx
 from ml_collections import config_dict
 
 from experiments import cli
-from experiments import q_lookup_baseline as lookup
-from experiments import q_ranking_ablation
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
 from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import q_ranking
 from iterppo_jax import settings
+from iterppo_jax.envs import sales
+from iterppo_jax.studies import q_ranking_ablation as ablation
 
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A sales loop run (its pi_k, D_k, ranking set).")
 _ITERATION = cli.define(flags.DEFINE_integer, "iteration", 0, "Which pi_k and D_k.")
@@ -210,13 +210,13 @@ def _trunk_features(model, arrays: dict, batch_size: int = 256) -> np.ndarray:
 def main(argv):
   del argv
   wd, k = _WORKDIR.value, _ITERATION.value
-  config = config_dict.ConfigDict(q_ranking_ablation.read_run_config(wd))
+  config = config_dict.ConfigDict(ablation.read_run_config(wd))
   domain = settings.load(config).env.domain
   if domain != "sales":
     raise errors.SettingsError(f"{wd} is a {domain} run; the abstract features exist for sales only")
   config.loop.tensorboard = False
   # A scratch copy of the run's tokenizer and pi_k (<workdir>/ablate/probe_<k>), so nothing of the run is touched.
-  run_, _ = loop.setup(config, q_ranking_ablation.variant_dir(wd, k, "probe"))
+  run_, _ = loop.setup(config, ablation.variant_dir(wd, k, "probe"))
   _, params = loop.train_pi0(run_, [])
   if k:
     params = loop.restore_params(run_, "policy", k, params)
@@ -225,7 +225,7 @@ def main(argv):
   evals = {r.id: r for r in conv_lib.read_jsonl(os.path.join(wd, "data", f"eval_{k}.jsonl"))}
   examples = run_.examples(records)
   by_id = {r.id: r for r in records}
-  before = lambda e: lookup.turns_before(by_id[e.conversation_id], e)
+  before = lambda e: data_lib.turns_before(by_id[e.conversation_id], e)
   own = [e.own_action if e.own_action is not None else e.suggestion for e in examples]
   nxt = np.asarray([e.next_index for e in examples])
   live = (nxt >= 0) & ~np.asarray([e.done for e in examples])
@@ -249,7 +249,7 @@ def main(argv):
   trunk_truth = _trunk_features(model, pairs(truth_prompts, truth_actions))
   mu, sd = trunk.mean(0), trunk.std(0) + 1e-6
   trunk, trunk_own, trunk_truth = ((a - mu) / sd for a in (trunk, trunk_own, trunk_truth))
-  key = lambda turns, text: lookup.abstract_state(turns) + lookup.act_key(turns, text)
+  key = lambda turns, text: sales.dialogue_state(turns) + sales.act_key(turns, text)
   abstract, vocab = one_hot([key(before(e), e.suggestion) for e in examples])
   abstract_own = one_hot([key(before(examples[j]), own[j]) for j in succ], vocab)[0]
   abstract_truth = one_hot([key(turns, c) for turns, c in where], vocab)[0]

@@ -11,7 +11,7 @@ import os
 import socket
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from iterppo_jax import errors
 
@@ -93,6 +93,18 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
   """Serialises ``obj`` to JSON first (so an unserialisable object never touches disk), then writes atomically."""
   atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+
+
+def atomic_write_rows(path: str | os.PathLike, rows: Iterable[Any]) -> None:
+  """Writes ``rows`` to ``path`` atomically as JSONL, one JSON object a line (a study's rows file)."""
+  with atomic_open(path) as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def read_rows(path: str | os.PathLike) -> list[Any]:
+  """The rows of a JSONL file written by atomic_write_rows, blank lines skipped."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def save_figure(fig, path: str, dpi: int = 120) -> str:

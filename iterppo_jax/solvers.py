@@ -15,9 +15,9 @@ host once. What differs between solvers is a row of ``SOLVERS``:
   rloo   G responses per state, leave-one-out baseline, no critic (group_pg.py)
 
 A new solver is one module with its jitted scoring and update steps, and one row here. Online PPO (online_ppo.py,
-whole conversations instead of single turns) and experiments/benchmark.py run the same pieces: ``run_epochs``
-and ``mean_metrics``, and the benchmark times ``sample``, ``Programs.experience`` and ``run_epochs`` as
-``train`` calls them.
+whole conversations instead of single turns) and the benchmark (studies/benchmark.py) run the same pieces:
+``run_epochs`` and ``mean_metrics``, and the benchmark times ``sample``, ``Programs.experience`` and ``run_epochs``
+as ``train`` calls them.
 
 The solver's state (``SolverState``) is one pytree: the models' train states and beta, so a checkpoint of it is
 the whole of what an interrupted phase needs to replay exactly.

@@ -1,6 +1,7 @@
-"""experiments/benchmark.py (a smoke run of every piece on a workload smaller than ppo_tiny), and the changes behind
-its CPU numbers, each against the plain computation it replaces: the custom-VJP dense, the LM head on response slots
-only, the sampler's log-probs in place of the policy's scoring pass, minibatches cut on the device."""
+"""iterppo_jax/studies/benchmark.py and its command line experiments/benchmark.py (a smoke run of every piece on a
+workload smaller than ppo_tiny), and the changes behind its CPU numbers, each against the plain computation it
+replaces: the custom-VJP dense, the LM head on response slots only, the sampler's log-probs in place of the policy's
+scoring pass, minibatches cut on the device."""
 
 import importlib.util
 import os
@@ -12,11 +13,12 @@ import optax
 import pytest
 from flax import nnx
 
-from experiments import benchmark
+from experiments import benchmark as benchmark_main
 from iterppo_jax import ppo, sampling, sharding, solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
+from iterppo_jax.studies import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = ("sampler", "sft step", "qfit step", "ppo generation", "ppo scoring", "ppo update", "ppo iteration")
@@ -219,8 +221,8 @@ def test_sweep_runs_each_cell_in_its_own_process_and_keeps_failures(capsys):
   config.sweep.new_tokens = (2, 4)
   config.sweep.prompts = (4, 6)
   assert len(benchmark.sweep_cells(config)) == 4
-  results = benchmark.run_sweep(config, ["--config=configs/benchmark.py:smoke", "--config.iterations=1",
-                                         "--config.batch.prompts=99"])  # replaced by each cell's own value
+  results = benchmark_main.run_sweep(config, ["--config=configs/benchmark.py:smoke", "--config.iterations=1",
+                                              "--config.batch.prompts=99"])  # replaced by each cell's own value
   assert [(r["new_tokens"], r["prompts"], bool(r["error"])) for r in results] == [
       (2, 4, False), (2, 6, True), (4, 4, False), (4, 6, True)]
   assert all("multiple of ppo.minibatch_size" in r["error"] for r in results if r["error"])

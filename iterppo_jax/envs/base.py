@@ -7,10 +7,11 @@ suggestion's influence, or an unrelated message of its own), and the simulated c
 and an outcome flag o_{i+1} read by the domain's outcome classifier. Episodes end when o = 1, when the
 business sends nothing, when the customer stops answering, or after `max_turns` rounds.
 
-A domain (sales.py, ...) subclasses `TextEnv` and supplies the customer, the parser of business messages,
-the outcome classifier and the business staff's own writing. This file owns what is common: lock-step
-batched play of many conversations, the business user's four behaviours, exact per-conversation seeding
-(so the logs do not depend on batch size), and Monte Carlo estimates of the true Q^pi(s, a).
+A domain (sales.py, ...) subclasses `TextEnv` (the shipped ones `StaffEnv`: a business user drawn from the
+historical staff) and supplies the customer, the parser of business messages, the outcome classifier and the
+business staff's own writing. This file owns what is common: lock-step batched play of many conversations, the
+business user's four behaviours, exact per-conversation seeding (so the logs do not depend on batch size), and
+Monte Carlo estimates of the true Q^pi(s, a).
 """
 
 from __future__ import annotations
@@ -341,6 +342,36 @@ class TextEnv:
     for k, (c, i) in enumerate(zip(clones, owners)):
       values[i, k % n_rollouts] = discounted_targets(c.record, gamma)[n_decisions[k]]
     return values.mean(1), values.std(1, ddof=1) / np.sqrt(n_rollouts)
+
+
+
+def check_skill_mean(skill_mean: float) -> None:
+  """Refuses a mean staff skill outside (0, 1), where staff_skill's Beta is undefined."""
+  if not 0.0 < skill_mean < 1.0:
+    raise ValueError(f"skill_mean must lie strictly between 0 and 1 (a Beta mean), got {skill_mean}")
+
+
+def staff_skill(rng: np.random.Generator, skill_mean: float) -> float:
+  """One historical staff member's skill: Beta(mean * 6, (1 - mean) * 6) around `skill_mean`, one draw of `rng`.
+
+  The population of every shipped domain: the business user's persona (drawn in a StaffEnv's new_hidden) and
+  the staff policy (policies.StaffPolicy).
+  """
+  k = 6.0
+  return float(rng.beta(skill_mean * k, (1 - skill_mean) * k))
+
+
+class StaffEnv(TextEnv):
+  """A TextEnv whose business user is one of the historical staff, of skill staff_skill(rng, skill_mean) drawn
+  with the hidden state; a domain sets its own default `skill_mean` (its config's env.skill_mean) on its class."""
+
+  skill_mean: float
+
+  def __init__(self, *args, skill_mean: float | None = None, **kwargs):
+    super().__init__(*args, **kwargs)
+    if skill_mean is not None:
+      self.skill_mean = skill_mean
+    check_skill_mean(self.skill_mean)
 
 
 def summarize(records: Sequence[conv_lib.Conversation]) -> dict[str, float]:

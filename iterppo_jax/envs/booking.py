@@ -488,17 +488,13 @@ def offer_verdict(s: BookingState, slot: tuple[str, int, str | None], service: s
 
 # ---- the environment ----
 
-class BookingEnv(base.TextEnv):
+class BookingEnv(base.StaffEnv):
   """Appointment-booking suggested-response simulator (see module docstring). Batched via base.TextEnv."""
 
   domain = "booking"
-
-  def __init__(self, *args, skill_mean: float = 0.38, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.skill_mean = skill_mean
+  skill_mean = 0.38
 
   def new_hidden(self, rng):
-    k = 6.0
     while True:  # a customer the salon cannot serve this week would not be in the logs
       service = list(SERVICES)[int(rng.integers(len(SERVICES)))]
       n_days = int(rng.choice(3, p=[0.3, 0.45, 0.25])) + 1
@@ -511,7 +507,7 @@ class BookingEnv(base.TextEnv):
           calendar_seed=int(rng.integers(2**31)), forthcoming=bool(rng.random() < 0.5),
           patience=float(rng.uniform(2.5, 5.0)), trust=float(rng.uniform(0.2, 0.7)),
           opens_with_service=bool(rng.random() < 0.35),
-          skill=float(rng.beta(self.skill_mean * k, (1 - self.skill_mean) * k)),
+          skill=base.staff_skill(rng, self.skill_mean),
           assist_trust=float(rng.uniform(0.6, 1.2)))
       if fitting_free_slots(s):
         return s

@@ -560,7 +560,6 @@ def draw_profile(rng: np.random.Generator, skill_mean: float) -> NegotiationStat
     budget = int(price * (100 - int(rng.choice([5, 10, 15]))) // 100)
   else:
     budget = price + int(rng.integers(0, 6))
-  k = 6.0
   return NegotiationState(
       seats=seats, features=features, term=TERMS[int(rng.integers(len(TERMS)))], budget=budget,
       needs_security=bool(rng.random() < 0.6),
@@ -569,7 +568,7 @@ def draw_profile(rng: np.random.Generator, skill_mean: float) -> NegotiationStat
       competitor=COMPETITORS[int(rng.integers(len(COMPETITORS)))],
       patience=float(rng.uniform(4.5, 7.5)), trust=float(rng.uniform(0.25, 0.55)),
       opens_with_seats=bool(rng.random() < 0.3),
-      skill=float(rng.beta(skill_mean * k, (1 - skill_mean) * k)), assist_trust=float(rng.uniform(0.6, 1.2)))
+      skill=base.staff_skill(rng, skill_mean), assist_trust=float(rng.uniform(0.6, 1.2)))
 
 
 # ---- the buyer's dynamics: parsed act -> (state change, reply parts) ----
@@ -839,16 +838,11 @@ def _render_part(s: NegotiationState, part: tuple, rng: np.random.Generator) -> 
 
 # ---- the environment ----
 
-class NegotiationEnv(base.TextEnv):
+class NegotiationEnv(base.StaffEnv):
   """B2B subscription negotiation simulator (see module docstring). Batched via base.TextEnv."""
 
   domain = "negotiation"
-
-  def __init__(self, *args, skill_mean: float = 0.48, **kwargs):
-    super().__init__(*args, **kwargs)
-    if not 0.0 < skill_mean < 1.0:
-      raise ValueError(f"skill_mean must lie strictly between 0 and 1, got {skill_mean}")
-    self.skill_mean = skill_mean
+  skill_mean = 0.48
 
   def new_hidden(self, rng):
     return draw_profile(rng, self.skill_mean)

@@ -65,19 +65,17 @@ def candidate_texts(script: Script, turns: Sequence, rng: np.random.Generator) -
 class StaffPolicy:
   """A population of historical staff: each conversation gets a staff member of some skill.
 
-  Skills follow Beta(mean * 6, (1 - mean) * 6), drawn from the conversation's id and `salt` (so a conversation
-  keeps its staff member in every Monte Carlo rollout from its states); each turn the staff member plays
-  `script.staff_act`.
+  Skills follow base.staff_skill (Beta(mean * 6, (1 - mean) * 6)), drawn from the conversation's id and `salt` (so
+  a conversation keeps its staff member in every Monte Carlo rollout from its states); each turn the staff member
+  plays `script.staff_act`.
   """
 
   def __init__(self, script: Script, skill_mean: float, salt: int = 17, name: str = "behavior"):
-    if not 0.0 < skill_mean < 1.0:
-      raise ValueError(f"skill_mean must be in (0, 1) (a Beta mean), got {skill_mean}")
+    base.check_skill_mean(skill_mean)
     self.script, self.skill_mean, self.salt, self.name = script, skill_mean, salt, name
 
   def skill(self, uid: str) -> float:
-    k = 6.0
-    return float(conversation_rng(uid, self.salt).beta(self.skill_mean * k, (1 - self.skill_mean) * k))
+    return base.staff_skill(conversation_rng(uid, self.salt), self.skill_mean)
 
   def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
     s = self.script

@@ -273,17 +273,13 @@ def act_key(turns, text: str) -> tuple:
 
 # ---- the environment ----
 
-class SalesEnv(base.TextEnv):
+class SalesEnv(base.StaffEnv):
   """Sales suggested-response simulator (see module docstring). Batched via base.TextEnv."""
 
   domain = "sales"
-
-  def __init__(self, *args, skill_mean: float = 0.35, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.skill_mean = skill_mean
+  skill_mean = 0.35
 
   def new_hidden(self, rng):
-    k = 6.0
     return SalesState(
         need=CATEGORIES[int(rng.integers(len(CATEGORIES)))],
         budget=int(rng.choice(3, p=[0.35, 0.4, 0.25])),
@@ -292,7 +288,7 @@ class SalesEnv(base.TextEnv):
         trust=float(rng.uniform(0.2, 0.7)),
         question=TOPICS[int(rng.integers(len(TOPICS)))],
         opens_with_need=bool(rng.random() < 0.3),
-        skill=float(rng.beta(self.skill_mean * k, (1 - self.skill_mean) * k)),
+        skill=base.staff_skill(rng, self.skill_mean),
         assist_trust=float(rng.uniform(0.6, 1.2)))
 
   def metadata(self, hidden):

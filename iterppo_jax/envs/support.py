@@ -438,17 +438,13 @@ def act_key(turns, text: str) -> tuple:
 
 # ---- the environment ----
 
-class SupportEnv(base.TextEnv):
+class SupportEnv(base.StaffEnv):
   """Customer-support suggested-response simulator (see module docstring). Batched via base.TextEnv."""
 
   domain = "support"
-
-  def __init__(self, *args, skill_mean: float = 0.2, **kwargs):
-    super().__init__(*args, **kwargs)
-    self.skill_mean = skill_mean
+  skill_mean = 0.2
 
   def new_hidden(self, rng):
-    k = 6.0
     cause = CAUSES[int(rng.choice(len(CAUSES), p=CAUSE_PROBS))]
     seq = FIX_SEQUENCES.get(cause, ())
     depth = int(rng.choice(len(seq), p=DEPTH_PROBS[len(seq)])) if seq else 0
@@ -458,7 +454,7 @@ class SupportEnv(base.TextEnv):
         patience=float(rng.uniform(2.5, 5.0)), trust=float(rng.uniform(0.2, 0.7)),
         opens_with_error=bool(rng.random() < 0.25), opens_with_device=bool(rng.random() < 0.3),
         opens_with_hint=bool(tech_skill < LOW_SKILL and rng.random() < 0.5),
-        skill=float(rng.beta(self.skill_mean * k, (1 - self.skill_mean) * k)),
+        skill=base.staff_skill(rng, self.skill_mean),
         assist_trust=float(rng.uniform(0.6, 1.2)))
 
   def metadata(self, hidden):

@@ -1,9 +1,12 @@
-"""The studies of issue #10, each a library module that the thin mains in experiments/ call.
+"""The studies of issue #10 and after, each a library module that the thin mains in experiments/ call.
 
-  baselines     other methods at Iterative PPO's conversation budget (filtered BC, online PPO, ...)
-  ablate_q      the Q-quality ablation: degrade Q on purpose, watch Q's error, pi_{k+1} and the bound
-  ablate_inner  the inner-solver ablation: ppo, grpo and rloo from the same pi_0 and Q_0
-  report        a run's table and plot, and the whole report (simulator tables, the studies above, the bound)
+  baselines           other methods at Iterative PPO's conversation budget (filtered BC, online PPO, ...)
+  ablate_q            the Q-quality ablation: degrade Q on purpose, watch Q's error, pi_{k+1} and the bound
+  ablate_inner        the inner-solver ablation: ppo, grpo and rloo from the same pi_0 and Q_0
+  q_ranking_ablation  Q-model variants refitted on one run's logs, ranked against its true Q (issue #16)
+  benchmark           the jitted pieces timed on random tokens, and their tables (issue #7)
+  report              a run's table and plot, and the whole report (simulator tables, the studies above, the bound)
 
-None of them defines a flag: they take a config and a workdir, and return rows or write tables and plots.
+None of them defines a flag: they take a config (and a workdir), and return rows or write tables and plots. An entry
+point imports no other entry point: what two of them share lives here.
 """

@@ -58,15 +58,13 @@ def run_ablation(config, workdir: str, inners=settings.INNER_SOLVERS) -> list[di
     c = copy.deepcopy(config)
     c.inner = inner
     rows.extend(solver_rows(inner, loop.run(c, run_dir), metrics_lib.read_metrics(run_dir)))
-  with io_utils.atomic_open(os.path.join(workdir, ROWS_FILE)) as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  io_utils.atomic_write_rows(os.path.join(workdir, ROWS_FILE), rows)
   return rows
 
 
 def read_rows(workdir: str) -> list[dict]:
   """The rows run_ablation wrote into workdir."""
-  with open(os.path.join(workdir, ROWS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return io_utils.read_rows(os.path.join(workdir, ROWS_FILE))
 
 
 def reference(workdir: str, inner: str) -> dict:

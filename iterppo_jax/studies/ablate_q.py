@@ -172,15 +172,13 @@ def run_ablation(config, workdir: str, variants=tuple(VARIANTS), report_only: bo
       loop.run(configs[v], run_dir)
     if os.path.exists(os.path.join(run_dir, "progress.json")):
       rows.extend(variant_rows(v, run_dir))
-  with io_utils.atomic_open(os.path.join(workdir, ROWS_FILE)) as f:
-    f.writelines(json.dumps(r) + "\n" for r in rows)
+  io_utils.atomic_write_rows(os.path.join(workdir, ROWS_FILE), rows)
   return rows
 
 
 def read_rows(workdir: str) -> list[dict]:
   """The rows run_ablation wrote into workdir."""
-  with open(os.path.join(workdir, ROWS_FILE)) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return io_utils.read_rows(os.path.join(workdir, ROWS_FILE))
 
 
 # ---- what a person reads ----

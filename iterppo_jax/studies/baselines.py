@@ -424,10 +424,8 @@ def method_fns(config) -> dict[str, Callable]:
 
 
 def read_rows(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The rows run_all wrote to `path` so far ([] before the first)."""
+  return io_utils.read_rows(path) if os.path.exists(path) else []
 
 
 def run_all(config, workdir: str, log: Callable[[str], Any] = print) -> list[dict]:
@@ -451,8 +449,7 @@ def run_all(config, workdir: str, log: Callable[[str], Any] = print) -> list[dic
         continue
       log(f"baselines: {name} seed {seed}")
       rows.append({**fn(config, workdir, seed), "budget": budget})
-      with io_utils.atomic_open(path) as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
+      io_utils.atomic_write_rows(path, rows)
   return rows
 
 
