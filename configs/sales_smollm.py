@@ -13,7 +13,8 @@ the attention projections); a critic's and a Q-model's scalar head train in full
 `:prompted` deploys pi_0 exactly as prompted (no SFT) and stops after evaluating it; `:tiny` keeps the tiny
 loop sizes for tests. CPU sizes: float32 compute, 150 evaluation conversations (about +-5 points at 15%).
 
-`:laptop` is the run a person can make on a 2-core laptop (issue #18: two iterations in about 90 minutes):
+`:laptop` is meant as the run a person can make on a 2-core laptop (issue #18: two iterations in <= 90 minutes;
+not yet achieved: docs/results.md, "SmolLM2 on a laptop"):
 the prompted model evaluated first (loop.eval_pretrained), a short LoRA SFT, then two iterations with RLOO (no
 critic to train) on small batches, 40 evaluation conversations (intervals of about +-10 points: a smoke test of
 the method on a real LLM, not a measurement), no ranking or true-Q measurement (their simulator rollouts with
@@ -82,7 +83,9 @@ def get_config(arg=None):
     c.inner = "rloo"  # leave-one-out baseline over G = 4 responses per state: no critic
     c.ppo.steps = 2
     c.ppo.batch_size = 16  # sampled responses per step (4 states x 4)
-    c.ppo.minibatch_size = 16
+    # Full-vocabulary logits of 16 x 424 tokens x 49,152 are 1.3 GB a copy: the first run, at 16, peaked at
+    # 20.6 GB and was killed by the OOM killer in its first RLOO step; 4 cuts them fourfold (not yet run).
+    c.ppo.minibatch_size = 4
     c.ppo.epochs = 1
     c.ppo.learning_rate = 1e-4  # few steps on adapters
   return c
