@@ -598,7 +598,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
     metrics_pool = {"pooled_examples": len(train) - base}
   else:
     metrics_pool = {}
-  metrics_pool["off_policy"] = float(off_policy)
+  metrics_pool["off_policy"] = float(own is not None)  # D_k bootstrapped from pi_k's samples
   if q_cfg.method == "mc":
     table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all")
   else:
@@ -929,15 +929,12 @@ def phase_seconds(workdir: str) -> dict[str, float]:
   """Wall seconds per phase name (sft, collect, qfit, ppo, eval, ...) summed over iterations, from the run's
   metrics.jsonl (so a resumed run counts the phases of its earlier processes too)."""
   out: dict[str, float] = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILENAME)):
     return out
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      for name, value in row.items():
-        if name.startswith("time/"):
-          out[name[5:]] = out.get(name[5:], 0.0) + float(value)
+  for row in metrics_lib.read_metrics(workdir):
+    for name, value in row.items():
+      if name.startswith("time/"):
+        out[name[5:]] = out.get(name[5:], 0.0) + float(value)
   return out
 
 

@@ -49,17 +49,15 @@ from iterppo_jax.studies import baselines as baselines_lib
 
 def table(summary: dict) -> str:
   """Conversion (95% interval), turns, accept rate and KL to pi_0 per iteration, plus the reference lines."""
+  def row(label: str, s: dict, kl: str) -> str:
+    return (f"| {label} | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
+            f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | {kl} |")
+
   rows = ["| policy | conversion (95% CI) | mean turns | accept | KL to pi_0 |", "|---|---|---|---|---|"]
-  s = summary.get("pretrained")
-  if s:
-    rows.append(f"| pretrained, before SFT | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
-                f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | - |")
-  for k, s in enumerate(summary["iterations"]):
-    rows.append(f"| pi_{k} | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
-                f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | {s.get('kl_to_pi0', 0.0):.2f} |")
-  for name, s in summary.get("reference", {}).items():
-    rows.append(f"| {name} (scripted) | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
-                f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | - |")
+  if summary.get("pretrained"):
+    rows.append(row("pretrained, before SFT", summary["pretrained"], "-"))
+  rows += [row(f"pi_{k}", s, f"{s.get('kl_to_pi0', 0.0):.2f}") for k, s in enumerate(summary["iterations"])]
+  rows += [row(f"{name} (scripted)", s, "-") for name, s in summary.get("reference", {}).items()]
   seconds = summary.get("phase_seconds")
   if seconds:
     rows += ["", "where the time went: " + ", ".join(f"{name} {value:.0f} s" for name, value in
