@@ -122,6 +122,10 @@ def get_config(arg=None):
   # logs-only measure corr(A_k(s, a), G), q_ranking.py); 0 keeps the last step's.
   c.qfit.select_every = 0
   c.qfit.targets = "unbiased"  # | all | explored (the randomised turns alone)
+  # dialogue_state: pseudo-count m of the cells' shrinkage toward a prior (q_table.py; 0: plain cell means) made
+  # of the act's mean Q ('act') or the state's mean plus the act's offset ('additive')
+  c.qfit.shrink = 0.0
+  c.qfit.shrink_to = "act"
   c.qfit.fqe_samples = 4  # fqe: responses of pi_k per logged next state averaged in the target (expected SARSA)
 
   # ---- the inner solver of the single-turn problem ----

@@ -600,10 +600,11 @@ def fit_q_table(run: Run, k: int, records, policy_params):
     metrics_pool = {}
   metrics_pool["off_policy"] = float(own is not None)  # D_k bootstrapped from pi_k's samples
   if q_cfg.method == "mc":
-    table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all")
+    table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all", shrink=q_cfg.shrink,
+                           shrink_to=q_cfg.shrink_to)
   else:
-    table = q_table.fit_sarsa(train, c.gamma, state_fn, act_fn,
-                              lam=q_cfg.lam if q_cfg.method == "td_lambda" else 0.0)
+    table = q_table.fit_sarsa(train, c.gamma, state_fn, act_fn, lam=q_cfg.lam if q_cfg.method == "td_lambda" else 0.0,
+                              shrink=q_cfg.shrink, shrink_to=q_cfg.shrink_to)
   by_id = {r.id: r for r in records}
   held_examples = [e for e, h in zip(examples, held) if h]
   q = table.score_many([(data_lib.turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])

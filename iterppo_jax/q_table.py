@@ -17,7 +17,11 @@ the simulator's hidden state. Q is a table over (state key, act key):
       samples Q^{pi_k} (data.Example.target_valid), all decisions with qfit.targets=all.
 
 A pair that was never logged scores its act's mean Q (then the mean of all), minus 1e-3 so a seen pair wins
-ties. The table is JSON (workdir/checkpoints/qtable/<k>.json), so a resumed run reads back the same Q.
+ties. With `shrink` = m > 0 a cell seen n times is the posterior mean of a pseudo-count model,
+(n mean + m prior) / (n + m), the prior pooled over the same targets: its act's mean ('act') or its state's mean
+plus its act's offset from the mean of all ('additive'). A cell logged once or twice then no longer tops a state
+on one lucky outcome. The table is JSON (workdir/checkpoints/qtable/<k>.json), so a resumed run reads back the
+same Q.
 """
 
 from __future__ import annotations
@@ -152,13 +156,46 @@ def _cells(ds: Sequence[Decision]) -> tuple[list[tuple], dict, np.ndarray, np.nd
   return keys, index, cell, np.bincount(cell, minlength=len(keys))
 
 
-def fit_mc(ds: Sequence[Decision], state_fn=None, act_fn=None, all_turns: bool = False) -> TableQ:
+SHRINK_PRIORS = ("act", "additive")
+
+
+class _Shrinkage:
+  """Pseudo-count shrinkage of cell means toward a prior pooled from the same targets (see the module doc)."""
+
+  def __init__(self, keys: list[tuple], counts: np.ndarray, m: float, prior: str = "act"):
+    if m < 0:
+      raise ValueError(f"shrink must be >= 0, got {m}")
+    if prior not in SHRINK_PRIORS:
+      raise ValueError(f"shrink prior must be one of {SHRINK_PRIORS}, got {prior!r}")
+    self.m, self.prior, self.counts = float(m), prior, counts
+    acts = sorted({a for _, a in keys}, key=repr)
+    states = sorted({s for s, _ in keys}, key=repr)
+    a_index, s_index = {a: i for i, a in enumerate(acts)}, {s: i for i, s in enumerate(states)}
+    self.cell_act = np.asarray([a_index[a] for _, a in keys], np.int64)
+    self.cell_state = np.asarray([s_index[s] for s, _ in keys], np.int64)
+
+  def _pooled(self, group: np.ndarray, sums: np.ndarray) -> np.ndarray:
+    """Each cell's group's mean target over all its decisions."""
+    return (np.bincount(group, weights=sums) / np.bincount(group, weights=self.counts))[group]
+
+  def apply(self, sums: np.ndarray) -> np.ndarray:
+    """(sum of a cell's n targets + m prior) / (n + m); the plain mean when m = 0."""
+    if self.m == 0:
+      return sums / self.counts
+    prior = self._pooled(self.cell_act, sums)
+    if self.prior == "additive":
+      prior = prior + self._pooled(self.cell_state, sums) - float(np.sum(sums) / np.sum(self.counts))
+    return (sums + self.m * prior) / (self.counts + self.m)
+
+
+def fit_mc(ds: Sequence[Decision], state_fn=None, act_fn=None, all_turns: bool = False, shrink: float = 0.0,
+           shrink_to: str = "act") -> TableQ:
   """Mean discounted return per (state, act) over decisions whose return samples Q^{pi_k} (every decision with
-  `all_turns`)."""
+  `all_turns`); with `shrink` > 0, shrunk toward its prior (module doc)."""
   rows = [d for d in ds if all_turns or d.target_valid]
   keys, _, cell, counts = _cells(rows)
-  q = np.bincount(cell, weights=[d.target for d in rows], minlength=len(keys)) / counts
-  return _table(keys, q, counts, state_fn, act_fn)
+  sums = np.bincount(cell, weights=[d.target for d in rows], minlength=len(keys))
+  return _table(keys, _Shrinkage(keys, counts, shrink, shrink_to).apply(sums), counts, state_fn, act_fn)
 
 
 def _depths(ds: Sequence[Decision]) -> np.ndarray:
@@ -174,7 +211,7 @@ def _depths(ds: Sequence[Decision]) -> np.ndarray:
 
 
 def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, lam: float = 0.0,
-              tol: float = 1e-7, max_sweeps: int = 1000) -> TableQ:
+              shrink: float = 0.0, shrink_to: str = "act", tol: float = 1e-7, max_sweeps: int = 1000) -> TableQ:
   """The fixed point of Q(x, a) = mean over logged decisions from (x, a) of their lambda-return of pi_k
   (synchronous sweeps until no cell moves more than `tol`):
 
@@ -184,10 +221,12 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
 
   lam = 0 is SARSA of pi_k; lam = 1 on logs without randomised turns is the Monte Carlo mean per cell. A next pair
   (x', a'_pi) that was never logged takes a'_pi's mean Q. Where a decision carries several sampled acts of pi_k
-  (Decision.own_acts, logs of another policy), Q(x', a'_pi) is their mean (expected SARSA), and the trace is cut."""
+  (Decision.own_acts, logs of another policy), Q(x', a'_pi) is their mean (expected SARSA), and the trace is cut. With `shrink` = m > 0 each sweep's cell means are shrunk
+  toward their prior (module doc), which keeps the sweep a contraction."""
   if not 0.0 <= lam <= 1.0:
     raise ValueError(f"lam must be in [0, 1], got {lam}")
   keys, index, cell, counts = _cells(ds)
+  shrinker = _Shrinkage(keys, counts, shrink, shrink_to)
   rewards = np.asarray([d.reward for d in ds])
   # Successor pairs (decision, (x', a'_pi), weight 1/M): a logged cell, or an unseen pair (its act's mean);
   # none at a conversation's end.
@@ -230,7 +269,7 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
         ret[idx] = rewards[idx] + gamma * ((1.0 - trace[idx]) * v_next[idx] + trace[idx] * later)
     else:
       ret = rewards + gamma * v_next
-    new = np.bincount(cell, weights=ret, minlength=len(keys)) / counts
+    new = shrinker.apply(np.bincount(cell, weights=ret, minlength=len(keys)))
     moved = float(np.max(np.abs(new - q)))
     q = new
     if moved < tol:

@@ -35,6 +35,7 @@ from typing import Any
 from iterppo_jax import errors
 from iterppo_jax import group_pg
 from iterppo_jax import ppo
+from iterppo_jax import q_table
 from iterppo_jax import qfit
 from iterppo_jax import sharding
 from iterppo_jax import solvers
@@ -60,6 +61,7 @@ CHOICES = {
     "qfit.targets": QFIT_TARGETS,
     "qfit.view": QFIT_VIEWS,
     "qfit.next_act": ("pi_k", "logged"),
+    "qfit.shrink_to": q_table.SHRINK_PRIORS,
     "ppo.kl_estimator": ppo.KL_ESTIMATORS,
     "ppo.reference": ("pi_k", "sft"),
     "group.kl_in": group_pg.KL_PLACEMENTS,
@@ -95,6 +97,7 @@ REALS = {
     "gamma": (0.0, 1.0, True, True),  # 0: the myopic baseline
     "env.skill_mean": (0.0, 1.0, False, False),
     "qfit.lam": (0.0, 1.0, True, True), "qfit.tau": (0.0, 1.0, False, True),
+    "qfit.shrink": (0.0, math.inf, True, False),
     "qfit.label_flip": (0.0, 1.0, True, True), "qfit.data_fraction": (0.0, 1.0, False, True),
     "ppo.kl_coef": (0.0, math.inf, True, False), "ppo.kl_target": (0.0, math.inf, True, False),
     "ppo.gamma": (0.0, 1.0, True, True), "ppo.lam": (0.0, 1.0, True, True),
@@ -340,6 +343,8 @@ class QFit(Optimizer):
   select_every: int = 0
   targets: str = "unbiased"
   fqe_samples: int = 4
+  shrink: float = 0.0
+  shrink_to: str = "act"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -248,3 +248,23 @@ def test_pooling_earlier_logs_bootstraps_from_pi_ks_samples(tmp_path):
   bad, workdir = _tiny("bad_pool", tmp_path, **{"qfit.pool": -2})
   with pytest.raises(ValueError, match="qfit.pool must be an integer >= -1"):
     loop.setup(bad, workdir)
+
+
+def test_shrinkage_pulls_rare_cells_to_their_prior():
+  """Monte Carlo cells (s0, a): targets 1, 1; (s1, a): 0; (s1, b): 1. With m = 1 toward the act's pooled mean
+  (a: 2/3, b: 1): (2 + 2/3) / 3, (0 + 2/3) / 2, (1 + 1) / 2; toward state mean + act offset (overall 3/4, s0: 1,
+  s1: 1/2) the priors are 2/3 + 1 - 3/4, 2/3 + 1/2 - 3/4 and 1 + 1/2 - 3/4. m = 0 keeps the plain means, and SARSA
+  on one-step conversations is the same table."""
+  D = q_table.Decision
+  ds = [D(("s0",), ("a",), ("a",), 1.0, -1, 1.0, True, "A"), D(("s0",), ("a",), ("a",), 1.0, -1, 1.0, True, "B"),
+        D(("s1",), ("a",), ("a",), 0.0, -1, 0.0, True, "C"), D(("s1",), ("b",), ("b",), 1.0, -1, 1.0, True, "D")]
+  values = lambda t: {key: v for key, (v, _) in t.cells.items()}  # noqa: E731
+  s0a, s1a, s1b = (("s0",), ("a",)), (("s1",), ("a",)), (("s1",), ("b",))
+  assert values(q_table.fit_mc(ds)) == pytest.approx({s0a: 1.0, s1a: 0.0, s1b: 1.0})
+  act = values(q_table.fit_mc(ds, shrink=1.0))
+  assert act == pytest.approx({s0a: 8 / 9, s1a: 1 / 3, s1b: 1.0})
+  assert values(q_table.fit_sarsa(ds, GAMMA, shrink=1.0)) == pytest.approx(act)
+  add = values(q_table.fit_mc(ds, shrink=1.0, shrink_to="additive"))
+  assert add == pytest.approx({s0a: (2 + 2 / 3 + 1 / 4) / 3, s1a: (2 / 3 - 1 / 4) / 2, s1b: (1 + 3 / 4) / 2})
+  with pytest.raises(ValueError, match="shrink"):
+    q_table.fit_mc(ds, shrink=-1.0)

@@ -55,6 +55,14 @@ VARIANTS = {
     "table_mc": ("dialogue-state table, Monte Carlo (turns from t* on)", {"qfit.view": "dialogue_state",
                                                                           "qfit.method": "mc"}),
 }
+# The table's cells shrunk toward a prior by a pseudo-count m (q_table.py): m = 2, 5, 10 toward the act's mean,
+# m = 5 toward the state's mean plus the act's offset.
+for _m in (2, 5, 10):
+  VARIANTS[f"table_shrink_{_m}"] = (f"dialogue-state table, SARSA, cells shrunk to their act's mean (m = {_m})",
+                                    {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": float(_m)})
+VARIANTS["table_shrink_add_5"] = ("dialogue-state table, SARSA, cells shrunk to state mean + act offset (m = 5)",
+                                  {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": 5.0,
+                                   "qfit.shrink_to": "additive"})
 
 
 def read_run_config(wd: str) -> dict:
