@@ -352,7 +352,7 @@ class Ppo(Optimizer):
   learning_rate: float = 3e-4
   warmup_steps: int = 2
   critic: Critic = Critic()
-  kl_coef: float = 0.1
+  kl_coef: float = 0.05
   kl_estimator: str = "k1"
   kl_target: float = 0.0  # > 0: the adaptive controller
   kl_horizon: int = 10000

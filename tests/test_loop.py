@@ -123,7 +123,7 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
   other = tiny_config()
   other.ppo.kl_coef = 0.5
   other.qfit.method = "td"
-  with pytest.raises(errors.WorkdirError, match=r"ppo\.kl_coef: 0\.1 -> 0\.5; qfit\.method: 'mc' -> 'td'"):
+  with pytest.raises(errors.WorkdirError, match=rf"ppo\.kl_coef: {c.ppo.kl_coef} -> 0\.5; qfit\.method: 'mc' -> 'td'"):
     loop.check_resumable(other, workdir)
   fresh_only = tiny_config()
   fresh_only.resume = False
