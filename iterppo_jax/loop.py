@@ -298,10 +298,12 @@ def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
   Conversations are seeded on their index (and a model samples per conversation and turn), so the dataset is
   the one a single process plays.
   """
+  try:  # written before, whole (also by another number of processes, in a run resumed on those)
+    records = read_logs(workdir, name)
+  except FileNotFoundError:
+    records = None
   path = os.path.join(workdir, "data", f"{distributed.shard_name(name)}.jsonl")
-  if distributed.process_count() == 1 and os.path.exists(path):
-    return conv_lib.read_jsonl(path)
-  if not os.path.exists(path):
+  if records is None and not os.path.exists(path):
     start, stop = distributed.shard_range(n)
     bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)  # noqa: E731
     records = env.play(policy, stop - start, seed=seed, start=start, batch_size=play_batch, progress=bar)
@@ -311,10 +313,10 @@ def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
     note = model.truncation_note() if hasattr(model, "truncation_note") else None
     if note:
       print(f"warning: {name}: {note}")
-    if distributed.process_count() == 1:
-      return records
+  if distributed.process_count() == 1:
+    return records
   distributed.barrier(f"play_and_log/{name}")
-  return read_logs(workdir, name)
+  return read_logs(workdir, name)  # every block, in process order
 
 
 # ---- phases ----

@@ -172,3 +172,56 @@ def test_unreachable_coordinator_fails_fast_with_a_clear_message(tmp_path):
   codes, outs = _finish([p], timeout=120)  # returns: the preflight, not initialize's 300 s wait and abort
   assert codes == [2], outs[0][-2000:]
   assert f"could not reach the coordinator at 127.0.0.1:{port} within 3 s" in outs[0], outs[0][-2000:]
+
+
+# ---- the pieces, in this process ----
+
+def test_shard_range_covers_every_conversation_once():
+  from iterppo_jax import distributed
+  for n in (0, 1, 7, 16, 400):
+    for count in (1, 2, 3, 4):
+      blocks = [distributed.shard_range(n, i, count) for i in range(count)]
+      assert [i for a, b in blocks for i in range(a, b)] == list(range(n))
+  assert distributed.shard_name("eval_0", 1, 2) == "eval_0.p1-of-2" and distributed.shard_name("eval_0", 0, 1) == "eval_0"
+
+
+def test_the_parts_of_a_dataset_read_back_as_one(tmp_path):
+  from iterppo_jax import conversation as conv_lib
+  from iterppo_jax.envs import registry
+  from configs import sales as sales_config
+  cfg = sales_config.get_config().env
+  env = registry.make_env(cfg)
+  policy = registry.make_policy("sales", "behavior", cfg)
+  whole = env.play(policy, 10, seed=3)
+  os.makedirs(tmp_path / "data")
+  conv_lib.write_jsonl(str(tmp_path / "data" / "iter_0.p1-of-2.jsonl"), env.play(policy, 5, seed=3, start=5))
+  with pytest.raises(FileNotFoundError):  # block 0 is missing: no dataset yet
+    loop.read_logs(str(tmp_path), "iter_0")
+  conv_lib.write_jsonl(str(tmp_path / "data" / "iter_0.p0-of-2.jsonl"), env.play(policy, 5, seed=3))
+  assert [r.to_json() for r in loop.read_logs(str(tmp_path), "iter_0")] == [r.to_json() for r in whole]
+
+
+def test_a_language_model_plays_a_conversation_the_same_in_any_batch(tmp_path):
+  """LMPolicy draws each decision from (seed, conversation, turn), so batching (and so the number of processes
+  that play the conversations) changes no conversation."""
+  from flax import nnx
+  from iterppo_jax import lm_policy
+  from iterppo_jax import tokenizer as tok_lib
+  from iterppo_jax.envs import registry
+  from iterppo_jax.models import transformer as tf
+  from configs import sales as sales_config
+  cfg = sales_config.get_config().env
+  env = registry.make_env(cfg)
+  logs = env.play(registry.make_policy("sales", "behavior", cfg), 20, seed=0)
+  tok = tok_lib.train_bpe(tok_lib.corpus_from_conversations(logs), 300, str(tmp_path / "tok"))
+  graphdef, params = nnx.split(tf.Transformer(tf.TransformerConfig.tiny(tok.vocab_size, max_len=40),
+                                              rngs=nnx.Rngs(0)))
+
+  def play(batch, start=0, n=12):
+    policy = lm_policy.LMPolicy("pi", graphdef, params, tok, max_prompt_len=32, max_new_tokens=6, seed=5)
+    return [r.to_json() for r in env.play(policy, n, seed=1, start=start, batch_size=batch)]
+
+  together = play(12)
+  assert play(5) == together
+  assert play(12, start=4, n=8) == together[4:]  # the second process's block of a two-process run
+  assert len({json.dumps(r["turns"]) for r in together}) > 1
