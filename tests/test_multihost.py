@@ -33,7 +33,8 @@ from iterppo_jax import metrics as metrics_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/sales.py:tiny", "--config.loop.tensorboard=False", "--config.loop.iterations=1",
-         "--config.loop.first_data=policy", "--config.ppo.minibatch_size=8"]  # 8 rows: one per device
+         "--config.loop.first_data=policy", "--config.ppo.minibatch_size=8",  # 8 rows: one per device
+         "--config.ppo.steps=2", "--config.loop.rank_states=0"]  # the true-Q rollouts stay: replicated play
 DATASETS = ("behavior", "iter_0", "eval_0", "eval_1")
 RTOL, METRIC_ATOL, PARAM_ATOL = 1e-5, 2e-5, 5e-5
 
