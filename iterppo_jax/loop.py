@@ -281,14 +281,6 @@ def read_logs(workdir: str, name: str) -> list[conv_lib.Conversation]:
   raise FileNotFoundError(path)
 
 
-def has_logs(workdir: str, name: str) -> bool:
-  try:
-    read_logs(workdir, name)
-  except FileNotFoundError:
-    return False
-  return True
-
-
 def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
                  name: str) -> list[conv_lib.Conversation]:
   """Plays n conversations (or reloads them if this phase already wrote them) and keeps workdir/data/name.jsonl.
@@ -599,8 +591,9 @@ def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
       name = "behavior" if c.loop.first_data == "policy" else None
     else:
       name = f"iter_{j}" if j or c.loop.first_data == "policy" else c.loop.first_data
-    if name and has_logs(run.workdir, name):
-      out += read_logs(run.workdir, name)
+    if name:
+      with contextlib.suppress(FileNotFoundError):  # e.g. no explore logs in a run that deployed pi_0
+        out += read_logs(run.workdir, name)
   return out
 
 
