@@ -75,7 +75,8 @@ def initialize(enabled: bool, coordinator: str = "", num_processes: int = 0, pro
   Must run before anything touches a JAX device (entry points call it first). An empty coordinator,
   num_processes 0 or process_id -1 leave that value to jax.distributed.initialize, which reads
   JAX_COORDINATOR_ADDRESS / the Cloud TPU metadata / SLURM's variables. Processes other than 0 first wait for the
-  coordinator's port (`wait_for_coordinator`) when its address is known here.
+  coordinator's port (`wait_for_coordinator`) when its address and their rank are known here (given, or
+  JAX_COORDINATOR_ADDRESS with JAX_PROCESS_ID or SLURM_PROCID).
   """
   if not enabled:
     return
@@ -84,7 +85,7 @@ def initialize(enabled: bool, coordinator: str = "", num_processes: int = 0, pro
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   address = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   rank = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", os.environ.get("SLURM_PROCID", -1)))
-  if address and rank != 0:
+  if address and rank > 0:  # process 0 binds the port itself; an unknown rank (-1) cannot tell
     wait_for_coordinator(address, connect_timeout_s)
   kwargs: dict[str, Any] = {"initialization_timeout": int(init_timeout_s)}
   if coordinator:
