@@ -4,7 +4,9 @@
   python -m experiments.simulate_scaling --config=configs/sales.py:tiny --processes=1,2 --conversations=64
 
 Each row starts that many processes of this module on 127.0.0.1 (jax.distributed, one CPU device each, gloo);
-each plays its block of the conversations (iterppo_jax/studies/scaling.py) and process 0 writes the rate.
+each plays its block of the conversations (iterppo_jax/studies/scaling.py) and process 0 writes the rate. Other
+XLA_FLAGS pass through: `XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` keeps each process's maths on one thread,
+as if each process had a core of its own.
 """
 
 import os
@@ -36,7 +38,8 @@ def _measure(count: int, out_dir: str) -> dict:
   """Starts `count` workers (this module with --out) and returns process 0's rate.json."""
   port, argv = _free_port(), [a for a in sys.argv[1:] if not a.startswith("--processes")]
   env = {**os.environ, "IPPO_NO_PROGRESS": "1"}
-  env.pop("XLA_FLAGS", None)  # one CPU device per process
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()  # one CPU device per process
+                              if not f.startswith("--xla_force_host_platform_device_count"))
   procs = [subprocess.Popen([sys.executable, "-m", "experiments.simulate_scaling", *argv, f"--out={out_dir}",
                              "--config.distributed.enabled=True", f"--config.distributed.coordinator=127.0.0.1:{port}",
                              f"--config.distributed.num_processes={count}", f"--config.distributed.process_id={i}"],
