@@ -226,3 +226,10 @@ def test_a_language_model_plays_a_conversation_the_same_in_any_batch(tmp_path):
   assert play(5) == together
   assert play(12, start=4, n=8) == together[4:]  # the second process's block of a two-process run
   assert len({json.dumps(r["turns"]) for r in together}) > 1
+  # Several samples at one state need keys of their own (q_ranking's policy candidates): two distinct draws.
+  from iterppo_jax import q_ranking
+  policy = lm_policy.LMPolicy("pi", graphdef, params, tok, max_prompt_len=32, max_new_tokens=6, seed=5)
+  actions = q_ranking.build_action_set(
+      env, logs[:3], policy, registry.candidate_fn("sales"), n_states=2, policy_samples=2, rollouts=2, gamma=0.95,
+      seed=0, render_fn=lambda turns, context: "")
+  assert [s.count("policy") for s in actions.source] == [2, 2]
