@@ -6,6 +6,8 @@
 
 Rerunning with the same --workdir (and the same settings; more loop.iterations may be asked for) resumes from
 the last completed phase; --config.resume=False refuses a workdir that already holds a run.
+With --config.distributed.enabled=True the same command runs on every host of a multi-process run
+(docs/multihost.md).
 """
 
 import os
@@ -16,6 +18,7 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
+from iterppo_jax import distributed
 from iterppo_jax import loop
 from iterppo_jax import settings
 
@@ -28,12 +31,19 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint operation at INFO
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
-  settings.load(config)  # every key known, every choice, size and rule between keys, before anything is written
+  # every key known, every choice, size and rule between keys, before anything is written
+  d = settings.load(config).distributed
+  distributed.initialize(d.enabled, d.coordinator, d.num_processes, d.process_id, d.connect_timeout_s,
+                         d.init_timeout_s)  # before anything touches a device
   loop.check_resumable(config, workdir)
-  print(f"workdir: {os.path.abspath(workdir)}  devices: {jax.devices()}")
+  print(f"workdir: {os.path.abspath(workdir)}  process {jax.process_index()} of {jax.process_count()}  "
+        f"devices: {jax.devices()}")
   if not _WORKDIR.value:
     print(f"(interrupted? the same command with --workdir={workdir} continues from the last completed phase)")
   summary = loop.run(config, workdir)  # errors end as one line and an exit code (cli.guard; --debug: traceback)
+  if not distributed.is_writer():
+    print(f"process {jax.process_index()}: done (process 0 reports the run)")
+    return
   if summary.get("offline"):
     print(f"offline iteration on {summary['conversations']} logged conversations")
     print(f"Q-fit: {summary['qfit']}")

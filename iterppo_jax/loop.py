@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -37,6 +38,7 @@ from flax import nnx
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import distributed
 from iterppo_jax import errors
 from iterppo_jax import explore
 from iterppo_jax import io_utils
@@ -68,10 +70,14 @@ from iterppo_jax.models import transformer as tf
 # ---- progress bookkeeping (which phases are done) ----
 
 class Progress:
-  """workdir/progress.json: completed phases and what they produced (small JSON, written atomically)."""
+  """workdir/progress.json: completed phases and what they produced (small JSON, written atomically).
+
+  Every process of a multi-process run keeps the same record; process 0 alone writes it (distributed.is_writer).
+  """
 
   def __init__(self, workdir: str):
     self.path = os.path.join(workdir, "progress.json")
+    self.active = distributed.is_writer()
     self.done: dict[str, Any] = {}
     if os.path.exists(self.path):
       with open(self.path) as f:
@@ -82,7 +88,8 @@ class Progress:
 
   def mark(self, phase: str, payload: Any = True) -> None:
     self.done[phase] = payload
-    io_utils.atomic_write_json(self.path, self.done)
+    if self.active:
+      io_utils.atomic_write_json(self.path, self.done)
 
 
 # ---- building pieces from the config ----
@@ -111,7 +118,7 @@ def optimizer(section) -> Any:
 # Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
 # what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
 RESUMABLE_CHANGES = ("resume", "loop.iterations", "loop.stop_after_phase", "loop.stop_after_ppo_step",
-                     "loop.tensorboard", "export_dir", "mesh", "mesh_rules")
+                     "loop.tensorboard", "export_dir", "mesh", "mesh_rules", "distributed")
 
 
 def _flat(tree, prefix=""):
@@ -176,6 +183,7 @@ class Run:
   renderer: rendering.Renderer = rendering.TAGS
   graphdef: Any = None
   rules: Any = sharding.DEFAULT_RULES  # logical axis -> mesh axes (config.mesh_rules over the defaults)
+  local_mesh: Any = None  # multi-process runs: this process's own devices, where it plays (distributed.py)
 
   def checkpointer(self, name: str, max_to_keep: int | None = None) -> ckpt_lib.Checkpointer:
     return ckpt_lib.Checkpointer(self.workdir, name, max_to_keep=max_to_keep)
@@ -194,12 +202,17 @@ class Run:
     return lora_lib.LoraConfig.from_section(section, train_full=head)
 
   def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
+    """The LM as a simulator policy. In a multi-process run each process plays on its own devices (a copy of
+    the params there), so processes play their conversations independently."""
     d = self.config.data
+    if self.local_mesh is not None:
+      params = distributed.local_params(params, self.local_mesh)
     return lm_policy.LMPolicy(name, graphdef, params, self.tokenizer, max_prompt_len=d.max_prompt_len,
                               max_new_tokens=d.max_action_len, seed=seed,
                               temperature=self.config.loop.deploy_temperature, renderer=self.renderer,
                               max_render_turns=self.config.env.max_render_turns,
-                              prompt_bucket=d.prompt_bucket)
+                              prompt_bucket=d.prompt_bucket, mesh=self.local_mesh,
+                              rules=self.rules if self.local_mesh is not None else None)
 
   def examples(self, records):
     return data_lib.examples_from_conversations(records, self.config.gamma, self.config.env.max_render_turns,
@@ -250,21 +263,52 @@ def load_policy(run: Run, step: int, previous):
   return ts.merged(ts.LoraParams(frozen=previous, adapters=adapters), lora)
 
 
-def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
-                 name: str) -> list[conv_lib.Conversation]:
-  """Plays n conversations (or reloads them if this phase already wrote them) and keeps workdir/data/name.jsonl."""
+def read_logs(workdir: str, name: str) -> list[conv_lib.Conversation]:
+  """The conversations of dataset `name` (workdir/data/name.jsonl, or the parts name.p<i>-of-<P>.jsonl that the P
+  processes of a multi-process run wrote, read back in process order: one dataset in conversation order)."""
   path = os.path.join(workdir, "data", f"{name}.jsonl")
   if os.path.exists(path):
     return conv_lib.read_jsonl(path)
-  bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)  # noqa: E731
-  records = env.play(policy, n, seed=seed, batch_size=play_batch, progress=bar)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  conv_lib.write_jsonl(path, records)
-  model = getattr(policy, "policy", policy)  # an LMPolicy, or the one inside explore.RandomisedTurn
-  note = model.truncation_note() if hasattr(model, "truncation_note") else None
-  if note:
-    print(f"warning: {name}: {note}")
-  return records
+  parts = sorted(glob.glob(os.path.join(workdir, "data", glob.escape(name) + ".p*-of-*.jsonl")))
+  by_count: dict[int, dict[int, str]] = {}
+  for p in parts:
+    m = re.fullmatch(r"\.p(\d+)-of-(\d+)\.jsonl", os.path.basename(p)[len(name):])
+    if m:
+      by_count.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+  for count, found in sorted(by_count.items()):
+    if len(found) == count:
+      return [r for i in range(count) for r in conv_lib.read_jsonl(found[i])]
+  raise FileNotFoundError(path)
+
+
+def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
+                 name: str) -> list[conv_lib.Conversation]:
+  """Plays n conversations (or reloads them if this phase already wrote them) and keeps workdir/data/name.jsonl.
+
+  In a multi-process run each process plays its block of conversation indices (distributed.shard_range) and
+  keeps it as data/name.p<i>-of-<P>.jsonl; after a barrier every process reads all blocks back as one dataset.
+  Conversations are seeded on their index (and a model samples per conversation and turn), so the dataset is
+  the one a single process plays.
+  """
+  try:  # written before, whole (also by another number of processes, in a run resumed on those)
+    records = read_logs(workdir, name)
+  except FileNotFoundError:
+    records = None
+  path = os.path.join(workdir, "data", f"{distributed.shard_name(name)}.jsonl")
+  if records is None and not os.path.exists(path):
+    start, stop = distributed.shard_range(n)
+    bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)  # noqa: E731
+    records = env.play(policy, stop - start, seed=seed, start=start, batch_size=play_batch, progress=bar)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    conv_lib.write_jsonl(path, records)
+    model = getattr(policy, "policy", policy)  # an LMPolicy, or the one inside explore.RandomisedTurn
+    note = model.truncation_note() if hasattr(model, "truncation_note") else None
+    if note:
+      print(f"warning: {name}: {note}")
+  if distributed.process_count() == 1:
+    return records
+  distributed.barrier(f"play_and_log/{name}")
+  return read_logs(workdir, name)  # every block, in process order
 
 
 # ---- phases ----
@@ -285,12 +329,13 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     if report.skipped:
       print(f"skipped {report.skipped} invalid lines; first: {report.errors[:3]}")
   os.makedirs(workdir, exist_ok=True)
-  io_utils.atomic_write_text(os.path.join(workdir, "config.json"), raw.to_json_best_effort(indent=2))
+  if distributed.is_writer():
+    io_utils.atomic_write_text(os.path.join(workdir, "config.json"), raw.to_json_best_effort(indent=2))
   progress = Progress(workdir)
   # Losses must stay finite; eval statistics may be NaN (an AUC with one class in a tiny held-out set).
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.loop.tensorboard,
                                     fail_on_nonfinite=("sft/loss", "qfit/loss", "ppo/policy_loss",
-                                                       "ppo/value_loss"))
+                                                       "ppo/value_loss"), active=distributed.is_writer())
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
   env = None if config.loop.logs else registry.make_env(config.env)
   if not config.loop.logs:
@@ -299,7 +344,9 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
                         seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
   model_dir = config.model_dir
-  if os.path.isdir(tok_dir):
+  if not distributed.is_writer():  # process 0 trains or loads it and keeps it in the workdir
+    tokenizer = None
+  elif os.path.isdir(tok_dir):
     tokenizer = tok_lib.load_tokenizer(tok_dir)
   elif config.tokenizer.path or model_dir:
     # A pretrained tokenizer gains our role / end-of-turn tokens; keep that version with the run.
@@ -310,6 +357,9 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
     tokenizer.save(tok_dir)
   else:
     tokenizer = tok_lib.train_bpe(tok_lib.corpus_from_conversations(logs), config.tokenizer.vocab_size, tok_dir)
+  distributed.barrier("tokenizer")
+  if tokenizer is None:
+    tokenizer = tok_lib.load_tokenizer(tok_dir)
   if model_dir:
     if _is_gguf(model_dir):
       hf_cfg = gguf_lib.config_from_gguf(model_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
@@ -328,7 +378,8 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   renderer = (rendering.chat(tokenizer.hf, config.data.system_prompt) if config.data.chat_template
               else rendering.TAGS)
   run = Run(config, workdir, env, tokenizer, model_cfg, mesh, writer, progress, renderer,
-            rules=sharding.rules_from_config(config.mesh_rules))
+            rules=sharding.rules_from_config(config.mesh_rules),
+            local_mesh=distributed.local_mesh() if distributed.process_count() > 1 else None)
   return run, logs
 
 
@@ -540,9 +591,9 @@ def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
       name = "behavior" if c.loop.first_data == "policy" else None
     else:
       name = f"iter_{j}" if j or c.loop.first_data == "policy" else c.loop.first_data
-    path = os.path.join(run.workdir, "data", f"{name}.jsonl")
-    if name and os.path.exists(path):
-      out += conv_lib.read_jsonl(path)
+    if name:
+      with contextlib.suppress(FileNotFoundError):  # e.g. no explore logs in a run that deployed pi_0
+        out += read_logs(run.workdir, name)
   return out
 
 
@@ -615,7 +666,9 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   metrics["table_cells"] = len(table.cells)
   metrics.update(metrics_pool)
   _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
-  table.save(path)
+  if distributed.is_writer():
+    table.save(path)
+  distributed.barrier(f"qtable/{k}")
   run.progress.mark(f"qfit/{k}", metrics)
   return table, None, metrics
 
@@ -657,14 +710,16 @@ def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet:
   path = os.path.join(run.workdir, "data", f"ranking_{k}.json")
   if os.path.exists(path):
     return q_ranking.ActionSet.load(path)
-  records = conv_lib.read_jsonl(os.path.join(run.workdir, "data", f"eval_{k}.jsonl"))
+  records = read_logs(run.workdir, f"eval_{k}")
   policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
   action_set = q_ranking.build_action_set(
       run.env, records, policy, registry.candidate_fn(c.env.domain), n_states=c.loop.rank_states,
       policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=c.gamma,
       seed=seed_for(c, k, PHASE_IDS["rank"], 1),
       render_fn=lambda turns, context: run.renderer.state(turns, c.env.max_render_turns, context))
-  action_set.save(path)
+  if distributed.is_writer():
+    action_set.save(path)
+  distributed.barrier(f"ranking/{k}")
   return action_set
 
 
@@ -677,7 +732,7 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   """
   action_set = measure_action_set(run, k, policy_params)
   prompts, actions = action_set.pairs()
-  evals = {r.id: r for r in conv_lib.read_jsonl(os.path.join(run.workdir, "data", f"eval_{k}.jsonl"))}
+  evals = {r.id: r for r in read_logs(run.workdir, f"eval_{k}")}
   turns = [evals[cid].turns[:i] for (cid, i), cs in zip(action_set.where, action_set.candidates) for _ in cs]
   q = score(turns, prompts, actions)
   out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask)
@@ -949,8 +1004,11 @@ def run(config, workdir: str) -> dict:
   start_time = time.perf_counter()
   # One run per workdir; a killed run's lock is taken over. setup checks the settings and reads a user's logs
   # before it writes; a run that fails before its first phase completes leaves the workdir as it found it.
-  with io_utils.workdir_lock(workdir):
-    before = _fresh_entries(workdir)
+  # In a multi-process run process 0 holds the lock for all, and none writes before every one has looked.
+  lock = io_utils.workdir_lock(workdir) if distributed.is_writer() else contextlib.nullcontext()
+  with lock:
+    before = _fresh_entries(workdir) if distributed.is_writer() else None  # process 0 made the workdir
+    distributed.barrier("start")
     try:
       run_, logs = setup(config, workdir)
       with sharding.use_mesh(run_.mesh, run_.rules):
@@ -981,7 +1039,9 @@ def _stopped(e: Exception, workdir: str, before: set[str] | None) -> Exception:
   except (OSError, ValueError):
     kept = True  # unreadable progress: remove nothing
   try:
-    if not kept:
+    if not distributed.is_writer():  # process 0 tidies for all
+      state = "process 0 reports the last good checkpoint"
+    elif not kept:
       for name in set(os.listdir(workdir)) - before - {io_utils.LOCK_NAME}:
         path = os.path.join(workdir, name)
         if os.path.isdir(path) and not os.path.islink(path):
@@ -1076,9 +1136,12 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
   export_dir = export_policy(run_, params)
   if export_dir:
     summary["export_dir"] = export_dir
-  io_utils.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
   from iterppo_jax.studies import report  # on use: matplotlib only when a plot is made; the studies import loop
-  summary["plot"] = report.plot_conversion(summary, os.path.join(workdir, "conversion.png"))
+  plot = os.path.join(workdir, "conversion.png")
+  if distributed.is_writer():
+    io_utils.atomic_write_json(os.path.join(workdir, "summary.json"), summary)
+    plot = report.plot_conversion(summary, plot)
+  summary["plot"] = plot
   summary["table"] = report.table(summary)
   run_.writer.close()
   return summary
@@ -1089,6 +1152,10 @@ def export_policy(run_: Run, params) -> str:
   out = run_.config.export_dir
   if not out:
     return ""
+  if distributed.process_count() > 1:  # every process gathers; process 0 writes
+    params = distributed.to_host(params)
+    if not distributed.is_writer():
+      return out
   return hf_lib.export(run_.model_cfg, params, out, tokenizer_dir=os.path.join(run_.workdir, "tokenizer"))
 
 
@@ -1101,6 +1168,7 @@ def offline_iteration(run_: Run, logs, pi0) -> dict:
   summary = {"offline": True, "logs": run_.config.loop.logs, "conversations": len(logs), "qfit": q_metrics,
              "ppo": ppo_metrics, "policy_checkpoint": os.path.join(run_.workdir, "checkpoints", "policy", "1"),
              "export_dir": export_policy(run_, new_params)}
-  io_utils.atomic_write_json(os.path.join(run_.workdir, "summary.json"), summary)
+  if distributed.is_writer():
+    io_utils.atomic_write_json(os.path.join(run_.workdir, "summary.json"), summary)
   run_.writer.close()
   return summary

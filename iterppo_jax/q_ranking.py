@@ -166,7 +166,10 @@ def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
   episodes = [env.restore(r, i) for r, i in chosen]
   samples: list[list[str]] = [[] for _ in chosen]
   if policy_samples > 0:
-    observations = [ep.observation(env.max_render_turns) for ep in episodes for _ in range(policy_samples)]
+    # Each sample its own key: a model policy draws per observation key (lm_policy), and equal keys would give
+    # equal samples.
+    observations = [dataclasses.replace(o, key=o.key + (s,)) for ep in episodes for s in range(policy_samples)
+                    for o in [ep.observation(env.max_render_turns)]]
     texts = list(policy(observations))
     for j, text in enumerate(texts):
       samples[j // policy_samples].append(text)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iterppo_jax import data as data_lib
+from iterppo_jax import distributed
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import rendering
 from iterppo_jax import sampling
@@ -336,7 +337,7 @@ def predict(predict_fn, params, arrays: dict, batch_size: int, mesh) -> np.ndarr
   arrays = {k: arrays[k] for k in ("tokens", "positions", "valid", "last_index", "state_index") if k in arrays}
   for batch in data_lib.batch_iterator(arrays, batch_size, seed=0, shuffle=False, drop_remainder=False):
     batch.pop("batch_valid")  # filler rows repeat real ones at the end and are cut off below
-    out.append(np.asarray(predict_fn(params, ts.device_batch(batch, mesh))))
+    out.append(np.asarray(distributed.to_host(predict_fn(params, ts.device_batch(batch, mesh)))))
   return np.concatenate(out)[:n]
 
 
@@ -455,7 +456,7 @@ def sample_next_actions(graphdef, params, tokenizer, prompts: list[str], samples
       out = sampling.sample(graphdef, params, tokens[take], valid[take], jax.random.fold_in(key, b),
                             max_new_tokens=max_action_len, temperature=temperature, eos_id=end_id,
                             pad_id=tokenizer.pad_id)
-      new_tokens, new_valid = jax.device_get((out.tokens, out.valid))
+      new_tokens, new_valid = distributed.to_host((out.tokens, out.valid))
       for r in range(min(batch_size, len(rows) - start)):
         texts.append(renderer.parse(tokenizer.decode(new_tokens[r][new_valid[r]])))
   pairs = data_lib.encode_pairs(tokenizer, rows, texts, max_prompt_len, max_action_len, renderer)

@@ -83,14 +83,18 @@ def top_p_filter(logits: Array, top_p: float) -> Array:
 
 
 def _choose(logits: Array, key: Array, temperature: Array, top_p: float, greedy: bool):
-  """Picks one token per row. Returns (tokens [B], sampling logprobs [B])."""
+  """Picks one token per row with `key` (one key, or [B] keys: one per row). Returns (tokens [B], sampling
+  logprobs [B])."""
   if greedy:
     tokens = jnp.argmax(logits, axis=-1)
     return tokens.astype(jnp.int32), jnp.zeros(tokens.shape, jnp.float32)
   scaled = logits / temperature
   if top_p < 1.0:
     scaled = top_p_filter(scaled, top_p)
-  tokens = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+  if key.ndim:  # a key per row: a row's draw does not depend on which other rows share its batch
+    tokens = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled).astype(jnp.int32)
+  else:
+    tokens = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
   sampling_logp = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], -1)
   return tokens, sampling_logp[:, 0]
 
@@ -116,8 +120,8 @@ def _sample(graphdef, state, prompt_tokens, prompt_valid, key, temperature, *, m
   # ---- decode: token i is chosen from `logits`, then written to cache slot P + i
   def emit(i, last_logits, done, out):
     """Chooses token i of every row and writes it to column i of `out`."""
-    token, sampling_logp = _choose(last_logits, jax.random.fold_in(key, i), temperature, top_p,
-                                   greedy)
+    step_key = jax.vmap(jax.random.fold_in, (0, None))(key, i) if key.ndim else jax.random.fold_in(key, i)
+    token, sampling_logp = _choose(last_logits, step_key, temperature, top_p, greedy)
     active = ~done
     token = jnp.where(active, token, pad_id)
     logp = jnp.take_along_axis(jax.nn.log_softmax(last_logits, -1), token[:, None], -1)[:, 0]
@@ -169,7 +173,8 @@ def sample(model_graphdef: nnx.GraphDef, model_state: Any, prompt_tokens: Array,
     model_state: the matching state (params).
     prompt_tokens: [B,P] int32, left- or right-padded.
     prompt_valid: [B,P] bool, True at real prompt tokens.
-    key: PRNG key; step i uses ``fold_in(key, i)``.
+    key: PRNG key, or [B] keys (one per row: a row's sample is then the same in any batch); step i uses
+      ``fold_in(key, i)``.
     max_new_tokens: N, the number of token slots in the output.
     temperature: softmax temperature of the sampling distribution (> 0).
     top_p: nucleus mass in (0, 1]; 1 disables the filter.

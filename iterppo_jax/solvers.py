@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from iterppo_jax import distributed
 from iterppo_jax import errors
 from iterppo_jax import group_pg
 from iterppo_jax import metrics as metrics_lib
@@ -265,7 +266,7 @@ def train(solver: Solver, policy: ts.Trainable, critic: Optional[ts.Trainable], 
           programs.update, take, model, exp, batch_size, cfg.minibatch_size, cfg.epochs,
           lambda epoch: np.random.default_rng([seed, i, epoch + 1]).permutation(batch_size))
     # One host transfer per iteration, after every step is queued.
-    step_metrics, summary = jax.device_get((step_metrics, {k: exp[k] for k in solver.summary_keys}))
+    step_metrics, summary = distributed.to_host((step_metrics, {k: exp[k] for k in solver.summary_keys}))
     kl_coef = float(state.kl_coef)
     last = mean_metrics(step_metrics, prefix)
     last.update({f"{prefix}/{k}": v for k, v in solver.summary(summary).items()})

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from iterppo_jax import distributed
 from iterppo_jax import sharding
 from iterppo_jax.models import lora as lora_lib
 
@@ -208,8 +209,9 @@ def make_train_step(trainable: Trainable, loss_fn: Callable, *, donate: bool = T
 
 
 def device_batch(batch: dict, mesh) -> dict:
-  """Puts a host batch (dict of numpy arrays) on the mesh, leading dimension over (data, fsdp)."""
-  return jax.device_put(dict(batch), sharding.batch_sharding(mesh))
+  """Puts a host batch (dict of numpy arrays) on the mesh, leading dimension over (data, fsdp); in a
+  multi-process run each process supplies its own devices' rows (distributed.device_batch)."""
+  return distributed.device_batch(batch, sharding.batch_sharding(mesh))
 
 
 def copy_params(params):

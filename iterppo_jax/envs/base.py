@@ -56,6 +56,9 @@ class Observation:
   conversation: conv_lib.Conversation
   text: str
   rng: np.random.Generator  # for scripted policies; deterministic per (seed, conversation, turn)
+  # (seed, conversation index, ..., turn): a model policy draws this decision's sample from it, so a
+  # conversation plays the same in any batch, on any number of processes (distributed.py)
+  key: tuple[int, ...] = ()
 
 
 class Policy(Protocol):
@@ -82,7 +85,7 @@ class Episode:
     key = self.seed_key + (self.turns_played, 7)
     return Observation(uid=self.uid, turn=self.turns_played, conversation=self.record,
                        text=conv_lib.render_state(self.record.turns, max_render_turns, self.record.context),
-                       rng=np.random.default_rng(key))
+                       rng=np.random.default_rng(key), key=self.seed_key + (self.turns_played,))
 
 
 def discounted_targets(record: conv_lib.Conversation, gamma: float) -> list[float]:
