@@ -202,7 +202,9 @@ def test_restore_replays_the_hidden_state():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("view", ["tokens", "dialogue_state"])
+# The dialogue-state view reads the most of the domain (its tracker as well); the token view's loop is the one
+# tests/test_loop.py runs, and the domain adds nothing there that this run does not read.
+@pytest.mark.parametrize("view", ["dialogue_state"])
 def test_the_tiny_loop_runs_on_a_domain_from_outside(tmp_path, view):
   c = sales_config.get_config("tiny")
   c.env.domain = PATH
