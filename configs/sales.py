@@ -212,13 +212,13 @@ def get_config(arg=None):
   c.mesh_rules = ()
 
   # ---- several processes (hosts) in one run: iterppo_jax/distributed.py, docs/multihost.md ----
-  c.distributed = ml_collections.ConfigDict()
-  c.distributed.enabled = False  # True: join a jax.distributed run (start the same command on every host)
-  c.distributed.coordinator = ""  # host:port of process 0; '': JAX_COORDINATOR_ADDRESS, Cloud TPU or SLURM
-  c.distributed.num_processes = 0  # 0: from the cluster's environment (Cloud TPU, SLURM)
-  c.distributed.process_id = -1  # this process's rank; -1: from the cluster's environment
-  c.distributed.connect_timeout_s = 60.0  # processes other than 0 wait this long for the coordinator's port
-  c.distributed.init_timeout_s = 300  # then jax.distributed.initialize waits this long for every process
+  c.distributed = False  # True: join a jax.distributed run (start the same command on every host)
+  c.cluster = ml_collections.ConfigDict()  # how a distributed run finds its processes
+  c.cluster.coordinator = ""  # host:port of process 0; '': JAX_COORDINATOR_ADDRESS, Cloud TPU or SLURM
+  c.cluster.num_processes = 0  # 0: from the cluster's environment (Cloud TPU, SLURM)
+  c.cluster.process_id = -1  # this process's rank; -1: from the cluster's environment
+  c.cluster.connect_timeout_s = 60.0  # processes other than 0 wait this long for the coordinator's port
+  c.cluster.init_timeout_s = 300  # then jax.distributed.initialize waits this long for every process
 
   if args["tiny"]:
     c.sft.behavior_conversations = 80

@@ -6,7 +6,7 @@
 
 Rerunning with the same --workdir (and the same settings; more loop.iterations may be asked for) resumes from
 the last completed phase; --config.resume=False refuses a workdir that already holds a run.
-With --config.distributed.enabled=True the same command runs on every host of a multi-process run
+With --config.distributed=True the same command runs on every host of a multi-process run
 (docs/multihost.md).
 """
 
@@ -32,8 +32,9 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
   # every key known, every choice, size and rule between keys, before anything is written
-  d = settings.load(config).distributed
-  distributed.initialize(d.enabled, d.coordinator, d.num_processes, d.process_id, d.connect_timeout_s,
+  s = settings.load(config)
+  d = s.cluster
+  distributed.initialize(s.distributed, d.coordinator, d.num_processes, d.process_id, d.connect_timeout_s,
                          d.init_timeout_s)  # before anything touches a device
   loop.check_resumable(config, workdir)
   print(f"workdir: {os.path.abspath(workdir)}  process {jax.process_index()} of {jax.process_count()}  "

@@ -41,8 +41,8 @@ def _measure(count: int, out_dir: str) -> dict:
   env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()  # one CPU device per process
                               if not f.startswith("--xla_force_host_platform_device_count"))
   procs = [subprocess.Popen([sys.executable, "-m", "experiments.simulate_scaling", *argv, f"--out={out_dir}",
-                             "--config.distributed.enabled=True", f"--config.distributed.coordinator=127.0.0.1:{port}",
-                             f"--config.distributed.num_processes={count}", f"--config.distributed.process_id={i}"],
+                             "--config.distributed=True", f"--config.cluster.coordinator=127.0.0.1:{port}",
+                             f"--config.cluster.num_processes={count}", f"--config.cluster.process_id={i}"],
                             env=env) for i in range(count)]
   codes = [p.wait() for p in procs]
   if any(codes):
@@ -54,8 +54,9 @@ def main(argv):
   del argv
   config = _CONFIG.value
   if _OUT.value:  # a worker
-    d = settings.load(config).distributed
-    distributed.initialize(d.enabled, d.coordinator, d.num_processes, d.process_id, d.connect_timeout_s,
+    s = settings.load(config)
+    d = s.cluster
+    distributed.initialize(s.distributed, d.coordinator, d.num_processes, d.process_id, d.connect_timeout_s,
                            d.init_timeout_s)
     scaling.play_rate(config, _CONVERSATIONS.value, _OUT.value)
     return

@@ -1,6 +1,6 @@
 """Multi-process runs on jax.distributed (issue #19): one mesh over every process's devices.
 
-A run that outgrows one machine starts the same command on every host (`--config.distributed.enabled=True`;
+A run that outgrows one machine starts the same command on every host (`--config.distributed=True`;
 a Cloud TPU slice or SLURM give each process its rank through the environment). All processes then build one
 mesh over all devices and run every jitted step together (SPMD), each feeding its own rows of a global batch
 (`device_batch`). What is not SPMD is split or confined here, so that the rest of the code asks one module:
@@ -40,7 +40,7 @@ class DistributedError(errors.RunError, RuntimeError):
 def _host_port(address: str) -> tuple[str, int]:
   host, _, port = address.rpartition(":")
   if not host or not port.isdigit():
-    raise DistributedError(f"distributed.coordinator {address!r}: expected host:port (e.g. 10.0.0.2:8476)")
+    raise DistributedError(f"cluster.coordinator {address!r}: expected host:port (e.g. 10.0.0.2:8476)")
   return host.strip("[]"), int(port)
 
 
@@ -64,13 +64,13 @@ def wait_for_coordinator(address: str, timeout_s: float, retry_s: float = 0.5) -
     time.sleep(retry_s)
   raise DistributedError(
       f"could not reach the coordinator at {host}:{port} within {timeout_s:g} s ({last}); check that process 0 "
-      "was started with the same distributed.coordinator, that the address is its host's and the port open "
-      "between the hosts (raise distributed.connect_timeout_s if process 0 starts later)")
+      "was started with the same cluster.coordinator, that the address is its host's and the port open "
+      "between the hosts (raise cluster.connect_timeout_s if process 0 starts later)")
 
 
 def initialize(enabled: bool, coordinator: str = "", num_processes: int = 0, process_id: int = -1,
                connect_timeout_s: float = 60.0, init_timeout_s: int = 300) -> None:
-  """Joins a multi-process run (the `distributed` config section); does nothing when `enabled` is False.
+  """Joins a multi-process run (config.distributed, with the `cluster` section); does nothing when `enabled` is False.
 
   Must run before anything touches a JAX device (entry points call it first). An empty coordinator,
   num_processes 0 or process_id -1 leave that value to jax.distributed.initialize, which reads
@@ -99,7 +99,7 @@ def initialize(enabled: bool, coordinator: str = "", num_processes: int = 0, pro
   except (RuntimeError, ValueError) as e:
     first = (str(e).strip().splitlines() or [""])[0][:300]
     raise DistributedError(f"jax.distributed.initialize failed ({first}); every process needs the same "
-                           "distributed.coordinator and num_processes and its own process_id") from e
+                           "cluster.coordinator and num_processes and its own process_id") from e
 
 
 # ---- who does what ----

@@ -118,7 +118,7 @@ def optimizer(section) -> Any:
 # Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
 # what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
 RESUMABLE_CHANGES = ("resume", "loop.iterations", "loop.stop_after_phase", "loop.stop_after_ppo_step",
-                     "loop.tensorboard", "export_dir", "mesh", "mesh_rules", "distributed")
+                     "loop.tensorboard", "export_dir", "mesh", "mesh_rules", "distributed", "cluster")
 
 
 def _flat(tree, prefix=""):

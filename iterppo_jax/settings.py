@@ -85,7 +85,7 @@ COUNTS = {
     "loop.iterations": 0, "loop.conversations": 1, "loop.eval_conversations": 1, "loop.play_batch": 1,
     "loop.rank_states": 0, "loop.true_q_states": 0, "loop.stop_after_ppo_step": 0, "lora.rank": 0,
     "num_conversations": 1, "batch_size": 1,
-    "distributed.num_processes": 0, "distributed.process_id": -1, "distributed.init_timeout_s": 1,
+    "cluster.num_processes": 0, "cluster.process_id": -1, "cluster.init_timeout_s": 1,
 }
 # counts that matter only when another key turns their feature on: key -> (the switch, its lowest value)
 COUNTS_WHEN = {
@@ -107,7 +107,7 @@ REALS = {
     "group.std_eps": (0.0, math.inf, False, False),
     "loop.deploy_temperature": (0.0, math.inf, False, False),
     "lora.alpha": (0.0, math.inf, False, False),
-    "distributed.connect_timeout_s": (0.0, math.inf, False, False),
+    "cluster.connect_timeout_s": (0.0, math.inf, False, False),
 }
 LORA_MODELS = ("policy", "critic", "qmodel")  # the loop's models config.lora.models may name
 OPTIMIZERS = ("sft", "qfit", "ppo", "ppo.critic")  # sections made by configs/sales.py's _optimizer_section
@@ -417,8 +417,7 @@ class Baselines:
 
 
 @dataclasses.dataclass(frozen=True)
-class Distributed:
-  enabled: bool = False
+class Cluster:
   coordinator: str = ""
   num_processes: int = 0
   process_id: int = -1
@@ -449,7 +448,8 @@ class Settings:
   baselines: Baselines = Baselines()
   mesh: tuple[tuple[str, int], ...] = (("data", -1), ("fsdp", 1), ("tensor", 1))
   mesh_rules: tuple[tuple[str, Any], ...] = ()
-  distributed: Distributed = Distributed()
+  distributed: bool = False
+  cluster: Cluster = Cluster()
   model_dir: str = ""  # a pretrained model (configs/sales_hf.py); '' trains from scratch
   export_dir: str = ""  # the final policy also written here as a Hugging Face model
 

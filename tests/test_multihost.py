@@ -55,8 +55,8 @@ def _env(devices: int) -> dict:
 def _start(workdir, devices, extra=(), rank=None, port=None, count=2):
   cmd = [sys.executable, "-m", "experiments.iterative_ppo", f"--workdir={workdir}", *FLAGS, *extra]
   if rank is not None:
-    cmd += ["--config.distributed.enabled=True", f"--config.distributed.coordinator=127.0.0.1:{port}",
-            f"--config.distributed.num_processes={count}", f"--config.distributed.process_id={rank}"]
+    cmd += ["--config.distributed=True", f"--config.cluster.coordinator=127.0.0.1:{port}",
+            f"--config.cluster.num_processes={count}", f"--config.cluster.process_id={rank}"]
   return subprocess.Popen(cmd, cwd=ROOT, env=_env(devices), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True)
 
@@ -169,7 +169,7 @@ def test_kill_one_process_and_restart_both(reference, tmp_path):
 
 def test_unreachable_coordinator_fails_fast_with_a_clear_message(tmp_path):
   port = _free_port()  # nothing listens there
-  p = _start(str(tmp_path / "lonely"), 4, ["--config.distributed.connect_timeout_s=3"], rank=1, port=port)
+  p = _start(str(tmp_path / "lonely"), 4, ["--config.cluster.connect_timeout_s=3"], rank=1, port=port)
   codes, outs = _finish([p], timeout=120)  # returns: the preflight, not initialize's 300 s wait and abort
   assert codes == [2], outs[0][-2000:]
   assert f"could not reach the coordinator at 127.0.0.1:{port} within 3 s" in outs[0], outs[0][-2000:]
