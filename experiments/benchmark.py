@@ -45,10 +45,10 @@ _SWEPT = ("--config.sweep.", "--config.batch.new_tokens", "--config.batch.prompt
           "--config.json_out")
 
 
-def run_sweep(config, argv) -> list[dict]:
+def run_sweep(config: benchmark.Settings, argv) -> list[dict]:
   """One process per cell (this module, `pieces=('ppo',)`): its rows and peak memory, or why it failed.
 
-  argv: this command's own arguments; the cell's keys replace any the command set.
+  config: the command's settings (benchmark.load); argv: its own arguments, whose cell keys each cell replaces.
   """
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "configs/benchmark.py")
   path = spec.partition(":")[0]
@@ -77,8 +77,8 @@ def run_sweep(config, argv) -> list[dict]:
 
 
 def main(argv):
-  config = flags.FLAGS.config
-  if config.sweep.new_tokens or config.sweep.prompts or config.sweep.workloads:
+  config = benchmark.load(flags.FLAGS.config)  # every key checked before jax opens its backend
+  if benchmark.is_sweep(config):
     results = run_sweep(config, sys.argv[1:])
     print(benchmark.format_sweep(results))
     if config.json_out:

@@ -18,6 +18,7 @@ from absl import logging
 
 from experiments import cli
 from iterppo_jax import io_utils
+from iterppo_jax import settings
 from iterppo_jax.studies import q_ranking_ablation as ablation
 
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "A loop run that has data/ranking_<k>.json.")
@@ -50,9 +51,10 @@ def main(argv):
           f"{row.get('logged_adv_corr') or float('nan'):+.2f} | {row['auc']:.2f} | {row['train_examples']} |",
           flush=True)
   if _OUT.value:
+    typed = settings.parse(base)  # what each refit's loop.setup loaded
     io_utils.atomic_write_json(_OUT.value, {
-        "workdir": wd, "iteration": k, "truth": truth, "rows": rows, "domain": base["env"]["domain"],
-        "seed": base["seed"], "first_data": base["loop"]["first_data"]})
+        "workdir": wd, "iteration": k, "truth": truth, "rows": rows, "domain": typed.env.domain,
+        "seed": typed.seed, "first_data": typed.loop.first_data})
 
 
 if __name__ == "__main__":

@@ -1,18 +1,20 @@
 """Every setting of a run checked before any work, and handed to the library as typed, frozen settings.
 
-  settings.load(config) -> Settings     # loop.setup calls it first: check(config), then the typed tree
+  settings.load(config) -> Settings     # loop.setup calls it first: the typed tree, then check on it
   settings.load_env(config.env) -> Env  # the simulator's section alone (experiments.simulate)
   settings.parse(config) -> Settings    # the typed tree without check (a study's own checks come first)
   settings.check(config)                # only the checks: choices, ranges, the rules between keys
+  settings.build(cls, config)           # a dataclass tree of another config's schema (studies/benchmark.py)
 
 `check` tests each choice against its allowed values, each size and count against its range, and the rules
 between keys. A bad value stops the run at once with the key, the value and what was expected, before a workdir
 is made (a typo in `loop.first_data` used to deploy pi_k silently; a negative size failed deep inside JAX
 minutes later). The allowed values of a choice live with the code that reads it (qfit.METHODS,
-ppo.KL_ESTIMATORS, ...) or here, for the loop's own choices. A key a config does not have is not checked
-(sub-configs such as configs/benchmark.py hold only what they use).
+ppo.KL_ESTIMATORS, ...) or here, for the loop's own choices. `load` checks the completed settings, so a key
+the config leaves out is checked at its default against the keys it sets; `check` on a bare ConfigDict passes
+over the keys it lacks.
 
-`load` then builds `Settings`: one frozen dataclass per config section, with the keys' names, so
+`load` builds `Settings`: one frozen dataclass per config section, with the keys' names, so
 `settings.qfit.method` reads what `config.qfit.method` held. A key the config does not set takes the
 dataclass's default (configs/sales.py's value, or for keys only some configs have, such as model_dir or
 data.chat_template, the value that leaves the feature off); a key the dataclasses do not know is a
@@ -117,12 +119,17 @@ _ABSENT = object()
 
 
 def _get(config, key: str, default=_ABSENT):
-  """config's value at a dotted key, or `default` when the config has no such key."""
+  """The value at a dotted key of a config or of typed settings, or `default` when there is no such key."""
   node = config
   for part in key.split("."):
-    if not _is_section(node) or part not in node:  # a value where a section belongs: load names it
+    if dataclasses.is_dataclass(node):
+      node = getattr(node, part, _ABSENT)  # Env's own keys too (Env.__getattr__)
+    elif _is_section(node) and part in node:
+      node = node[part]
+    else:  # no such key, or a value where a section belongs (parse names it)
       return default
-    node = node[part]
+    if node is _ABSENT:
+      return default
   return node
 
 
@@ -144,24 +151,33 @@ def _check_real(key: str, value, low: float, high: float, low_in: bool, high_in:
     raise _bad(key, f"a number in {interval}", value)
 
 
-def check(config) -> None:
-  """Raises errors.SettingsError (a ValueError: key, value, what is allowed) for the first bad setting; returns None when all are good."""
-  for key, allowed in CHOICES.items():
+def check_keys(config, choices: dict, counts: dict, reals: dict) -> None:
+  """The checks of single keys, each table as CHOICES (key -> allowed values), COUNTS (key -> lowest integer) and
+  REALS (key -> interval) are; a key `config` does not have is passed over. For the run's settings (`check`)
+  and for the studies' own configs (studies/benchmark.py, studies/report.py)."""
+  for key, allowed in choices.items():
     value = _get(config, key)
     if value is not _ABSENT and value not in allowed:
       raise _bad(key, f"one of {', '.join(allowed)}", value)
-  for key, low in COUNTS.items():
+  for key, low in counts.items():
     value = _get(config, key)
     if value is not _ABSENT:
       _check_int(key, value, low)
+  for key, bounds in reals.items():
+    value = _get(config, key)
+    if value is not _ABSENT:
+      _check_real(key, value, *bounds)
+
+
+def check(config) -> None:
+  """Raises errors.SettingsError (a ValueError: key, value, what is allowed) for the first bad setting; returns
+  None when all are good. `config` is a ConfigDict (or dict), whose missing keys are passed over, or typed
+  `Settings`, which have every key: `load` checks those, so a default the config leaves in place is checked too."""
+  check_keys(config, CHOICES, COUNTS, REALS)
   for key, (switch, low) in COUNTS_WHEN.items():
     value = _get(config, key)
     if value is not _ABSENT and _get(config, switch, 0) > 0:
       _check_int(key, value, low)
-  for key, bounds in REALS.items():
-    value = _get(config, key)
-    if value is not _ABSENT:
-      _check_real(key, value, *bounds)
   for section in OPTIMIZERS:
     if _get(config, f"{section}.learning_rate") is not _ABSENT:
       _check_real(f"{section}.learning_rate", _get(config, f"{section}.learning_rate"), 0.0, math.inf, False, False)
@@ -182,7 +198,7 @@ def _check_rules(config) -> None:
   if get("ppo.batch_size") and get("ppo.minibatch_size") and get("ppo.batch_size") % get("ppo.minibatch_size"):
     raise errors.SettingsError(f"config.ppo.minibatch_size ({get('ppo.minibatch_size')}) must divide ppo.batch_size "
                      f"({get('ppo.batch_size')})")
-  if get("inner") in ("grpo", "rloo") and get("ppo.batch_size") % get("group.size"):
+  if get("inner") in ("grpo", "rloo") and get("group.size") and get("ppo.batch_size", 0) % get("group.size"):
     raise errors.SettingsError(f"config.group.size ({get('group.size')}) must divide ppo.batch_size "
                      f"({get('ppo.batch_size')}) with inner={get('inner')}: ppo.batch_size counts sampled responses")
   if get("group.kl_in") == "loss" and get("inner") == "rloo":
@@ -455,34 +471,46 @@ class Settings:
 
 
 def load(config) -> Settings:
-  """The typed settings of a ConfigDict (or a plain dict of the same shape), after `check`.
+  """The typed settings of a ConfigDict (or a plain dict of the same shape), checked once complete: a key the
+  config leaves out is checked at its default, against the keys it sets (ppo.batch_size=48 with the default
+  ppo.minibatch_size of 32 is refused here, not in the first PPO step).
 
   Raises:
-    errors.SettingsError: for a bad setting (`check`), a key no section knows (`config.qfit.methd: unknown key;
-      expected one of ...`), or a value of the wrong type.
+    errors.SettingsError: for a key no section knows (`config.qfit.methd: unknown key; expected one of ...`), a
+      value of the wrong type, or a bad setting (`check`).
   """
-  check(config)
-  return parse(config)
+  typed = parse(config)
+  check(typed)
+  return typed
 
 
 def parse(config) -> Settings:
   """The typed settings of `config` without `check`'s ranges and rules (a key no section knows and a value of the
   wrong type are still refused): for a study that reads a few keys to steer copies of the config, whose own
   checks come first, before loop.run loads each copy."""
-  return _build(Settings, config, "")
+  return build(Settings, config, "")
 
 
 def load_env(section) -> Env:
   """The `env` section alone, checked and typed: what playing a simulator needs (experiments.simulate, the
   report's simulator table), without the loop's settings and their rules."""
-  check({"env": section})
-  return _build(Env, section, "env.")
+  env = build(Env, section, "env.")
+  check({"env": env})  # its defaults too; not the loop's rules (a tracker is needed only with qfit.view)
+  return env
 
 
-def _build(cls, node, prefix: str):
-  """`cls` from the mapping `node` (the config section at `prefix`), refusing keys `cls` does not have."""
+def build(cls, node, prefix: str = ""):
+  """`cls` (a frozen dataclass of sections) from the mapping `node`, the config section at `prefix`, each value
+  of its field's type: a key `cls` does not have, a value of the wrong type, or a key of a field without a
+  default that `node` lacks is a SettingsError naming it. The run's settings (`parse`) and the studies' own
+  configs (studies/benchmark.py, studies/report.py) are built with it."""
   hints = typing.get_type_hints(cls)
-  names = [f.name for f in dataclasses.fields(cls) if f.name != "extras"]
+  fields = [f for f in dataclasses.fields(cls) if f.name != "extras"]
+  names = [f.name for f in fields]
+  missing = [f.name for f in fields if f.name not in node.keys() and f.default is dataclasses.MISSING
+             and f.default_factory is dataclasses.MISSING]
+  if missing:
+    raise errors.SettingsError(f"config.{prefix}{missing[0]}: missing; the section needs {', '.join(names)}")
   values, extras = {}, []
   for key in node.keys():
     value, where = node[key], f"{prefix}{key}"
@@ -514,7 +542,7 @@ def _typed(hint, value, where: str):
   if dataclasses.is_dataclass(hint):
     if not _is_section(value):
       raise _bad(where, "a section", value)
-    return _build(hint, value, where + ".")
+    return build(hint, value, where + ".")
   origin = typing.get_origin(hint) or hint
   if origin is tuple:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):

@@ -22,6 +22,8 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from iterppo_jax import errors
+
 MeshAxes = Union[None, str, Tuple[str, ...]]
 Rules = Sequence[Tuple[str, MeshAxes]]
 
@@ -159,14 +161,16 @@ def rules_from_config(overrides: Sequence[Tuple[str, MeshAxes]]) -> Tuple[Tuple[
   rules = dict(DEFAULT_RULES)
   for pair in overrides:
     if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-      raise ValueError(f"config.mesh_rules: expected (logical name, mesh axes) pairs, got {pair!r}")
+      raise errors.SettingsError(f"config.mesh_rules: expected (logical name, mesh axes) pairs, got {pair!r}")
     name, axes = pair
     if name not in rules:
-      raise ValueError(f"config.mesh_rules: unknown logical name {name!r}; expected one of {', '.join(rules)}")
+      raise errors.SettingsError(f"config.mesh_rules: unknown logical name {name!r}; expected one of "
+                                 f"{', '.join(rules)}")
     named = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     bad = [a for a in named if a not in MESH_AXES]
     if bad:
-      raise ValueError(f"config.mesh_rules: {name!r} -> {axes!r} names {bad}; mesh axes are {', '.join(MESH_AXES)}")
+      raise errors.SettingsError(f"config.mesh_rules: {name!r} -> {axes!r} names {bad}; mesh axes are "
+                                 f"{', '.join(MESH_AXES)}")
     rules[name] = None if axes is None else axes if isinstance(axes, str) else tuple(axes)
   return tuple(rules.items())
 

@@ -15,6 +15,7 @@ from flax import nnx
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
+from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import online_ppo
 from iterppo_jax import ppo
@@ -135,11 +136,11 @@ def test_online_batches_and_eval_points():
 def test_config_checks():
   c = sales_config.get_config("tiny")
   c.baselines.ks = (3,)  # 16 conversations do not split into 3 equal iterations
-  with pytest.raises(ValueError, match="must split into 3"):
+  with pytest.raises(errors.SettingsError, match="must split into 3"):  # a setting: exit status 2, one line
     baselines.check_config(c)
   c = sales_config.get_config("tiny")
   c.baselines.methods = ("pi0", "dagger")
-  with pytest.raises(ValueError, match="subset of"):
+  with pytest.raises(errors.SettingsError, match="subset of"):
     baselines.check_config(c)
   assert set(baselines.method_fns(sales_config.get_config("tiny"))) == {
       "behavior", "oracle", "pi0", "offline", "filtered_bc", "filtered_bc_own", "myopic", "online_ppo", "iterative_ppo_k1",

@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from experiments import benchmark as benchmark_main
+from iterppo_jax import errors
 from iterppo_jax import ppo, sampling, sharding, solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
@@ -39,7 +40,7 @@ def test_benchmark_table(minibatch, lora_rank):
   config.iterations = 1
   config.ppo.minibatch_size = minibatch
   config.lora.rank = lora_rank
-  rows = benchmark.run_benchmark(config)
+  rows = benchmark.run_benchmark(benchmark.load(config))
   fused = ("ppo scoring+update, fused", "ppo iteration, fused") if minibatch == 8 else ()
   assert [r["name"] for r in rows] == list(ROWS + fused)
   for r in rows:
@@ -63,6 +64,65 @@ def test_workloads():
           smol.model.vocab_size, smol.lora.rank) == (30, 576, 9, 3, 49152, 8)
   with pytest.raises(ValueError, match="unknown benchmark workload"):
     _config("nope")
+
+
+_DELETE = object()
+
+
+def _with(d: dict, key: str, value) -> dict:
+  """d with its dotted key set to value (or deleted, for _DELETE)."""
+  *path, leaf = key.split(".")
+  node = d
+  for part in path:
+    node = node[part]
+  if value is _DELETE:
+    del node[leaf]
+  else:
+    node[leaf] = value
+  return d
+
+
+def test_every_workload_loads_as_typed_frozen_settings():
+  import dataclasses
+  from configs import benchmark as benchmark_config
+  for name in benchmark_config.WORKLOADS:
+    config = _config(name)
+    typed = benchmark.load(config)
+    assert typed.model.num_layers == config.model.num_layers and typed.batch.prompts == config.batch.prompts
+    assert typed.mesh == tuple(tuple(a) for a in config.mesh) and typed.lora.targets == tuple(config.lora.targets)
+    assert isinstance(typed.model.rope_theta, float) and isinstance(typed.peak_tflops, float)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    typed.batch.prompts = 3
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("batch.prompt", 3, r"^config\.batch\.prompt: unknown key; expected one of prompts, prompt_len, new_tokens$"),
+    ("ppo.kl_coef", _DELETE, r"^config\.ppo\.kl_coef: missing; the section needs epochs, minibatch_size, kl_coef$"),
+    ("model.remat", 1, r"^config\.model\.remat must be a bool, got 1$"),
+    ("model.dtype", "fp8", r"^config\.model\.dtype must be one of float32, bfloat16, float16, got 'fp8'$"),
+    ("iterations", 0, r"^config\.iterations must be an integer >= 1, got 0$"),
+    ("learning_rate", 0.0, r"^config\.learning_rate must be a number in \(0, inf\), got 0.0$"),
+    ("pieces", ("ppo", "sampling"), r"^config\.pieces: unknown benchmark pieces \['sampling'\]"),
+    ("sweep.prompts", (4, 0), r"^config\.sweep\.prompts must hold integers >= 1, got \[0\]$"),
+    ("model.num_kv_heads", 3, r"^config\.model\.num_kv_heads \(3\) must divide model\.num_heads \(2\)$"),
+    ("batch.prompts", 6, r"^config\.batch\.prompts \(6\) must be a multiple of ppo\.minibatch_size \(4\)$"),
+    ("lora.targets", ("q_proj", "qkv"), r"^config\.lora\.targets must be a non-empty tuple of q_proj"),
+])
+def test_a_bad_key_is_named_with_its_value_before_any_work(key, value, message):
+  """configs/benchmark.py:smoke with one key wrong (lora.targets: with lora.rank 2, which reads them)."""
+  d = _config("smoke").to_dict()  # a plain dict: a ConfigDict would refuse a value of another type itself
+  d["lora"]["rank"] = 2
+  benchmark.load(d)
+  with pytest.raises(errors.SettingsError, match=message):
+    benchmark.load(_with(d, key, value))
+
+
+def test_a_sweeps_cells_check_their_own_batch():
+  """The command of a sweep does not refuse a batch.prompts its cells replace; each cell checks its own."""
+  d = _config("smoke").to_dict()
+  d["batch"]["prompts"] = 6
+  d["sweep"]["prompts"] = (4,)
+  assert benchmark.is_sweep(benchmark.load(d))
 
 
 # ---- the speed-ups compute the same numbers ----
@@ -208,10 +268,7 @@ def test_pieces_pick_the_rows():
   config = _config("smoke")
   config.iterations = 1
   config.pieces = ("qfit",)
-  assert [r["name"] for r in benchmark.run_benchmark(config)] == ["qfit step"]
-  config.pieces = ("ppo", "sampling")
-  with pytest.raises(ValueError, match="unknown benchmark pieces"):
-    benchmark.run_benchmark(config)
+  assert [r["name"] for r in benchmark.run_benchmark(benchmark.load(config))] == ["qfit step"]
 
 
 def test_sweep_runs_each_cell_in_its_own_process_and_keeps_failures(capsys):
@@ -220,6 +277,7 @@ def test_sweep_runs_each_cell_in_its_own_process_and_keeps_failures(capsys):
   config = _config("smoke")
   config.sweep.new_tokens = (2, 4)
   config.sweep.prompts = (4, 6)
+  config = benchmark.load(config)
   assert len(benchmark.sweep_cells(config)) == 4
   results = benchmark_main.run_sweep(config, ["--config=configs/benchmark.py:smoke", "--config.iterations=1",
                                               "--config.batch.prompts=99"])  # replaced by each cell's own value

@@ -78,7 +78,7 @@ def test_a_cell_past_its_time_limit_is_a_row():
   config = _config("benchmark.py", "smoke")
   config.sweep.new_tokens = (4,)
   config.sweep.cell_timeout_s = 1  # less than the cell's start-up
-  (cell,) = benchmark_main.run_sweep(config, ["--config=configs/benchmark.py:smoke"])
+  (cell,) = benchmark_main.run_sweep(benchmark.load(config), ["--config=configs/benchmark.py:smoke"])
   assert cell["rows"] == [] and cell["error"].startswith("timed out after 1 s")
 
 

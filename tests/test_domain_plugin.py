@@ -18,6 +18,7 @@ import pytest
 
 from configs import report as report_config
 from configs import sales as sales_config
+from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax.envs import base
 from iterppo_jax.envs import policies
@@ -176,12 +177,15 @@ def test_the_registry_takes_an_import_path_and_names_what_is_wrong():
   assert 0.2 < base.summarize(staff)["conversion"] < 0.8
   assert {r.domain for r in oracle} == {"scarves"}
   assert registry.tracker(PATH) == (dialogue_state, act_key)
-  with pytest.raises(ValueError, match="unknown domain 'sale'.*import path"):
+  # A wrong domain or policy is a setting: the command line's one line and exit status 2, not an internal error.
+  with pytest.raises(errors.SettingsError, match="unknown domain 'sale'.*import path"):
     registry.module("sale")
-  with pytest.raises(ValueError, match="cannot import module 'no_such_pkg.domain'"):
+  with pytest.raises(errors.SettingsError, match="cannot import module 'no_such_pkg.domain'.*PYTHONPATH"):
     registry.module("no_such_pkg.domain")
-  with pytest.raises(ValueError, match="lacks make_env, make_policy, SCRIPT"):
+  with pytest.raises(errors.SettingsError, match="lacks make_env, make_policy, SCRIPT"):
     registry.module("iterppo_jax.envs.base")
+  with pytest.raises(errors.SettingsError, match="unknown scarves policy 'staff'; expected one of behavior, "):
+    registry.make_policy(PATH, "staff", env_config)
 
 
 def test_restore_replays_the_hidden_state():

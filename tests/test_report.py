@@ -6,12 +6,14 @@ The end-to-end test builds the tiny preset (every piece at configs/sales.py:tiny
 second report must come entirely from the first one's files.
 """
 
+import dataclasses
 import os
 import re
 
 import pytest
 
 from configs import report as report_config
+from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax.envs import base
 from iterppo_jax.envs import registry
@@ -62,7 +64,9 @@ def test_presets_and_config_checks():
   assert not full.baselines.overrides and len(full.ablate_q.variants) == 6
   assert tiny.baselines.config_arg == tiny.ablate_q.config_arg == tiny.ablate_inner.config_arg == "tiny"
   for c in (small, full, tiny):
-    report.check_config(c)  # builds every sub-config; runs nothing
+    typed = report.load(c)  # builds and checks every sub-config; runs nothing
+    assert typed.preset == c.preset and typed.ablate_q.variants == tuple(c.ablate_q.variants)
+    assert typed.baselines.overrides == tuple(c.baselines.overrides)
   small_baselines = report.piece_config("sales", small.baselines.config_arg, small.baselines.overrides)
   assert small_baselines.baselines.budget == 1536 and tuple(small_baselines.baselines.seeds) == (0,)
   with pytest.raises(ValueError, match="one preset"):
@@ -72,29 +76,53 @@ def test_presets_and_config_checks():
   bad = report_config.get_config("tiny")
   bad.ablate_q.variants = ("baseline", "flip_50")
   with pytest.raises(ValueError, match="ablate_q.variants must be a non-empty subset"):
-    report.check_config(bad)
+    report.load(bad)
   bad = report_config.get_config("tiny")
   bad.simulator.business_users = ("sr", "email")
   with pytest.raises(ValueError, match="business_users"):
-    report.check_config(bad)
+    report.load(bad)
   bad = report_config.get_config("tiny")
   bad.baselines.overrides = ("baselines.budget=15", "baselines.ks=(2,)")  # K = 2 cannot split 15 conversations
   with pytest.raises(ValueError, match="budget 15"):
-    report.check_config(bad)
+    report.load(bad)
   bad = report_config.get_config("tiny")
   for name in report.SECTIONS:
     bad[name].enabled = False
   with pytest.raises(ValueError, match="no section is enabled"):
-    report.check_config(bad)
+    report.load(bad)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("simulator.polices", ("oracle",), r"^config\.simulator\.polices: unknown key; expected one of enabled, "),
+    ("ablate_q.variants", None, r"^config\.ablate_q\.variants: missing; the section needs enabled, domains, "),
+    ("simulator.conversations", 0, r"^config\.simulator\.conversations must be an integer >= 1, got 0$"),
+    ("simulator.seed", 0.5, r"^config\.simulator\.seed must be an integer, got 0\.5$"),
+    ("baselines.overrides", "loop.iterations=1", r"^config\.baselines\.overrides must be a tuple, got "),
+    ("preset", "huge", r"^config\.preset must be one of small, full, tiny, got 'huge'$"),
+    ("ablate_inner.inners", ("ppo", "dpo"), r"^config\.ablate_inner\.inners must be a non-empty subset of "),
+    # a sub-config's own setting, as the piece would load it
+    ("ablate_inner.overrides", ("ppo.minibatch_size=3",), r"config\.ppo\.minibatch_size \(3\) must divide"),
+])
+def test_a_bad_key_is_named_with_its_value_before_any_section_runs(key, value, message):
+  d = report_config.get_config("tiny").to_dict()  # a plain dict: a ConfigDict refuses a value of another type
+  section, _, leaf = key.rpartition(".")
+  node = d[section] if section else d
+  if value is None:
+    del node[leaf]
+  else:
+    node[leaf] = value
+  with pytest.raises(errors.SettingsError, match=message):
+    report.load(d)
 
 
 # ---- the simulator tables ----
 
 
 def test_simulator_section_plays_each_cell_once(tmp_path):
-  s = report_config.get_config("tiny").simulator
-  s.domains = ("sales", "support")
-  s.conversations = 40
+  c = report_config.get_config("tiny")
+  c.simulator.domains = ("sales", "support")
+  c.simulator.conversations = 40
+  s = report.load(c).simulator
   workdir = str(tmp_path)
   section = report.simulator_section(s, workdir, log=lambda _: None)
   assert section["status"] == "ran"
@@ -125,7 +153,7 @@ def test_simulator_section_plays_each_cell_once(tmp_path):
   assert again["status"] == "reused" and again["tables"] == section["tables"]
   assert stamps == {k: os.path.getmtime(os.path.join(workdir, "simulator", k[0], f"{k[1]}_{k[2]}.json"))
                     for k in rows}
-  s.conversations = 30
+  s = dataclasses.replace(s, conversations=30)
   played = []
   assert report.simulator_section(s, workdir, log=played.append)["status"] == "ran" and len(played) == 12
 

@@ -118,3 +118,29 @@ def test_the_smollm2_configs_pass_or_say_what_to_install(spec):
       settings.check(c)
   else:
     settings.check(c)
+
+
+def test_a_default_the_config_leaves_out_is_checked_against_the_keys_it_sets():
+  """load checks the completed settings: a config without ppo.minibatch_size runs with the default 32, which
+  does not divide its ppo.batch_size of 48. The bare config passes check (the key is not there to check), as it
+  passed load before, and the run failed only in its first PPO step."""
+  c = sales_config.get_config("tiny").to_dict()
+  del c["ppo"]["minibatch_size"]
+  c["ppo"]["batch_size"] = 48
+  settings.check(c)
+  with pytest.raises(ValueError, match=r"config\.ppo\.minibatch_size \(32\) must divide ppo\.batch_size \(48\)"):
+    settings.load(c)
+  c["ppo"]["minibatch_size"] = 16
+  assert settings.load(c).ppo.minibatch_size == 16
+
+
+def test_an_omitted_section_is_checked_at_its_defaults():
+  """GRPO without a `group` section samples the default 4 responses per state, which cannot split 6 responses:
+  named before any work (the check on the bare config passed it over)."""
+  c = sales_config.get_config("tiny").to_dict()
+  del c["group"]
+  c["inner"] = "grpo"
+  c["ppo"].update(batch_size=6, minibatch_size=3)
+  settings.check(c)
+  with pytest.raises(ValueError, match=r"config\.group\.size \(4\) must divide ppo\.batch_size \(6\) with inner=grpo"):
+    settings.load(c)

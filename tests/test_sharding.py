@@ -171,9 +171,10 @@ def test_config_rules_replace_the_defaults_and_bad_ones_name_the_key():
   rules = dict(sharding.rules_from_config((("embed", None), ("mlp", ("fsdp", "tensor")))))
   assert rules["embed"] is None and rules["mlp"] == ("fsdp", "tensor")
   assert rules["heads"] == dict(sharding.DEFAULT_RULES)["heads"]  # the rest stay
-  with pytest.raises(ValueError, match="config.mesh_rules: unknown logical name 'embedding'"):
+  from iterppo_jax import errors  # a bad rule is a setting: exit status 2, one line (cli.guard)
+  with pytest.raises(errors.SettingsError, match="config.mesh_rules: unknown logical name 'embedding'"):
     sharding.rules_from_config((("embedding", None),))
-  with pytest.raises(ValueError, match=r"config.mesh_rules: 'mlp' -> 'model' names \['model'\]"):
+  with pytest.raises(errors.SettingsError, match=r"config.mesh_rules: 'mlp' -> 'model' names \['model'\]"):
     sharding.rules_from_config((("mlp", "model"),))
 
 

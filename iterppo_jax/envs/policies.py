@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from iterppo_jax import errors
 from iterppo_jax.envs import base
 
 _RANDOM_WORDS = (
@@ -107,7 +108,7 @@ def shipped(script: Script, skill_mean: float, salt: int = 17) -> dict[str, Call
 def lookup(domain: str, name: str, table: dict[str, Callable[[], base.Policy]]) -> base.Policy:
   """table[name]() with an error that lists the domain's policies."""
   if name not in table:
-    raise ValueError(f"unknown {domain} policy {name!r}; expected one of {', '.join(table)}")
+    raise errors.SettingsError(f"unknown {domain} policy {name!r}; expected one of {', '.join(table)}")
   return table[name]()
 
 

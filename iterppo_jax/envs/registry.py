@@ -20,6 +20,7 @@ A module from outside the package needs no edit here: `--config.env.domain=my_pk
 import importlib
 import types
 
+from iterppo_jax import errors
 from iterppo_jax.envs import base
 from iterppo_jax.envs import policies
 
@@ -41,17 +42,17 @@ def module(domain: str) -> types.ModuleType:
   elif "." in domain:
     path = domain
   else:
-    raise ValueError(f"env.domain: unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}, or the "
-                     "import path of a domain module (my_pkg.my_domain; docs/domains.md)")
+    raise errors.SettingsError(f"env.domain: unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}, or the "
+                               "import path of a domain module (my_pkg.my_domain; docs/domains.md)")
   try:
     mod = importlib.import_module(path)
   except ImportError as e:
-    raise ValueError(f"env.domain {domain!r}: cannot import module {path!r} ({e}); is its package on "
-                     "PYTHONPATH?") from e
+    raise errors.SettingsError(f"env.domain {domain!r}: cannot import module {path!r} ({e}); is its package on "
+                               "PYTHONPATH?") from e
   missing = [name for name in REQUIRED if not hasattr(mod, name)]
   if missing:
-    raise ValueError(f"env.domain {domain!r}: module {path} lacks {', '.join(missing)}; a domain module defines "
-                     f"{', '.join(REQUIRED)} (docs/domains.md)")
+    raise errors.SettingsError(f"env.domain {domain!r}: module {path} lacks {', '.join(missing)}; a domain module "
+                               f"defines {', '.join(REQUIRED)} (docs/domains.md)")
   return mod
 
 
@@ -86,9 +87,9 @@ def tracker(domain: str):
   mod = module(domain)
   if not _has_tracker(mod):
     have = [d for d in DOMAINS if _has_tracker(module(d))]
-    raise ValueError(f"qfit.view='dialogue_state': env.domain {domain!r} has no dialogue-state tracker "
-                     f"(dialogue_state and act_key in {mod.__name__}); domains with one: {', '.join(have)}; "
-                     "or use qfit.view=tokens")
+    raise errors.SettingsError(f"qfit.view='dialogue_state': env.domain {domain!r} has no dialogue-state tracker "
+                               f"(dialogue_state and act_key in {mod.__name__}); domains with one: {', '.join(have)}; "
+                               "or use qfit.view=tokens")
   return mod.dialogue_state, mod.act_key
 
 

@@ -117,8 +117,8 @@ def _last_by_iteration(records: list[dict], key: str) -> dict[int, float]:
 
 def variant_rows(variant: str, run_dir: str) -> list[dict]:
   """One row per finished iteration k of a run (Q_k fitted, pi_{k+1} evaluated), from the files it wrote."""
-  config = _read_json(os.path.join(run_dir, "config.json"))
-  gamma, beta = float(config["gamma"]), float(config["ppo"]["kl_coef"])
+  typed = settings.parse(_read_json(os.path.join(run_dir, "config.json")))  # the run's record, as loop.run read it
+  gamma, beta = typed.gamma, typed.ppo.kl_coef
   progress = loop.Progress(run_dir).done
   metrics_path = os.path.join(run_dir, metrics_lib.METRICS_FILENAME)
   records = metrics_lib.read_metrics(metrics_path) if os.path.exists(metrics_path) else []

@@ -44,6 +44,7 @@ from flax import nnx
 
 from iterppo_jax import checkpoint as ckpt_lib
 from iterppo_jax import conversation as conv_lib
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import online_ppo as online_lib
@@ -76,8 +77,8 @@ def method_config(config, seed: int):
 def per_iteration(budget: int, iterations: int, what: str) -> int:
   """budget / iterations, refusing a split that would not use exactly the budget."""
   if iterations < 1 or budget % iterations:
-    raise ValueError(f"{what}: baselines.budget {budget} must split into {iterations} equal iterations "
-                     f"(a positive divisor of the budget)")
+    raise errors.SettingsError(f"{what}: baselines.budget {budget} must split into {iterations} equal iterations "
+                               f"(a positive divisor of the budget)")
   return budget // iterations
 
 
@@ -86,15 +87,16 @@ def check_config(config) -> settings.Settings:
   typed = settings.load(config)  # the loop's settings, which every method runs with
   b = typed.baselines
   if typed.loop.logs:
-    raise ValueError("baselines play the simulator; loop.logs (one offline iteration on user logs) is not supported")
+    raise errors.SettingsError("baselines play the simulator; loop.logs (one offline iteration on user logs) is "
+                               "not supported")
   unknown = sorted(set(b.methods) - set(METHODS))
   if unknown or not b.methods:
-    raise ValueError(f"baselines.methods must be a non-empty subset of {METHODS}, got {list(b.methods)}")
+    raise errors.SettingsError(f"baselines.methods must be a non-empty subset of {METHODS}, got {list(b.methods)}")
   if not b.seeds or len(set(b.seeds)) != len(b.seeds):
-    raise ValueError(f"baselines.seeds must be distinct and non-empty, got {list(b.seeds)}")
+    raise errors.SettingsError(f"baselines.seeds must be distinct and non-empty, got {list(b.seeds)}")
   if b.budget < 1 or b.online_batch < 1 or b.bc_steps < 1 or b.online_eval_every < 0:
-    raise ValueError(f"baselines.budget, online_batch, bc_steps must be >= 1 and online_eval_every >= 0, got "
-                     f"{b.budget}, {b.online_batch}, {b.bc_steps}, {b.online_eval_every}")
+    raise errors.SettingsError(f"baselines.budget, online_batch, bc_steps must be >= 1 and online_eval_every >= 0, got "
+                               f"{b.budget}, {b.online_batch}, {b.bc_steps}, {b.online_eval_every}")
   if "iterative_ppo" in b.methods:
     for k in b.ks:
       per_iteration(b.budget, k, f"iterative_ppo K={k}")

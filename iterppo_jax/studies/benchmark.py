@@ -1,12 +1,15 @@
 """Times the jitted pieces of Iterative PPO on random tokens (issue #7): the rows, the tables and the sweep's cells.
 
-The command line is experiments/benchmark.py, whose docstring says what every row and column measures; it sets
-XLA_FLAGS before run_benchmark first touches a device, and runs a sweep's cells each in a process of its own.
+The command line is experiments/benchmark.py, whose docstring says what every row and column measures; it
+reads configs/benchmark.py once into typed, checked `Settings` (`load`), sets XLA_FLAGS before run_benchmark
+first touches a device, and runs a sweep's cells each in a process of its own.
 experiments/benchmark_suite.py reads back the JSON that runs write (iteration_parts, failure_line).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import time
@@ -18,7 +21,7 @@ import optax
 from flax import nnx
 
 from iterppo_jax import errors
-from iterppo_jax import ppo, qfit, sampling, sft, sharding, solvers
+from iterppo_jax import ppo, qfit, sampling, settings, sft, sharding, solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
 from iterppo_jax.models import lora as lora_lib
@@ -26,6 +29,119 @@ from iterppo_jax.models import transformer as tf
 
 EOS_ID, PAD_ID = 2, 0
 PIECES = ("sampler", "sft", "qfit", "ppo")
+
+
+# ---- configs/benchmark.py's settings, typed and checked before any device is touched. No field has a default:
+# the config file holds every key's value and why, and a key it lost is named (settings.build) ----
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  style: str
+  num_layers: int
+  embed_dim: int
+  mlp_dim: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  vocab_size: int
+  tie_embeddings: bool
+  rope_theta: float
+  dtype: str
+  param_dtype: str
+  remat: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+  rank: int  # 0: full fine-tuning
+  alpha: float
+  targets: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  prompts: int  # B
+  prompt_len: int  # P
+  new_tokens: int  # N
+
+
+@dataclasses.dataclass(frozen=True)
+class Ppo:
+  epochs: int
+  minibatch_size: int  # 0: the whole batch
+  kl_coef: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  new_tokens: tuple[int, ...]
+  prompts: tuple[int, ...]
+  workloads: tuple[str, ...]
+  cell_timeout_s: int  # 0: no limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A benchmark's settings (configs/benchmark.py), typed and frozen: what this module and its command read."""
+  workload: str
+  seed: int
+  iterations: int
+  peak_tflops: float
+  peak_hbm_gbps: float
+  xla_flags: str
+  pieces: tuple[str, ...]
+  json_out: str
+  sweep: Sweep
+  model: Model
+  lora: Lora
+  batch: Batch
+  ppo: Ppo
+  learning_rate: float
+  mesh: tuple[tuple[str, int], ...]
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+CHOICES = {"model.style": ("llama", "gpt2"), "model.dtype": DTYPES, "model.param_dtype": DTYPES}
+COUNTS = {"seed": 0, "iterations": 1,  # each row is the mean of the calls after the compiling one: one at least
+          "model.num_layers": 1, "model.embed_dim": 1, "model.mlp_dim": 1, "model.num_heads": 1,
+          "model.num_kv_heads": 1, "model.head_dim": 1, "model.vocab_size": 4,  # random tokens are ids 3 and up
+          "batch.prompts": 1, "batch.prompt_len": 1, "batch.new_tokens": 1, "ppo.epochs": 1,
+          "ppo.minibatch_size": 0, "lora.rank": 0, "sweep.cell_timeout_s": 0}
+REALS = {"peak_tflops": (0.0, math.inf, True, False), "peak_hbm_gbps": (0.0, math.inf, True, False),
+         "learning_rate": (0.0, math.inf, False, False), "model.rope_theta": (0.0, math.inf, False, False),
+         "ppo.kl_coef": (0.0, math.inf, True, False), "lora.alpha": (0.0, math.inf, False, False)}
+
+
+def is_sweep(config: Settings) -> bool:
+  """Whether the command runs a sweep (cells in processes of their own) rather than one table."""
+  return bool(config.sweep.new_tokens or config.sweep.prompts or config.sweep.workloads)
+
+
+def load(config) -> Settings:
+  """configs/benchmark.py's ConfigDict as typed `Settings`, every key checked before any work: an unknown or
+  missing key, a value of the wrong type, a choice, size or rate out of range, or a rule between keys is one
+  errors.SettingsError naming the key, the value and what is allowed."""
+  typed = settings.build(Settings, config)
+  settings.check_keys(typed, CHOICES, COUNTS, REALS)
+  unknown = sorted(set(typed.pieces) - set(PIECES))
+  if unknown:
+    raise errors.SettingsError(f"config.pieces: unknown benchmark pieces {unknown}; expected some of {PIECES}")
+  for key in ("new_tokens", "prompts"):
+    bad = [n for n in getattr(typed.sweep, key) if isinstance(n, bool) or not isinstance(n, int) or n < 1]
+    if bad:
+      raise errors.SettingsError(f"config.sweep.{key} must hold integers >= 1, got {bad}")
+  if typed.model.num_heads % typed.model.num_kv_heads:
+    raise errors.SettingsError(f"config.model.num_kv_heads ({typed.model.num_kv_heads}) must divide "
+                               f"model.num_heads ({typed.model.num_heads})")
+  if typed.lora.rank and (not typed.lora.targets or set(typed.lora.targets) - set(lora_lib.ALL_TARGETS)):
+    raise errors.SettingsError(f"config.lora.targets must be a non-empty tuple of {', '.join(lora_lib.ALL_TARGETS)}, "
+                               f"got {typed.lora.targets!r}")
+  # A sweep's cells set their own batch.prompts, each checked in its own process (a cell that cannot split its
+  # batch is a failed row, not the end of the sweep).
+  if not is_sweep(typed) and typed.batch.prompts % _minibatch(typed):
+    raise errors.SettingsError(f"config.batch.prompts ({typed.batch.prompts}) must be a multiple of "
+                               f"ppo.minibatch_size ({typed.ppo.minibatch_size})")
+  return typed
 
 
 def _clock():
@@ -73,30 +189,28 @@ def _traffic(n_params, param_bytes, model_config, B, P, N):
   return {"forward": weights, "sample": N * weights + kv_reads, "train": 10 * n_params * 4}
 
 
-def _minibatch(config) -> int:
+def _minibatch(config: Settings) -> int:
   """config.ppo.minibatch_size, 0 meaning the whole batch (issue #7's one minibatch)."""
   return config.ppo.minibatch_size or config.batch.prompts
 
 
-def run_benchmark(config) -> list[dict]:
-  """Runs every timing of `config` (configs/benchmark.py) and returns the table rows."""
+def run_benchmark(config: Settings) -> list[dict]:
+  """Runs every timing of `config` (configs/benchmark.py's settings, `load`) and returns the table rows."""
   m, b = config.model, config.batch
   B, P, N = b.prompts, b.prompt_len, b.new_tokens
   minibatch = _minibatch(config)
-  if B % minibatch:
-    raise errors.SettingsError(f"batch.prompts {B} must be a multiple of ppo.minibatch_size {minibatch}")
   model_config = tf.TransformerConfig(
       vocab_size=m.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_len=P + N, style=m.style,
       tie_embeddings=m.tie_embeddings, rope_theta=m.rope_theta, dtype=m.dtype, param_dtype=m.param_dtype,
       remat=m.remat)
-  mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
+  mesh = sharding.make_mesh(list(config.mesh))
   rng = np.random.default_rng(config.seed)
   tx = lambda: optax.adamw(config.learning_rate)  # noqa: E731
   make_policy = lambda: tf.Transformer(model_config, rngs=nnx.Rngs(config.seed))  # noqa: E731
   make_scalar = lambda: heads.ScalarModel(model_config, rngs=nnx.Rngs(config.seed + 1))  # noqa: E731
-  lora = lora_lib.LoraConfig.from_section(config.get("lora"))
-  scalar_lora = lora_lib.LoraConfig.from_section(config.get("lora"), train_full=heads.ScalarModel.head_names())
+  lora = lora_lib.LoraConfig.from_section(config.lora)
+  scalar_lora = lora_lib.LoraConfig.from_section(config.lora, train_full=heads.ScalarModel.head_names())
 
   prompt_tokens = jnp.asarray(rng.integers(3, m.vocab_size, size=(B, P)), jnp.int32)
   prompt_valid = jnp.ones((B, P), bool)
@@ -116,9 +230,6 @@ def run_benchmark(config) -> list[dict]:
     traffic = _traffic(n, jnp.dtype(m.param_dtype).itemsize, model_config, B, P, N)
 
     pieces = set(config.pieces)
-    unknown = pieces - set(PIECES)
-    if unknown:
-      raise errors.SettingsError(f"unknown benchmark pieces {sorted(unknown)}; expected some of {PIECES}")
 
     # ---- sampler ----
     sampled_params = policy.merged_params(policy_state.params)  # LoRA: the sampler runs on merged weights
@@ -255,7 +366,7 @@ def peak_memory_bytes() -> int | None:
   return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
-def table_title(config) -> str:
+def table_title(config: Settings) -> str:
   """The table's title: the workload's shapes, the PPO settings, the number of calls and the devices."""
   m, b = config.model, config.batch
   return (f"workload {config.workload}: {m.num_layers} layers, width {m.embed_dim}, vocab {m.vocab_size}, "
@@ -265,7 +376,7 @@ def table_title(config) -> str:
           f"devices {jax.devices()}")
 
 
-def sweep_cells(config) -> list[dict]:
+def sweep_cells(config: Settings) -> list[dict]:
   """The sweep's cells: every (workload, new_tokens, prompts), an empty axis standing for the config's own value."""
   return [{"workload": w, "new_tokens": n, "prompts": p}
           for w in (config.sweep.workloads or (config.workload,))

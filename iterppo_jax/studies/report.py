@@ -3,7 +3,8 @@
 `table` and `plot_conversion` show one run of the loop (loop.run writes them next to its summary.json).
 
 `build_report` makes the report (the command line is experiments/report.py) in sections; configs/report.py says
-which run, on which domains, with which sub-config overrides:
+which run, on which domains, with which sub-config overrides (read once, typed and checked with every sub-config
+before any section runs: `load`):
   simulator     behaviour / oracle / random conversion per domain and business user, with 95% intervals and the
                 median conversation length (registry.make_env / make_policy, envs/base.summarize), one cached
                 file per cell in workdir/simulator/<domain>/
@@ -331,20 +332,29 @@ def _bound_rows(rows: list[dict], label: str) -> list[dict]:
   return [{**r, "variant": f"{label}/{r['variant']}"} for r in rows if "bound" in r]
 
 
+def _ablation(study, name: str, s, flag: str, selection, domain: str, workdir: str, log) -> tuple:
+  """Runs (or reuses) `study`.run_ablation on configs/<domain>.py of section `s` for each of `selection`, into
+  workdir/<name>/<domain>. Returns its directory, the rows, _run_or_reuse's status, the loop's iterations per
+  run and the piece's own command (`--<flag>=` the selection)."""
+  config = piece_config(domain, s.config_arg, s.overrides)
+  out = os.path.join(workdir, name, domain)
+  log(f"report: {name} {domain} {list(selection)}")
+  rows, done = _run_or_reuse(
+      out, _settings(domain, s, selection), lambda: study.run_ablation(config, out, tuple(selection)),
+      lambda: study.read_rows(out))
+  command = piece_command(name, domain, s, out, f"--{flag}={','.join(selection)}")
+  return out, rows, done, settings.load(config).loop.iterations, command
+
+
 def ablate_q_section(s, domain: str, workdir: str, log=print) -> tuple[dict, list[dict]]:
   """The Q-quality ablation's section and its bound rows (labelled ablate_q/<domain>/<variant>)."""
-  config = piece_config(domain, s.config_arg, s.overrides)
-  out = os.path.join(workdir, "ablate_q", domain)
-  log(f"report: ablate_q {domain} {list(s.variants)}")
-  rows, done = _run_or_reuse(
-      out, _settings(domain, s, s.variants), lambda: ablate_q.run_ablation(config, out, tuple(s.variants)),
-      lambda: ablate_q.read_rows(out))
+  out, rows, done, iterations, command = _ablation(ablate_q, "ablate_q", s, "variants", s.variants, domain,
+                                                   workdir, log)
   png = os.path.join(out, ablate_q.PLOT_FILE)
   if rows and (done["status"] == "ran" or not os.path.exists(png)):
     ablate_q.write_report(rows, out)
-  note = (f"Variants {list(s.variants)}, {settings.load(config).loop.iterations} iteration(s) each from the same pi_0; Q_k's "
-          "error is against the simulator's Monte Carlo Q on sampled held-out states.")
-  command = piece_command("ablate_q", domain, s, out, f"--variants={','.join(s.variants)}")
+  note = (f"Variants {list(s.variants)}, {iterations} iteration(s) each from the same pi_0; Q_k's error is against "
+          "the simulator's Monte Carlo Q on sampled held-out states.")
   section = _section("ablate_q", domain, f"Q-quality ablation: {domain}", **done,
                      tables=[ablate_q.table(rows)], plots=[png] if rows else [], commands=[command], note=note)
   return section, _bound_rows(rows, f"ablate_q/{domain}")
@@ -352,21 +362,15 @@ def ablate_q_section(s, domain: str, workdir: str, log=print) -> tuple[dict, lis
 
 def ablate_inner_section(s, domain: str, workdir: str, log=print) -> tuple[dict, list[dict]]:
   """The inner-solver ablation's section and its bound rows (each solver's run read as an ablate_q variant)."""
-  config = piece_config(domain, s.config_arg, s.overrides)
-  out = os.path.join(workdir, "ablate_inner", domain)
-  log(f"report: ablate_inner {domain} {list(s.inners)}")
-  rows, done = _run_or_reuse(
-      out, _settings(domain, s, s.inners), lambda: ablate_inner.run_ablation(config, out, tuple(s.inners)),
-      lambda: ablate_inner.read_rows(out))
+  out, rows, done, iterations, command = _ablation(ablate_inner, "ablate_inner", s, "inners", s.inners, domain,
+                                                   workdir, log)
   png = os.path.join(out, ablate_inner.PLOT_FILE)
   if done["status"] == "ran" or not os.path.exists(png):
     ablate_inner.plot(rows, png, ablate_inner.reference(out, s.inners[0]))
   bound_rows = []
   for inner in s.inners:
     bound_rows += _bound_rows(ablate_q.variant_rows(inner, os.path.join(out, inner)), f"ablate_inner/{domain}")
-  note = (f"Solvers {list(s.inners)}, {settings.load(config).loop.iterations} iteration(s) each from the same pi_0 "
-          "and Q_0.")
-  command = piece_command("ablate_inner", domain, s, out, f"--inners={','.join(s.inners)}")
+  note = f"Solvers {list(s.inners)}, {iterations} iteration(s) each from the same pi_0 and Q_0."
   section = _section("ablate_inner", domain, f"Inner-solver ablation: {domain}", **done,
                      tables=[ablate_inner.table(rows)], plots=[png], commands=[command], note=note)
   return section, bound_rows
@@ -433,44 +437,105 @@ def render(header: dict, sections: list[dict], pending=()) -> str:
   return "\n".join(lines).rstrip() + "\n"
 
 
+# ---- configs/report.py's settings, typed and checked before any section runs. No field has a default: the
+# config file holds every value and why, and a key it lost is named (settings.build) ----
+
+@dataclasses.dataclass(frozen=True)
+class Simulator:
+  enabled: bool
+  domains: tuple[str, ...]
+  policies: tuple[str, ...]  # each domain's scripted policies (registry.make_policy)
+  business_users: tuple[str, ...]
+  conversations: int  # per cell
+  seed: int
+  batch_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  """A section that runs a piece per domain on configs/<domain>.py, with its colon argument and overrides."""
+  enabled: bool
+  domains: tuple[str, ...]
+  config_arg: str
+  overrides: tuple[str, ...]  # 'dotted.key=value', as --config.key=value would set
+
+
+@dataclasses.dataclass(frozen=True)
+class AblateQ(Piece):
+  variants: tuple[str, ...]  # of ablate_q.VARIANTS
+
+
+@dataclasses.dataclass(frozen=True)
+class AblateInner(Piece):
+  inners: tuple[str, ...]  # of settings.INNER_SOLVERS
+
+
+@dataclasses.dataclass(frozen=True)
+class Bound:
+  enabled: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The report's settings (configs/report.py), typed and frozen: what build_report and its sections read."""
+  preset: str
+  simulator: Simulator
+  baselines: Piece
+  ablate_q: AblateQ
+  ablate_inner: AblateInner
+  bound: Bound
+
+
+PRESETS = ("small", "full", "tiny")
+BUSINESS_USERS = tuple(settings.CHOICES["env.business_user"])
+COUNTS = {"simulator.conversations": 1, "simulator.seed": 0, "simulator.batch_size": 1}
 # Piece section -> (its selection key, the names it accepts).
 _SELECTIONS = {"baselines": ("", ()), "ablate_q": ("variants", tuple(ablate_q.VARIANTS)),
                "ablate_inner": ("inners", tuple(settings.INNER_SOLVERS))}
 
 
-def check_config(config) -> None:
-  """Everything a section would refuse, before any section runs."""
-  if not any(config[name].enabled for name in SECTIONS):
+def load(config) -> Settings:
+  """configs/report.py's ConfigDict as typed `Settings`, checked before any section runs: its own keys (an
+  unknown or missing key, a value of the wrong type, a bad choice or size: one errors.SettingsError naming the
+  key, the value and what is allowed), and every sub-config an enabled section would run, with its overrides,
+  through the settings its piece loads (settings.load; the baselines' own checks too)."""
+  typed = settings.build(Settings, config)
+  settings.check_keys(typed, {"preset": PRESETS}, COUNTS, {})
+  if not any(getattr(typed, name).enabled for name in SECTIONS):
     raise errors.SettingsError(f"no section is enabled; expected at least one of {list(SECTIONS)}")
-  s = config.simulator
+  s = typed.simulator
   if s.enabled:
+    if not s.domains or not s.policies or not s.business_users:
+      raise errors.SettingsError("config.simulator.domains, policies and business_users must be non-empty")
+    bad = sorted(set(s.business_users) - set(BUSINESS_USERS))
+    if bad:
+      raise errors.SettingsError(f"config.simulator.business_users must be of {BUSINESS_USERS}, got {bad}")
     for domain in s.domains:
       env_config = settings.load_env(piece_config(domain, "").env)
       for policy in s.policies:
         registry.make_policy(domain, policy, env_config)  # an unknown name fails here, not after other domains
-    if not s.domains or not s.policies or not s.business_users or s.conversations < 1:
-      raise errors.SettingsError("simulator.domains, policies and business_users must be non-empty and "
-                                 "conversations >= 1")
-    bad = sorted(set(s.business_users) - {"sr", "direct"})
-    if bad:
-      raise errors.SettingsError(f"simulator.business_users must be of ('sr', 'direct'), got {bad}")
   for name, (key, allowed) in _SELECTIONS.items():
-    s = config[name]
+    s = getattr(typed, name)
     if not s.enabled:
       continue
     if not s.domains:
-      raise errors.SettingsError(f"{name}.domains must be non-empty")
+      raise errors.SettingsError(f"config.{name}.domains must be non-empty")
+    if key and (not getattr(s, key) or set(getattr(s, key)) - set(allowed)):
+      raise errors.SettingsError(f"config.{name}.{key} must be a non-empty subset of {list(allowed)}, got "
+                                 f"{list(getattr(s, key))}")
     for domain in s.domains:
       c = piece_config(domain, s.config_arg, s.overrides)
       if name == "baselines":
         baselines_lib.check_config(c)
-    if key and (not s[key] or set(s[key]) - set(allowed)):
-      raise errors.SettingsError(f"{name}.{key} must be a non-empty subset of {list(allowed)}, got {list(s[key])}")
+      else:
+        settings.load(c)
+  return typed
 
 
 def build_report(config, workdir: str, command: str, log=print) -> str:
-  """Runs (or reuses) every enabled section into workdir and writes workdir/report.md; returns its path."""
-  check_config(config)
+  """Runs (or reuses) every enabled section of `config` (configs/report.py, checked first: `load`) into workdir
+  and writes workdir/report.md; returns its path."""
+  config = load(config)
   os.makedirs(workdir, exist_ok=True)
   state_path = os.path.join(workdir, "report.json")
   if os.path.exists(state_path):
@@ -480,8 +545,8 @@ def build_report(config, workdir: str, command: str, log=print) -> str:
   start = time.perf_counter()
   header = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "command": command, "preset": config.preset,
             "machine": machine(), "seconds": 0.0}
-  plan = [(name, domain) for name in SECTIONS if config[name].enabled
-          for domain in (config[name].domains if name in ("baselines", "ablate_q", "ablate_inner") else ("",))]
+  plan = [(name, domain) for name in SECTIONS if getattr(config, name).enabled
+          for domain in (getattr(config, name).domains if name in _SELECTIONS else ("",))]
   sections, bound_rows = [], []
   md_path = os.path.join(workdir, "report.md")
 
@@ -493,7 +558,7 @@ def build_report(config, workdir: str, command: str, log=print) -> str:
         {k: s[k] for k in ("section", "domain", "status", "seconds", "finished")} for s in sections]})
 
   for i, (name, domain) in enumerate(plan):
-    s = config[name]
+    s = getattr(config, name)
     if name == "simulator":
       sections.append(simulator_section(s, workdir, log))
     elif name == "baselines":
