@@ -197,8 +197,7 @@ def _policy_and_tokenizer(config, policy_name: str, workdir: str, records_for_bp
 
 def _q_trainable(config, q_model: str, tokenizer, lm, learning_rate: float, with_target: bool, seed: int):
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
-  tx = ts.make_optimizer(ts.OptimizerConfig(learning_rate=learning_rate, warmup_steps=config.qfit.warmup_steps,
-                                            clip_norm=config.qfit.clip_norm))
+  tx = loop.optimizer(config.qfit, learning_rate)
   if q_model == "bag":
     tags = conv_lib.ROLE_TAGS
     make = lambda: BagOfTokensQ(tokenizer.vocab_size, tokenizer.token_id(tags["suggestion"]),

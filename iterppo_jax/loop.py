@@ -109,9 +109,12 @@ def q_model_config(run) -> tf.TransformerConfig:
   return dataclasses.replace(run.model_cfg, **sizes)
 
 
-def optimizer(section) -> Any:
+def optimizer(section, learning_rate: float | None = None) -> Any:
+  """The optimizer a settings section (sft, qfit, ppo, ppo.critic) describes; `learning_rate` overrides its own
+  (a study sweeping it keeps every other optimizer key read here, once)."""
   return ts.make_optimizer(ts.OptimizerConfig(
-      learning_rate=section.learning_rate, warmup_steps=section.warmup_steps,
+      learning_rate=section.learning_rate if learning_rate is None else learning_rate,
+      warmup_steps=section.warmup_steps,
       weight_decay=section.weight_decay, clip_norm=section.clip_norm, grad_accum=section.grad_accum))
 
 
