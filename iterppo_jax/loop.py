@@ -455,7 +455,9 @@ def fit_q(run: Run, k: int, records, policy_params):
   q_model = q_model_config(run)
   own_size = q_model != run.model_cfg  # a Q-model of its own size cannot start from a policy's trunk
   if own_size and q_cfg.init == "policy":
-    raise ValueError("qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' or 'previous'")
+    # settings.check refuses this up front; a pretrained model_dir's size is known only here
+    raise errors.SettingsError("config.qfit.init='policy' needs the policy's size; with qfit.model.* use 'scratch' "
+                               "or 'previous'")
   dueling = q_cfg.head == "dueling"  # Q = V(s) + A(s, a) (models/heads.py)
   make_q = (lambda: heads.scalar_model_from_policy(nnx.merge(run_policy_graphdef(run), policy_params),
                                                     rngs=nnx.Rngs(seed_for(c, k, PHASE_IDS["qfit"])),
