@@ -354,6 +354,19 @@ def check_skill_mean(skill_mean: float) -> None:
     raise ValueError(f"skill_mean must lie strictly between 0 and 1 (a Beta mean), got {skill_mean}")
 
 
+def tick_patience(state: Any, text: str, per_turn: float, repeated_penalty: float) -> None:
+  """The customer's patience clock, shared by the domains' `transition`s: one more turn, a little annoyance for
+  every message and more for a message that repeats the last one (case and surrounding space ignored).
+
+  `state` has `turn`, `annoyance` and `last_business` (the previous business message).
+  """
+  state.turn += 1
+  state.annoyance += per_turn
+  if text.strip().lower() == state.last_business.strip().lower():
+    state.annoyance += repeated_penalty
+  state.last_business = text
+
+
 def staff_skill(rng: np.random.Generator, skill_mean: float) -> float:
   """One historical staff member's skill: Beta(mean * 6, (1 - mean) * 6) around `skill_mean`, one draw of `rng`.
 

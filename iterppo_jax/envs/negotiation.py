@@ -714,11 +714,7 @@ def _follow_up(s: NegotiationState) -> list[tuple]:
 def transition(s: NegotiationState, text: str) -> list[tuple]:
   """Deterministic state update for one sent message; returns the reply as a list of template keys."""
   act = parse_business(text)
-  s.turn += 1
-  s.annoyance += 0.1  # every round costs a little patience
-  if text.strip().lower() == s.last_business.strip().lower():
-    s.annoyance += 0.6
-  s.last_business = text
+  base.tick_patience(s, text, per_turn=0.1, repeated_penalty=0.6)  # every round costs a little patience
   pending = s.pending
   addressed = False  # did the act deal with the open objection?
   kind = act.kind

@@ -505,11 +505,7 @@ class SupportEnv(base.StaffEnv):
   def transition(self, s: SupportState, text: str) -> str:
     """Deterministic state update for a sent message; returns the kind of reply (a REPLIES key)."""
     act = parse_business(text)
-    s.turn += 1
-    s.annoyance += 0.25  # every turn costs a little patience
-    if text.strip().lower() == s.last_business.strip().lower():
-      s.annoyance += 1.0
-    s.last_business = text
+    base.tick_patience(s, text, per_turn=0.25, repeated_penalty=1.0)  # every turn costs a little patience
     kind = act.kind
     if kind == "greet":
       if s.turn == 1:
