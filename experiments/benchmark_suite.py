@@ -15,6 +15,7 @@ calls (each call's files copied into one folder) make one report: `--config.step
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,8 +23,10 @@ import sys
 
 from absl import flags
 
+from configs import benchmark as benchmark_config
 from experiments import cli
 from iterppo_jax import errors
+from iterppo_jax import settings
 from iterppo_jax.studies import benchmark
 
 STEPS = ("phases", "scaling", "largest")
@@ -32,6 +35,53 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = {"ppo_0p5b": {"google-tunix 0.1.7": 2.14, "TRL 0.29.1": 7.47},
          "ppo_tiny": {"google-tunix 0.1.7": 1.81, "TRL 0.29.1": 1.39}}
 TARGET_S = 0.5  # issue #7's target for both workloads
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+  phases: int
+  cell: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """configs/benchmark_suite.py, typed and checked (`load`); every key is in the file, so none has a default."""
+  out: str
+  steps: tuple[str, ...]
+  iterations: int
+  sweep_iterations: int
+  workload: str
+  scaling_new_tokens: tuple[int, ...]
+  scaling_prompts: tuple[int, ...]
+  largest_workloads: tuple[str, ...]
+  largest_overrides: tuple[str, ...]
+  timeout_s: Timeouts
+
+
+COUNTS = {"iterations": 1, "sweep_iterations": 1, "timeout_s.phases": 1, "timeout_s.cell": 1}
+
+
+def load(config) -> Settings:
+  """The suite's ConfigDict as typed `Settings`, every key checked before any step runs: an unknown or missing
+  key, a wrong type, no `out`, an unknown step or workload, or a sweep axis below 1 is one errors.SettingsError."""
+  typed = settings.build(Settings, config)
+  settings.check_keys(typed, {}, COUNTS, {})
+  if not typed.out:
+    raise errors.SettingsError("--config.out is required (the folder for the steps' JSON and suite.md)")
+  unknown = [s for s in typed.steps if s not in STEPS]
+  if unknown:
+    raise errors.SettingsError(f"unknown steps {unknown} in --config.steps; expected some of {STEPS}")
+  names = benchmark_config.WORKLOADS
+  for key, workloads in (("workload", (typed.workload,)), ("largest_workloads", typed.largest_workloads)):
+    bad = [w for w in workloads if w not in names]
+    if bad or not workloads:
+      raise errors.SettingsError(f"config.{key}: unknown benchmark workloads {bad or '()'}; expected some of "
+                                 f"{', '.join(names)} (configs/benchmark.py)")
+  for key in ("scaling_new_tokens", "scaling_prompts"):
+    values = getattr(typed, key)
+    if not values or any(n < 1 for n in values):
+      raise errors.SettingsError(f"config.{key} must hold integers >= 1, got {values}")
+  return typed
 
 
 def step_command(config, step: str, json_path: str) -> list[str]:
@@ -156,12 +206,7 @@ def report(out: str, workload: str = "ppo_0p5b") -> str:
 
 def main(argv):
   del argv
-  config = flags.FLAGS.config
-  if not config.out:
-    raise errors.SettingsError("--config.out is required (the folder for the steps' JSON and suite.md)")
-  unknown = [s for s in config.steps if s not in STEPS]
-  if unknown:
-    raise errors.SettingsError(f"unknown steps {unknown} in --config.steps; expected some of {STEPS}")
+  config = load(flags.FLAGS.config)
   os.makedirs(config.out, exist_ok=True)
   text = "" if config.steps else write_report(config)  # no step: rebuild the report from the JSON there
   for step in config.steps:

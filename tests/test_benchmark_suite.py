@@ -1,9 +1,11 @@
 """experiments/benchmark_suite.py: issue #7's GPU measurements as one prepared run, checked end to end on the
 smoke shapes (so the device's minutes are not spent finding a broken command), and its report from JSON."""
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +13,7 @@ import pytest
 
 from experiments import benchmark as benchmark_main
 from experiments import benchmark_suite
+from iterppo_jax import errors
 from iterppo_jax.studies import benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -96,6 +99,26 @@ def test_bad_steps_and_missing_out_are_refused(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and message in done.stderr
   assert not any(tmp_path.iterdir())  # nothing was run or written
+
+
+def test_settings_are_typed_and_checked_before_any_step():
+  smoke = _config("benchmark_suite.py", "smoke")
+  smoke.out = "/tmp/suite"
+  good = benchmark_suite.load(smoke)
+  assert good.timeout_s.cell == 300 and good.steps == benchmark_suite.STEPS
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    good.out = "x"
+  for key, value, message in (("out", "", "--config.out is required"),
+                              ("steps", ("phases", "nope"), "unknown steps"),
+                              ("workload", "nope", "config.workload: unknown benchmark workloads"),
+                              ("largest_workloads", ("smoke", "nope"), "config.largest_workloads: unknown"),
+                              ("scaling_prompts", (8, 0), "config.scaling_prompts must hold integers >= 1"),
+                              ("iterations", 0, "config.iterations"),
+                              ("sweep_iterations", "2", "config.sweep_iterations"),
+                              ("color", "red", "config.color: unknown key")):
+    config = {**smoke.to_dict(), key: value}  # a plain mapping: a ConfigDict refuses a value of another type
+    with pytest.raises(errors.SettingsError, match=re.escape(message)):
+      benchmark_suite.load(config)
 
 
 def test_default_steps_fit_two_device_calls():
