@@ -33,9 +33,7 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join("runs", time.strftime("iterative_ppo_%Y%m%d_%H%M%S"))
   # every key known, every choice, size and rule between keys, before anything is written
   s = settings.load(config)
-  d = s.cluster
-  distributed.initialize(s.distributed, d.coordinator, d.num_processes, d.process_id, d.connect_timeout_s,
-                         d.init_timeout_s)  # before anything touches a device
+  distributed.initialize(s.distributed, s.cluster)  # before anything touches a device
   loop.check_resumable(config, workdir)
   print(f"workdir: {os.path.abspath(workdir)}  process {jax.process_index()} of {jax.process_count()}  "
         f"devices: {jax.devices()}")

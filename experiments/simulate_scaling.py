@@ -55,9 +55,7 @@ def main(argv):
   config = _CONFIG.value
   if _OUT.value:  # a worker
     s = settings.load(config)
-    d = s.cluster
-    distributed.initialize(s.distributed, d.coordinator, d.num_processes, d.process_id, d.connect_timeout_s,
-                           d.init_timeout_s)
+    distributed.initialize(s.distributed, s.cluster)
     scaling.play_rate(config, _CONVERSATIONS.value, _OUT.value)
     return
   rows = []

@@ -68,26 +68,27 @@ def wait_for_coordinator(address: str, timeout_s: float, retry_s: float = 0.5) -
       "between the hosts (raise cluster.connect_timeout_s if process 0 starts later)")
 
 
-def initialize(enabled: bool, coordinator: str = "", num_processes: int = 0, process_id: int = -1,
-               connect_timeout_s: float = 60.0, init_timeout_s: int = 300) -> None:
-  """Joins a multi-process run (config.distributed, with the `cluster` section); does nothing when `enabled` is False.
+def initialize(enabled: bool, cluster) -> None:
+  """Joins a multi-process run (config.distributed); does nothing when `enabled` is False.
 
-  Must run before anything touches a JAX device (entry points call it first). An empty coordinator,
-  num_processes 0 or process_id -1 leave that value to jax.distributed.initialize, which reads
-  JAX_COORDINATOR_ADDRESS / the Cloud TPU metadata / SLURM's variables. Processes other than 0 first wait for the
-  coordinator's port (`wait_for_coordinator`) when its address and their rank are known here (given, or
-  JAX_COORDINATOR_ADDRESS with JAX_PROCESS_ID or SLURM_PROCID).
+  `cluster` is the config's `cluster` section (settings.Cluster: coordinator, num_processes, process_id,
+  connect_timeout_s, init_timeout_s). Must run before anything touches a JAX device (entry points call it
+  first). An empty coordinator, num_processes 0 or process_id -1 leave that value to jax.distributed.initialize,
+  which reads JAX_COORDINATOR_ADDRESS / the Cloud TPU metadata / SLURM's variables. Processes other than 0 first
+  wait for the coordinator's port (`wait_for_coordinator`) when its address and their rank are known here (given,
+  or JAX_COORDINATOR_ADDRESS with JAX_PROCESS_ID or SLURM_PROCID).
   """
   if not enabled:
     return
+  coordinator, num_processes, process_id = cluster.coordinator, cluster.num_processes, cluster.process_id
   # CPU devices of different processes exchange collectives through gloo (XLA's CPU default has none);
   # accelerators ignore this setting.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   address = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
   rank = process_id if process_id >= 0 else int(os.environ.get("JAX_PROCESS_ID", os.environ.get("SLURM_PROCID", -1)))
   if address and rank > 0:  # process 0 binds the port itself; an unknown rank (-1) cannot tell
-    wait_for_coordinator(address, connect_timeout_s)
-  kwargs: dict[str, Any] = {"initialization_timeout": int(init_timeout_s)}
+    wait_for_coordinator(address, cluster.connect_timeout_s)
+  kwargs: dict[str, Any] = {"initialization_timeout": int(cluster.init_timeout_s)}
   if coordinator:
     kwargs["coordinator_address"] = coordinator
   if num_processes > 0:
