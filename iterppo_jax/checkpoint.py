@@ -13,8 +13,10 @@ every array is then read straight into its sharding. Typed PRNG keys should be s
 ``jax.random.key_data(key)`` and re-wrapped on restore.
 """
 
+import contextlib
 import os
 import shutil
+import time
 from typing import Any, Mapping
 
 import jax
@@ -53,12 +55,23 @@ def _steps(root: str):
       subdirs[:] = []
 
 
-def remove_partial(root: str | os.PathLike) -> list[str]:
-  """Removes the half-written steps a failed save left under `root` (disk full, a crash); returns their paths."""
-  partial = [p for p, complete in _steps(os.fspath(root)) if not complete]
-  for path in partial:
-    shutil.rmtree(path, ignore_errors=True)
-  return partial
+def remove_partial(root: str | os.PathLike, *, settle_s: float = 0.25, rounds: int = 20) -> list[str]:
+  """Removes the half-written steps a failed save left under `root` (disk full, a crash); returns their paths.
+
+  A failed save can leave tensorstore writes in flight that land (and recreate their directories) after the
+  first removal, once the removal has freed space; so the directory is scanned again `settle_s` later, until
+  a scan finds nothing (at most `rounds` times).
+  """
+  removed = []
+  for _ in range(rounds):
+    partial = [p for p, complete in _steps(os.fspath(root)) if not complete]
+    if not partial:
+      break
+    for path in partial:
+      shutil.rmtree(path, ignore_errors=True)
+    removed += [p for p in partial if p not in removed]
+    time.sleep(settle_s)
+  return removed
 
 
 def latest_complete(root: str | os.PathLike) -> str | None:
@@ -113,8 +126,14 @@ class Checkpointer:
         metadata=ocp.args.JsonSave(dict(metadata or {})),
     )
     # force=True: the caller decides when to save; no interval policy should drop the request.
-    saved = self._manager.save(step, args=args, force=True)
-    self._manager.wait_until_finished()
+    try:
+      saved = self._manager.save(step, args=args, force=True)
+      self._manager.wait_until_finished()
+    except BaseException:
+      # Let the save's other writes end before the caller tidies its staging directory (remove_partial).
+      with contextlib.suppress(Exception):
+        self._manager.wait_until_finished()
+      raise
     if not saved:
       raise RuntimeError(f"Orbax declined to save step {step} in {self.directory}.")
 

@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -207,6 +208,26 @@ def test_checkpoint_resume_latest_max_to_keep_and_eval_shape(tmp_path):
   assert metadata == {"step": 2}
   leaf = jax.tree.leaves(restored)[0]
   assert leaf.sharding == sharding
+
+
+def test_remove_partial_waits_for_writes_that_land_after_the_first_removal(tmp_path):
+  """A failed save's in-flight writes can recreate its staging directory after it was removed (seen on a full
+  disk: the removal frees the space they waited for); remove_partial scans again until nothing is left, and
+  keeps complete steps."""
+  root = tmp_path / "checkpoints"
+  done = root / "ppo" / "0" / "1"
+  done.mkdir(parents=True)
+  (done / "_CHECKPOINT_METADATA").write_text("{}")
+  staging = root / "ppo" / "0" / "2.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp"
+  staging.mkdir(parents=True)
+  late = threading.Timer(0.1, lambda: (staging.mkdir(parents=True, exist_ok=True),
+                                       (staging / "manifest.ocdbt").write_text("late")))
+  late.start()
+  removed = checkpoint.remove_partial(root, settle_s=0.3)
+  late.join()
+  assert removed == [str(root / "ppo" / "0" / "2.orbax-checkpoint-tmp")]
+  assert not (root / "ppo" / "0" / "2.orbax-checkpoint-tmp").exists()
+  assert checkpoint.latest_complete(root) == str(done)
 
 
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs several (host) devices")
