@@ -399,7 +399,7 @@ class Group:
 @dataclasses.dataclass(frozen=True)
 class Loop:
   iterations: int = 2
-  first_data: str = "behavior"
+  first_data: str = "policy"
   conversations: int = 768
   eval_conversations: int = 400
   play_batch: int = 256
