@@ -1,8 +1,11 @@
 """settings.load: every shipped config becomes typed, frozen settings equal to its ConfigDict's values; a key no
 section knows is refused by name before any work; the env section keeps a domain's own keys."""
 
+import ast
 import dataclasses
+import glob
 import importlib
+import os
 
 import pytest
 
@@ -177,3 +180,29 @@ def test_parse_types_without_the_checks():
   c.qfit.methd = "mc"
   with pytest.raises(errors.SettingsError, match=r"config\.qfit\.methd: unknown key"):
     settings.parse(c)
+
+
+def _names_read_outside_settings() -> set[str]:
+  """Every attribute name and string constant in the library and the entry points, settings.py left out."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  names = set()
+  for path in glob.glob(f"{root}/iterppo_jax/**/*.py", recursive=True) + glob.glob(f"{root}/experiments/*.py"):
+    if os.path.basename(path) == "settings.py":
+      continue
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Attribute):
+        names.add(node.attr)
+      elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+        names.add(node.value)
+  return names
+
+
+def test_every_key_of_every_shipped_config_has_a_reader():
+  """A key that settings accept but no code reads would be a setting that silently does nothing. A reader is an attribute of that name (or the name as a string, for a
+  domain's env keys) anywhere in iterppo_jax/ or experiments/ outside settings.py."""
+  names = _names_read_outside_settings()
+  keys = {key for spec in SPECS for key in _flat(_config(spec))}
+  unread = sorted(key for key in keys if key.rsplit(".", 1)[-1] not in names)
+  assert not unread, unread
