@@ -58,7 +58,8 @@ def markdown(t: dict) -> str:
   for k, g in enumerate(t["gains"]):
     lines.append(f"| pi_{k + 1} - pi_{k} | {g[0]:+.3f} ({g[1]:+.3f} to {g[2]:+.3f}) |")
   g = t["gain_over_pi0"]
-  lines.append(f"| pi_{t['iterations'] - 1} - pi_0 | {g[0]:+.3f} ({g[1]:+.3f} to {g[2]:+.3f}) |")
+  if len(t["gains"]) > 1:  # with one iteration the total is the one paired gain above
+    lines.append(f"| pi_{t['iterations'] - 1} - pi_0 | {g[0]:+.3f} ({g[1]:+.3f} to {g[2]:+.3f}) |")
   lines += ["", f"behaviour staff: {f(t['behavior'])}; last iterate above it in "
             f"{sum(t['last_above_behavior'])} of {len(t['runs'])} seeds", "",
             "| Q_k | top-1 (chance) | Spearman | gain of Q's pick (best possible) | truth reliability | "

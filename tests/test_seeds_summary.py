@@ -31,3 +31,9 @@ def test_paired_gains_and_the_behaviour_line():
   assert t["ranking"][0]["rank_top1"][0] == pytest.approx(0.4)
   text = seeds_summary.markdown(t)
   assert "| pi_2 - pi_1 | +0.070" in text and "last iterate above it in 1 of 3 seeds" in text
+
+
+def test_one_iteration_lists_its_gain_once():
+  runs = [_summary([0.10, 0.20]), _summary([0.12, 0.18]), _summary([0.08, 0.16])]
+  text = seeds_summary.markdown(seeds_summary.summarize(runs, ["s0", "s1", "s2"]))
+  assert text.count("| pi_1 - pi_0 |") == 1
