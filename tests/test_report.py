@@ -247,3 +247,48 @@ def test_second_report_reuses_everything(tiny_report, monkeypatch):
   # A workdir holds one preset.
   with pytest.raises(ValueError, match="holds a 'tiny' report"):
     report.build_report(report_config.get_config("small"), workdir, "pytest small", log=log.append)
+
+
+def _summary(convs, pretrained=None, ranked=False):
+  def s(c):
+    return {"conversion": c, "conversion_lo": c - 0.01, "conversion_hi": c + 0.01, "mean_turns": 5.0,
+            "accept_rate": 0.5, "kl_to_pi0": 0.1}
+  out = {"iterations": [s(c) for c in convs], "reference": {"behavior": s(0.2)},
+         "q_ranking": [{"deployed_conversion": 0.1}] * (len(convs) - 1)}
+  if ranked:
+    out["q_ranking"][-1] = {"rank_top1": 0.5, "rank_states": 10, "rank_candidates": 4.0, "rank_top1_chance": 0.25,
+                            "rank_spearman": 0.3, "rank_pairwise": 0.6, "rank_pick_gain": 0.02,
+                            "rank_best_gain": 0.05, "rank_true_se": 0.01}
+  if pretrained is not None:
+    out["pretrained"] = s(pretrained)
+  return out
+
+
+def test_run_table_beside_another_run_and_no_empty_ranking_table():
+  smol = _summary([0.05, 0.025, 0.03], pretrained=0.075)
+  tiny = _summary([0.107, 0.205, 0.28, 0.365], ranked=True)
+  plain = report.table(smol)
+  assert "Q_k's ranking" not in plain  # no measurement, no empty table
+  assert "| Q_2 |" in report.table(tiny) and "| Q_0 |" not in report.table(tiny)  # rows keep their k
+  text = report.table(smol, tiny, "0.6M model")
+  lines = [line for line in text.splitlines() if line.startswith("| ")]
+  assert lines[0].endswith("| 0.6M model: conversion (95% CI) |")
+  by_label = {line.split(" | ")[0][2:]: line for line in lines[1:]}
+  assert list(by_label) == ["pretrained, before SFT", "pi_0", "pi_1", "pi_2", "pi_3", "behavior (scripted)"]
+  assert by_label["pi_1"].endswith("| 0.025 (0.015-0.035) | 5.00 | 0.500 | 0.10 | 0.205 (0.195-0.215) |")
+  assert by_label["pi_3"] == "| pi_3 | - | - | - | - | 0.365 (0.355-0.375) |"
+  assert by_label["pretrained, before SFT"].endswith("| - | - |")
+  assert all(line.count("|") == 7 for line in lines)
+
+
+def test_a_bad_beside_run_is_one_line_before_any_work(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  (tmp_path / "other").mkdir()
+  out = subprocess.run([sys.executable, "-m", "experiments.iterative_ppo", "--config=configs/sales.py:tiny",
+                        f"--beside={tmp_path}/other", f"--workdir={tmp_path}/w"], cwd=root, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": root})
+  assert out.returncode == 2
+  assert f"--beside={tmp_path}/other: {tmp_path}/other/summary.json is not the summary.json" in out.stderr
+  assert "Traceback" not in out.stderr and not os.path.exists(tmp_path / "w")

@@ -48,30 +48,50 @@ from iterppo_jax.studies import baselines as baselines_lib
 
 # ---- a run's table and plot (loop.run) ----
 
-def table(summary: dict) -> str:
-  """Conversion (95% interval), turns, accept rate and KL to pi_0 per iteration, plus the reference lines."""
-  def row(label: str, s: dict, kl: str) -> str:
-    return (f"| {label} | {s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f}) | "
-            f"{s['mean_turns']:.2f} | {s['accept_rate']:.3f} | {kl} |")
+def table(summary: dict, beside: dict | None = None, beside_label: str = "") -> str:
+  """Conversion (95% interval), turns, accept rate and KL to pi_0 per iteration, plus the reference lines.
 
-  rows = ["| policy | conversion (95% CI) | mean turns | accept | KL to pi_0 |", "|---|---|---|---|---|"]
-  if summary.get("pretrained"):
-    rows.append(row("pretrained, before SFT", summary["pretrained"], "-"))
-  rows += [row(f"pi_{k}", s, f"{s.get('kl_to_pi0', 0.0):.2f}") for k, s in enumerate(summary["iterations"])]
-  rows += [row(f"{name} (scripted)", s, "-") for name, s in summary.get("reference", {}).items()]
+  `beside` (another run's summary.json, e.g. the 0.6M model's demo next to a SmolLM2 run) adds a column with
+  that run's conversion on the row of the same name; "-" where one run has a row the other lacks.
+  """
+  def conv(s: dict) -> str:
+    return f"{s['conversion']:.3f} ({s['conversion_lo']:.3f}-{s['conversion_hi']:.3f})"
+
+  def named_rows(run: dict) -> list[tuple[str, dict, str]]:
+    out = [("pretrained, before SFT", run["pretrained"], "-")] if run.get("pretrained") else []
+    out += [(f"pi_{k}", s, f"{s.get('kl_to_pi0', 0.0):.2f}") for k, s in enumerate(run["iterations"])]
+    return out + [(f"{name} (scripted)", s, "-") for name, s in run.get("reference", {}).items()]
+
+  own = named_rows(summary)
+  header = "| policy | conversion (95% CI) | mean turns | accept | KL to pi_0 |"
+  rule = "|---|---|---|---|---|"
+  if beside is None:
+    rows = [header, rule] + [f"| {label} | {conv(s)} | {s['mean_turns']:.2f} | {s['accept_rate']:.3f} | {kl} |"
+                             for label, s, kl in own]
+  else:
+    other = {label: s for label, s, _ in named_rows(beside)}
+    labels = [label for label, _, _ in own]
+    # the other run's extra iterations go after this run's last pi_k, before the scripted references
+    at = max((i + 1 for i, label in enumerate(labels) if label.startswith("pi_")), default=len(labels))
+    labels[at:at] = [label for label in other if label.startswith("pi_") and label not in labels]
+    labels += [label for label in other if label not in labels]
+    mine = {label: (s, kl) for label, s, kl in own}
+    rows = [header + f" {beside_label or 'beside'}: conversion (95% CI) |", rule + "---|"]
+    for label in labels:
+      s, kl = mine.get(label, (None, "-"))
+      cells = [conv(s), f"{s['mean_turns']:.2f}", f"{s['accept_rate']:.3f}", kl] if s else ["-", "-", "-", "-"]
+      rows.append(f"| {label} | " + " | ".join(cells) + f" | {conv(other[label]) if label in other else '-'} |")
   seconds = summary.get("phase_seconds")
   if seconds:
     rows += ["", "where the time went: " + ", ".join(f"{name} {value:.0f} s" for name, value in
                                                     sorted(seconds.items(), key=lambda kv: -kv[1]))]
-  ranking = summary.get("q_ranking")
-  if ranking:
+  ranking = [(k, r) for k, r in enumerate(summary.get("q_ranking") or []) if r and "rank_top1" in r]
+  if ranking:  # runs without the measurement (loop.rank_states=0) print no empty table
     rows += ["", "Q_k's ranking of actions against the simulator's true Q^{pi_k} (q_ranking.py): top-1 = Q_k's pick is "
              "the true best; gain = true Q of Q_k's pick minus the candidates' mean (best possible in brackets)", "",
              "| Q_k | states x candidates | top-1 (chance) | Spearman | pairwise | gain (best) | true-Q s.e. "
              "(reliability) | deployed conversion |", "|---|---|---|---|---|---|---|---|"]
-    for k, r in enumerate(ranking):
-      if not r or "rank_top1" not in r:
-        continue
+    for k, r in ranking:
       rows.append(f"| Q_{k} | {r['rank_states']:.0f} x {r['rank_candidates']:.1f} | {r['rank_top1']:.2f} "
                   f"({r['rank_top1_chance']:.2f}) | {r['rank_spearman']:+.2f} | {r['rank_pairwise']:.2f} | "
                   f"{r['rank_pick_gain']:+.3f} ({r['rank_best_gain']:.3f}) | {r['rank_true_se']:.3f} "
