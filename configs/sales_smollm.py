@@ -13,14 +13,15 @@ the attention projections); a critic's and a Q-model's scalar head train in full
 `:prompted` deploys pi_0 exactly as prompted (no SFT) and stops after evaluating it; `:tiny` keeps the tiny
 loop sizes for tests. CPU sizes: float32 compute, 150 evaluation conversations (about +-5 points at 15%).
 
-`:laptop` is meant as the run a person can make on a 2-core laptop (issue #18: two iterations in <= 90 minutes;
-not yet achieved: docs/results.md, "SmolLM2 on a laptop"):
+`:laptop` is the run a person can make on a 2-core laptop (issue #18: two iterations in <= 90 minutes; measured:
+60 minutes on a shared 2-core CPU, peak RSS 14.3 GB, docs/results.md, "SmolLM2 on a laptop"):
 the prompted model evaluated first (loop.eval_pretrained), a short LoRA SFT, then two iterations with RLOO (no
 critic to train) on small batches, 40 evaluation conversations (intervals of about +-10 points: a smoke test of
 the method on a real LLM, not a measurement), no ranking or true-Q measurement (their simulator rollouts with
 a 30-layer model would take hours). The table it prints ends with where its time went.
 
-  python -m experiments.iterative_ppo --config=configs/sales_smollm.py:laptop --workdir=/tmp/smol_laptop
+  python -m experiments.iterative_ppo --config=configs/sales_smollm.py:laptop --workdir=/tmp/smol_laptop \
+      --beside=/tmp/demo --beside_label="0.6M model"   # optional: the 0.6M demo's conversion in a column beside
 """
 
 from configs import common
@@ -84,7 +85,7 @@ def get_config(arg=None):
     c.ppo.steps = 2
     c.ppo.batch_size = 16  # sampled responses per step (4 states x 4)
     # Full-vocabulary logits of 16 x 424 tokens x 49,152 are 1.3 GB a copy: the first run, at 16, peaked at
-    # 20.6 GB and was killed by the OOM killer in its first RLOO step; 4 cuts them fourfold (not yet run).
+    # 20.6 GB and was killed by the OOM killer in its first RLOO step; at 4 the whole run peaked at 14.3 GB.
     c.ppo.minibatch_size = 4
     c.ppo.epochs = 1
     c.ppo.learning_rate = 1e-4  # few steps on adapters
