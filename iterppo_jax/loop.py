@@ -740,7 +740,7 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   evals = {r.id: r for r in read_logs(run.workdir, f"eval_{k}")}
   turns = [evals[cid].turns[:i] for (cid, i), cs in zip(action_set.where, action_set.candidates) for _ in cs]
   q = score(turns, prompts, actions)
-  out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask)
+  out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask, action_set.own)
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
   out["truth_reliability"] = action_set.reliability()
   out["candidates"] = float(np.mean([len(cs) for cs in action_set.candidates]))

@@ -28,13 +28,15 @@ from iterppo_jax import io_utils
 from iterppo_jax import stats
 
 
-def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None = None,
+                    own: np.ndarray | None = None) -> dict[str, float]:
   """Within-state agreement of predicted and true action values.
 
   Args:
     pred: [N, M] Q_k of M candidates at N states (any monotone scale).
     true: [N, M] the true Q of the same candidates.
     mask: [N, M] bool, the candidates present (states may have fewer than M); default all.
+    own: [N, M] bool, the candidates that are pi_k's own samples; with it, two more measures (below).
   Returns:
     top1: share of states where Q_k's pick has the true best value (ties with the best count as agreement);
     top1_chance: the same for a uniformly random pick;
@@ -42,16 +44,20 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     pairwise: share of candidate pairs with different true values that Q_k orders correctly (ties: 1/2);
     pick_gain: mean over states of true[pick] - mean(true) (what a greedy step on Q_k gains);
     best_gain: mean of max(true) - mean(true) (the most any pick can gain);
+    pick_gain_own, best_gain_own (with `own`): the same against the mean true Q of pi_k's own samples instead of
+      all candidates' mean: what replacing pi_k's action by Q_k's pick gains (the candidates' mean includes
+      scripted acts no one would choose, which makes beating it easy);
     states: the states counted: those with at least two candidates of different true value.
   """
   pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
   if pred.shape != true.shape or pred.ndim != 2:
     raise ValueError(f"pred and true must both be [N, M], got {pred.shape} and {true.shape}")
   mask = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
-  top1, chance, spear, pick_gain, best_gain = [], [], [], [], []
+  own_mask = np.zeros(pred.shape, bool) if own is None else np.asarray(own, bool)
+  top1, chance, spear, pick_gain, best_gain, pick_own, best_own = [], [], [], [], [], [], []
   agree = pairs = 0.0
-  for p, t, m in zip(pred, true, mask):
-    p, t = p[m], t[m]
+  for p, t, m, o in zip(pred, true, mask, own_mask):
+    p, t, o = p[m], t[m], o[m]
     if len(t) < 2 or np.ptp(t) == 0:  # every candidate equally good: nothing to rank (e.g. no rollout sold)
       continue
     best, picked = t.max(), t[int(np.argmax(p))]
@@ -59,6 +65,9 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     chance.append(float(np.mean(t >= best)))
     pick_gain.append(float(picked - t.mean()))
     best_gain.append(float(best - t.mean()))
+    if o.any():
+      pick_own.append(float(picked - t[o].mean()))
+      best_own.append(float(best - t[o].mean()))
     if np.ptp(p) > 0:  # t varies (checked above); a constant prediction has no rank correlation
       spear.append(stats.spearman(p, t))
     dt = np.sign(t[:, None] - t[None, :])
@@ -69,7 +78,8 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
   mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
   return {"top1": mean(top1), "top1_chance": mean(chance), "spearman": mean(spear),
           "pairwise": float(agree / pairs) if pairs else float("nan"), "pick_gain": mean(pick_gain),
-          "best_gain": mean(best_gain), "states": len(top1)}
+          "best_gain": mean(best_gain), "states": len(top1),
+          **({"pick_gain_own": mean(pick_own), "best_gain_own": mean(best_own)} if own is not None else {})}
 
 
 @dataclasses.dataclass
@@ -92,6 +102,14 @@ class ActionSet:
     m = np.zeros(self.true_q.shape, bool)
     for i, c in enumerate(self.candidates):
       m[i, :len(c)] = True
+    return m
+
+  @property
+  def own(self) -> np.ndarray:
+    """[N, M] bool: the candidates that are pi_k's own samples (source 'policy')."""
+    m = np.zeros(self.true_q.shape, bool)
+    for i, src in enumerate(self.source):
+      m[i, :len(src)] = [s == "policy" for s in src]
     return m
 
   def reliability(self) -> float:

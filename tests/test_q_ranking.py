@@ -73,6 +73,13 @@ def test_metrics_on_hand_made_rankings():
   masked = q_ranking.ranking_metrics(np.asarray([[0., 1., 99.]]), np.asarray([[0.2, 0.8, 0.]]),
                                      np.asarray([[True, True, False]]))
   assert masked["top1"] == 1 and masked["pick_gain"] == pytest.approx(0.3)
+  assert "pick_gain_own" not in masked
+  # Against pi_k's own samples (candidate 0 of each state): Q's pick minus their mean true Q.
+  own = np.asarray([[True, False, False], [True, True, False]])
+  with_own = q_ranking.ranking_metrics(true * 10, true, own=own)
+  assert with_own["pick_gain_own"] == pytest.approx(np.mean([0.9 - 0.1, 0.3 - 0.25]))
+  assert with_own["best_gain_own"] == pytest.approx(with_own["pick_gain_own"])
+  assert q_ranking.ranking_metrics(-true, true, own=own)["pick_gain_own"] == pytest.approx(np.mean([0.0, -0.15]))
 
 
 def test_true_q_of_the_action_set_matches_the_closed_form():

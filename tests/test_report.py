@@ -269,7 +269,10 @@ def test_run_table_beside_another_run_and_no_empty_ranking_table():
   tiny = _summary([0.107, 0.205, 0.28, 0.365], ranked=True)
   plain = report.table(smol)
   assert "Q_k's ranking" not in plain  # no measurement, no empty table
-  assert "| Q_2 |" in report.table(tiny) and "| Q_0 |" not in report.table(tiny)  # rows keep their k
+  ranked = report.table(tiny)
+  assert "| Q_2 |" in ranked and "| Q_0 |" not in ranked  # rows keep their k
+  q2 = next(line for line in ranked.splitlines() if line.startswith("| Q_2 |"))
+  assert q2.count("|") == 10 and "| +0.020 (0.050) | +nan (nan) |" in q2  # no pi_k samples measured: nan
   text = report.table(smol, tiny, "0.6M model")
   lines = [line for line in text.splitlines() if line.startswith("| ")]
   assert lines[0].endswith("| 0.6M model: conversion (95% CI) |")
