@@ -4,6 +4,7 @@
   ablate_q            the Q-quality ablation: degrade Q on purpose, watch Q's error, pi_{k+1} and the bound
   ablate_inner        the inner-solver ablation: ppo, grpo and rloo from the same pi_0 and Q_0
   q_ranking_ablation  Q-model variants refitted on one run's logs, ranked against its true Q (issue #16)
+  policy_shift        what each iteration did to the policy, and whether it climbed Q_k (from a run's files)
   benchmark           the jitted pieces timed on random tokens, and their tables (issue #7)
   report              a run's table and plot, and the whole report (simulator tables, the studies above, the bound)
 

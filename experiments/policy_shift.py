@@ -1,0 +1,29 @@
+r"""What each iteration of a finished run did to the policy, and whether it climbed Q_k (finding 15).
+
+  python -m experiments.policy_shift --workdirs=runs/s0,runs/eb_direct_s0/seed_0/iterative_ppo_k4
+
+Per run and iteration k: pi_k's conversion, Q_k's mean over pi_k's and pi_{k+1}'s evaluation decisions (the
+first term of the improvement step's objective), and pi_k's act shares (iterppo_jax/studies/policy_shift.py).
+Runs with the dialogue-state Q-model only; nothing is refitted or played.
+"""
+
+from absl import flags
+
+from experiments import cli
+from iterppo_jax import errors
+from iterppo_jax.studies import policy_shift
+
+_WORKDIRS = cli.define(flags.DEFINE_list, "workdirs", None, "Finished loop runs (qfit.view=dialogue_state).")
+
+
+def main(argv):
+  del argv
+  if not _WORKDIRS.value:
+    cli.fail(errors.EXIT_USAGE, "--workdirs: give one or more finished loop runs")
+  for wd in _WORKDIRS.value:
+    print(f"\n{wd}\n")
+    print(policy_shift.table(policy_shift.shift_rows(wd)))
+
+
+if __name__ == "__main__":
+  cli.run(main)

@@ -1,0 +1,58 @@
+"""experiments.policy_shift: pi_k's act shares and Q_k's mean over pi_k's and pi_{k+1}'s decisions, from files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import errors
+from iterppo_jax import q_table
+from iterppo_jax.envs import registry
+from iterppo_jax.envs import sales
+from iterppo_jax.studies import policy_shift
+
+
+@pytest.fixture
+def run(tmp_path):
+  from configs import sales as sales_config
+  c = sales_config.get_config()
+  env = registry.make_env(c.env)
+  wd = tmp_path / "run"
+  (wd / "data").mkdir(parents=True)
+  (wd / "checkpoints" / "qtable").mkdir(parents=True)
+  (wd / "config.json").write_text(json.dumps({"env": {"domain": "sales"}}))
+  for k, name in enumerate(("behavior", "oracle")):
+    records = env.play(registry.make_policy(c.env.domain, name, c.env), 12, seed=k)
+    with open(wd / "data" / f"eval_{k}.jsonl", "w") as f:
+      for r in records:
+        f.write(json.dumps(r.to_json()) + "\n")
+  # Q_0 values one act (the oracle's closing question) at 1 and everything else at 0
+  q = q_table.TableQ({}, {("close",): 1.0}, 0.0, sales.dialogue_state, sales.act_key)
+  q.save(str(wd / "checkpoints" / "qtable" / "0.json"))
+  return wd
+
+
+def test_rows_count_acts_and_q_on_both_policies(run):
+  rows = policy_shift.shift_rows(str(run))
+  assert [r["k"] for r in rows] == [0, 1]
+  decisions = [[(r.turns[:i], t.text) for r in conv_lib.read_jsonl(str(run / "data" / f"eval_{k}.jsonl"))
+                for i, t in enumerate(r.turns) if t.role == "suggestion"] for k in (0, 1)]
+  close_share = [np.mean([sales.act_key(t, x)[:1] == ("close",) for t, x in d]) for d in decisions]
+  # Q_0 is 1 - UNSEEN_PENALTY on 'close' and -UNSEEN_PENALTY elsewhere (no cell was logged)
+  for key, share in (("q_on_pi_k", close_share[0]), ("q_on_pi_next", close_share[1])):
+    assert rows[0][key] == pytest.approx(share - q_table.UNSEEN_PENALTY)
+  assert rows[0]["act_share"].get("close", 0.0) == pytest.approx(close_share[0])
+  assert "q_on_pi_k" not in rows[1]  # no eval_2 to compare with
+  assert rows[1]["conversion"] == pytest.approx(np.mean([r.outcome for r in conv_lib.read_jsonl(
+      str(run / "data" / "eval_1.jsonl"))]))
+  text = policy_shift.table(rows)
+  assert text.count("\n| ") == 2 and "| 1 |" in text and "| - | - | - |" in text
+
+
+def test_a_directory_that_is_not_a_run_is_one_clear_error(tmp_path):
+  with pytest.raises(errors.DataError, match="config.json: not a loop run's config"):
+    policy_shift.shift_rows(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({"env": {"domain": "sales"}}))
+  with pytest.raises(errors.DataError, match="eval_0.jsonl not found"):
+    policy_shift.shift_rows(str(tmp_path))
