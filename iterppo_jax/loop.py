@@ -172,6 +172,18 @@ def seed_for(config: settings.Settings, *parts: int) -> int:
 PHASE_IDS = {"behavior": 1, "sft": 2, "collect": 3, "qfit": 4, "ppo": 5, "eval": 6, "true_q": 7, "rank": 8}
 
 
+def make_lm_policy(config: settings.Settings, name: str, graphdef, params, tokenizer, seed: int, *,
+                   renderer=None, mesh=None, rules=None) -> lm_policy.LMPolicy:
+  """An LM as a simulator policy, with the run's prompt and action budgets (data.*), deployment temperature
+  (loop.deploy_temperature) and rendering window (env.max_render_turns): the one place those keys reach an
+  LMPolicy (Run.lm_policy, studies/scaling.py)."""
+  d = config.data
+  return lm_policy.LMPolicy(name, graphdef, params, tokenizer, max_prompt_len=d.max_prompt_len,
+                            max_new_tokens=d.max_action_len, seed=seed, temperature=config.loop.deploy_temperature,
+                            renderer=renderer, max_render_turns=config.env.max_render_turns,
+                            prompt_bucket=d.prompt_bucket, mesh=mesh, rules=rules)
+
+
 @dataclasses.dataclass
 class Run:
   """What a run holds while it goes: settings, workdir, world, tokenizer, mesh, writers, checkpoints."""
@@ -207,15 +219,10 @@ class Run:
   def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
     """The LM as a simulator policy. In a multi-process run each process plays on its own devices (a copy of
     the params there), so processes play their conversations independently."""
-    d = self.config.data
     if self.local_mesh is not None:
       params = distributed.local_params(params, self.local_mesh)
-    return lm_policy.LMPolicy(name, graphdef, params, self.tokenizer, max_prompt_len=d.max_prompt_len,
-                              max_new_tokens=d.max_action_len, seed=seed,
-                              temperature=self.config.loop.deploy_temperature, renderer=self.renderer,
-                              max_render_turns=self.config.env.max_render_turns,
-                              prompt_bucket=d.prompt_bucket, mesh=self.local_mesh,
-                              rules=self.rules if self.local_mesh is not None else None)
+    return make_lm_policy(self.config, name, graphdef, params, self.tokenizer, seed, renderer=self.renderer,
+                          mesh=self.local_mesh, rules=self.rules if self.local_mesh is not None else None)
 
   def examples(self, records):
     return data_lib.examples_from_conversations(records, self.config.gamma, self.config.env.max_render_turns,

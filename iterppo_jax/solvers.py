@@ -26,6 +26,7 @@ the whole of what an interrupted phase needs to replay exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax
@@ -90,12 +91,12 @@ def _ppo_config(config) -> ppo.PPOConfig:
       temperature=p.temperature, top_p=1.0)
 
 
-def _group_config(config) -> group_pg.GroupConfig:
+def _group_config(config, algorithm: str) -> group_pg.GroupConfig:
   """GRPO / RLOO settings (settings.Settings): the group keys of config.group, everything shared with PPO from
-  config.ppo."""
+  config.ppo; `algorithm` is the row's name (the loop picks the row by config.inner)."""
   p, g = config.ppo, config.group
   return group_pg.GroupConfig(
-      algorithm=config.inner, group_size=g.size, kl_coef=p.kl_coef, kl_in=g.kl_in, kl_estimator=p.kl_estimator,
+      algorithm=algorithm, group_size=g.size, kl_coef=p.kl_coef, kl_in=g.kl_in, kl_estimator=p.kl_estimator,
       kl_target=p.kl_target or None, kl_horizon=p.kl_horizon, std_eps=g.std_eps, clip_eps=p.clip_eps,
       entropy_coef=p.entropy_coef, epochs=p.epochs, minibatch_size=p.minibatch_size,
       max_new_tokens=config.data.max_action_len, temperature=p.temperature, top_p=1.0)
@@ -151,12 +152,14 @@ def _group_summary(e: dict) -> dict:
 _PPO = Solver(name="ppo", critic=True, config=_ppo_config, group_size=lambda cfg: 1, programs=_ppo_programs,
               policy_state=lambda model: model.policy, summary_keys=("score", "kl", "exact_kl_k1", "mask"),
               summary=_ppo_summary)
-_GROUP = dict(critic=False, config=_group_config, group_size=lambda cfg: cfg.group_size, programs=_group_programs,
+_GROUP = dict(critic=False, group_size=lambda cfg: cfg.group_size, programs=_group_programs,
               policy_state=lambda model: model,
               summary_keys=("score", "reward", "kl", "exact_kl_k1", "group_std", "mask"), summary=_group_summary,
               finite=("loss", "policy_loss"))
-SOLVERS: dict[str, Solver] = {"ppo": _PPO, "grpo": Solver(name="grpo", **_GROUP),
-                              "rloo": Solver(name="rloo", **_GROUP)}
+SOLVERS: dict[str, Solver] = {
+    "ppo": _PPO,
+    "grpo": Solver(name="grpo", config=functools.partial(_group_config, algorithm="grpo"), **_GROUP),
+    "rloo": Solver(name="rloo", config=functools.partial(_group_config, algorithm="rloo"), **_GROUP)}
 
 
 # ---- the pieces every driver shares ----

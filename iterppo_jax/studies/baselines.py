@@ -52,6 +52,7 @@ from iterppo_jax import ppo as ppo_lib
 from iterppo_jax import settings
 from iterppo_jax import stats
 from iterppo_jax import sft as sft_lib
+from iterppo_jax import solvers
 from iterppo_jax import train_state as ts
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
@@ -300,9 +301,10 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
 
 
 def online_config(config) -> online_lib.OnlineConfig:
-  """Online PPO's settings (settings.Settings): the clipped-update keys of config.ppo, gamma, and the turn-level
-  lambda."""
-  p = config.ppo
+  """Online PPO's settings (settings.Settings): the clipped-update settings of the token-level PPO solver (read
+  from config.ppo by its row of solvers.SOLVERS, the one reader of that section), the conversation's gamma, and
+  the turn-level lambda."""
+  p = solvers.SOLVERS["ppo"].config(config)
   return online_lib.OnlineConfig(gamma=config.gamma, lam=config.baselines.online_lam, kl_coef=p.kl_coef,
                                  clip_eps=p.clip_eps, value_clip_eps=p.value_clip_eps,
                                  entropy_coef=p.entropy_coef, epochs=p.epochs, minibatch_size=p.minibatch_size,

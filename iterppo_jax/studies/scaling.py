@@ -33,11 +33,7 @@ def _policy(config: settings.Settings, tokenizer, mesh) -> lm_policy.LMPolicy:
   graphdef, params = nnx.split(tf.Transformer(cfg, rngs=nnx.Rngs(config.seed)))
   if mesh is not None:
     params = distributed.local_params(params, mesh)
-  d = config.data
-  return lm_policy.LMPolicy("pi_0", graphdef, params, tokenizer, max_prompt_len=d.max_prompt_len,
-                            max_new_tokens=d.max_action_len, seed=config.seed,
-                            temperature=config.loop.deploy_temperature,
-                            max_render_turns=config.env.max_render_turns, prompt_bucket=d.prompt_bucket, mesh=mesh)
+  return loop.make_lm_policy(config, "pi_0", graphdef, params, tokenizer, config.seed, mesh=mesh)
 
 
 def play_rate(config, conversations: int, out_dir: str) -> dict:

@@ -1,0 +1,76 @@
+"""Each setting's path from configs/ to the code that uses it (issue #17): the source audit, and the reads it
+found shared and that were made single."""
+
+import os
+
+import pytest
+
+from configs import sales as sales_config
+from iterppo_jax import settings
+from iterppo_jax import solvers
+from iterppo_jax.studies import baselines
+from iterppo_jax.studies import config_readers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Leaf keys the library (studies/ aside) reads in more than one module, and why that stays.
+SHARED = {
+    # The loop sizes every array and prompt to it; the solver samples that many tokens per response. One number
+    # with two uses; the solvers read it with the rest of their settings (solvers.SOLVERS[...].config).
+    "data.max_action_len": {"iterppo_jax/loop.py", "iterppo_jax/solvers.py"},
+}
+
+
+@pytest.fixture(scope="module")
+def found():
+  return config_readers.readers(ROOT)
+
+
+def test_every_setting_is_read(found):
+  """A key of settings.Settings that no code reads (by name, or with its section passed on whole) is a setting
+  that does nothing: an override of it would be accepted and ignored."""
+  assert config_readers.unread(found) == []
+
+
+def test_library_reads_each_setting_in_one_module(found):
+  leaves, _ = config_readers.settings_keys()
+  shared = {k: set(config_readers.modules(found.get(k, set()), library_only=True)) for k in sorted(leaves)}
+  shared = {k: v for k, v in shared.items() if len(v) > 1}
+  assert shared == SHARED
+
+
+def test_audit_follows_aliases_and_skips_writes(tmp_path):
+  src = tmp_path / "pkg" / "mod.py"
+  src.parent.mkdir()
+  src.write_text(
+      "def a(config):\n"
+      "  p = config.ppo\n"
+      "  return p.clip_eps, config.get('resume', True)\n"
+      "def b(run):\n"
+      "  run.config.loop.iterations = 3\n"          # a write: not a read
+      "  return run.config.data.max_prompt_len\n"
+      "class R:\n"
+      "  def c(self):\n"
+      "    return make(self.config.env), other.clip_eps\n")  # a section passed whole; a chain of no settings
+  leaves, sections = config_readers.settings_keys()
+  got = config_readers.file_readers(str(src), "pkg/mod.py", leaves, sections)
+  assert got == {"ppo": {"pkg/mod.py:a"}, "ppo.clip_eps": {"pkg/mod.py:a"}, "resume": {"pkg/mod.py:a"},
+                 "data.max_prompt_len": {"pkg/mod.py:b"}, "env": {"pkg/mod.py:R.c"}}
+
+
+def test_online_ppo_takes_the_ppo_solvers_settings():
+  c = sales_config.get_config("tiny")
+  c.ppo.kl_coef, c.ppo.clip_eps, c.ppo.epochs, c.ppo.whiten_advantages = 0.07, 0.3, 3, False
+  typed = settings.load(c)
+  online, token = baselines.online_config(typed), solvers.SOLVERS["ppo"].config(typed)
+  for name in ("kl_coef", "clip_eps", "value_clip_eps", "entropy_coef", "epochs", "minibatch_size",
+               "whiten_advantages"):
+    assert getattr(online, name) == getattr(token, name), name
+  assert (online.kl_coef, online.clip_eps, online.epochs, online.whiten_advantages) == (0.07, 0.3, 3, False)
+  assert online.gamma == typed.gamma and online.lam == typed.baselines.online_lam
+
+
+def test_group_rows_name_their_algorithm():
+  typed = settings.load(sales_config.get_config("tiny"))  # inner = ppo: the row, not config.inner, decides
+  assert solvers.SOLVERS["grpo"].config(typed).algorithm == "grpo"
+  assert solvers.SOLVERS["rloo"].config(typed).algorithm == "rloo"
