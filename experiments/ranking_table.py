@@ -4,16 +4,20 @@ r"""docs/results.md's ranking tables (finding 7) from q_ranking_ablation's JSON 
 
 Prints one row per (domain, D_0, seed, k) for `--variant`, then, for the Q-models fitted on the staff's logs
 (k = 0 with loop.first_data=behavior) and on pi_k's own deployments, each `--compare` variant's mean over the
-(run, k) sets where all of them were measured.
+(run, k) sets where all of them were measured. Beside top-1's chance level: the top-1 the exact Q^{pi_k} would
+expect against that noisy truth (q_ranking.ActionSet.top1_ceiling; for older files computed from their truth file
+when it is on this machine, else nan).
 """
 
 import glob
 import json
+import os
 
 from absl import flags
 
 from experiments import cli
 from iterppo_jax import errors
+from iterppo_jax import q_ranking
 
 _FILES = cli.define(flags.DEFINE_string, "files", "docs/results/ranking_precise/*.json",
                     "q_ranking_ablation --out files (they carry domain, seed and first_data).")
@@ -28,7 +32,12 @@ def load(pattern: str) -> dict:
   for path in sorted(glob.glob(pattern)):
     with open(path) as f:
       d = json.load(f)
+    ceiling = None  # files written before the ceiling was measured: from their truth file, where it is here
+    if any("rank_truth_top1_ceiling" not in r for r in d["rows"]) and os.path.exists(d.get("truth", "")):
+      ceiling = q_ranking.ActionSet.load(d["truth"]).top1_ceiling()
     for r in d["rows"]:
+      if ceiling is not None:
+        r.setdefault("rank_truth_top1_ceiling", ceiling)
       rows[(d["domain"], d["first_data"], d["seed"], d["iteration"], r["variant"])] = r
   if not rows:
     raise errors.DataError(f"no q_ranking_ablation file matches {pattern!r}")
@@ -40,11 +49,12 @@ def on_staff_logs(first_data: str, k: int) -> bool:
 
 
 def tables(rows: dict, variant: str, variants) -> str:
-  out = ["| domain | D_0 | seed | Q_k | top-1 (chance) | Spearman | pairwise | gain of Q's pick (best) | "
+  out = ["| domain | D_0 | seed | Q_k | top-1 (chance, exact Q's) | Spearman | pairwise | gain of Q's pick (best) | "
          "truth reliability | states |", "|---|---|---|---|---|---|---|---|---|---|"]
   for (dom, fd, seed, k, v), r in sorted(rows.items()):
     if v == variant:
-      out.append(f"| {dom} | {fd} | {seed} | Q_{k} | {r['rank_top1']:.2f} ({r['rank_top1_chance']:.2f}) | "
+      out.append(f"| {dom} | {fd} | {seed} | Q_{k} | {r['rank_top1']:.2f} ({r['rank_top1_chance']:.2f}, "
+                 f"{r.get('rank_truth_top1_ceiling', float('nan')):.2f}) | "
                  f"{r['rank_spearman']:+.2f} | {r['rank_pairwise']:.2f} | {r['rank_pick_gain']:+.3f} "
                  f"({r['rank_best_gain']:.3f}) | {r['rank_truth_reliability']:.2f} | {r['rank_states']} |")
   for title, staff in (("fitted on the staff's logs (k = 0, first_data=behavior)", True),

@@ -750,6 +750,7 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask, action_set.own)
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
   out["truth_reliability"] = action_set.reliability()
+  out["truth_top1_ceiling"] = action_set.top1_ceiling()  # what the exact Q^{pi_k} would score in top-1 here
   out["candidates"] = float(np.mean([len(cs) for cs in action_set.candidates]))
   return {f"rank_{n}": v for n, v in out.items()}
 

@@ -127,6 +127,24 @@ class ActionSet:
       return float("nan")
     return float(1.0 - np.mean(noise) / np.mean(variances))
 
+  def top1_ceiling(self, draws: int = 2000, seed: int = 0) -> float:
+    """The top-1 agreement a Q-model equal to the real Q^{pi_k} could expect against this measured truth.
+
+    Per state, real values are drawn around the measured ones with their Monte Carlo standard errors,
+    real ~ N(true_q, true_se^2) (a parametric bootstrap), and the share of draws whose best candidate is the
+    measured best is averaged over the states with two or more candidates. Against a noisy truth even the
+    exact Q misses the measured best where the top candidates are within noise of each other: top-1 is read
+    against this, not against 1. Deterministic in `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    shares = []
+    for q, se, m in zip(self.true_q, self.true_se, self.mask):
+      if m.sum() < 2:
+        continue
+      real = q[m] + rng.standard_normal((draws, int(m.sum()))) * se[m]
+      shares.append(float(np.mean(real.argmax(axis=1) == np.argmax(q[m]))))
+    return float(np.mean(shares)) if shares else float("nan")
+
   def pairs(self) -> tuple[list[str], list[str]]:
     """(prompts, actions) of every present candidate, row-major: what a Q-model scores."""
     prompts = [p for p, cs in zip(self.prompts, self.candidates) for _ in cs]

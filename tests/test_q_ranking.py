@@ -137,3 +137,21 @@ def test_reliability_says_how_much_of_the_measured_truth_is_noise():
   noisy = q_ranking.ActionSet(exact.where, exact.prompts, exact.candidates, exact.source, q,
                               np.full_like(q, np.sqrt(np.mean([np.var(r, ddof=1) for r in q]) / 2)), rollouts=10)
   assert noisy.reliability() == pytest.approx(0.5)
+
+
+def test_top1_ceiling_is_what_the_exact_q_scores_against_a_noisy_truth():
+  q = np.asarray([[0.2, 0.5, 0.1], [0.3, 0.3, 0.0], [0.4, 0.0, 0.0]])
+  sets = dict(where=[("a", 1), ("b", 1), ("c", 1)], prompts=["s", "t", "u"],
+              candidates=[["x", "y", "z"], ["x", "y", "z"], ["x"]], source=[["script"] * 3] * 2 + [["script"]],
+              rollouts=8)
+  exact = q_ranking.ActionSet(true_q=q, true_se=np.zeros_like(q), **sets)
+  # No noise: the measured best is the real best where it is unique; a tie is split by argmax (first), so the
+  # second state scores 1 too; the one-candidate state is not counted.
+  assert exact.top1_ceiling() == 1.0
+  tied = q_ranking.ActionSet(true_q=q, true_se=np.full_like(q, 0.05), **sets)
+  # State 1 is 0.3 clear of the rest (6 s.e.): always found; state 2's two tied leaders split about evenly.
+  assert abs(tied.top1_ceiling(draws=4000) - (1.0 + 0.5) / 2) < 0.03
+  assert tied.top1_ceiling(seed=3) == tied.top1_ceiling(seed=3)
+  lone = q_ranking.ActionSet(true_q=q[2:], true_se=np.zeros_like(q[2:]), where=[("c", 1)], prompts=["u"],
+                             candidates=[["x"]], source=[["script"]], rollouts=8)
+  assert np.isnan(lone.top1_ceiling())
