@@ -176,7 +176,10 @@ def make_lm_policy(config: settings.Settings, name: str, graphdef, params, token
                    renderer=None, mesh=None, rules=None) -> lm_policy.LMPolicy:
   """An LM as a simulator policy, with the run's prompt and action budgets (data.*), deployment temperature
   (loop.deploy_temperature) and rendering window (env.max_render_turns): the one place those keys reach an
-  LMPolicy (Run.lm_policy, studies/scaling.py)."""
+  LMPolicy (Run.lm_policy, studies/scaling.py). With a `mesh` (this process's devices) it plays on a copy of
+  the params there."""
+  if mesh is not None:
+    params = distributed.local_params(params, mesh)
   d = config.data
   return lm_policy.LMPolicy(name, graphdef, params, tokenizer, max_prompt_len=d.max_prompt_len,
                             max_new_tokens=d.max_action_len, seed=seed, temperature=config.loop.deploy_temperature,
@@ -219,8 +222,6 @@ class Run:
   def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
     """The LM as a simulator policy. In a multi-process run each process plays on its own devices (a copy of
     the params there), so processes play their conversations independently."""
-    if self.local_mesh is not None:
-      params = distributed.local_params(params, self.local_mesh)
     return make_lm_policy(self.config, name, graphdef, params, self.tokenizer, seed, renderer=self.renderer,
                           mesh=self.local_mesh, rules=self.rules if self.local_mesh is not None else None)
 

@@ -65,8 +65,8 @@ def _chain(node) -> list[str]:
   return parts[::-1]
 
 
-def _key(parts: list[str], aliases: dict, leaves: set, sections: set) -> str | None:
-  """The key or section an attribute chain reads, or None."""
+def _path(parts: list[str], aliases: dict, leaves: set, sections: set) -> str | None:
+  """The key or section an attribute chain reaches ('' for the settings themselves), or None."""
   if not parts:
     return None
   if parts[0] in aliases:
@@ -85,7 +85,12 @@ def _key(parts: list[str], aliases: dict, leaves: set, sections: set) -> str | N
     if nxt not in sections:
       return None
     path = nxt
-  return path or None
+  return path
+
+
+def _key(parts: list[str], aliases: dict, leaves: set, sections: set) -> str | None:
+  """The key or section an attribute chain reads, or None."""
+  return _path(parts, aliases, leaves, sections) or None
 
 
 def file_readers(path: str, rel: str, leaves: set, sections: set) -> dict[str, set[str]]:
@@ -103,21 +108,20 @@ def file_readers(path: str, rel: str, leaves: set, sections: set) -> dict[str, s
         bound = _key(_chain(child.value), aliases, leaves, sections)
         if bound in sections:
           aliases[child.targets[0].id] = bound
+      here = f"{rel}:{'.'.join(where) or '<module>'}"
       if (isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute) and child.func.attr == "get"
           and child.args and isinstance(child.args[0], ast.Constant) and isinstance(child.args[0].value, str)):
-        base = _chain(child.func.value)  # config.get("resume", default): a read of that key
-        section = aliases.get(base[0]) if len(base) == 1 and base[0] in aliases else (
-            "" if len(base) == 1 and base[0] in ROOTS else None)
-        if section is not None:
+        section = _path(_chain(child.func.value), aliases, leaves, sections)  # config.get("resume", default)
+        if section is not None and section not in leaves:
           key = f"{section}.{child.args[0].value}" if section else child.args[0].value
           if key in leaves:
-            found[key].add(f"{rel}:{'.'.join(where) or '<module>'}")
+            found[key].add(here)
       if isinstance(child, ast.Attribute):
         if isinstance(child.ctx, ast.Store):
           continue
         key = _key(_chain(child), aliases, leaves, sections)
         if key:
-          found[key].add(f"{rel}:{'.'.join(where) or '<module>'}")
+          found[key].add(here)
           continue
       walk(child, where, aliases)
 

@@ -90,12 +90,15 @@ def table(summary: dict, beside: dict | None = None, beside_label: str = "") -> 
   if ranking:  # runs without the measurement (loop.rank_states=0) print no empty table
     rows += ["", "Q_k's ranking of actions against the simulator's true Q^{pi_k} (q_ranking.py): top-1 = Q_k's pick is "
              "the true best; gain = true Q of Q_k's pick minus the candidates' mean, and minus pi_k's own samples' "
-             "(best possible in brackets); the exact Q^{pi_k}'s expected top-1 against this noisy truth beside the chance level", "",
-             "| Q_k | states x candidates | top-1 (chance, exact Q's) | Spearman | pairwise | gain (best) | gain over pi_k "
-             "(best) | true-Q s.e. (reliability) | deployed conversion |", "|---|---|---|---|---|---|---|---|---|"]
+             "(best possible in brackets); the exact Q^{pi_k}'s expected top-1 against this noisy truth beside "
+             "the chance level", "",
+             "| Q_k | states x candidates | top-1 (chance, exact Q's) | Spearman | pairwise | gain (best) | "
+             "gain over pi_k (best) | true-Q s.e. (reliability) | deployed conversion |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for k, r in ranking:
       rows.append(f"| Q_{k} | {r['rank_states']:.0f} x {r['rank_candidates']:.1f} | {r['rank_top1']:.2f} "
-                  f"({r['rank_top1_chance']:.2f}, {r.get('rank_truth_top1_ceiling', nan):.2f}) | {r['rank_spearman']:+.2f} | "
+                  f"({r['rank_top1_chance']:.2f}, {r.get('rank_truth_top1_ceiling', nan):.2f}) | "
+                  f"{r['rank_spearman']:+.2f} | "
                   f"{r['rank_pairwise']:.2f} | {r['rank_pick_gain']:+.3f} ({r['rank_best_gain']:.3f}) | "
                   f"{r.get('rank_pick_gain_own', nan):+.3f} ({r.get('rank_best_gain_own', nan):.3f}) | "
                   f"{r['rank_true_se']:.3f} "

@@ -31,8 +31,6 @@ def _policy(config: settings.Settings, tokenizer, mesh) -> lm_policy.LMPolicy:
   from iterppo_jax import loop  # the loop's model shape; imported on use (loop imports the studies' report)
   cfg = loop.model_config(config, tokenizer.vocab_size)
   graphdef, params = nnx.split(tf.Transformer(cfg, rngs=nnx.Rngs(config.seed)))
-  if mesh is not None:
-    params = distributed.local_params(params, mesh)
   return loop.make_lm_policy(config, "pi_0", graphdef, params, tokenizer, config.seed, mesh=mesh)
 
 
