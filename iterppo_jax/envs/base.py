@@ -379,15 +379,46 @@ def staff_skill(rng: np.random.Generator, skill_mean: float) -> float:
 
 class StaffEnv(TextEnv):
   """A TextEnv whose business user is one of the historical staff, of skill staff_skill(rng, skill_mean) drawn
-  with the hidden state; a domain sets its own default `skill_mean` (its config's env.skill_mean) on its class."""
+  with the hidden state; a domain sets its own default `skill_mean` (its config's env.skill_mean) on its class.
+
+  The business user writes with the domain's script, so a domain gets its three writing hooks from here by
+  setting, on its class: `script` (its policies.Script: visible_facts, staff_act, business_text),
+  `read_business` (business text -> act: the domain's parser) and the words of a light edit (`edit_prefixes`,
+  `edit_suffixes`). The hidden state must carry `skill` (the staff member's; new_hidden draws it).
+  """
 
   skill_mean: float
+  script: Any = None  # the domain's policies.Script
+  read_business: Callable[[str], Any]  # a staticmethod of the domain's parse_business
+  edit_prefixes: tuple[str, ...] = ("Sure! ", "Of course. ", "")
+  edit_suffixes: tuple[str, ...] = ("", " Let me know.")
 
   def __init__(self, *args, skill_mean: float | None = None, **kwargs):
     super().__init__(*args, **kwargs)
     if skill_mean is not None:
       self.skill_mean = skill_mean
     check_skill_mean(self.skill_mean)
+
+  def staff_message(self, hidden: Any, record: conv_lib.Conversation, rng: np.random.Generator) -> str:
+    """The staff member's own act at this state (script.staff_act at hidden.skill), in the domain's words."""
+    s = self.script
+    return s.business_text(s.staff_act(s.visible_facts(record.turns), hidden.skill, rng), rng)
+
+  def edit(self, suggestion: str, rng: np.random.Generator) -> str:
+    """The suggestion with one of the edit prefixes before it and one of the suffixes after it."""
+    prefix = self.edit_prefixes[int(rng.integers(len(self.edit_prefixes)))]
+    suffix = self.edit_suffixes[int(rng.integers(len(self.edit_suffixes)))]
+    return f"{prefix}{suggestion}{suffix}".strip()
+
+  def rewrite(self, hidden: Any, suggestion: str, rng: np.random.Generator) -> str:
+    """The act the suggestion proposed (read_business, then rewrite_act), in the staff member's templates."""
+    return self.script.business_text(self.rewrite_act(hidden, self.read_business(suggestion)), rng)
+
+  def rewrite_act(self, hidden: Any, act: Any) -> Any:
+    """What the staff member makes of a rejected suggestion's act before writing it: the act itself, unless the
+    domain says otherwise."""
+    del hidden
+    return act
 
 
 def summarize(records: Sequence[conv_lib.Conversation]) -> dict[str, float]:

@@ -493,6 +493,9 @@ class BookingEnv(base.StaffEnv):
 
   domain = "booking"
   skill_mean = 0.38
+  read_business = staticmethod(parse_business)  # the business user's writing: base.StaffEnv
+  edit_prefixes = ("Sure! ", "Of course. ", "Lovely. ", "")
+  edit_suffixes = ("", " :)", " Let me know.")
 
   def new_hidden(self, rng):
     while True:  # a customer the salon cannot serve this week would not be in the logs
@@ -664,21 +667,11 @@ class BookingEnv(base.StaffEnv):
       return "bad" if all(x == "breaks" for x in looks) else "ok"
     return "good" if act.kind == best.kind else "ok"
 
-  def staff_message(self, s: BookingState, record, rng) -> str:
-    return business_text(staff_act(visible_facts(record.turns), s.skill, rng), rng)
-
-  def edit(self, suggestion: str, rng) -> str:
-    prefix = ("Sure! ", "Of course. ", "Lovely. ", "")[int(rng.integers(4))]
-    suffix = ("", " :)", " Let me know.")[int(rng.integers(3))]
-    return f"{prefix}{suggestion}{suffix}".strip()
-
-  def rewrite(self, s: BookingState, suggestion: str, rng) -> str:
-    return business_text(parse_business(suggestion), rng)
-
 
 # ---- the shipped policies (they read only the transcript) ----
 
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
+BookingEnv.script = SCRIPT  # the simulated business user writes with the staff's script
 
 
 def make_booking_policy(name: str, skill_mean: float = 0.38):

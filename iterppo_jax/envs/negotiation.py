@@ -839,6 +839,9 @@ class NegotiationEnv(base.StaffEnv):
 
   domain = "negotiation"
   skill_mean = 0.48
+  read_business = staticmethod(parse_business)  # the business user's writing: base.StaffEnv
+  edit_prefixes = ("Sure. ", "Of course. ", "Good point. ", "")
+  edit_suffixes = ("", " Let me know.", " Thanks!")
 
   def new_hidden(self, rng):
     return draw_profile(rng, self.skill_mean)
@@ -913,21 +916,11 @@ class NegotiationEnv(base.StaffEnv):
       return "bad"
     return "ok"
 
-  def staff_message(self, s: NegotiationState, record, rng) -> str:
-    return business_text(staff_act(visible_facts(record.turns), s.skill, rng), rng)
-
-  def edit(self, suggestion: str, rng) -> str:
-    prefix = ("Sure. ", "Of course. ", "Good point. ", "")[int(rng.integers(4))]
-    suffix = ("", " Let me know.", " Thanks!")[int(rng.integers(3))]
-    return f"{prefix}{suggestion}{suffix}".strip()
-
-  def rewrite(self, s: NegotiationState, suggestion: str, rng) -> str:
-    return business_text(parse_business(suggestion), rng)
-
 
 # ---- scripted policies (they read only the transcript) ----
 
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
+NegotiationEnv.script = SCRIPT  # the simulated business user writes with the staff's script
 
 
 def make_negotiation_policy(name: str, skill_mean: float = 0.48):

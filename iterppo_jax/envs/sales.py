@@ -278,6 +278,9 @@ class SalesEnv(base.StaffEnv):
 
   domain = "sales"
   skill_mean = 0.35
+  read_business = staticmethod(parse_business)  # the business user's writing: base.StaffEnv
+  edit_prefixes = ("Sure! ", "Of course. ", "Great question. ", "")
+  edit_suffixes = ("", " :)", " Let me know.")
 
   def new_hidden(self, rng):
     return SalesState(
@@ -441,18 +444,6 @@ class SalesEnv(base.StaffEnv):
       return "bad"
     return "ok"
 
-  def staff_message(self, s: SalesState, record, rng) -> str:
-    return business_text(staff_act(visible_facts(record.turns), s.skill, rng), rng)
-
-  def edit(self, suggestion: str, rng) -> str:
-    prefix = ("Sure! ", "Of course. ", "Great question. ", "")[int(rng.integers(4))]
-    suffix = ("", " :)", " Let me know.")[int(rng.integers(3))]
-    return f"{prefix}{suggestion}{suffix}".strip()
-
-  def rewrite(self, s: SalesState, suggestion: str, rng) -> str:
-    act = parse_business(suggestion)
-    return business_text(act, rng)
-
 
 def staff_act(v: Visible, skill: float, rng: np.random.Generator) -> Act:
   """A business staff member's own act: the oracle's with probability `skill`, else a common mistake."""
@@ -504,6 +495,7 @@ def make_env(env_config) -> SalesEnv:
 # ---- the shipped policies, built from policies.py's kit ----
 
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
+SalesEnv.script = SCRIPT  # the simulated business user writes with the staff's script
 
 
 # Exploration: varied personas and acts, so logs cover many (state, action) pairs (off-policy Q).

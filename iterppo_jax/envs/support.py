@@ -443,6 +443,9 @@ class SupportEnv(base.StaffEnv):
 
   domain = "support"
   skill_mean = 0.2
+  read_business = staticmethod(parse_business)  # the business user's writing: base.StaffEnv
+  edit_prefixes = ("Thanks. ", "Got it. ", "Okay! ", "")
+  edit_suffixes = ("", " :)", " Let me know how it goes.")
 
   def new_hidden(self, rng):
     cause = CAUSES[int(rng.choice(len(CAUSES), p=CAUSE_PROBS))]
@@ -595,6 +598,12 @@ class SupportEnv(base.StaffEnv):
     return self.restored_episode(record, n_turns, s)
 
   # -- the business user --
+  def rewrite_act(self, s: SupportState, act: Act) -> Act:
+    # a guided fix with no device named is written as an unguided one (the staff do not guess the device)
+    if act.kind == "fix" and act.guided and act.device is None:
+      return dataclasses.replace(act, guided=False)
+    return act
+
   def judge(self, s: SupportState, record, suggestion: str) -> str:
     act = parse_business(suggestion)
     if act.kind == "off_topic" or suggestion.strip().lower() == s.last_business.strip().lower():
@@ -607,24 +616,11 @@ class SupportEnv(base.StaffEnv):
       return "bad"  # closing an open ticket; a greeting mid-conversation
     return "ok"  # a plausible step the business user cannot tell from the right one (a fix, escalating)
 
-  def staff_message(self, s: SupportState, record, rng) -> str:
-    return business_text(staff_act(visible_facts(record.turns), s.skill, rng), rng)
-
-  def edit(self, suggestion: str, rng) -> str:
-    prefix = ("Thanks. ", "Got it. ", "Okay! ", "")[int(rng.integers(4))]
-    suffix = ("", " :)", " Let me know how it goes.")[int(rng.integers(3))]
-    return f"{prefix}{suggestion}{suffix}".strip()
-
-  def rewrite(self, s: SupportState, suggestion: str, rng) -> str:
-    act = parse_business(suggestion)
-    if act.kind == "fix" and act.guided and act.device is None:
-      act = dataclasses.replace(act, guided=False)
-    return business_text(act, rng)
-
 
 # ---- scripted policies (they read only the transcript) ----
 
 SCRIPT = policies.Script(visible_facts, oracle_act, staff_act, business_text, candidate_acts)
+SupportEnv.script = SCRIPT  # the simulated business user writes with the staff's script
 
 
 def make_support_policy(name: str, skill_mean: float = 0.2):
