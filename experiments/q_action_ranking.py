@@ -59,7 +59,7 @@ def state_set(run_, records, n_states: int, seed: int = 0):
       if len(best) >= n_states:
         break
       v = sales.visible_facts(r.turns[:i])
-      prompt = run_.renderer.state(r.turns[:i], run_.config.env.max_render_turns)
+      prompt = run_.encoding.state(r.turns[:i])
       best.append(KINDS.index(sales.oracle_act(v).kind))
       examples += [data_lib.Example("c", 0, prompt, t, t, "accept", 0., 0., -1, True, 0.) for t in candidates(v, rng)]
   return run_.arrays(examples), np.asarray(best)

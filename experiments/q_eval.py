@@ -42,7 +42,6 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
 from iterppo_jax import errors
 from iterppo_jax import io_utils
-from iterppo_jax import lm_policy
 from iterppo_jax import loop
 from iterppo_jax import qfit
 from iterppo_jax import settings
@@ -174,25 +173,21 @@ def q_metrics(q: np.ndarray, truth: np.ndarray) -> dict:
 def _policy_and_tokenizer(config, policy_name: str, workdir: str, records_for_bpe, out_dir: str):
   """(pi, tokenizer, pi's (graphdef, params) or None) for a scripted policy or pi_0 of a loop workdir."""
   if policy_name != "checkpoint":
-    policy = registry.make_policy(config.env.domain, policy_name, config.env)
+    policy = registry.domain(config.env).policy(policy_name)
     tokenizer = tok_lib.train_bpe(tok_lib.corpus_from_conversations(records_for_bpe), config.tokenizer.vocab_size,
                                   os.path.join(out_dir, "tokenizer"))
     return policy, tokenizer, None
   if not workdir:
     raise errors.SettingsError("--policy=checkpoint needs --workdir: a loop run with tokenizer/ and checkpoints/policy/0")
-  tokenizer = tok_lib.load_tokenizer(os.path.join(workdir, "tokenizer"))
-  model_cfg = loop.model_config(config, tokenizer.vocab_size)
+  encoding = loop.make_encoding(config, tok_lib.load_tokenizer(os.path.join(workdir, "tokenizer")))
+  model_cfg = loop.model_config(config, encoding)
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
   trainable, state = ts.init_trainable(lambda: tf.Transformer(model_cfg, rngs=nnx.Rngs(0)),
                                        loop.optimizer(config.sft), mesh)
   with ckpt_lib.Checkpointer(workdir, "policy") as ckpt:
     params, _ = ckpt.restore(0, ckpt_lib.abstract_like(state.params))
-  d = config.data
-  policy = lm_policy.LMPolicy("pi_0", trainable.graphdef, params, tokenizer, max_prompt_len=d.max_prompt_len,
-                              max_new_tokens=d.max_action_len, seed=config.seed,
-                              temperature=config.loop.deploy_temperature,
-                              max_render_turns=config.env.max_render_turns)
-  return policy, tokenizer, (trainable.graphdef, params)
+  policy = loop.make_lm_policy(config, "pi_0", trainable.graphdef, params, encoding, config.seed)
+  return policy, encoding.tokenizer, (trainable.graphdef, params)
 
 
 def _q_trainable(config, q_model: str, tokenizer, lm, learning_rate: float, with_target: bool, seed: int):
@@ -205,7 +200,7 @@ def _q_trainable(config, q_model: str, tokenizer, lm, learning_rate: float, with
   elif q_model == "transformer" and lm is not None:
     make = lambda: heads.scalar_model_from_policy(nnx.merge(*lm), rngs=nnx.Rngs(seed))
   elif q_model == "transformer":
-    model_cfg = loop.model_config(config, tokenizer.vocab_size)
+    model_cfg = loop.model_config(config, loop.make_encoding(config, tokenizer))
     make = lambda: heads.ScalarModel(model_cfg, rngs=nnx.Rngs(seed))
   else:
     raise errors.SettingsError(f"unknown q_model {q_model!r}; expected 'bag' or 'transformer'")
@@ -230,37 +225,31 @@ def compare(config, *, policy_name: str = "noisy_oracle", workdir: str = "", con
   """
   env = registry.make_env(config.env)
   explore = sales.ExploratoryPolicy(eps=explore_eps, skill_mean=explore_skill)
-  gamma, render_turns, d, seed = config.gamma, config.env.max_render_turns, config.data, config.seed
+  gamma, seed = config.gamma, config.seed
   out_dir = out_dir or tempfile.mkdtemp(prefix="q_eval_")
   explore_logs = env.play(explore, conversations, seed=seed * 10 + 1)
   policy, tokenizer, lm = _policy_and_tokenizer(config, policy_name, workdir, explore_logs, out_dir)
+  enc = loop.make_encoding(config, tokenizer)  # the budgets and rendering window of the settings
   policy_logs = env.play(policy, conversations, seed=seed * 10 + 2)
 
   # Evaluation pairs and their true Q^pi.
   evaluation = {}
   for name, behaviour, stream in (("explore", explore, 3), ("policy", policy, 4)):
-    chosen, episodes = sample_pairs(env, env.play(behaviour, pairs, seed=seed * 10 + stream), gamma, render_turns,
-                                    seed)
-    evaluation[name] = (data_lib.example_arrays(tokenizer, chosen, d.max_prompt_len, d.max_action_len),
+    chosen, episodes = sample_pairs(env, env.play(behaviour, pairs, seed=seed * 10 + stream), gamma,
+                                    enc.max_render_turns, seed)
+    evaluation[name] = (enc.arrays(chosen),
                         true_q(env, chosen, episodes, policy, gamma, rollouts, seed))
 
   # FQE's next actions: pi's responses at every logged next state of the exploratory logs.
-  examples = data_lib.examples_from_conversations(explore_logs, gamma, render_turns)
+  examples = enc.examples(explore_logs, gamma)
   samples = config.qfit.fqe_samples
   if lm is None:
     prompts = [p for p in successor_prompts(examples, [e.next_index for e in examples]) for _ in range(samples)]
-    next_actions = data_lib.encode_pairs(tokenizer, prompts,
-                                         scripted_next_actions(env, explore_logs, examples, policy, samples, seed),
-                                         d.max_prompt_len, d.max_action_len)
+    next_actions = enc.pairs(prompts, scripted_next_actions(env, explore_logs, examples, policy, samples, seed))
   else:
-    next_actions, _ = qfit.sample_next_actions(
-        *lm, tokenizer, successor_prompts(examples, [e.next_index for e in examples]), samples,
-        key=jax.random.key(seed), max_prompt_len=d.max_prompt_len, max_action_len=d.max_action_len,
-        batch_size=config.loop.play_batch, temperature=config.loop.deploy_temperature)
-  data = {"mc_on_policy": data_lib.example_arrays(
-              tokenizer, data_lib.examples_from_conversations(policy_logs, gamma, render_turns), d.max_prompt_len,
-              d.max_action_len),
-          "mc_explore": data_lib.example_arrays(tokenizer, examples, d.max_prompt_len, d.max_action_len)}
+    successors = successor_prompts(examples, [e.next_index for e in examples])
+    next_actions, _ = loop.sample_deployed(config, *lm, enc, successors, samples, jax.random.key(seed))
+  data = {"mc_on_policy": enc.arrays(enc.examples(policy_logs, gamma)), "mc_explore": enc.arrays(examples)}
   data["fqe_explore"] = data["mc_explore"]
 
   if learning_rate is None:

@@ -233,9 +233,7 @@ def main(argv):
   # Hold out every tenth conversation for the R^2 probe; the heads see the rest.
   held_ids = set(sorted({e.conversation_id for e in examples})[::10])
   train = np.asarray([e.conversation_id not in held_ids for e in examples])
-  d = run_.config.data
-  pairs = lambda prompts, actions: data_lib.encode_pairs(run_.tokenizer, prompts, actions, d.max_prompt_len,
-                                                         d.max_action_len, run_.renderer)
+  pairs = run_.encoding.pairs
   truth_prompts, truth_actions = action_set.pairs()
   where = [(evals[cid].turns[:i], c) for (cid, i), cs in zip(action_set.where, action_set.candidates) for c in cs]
   model = nnx.merge(loop.run_policy_graphdef(run_), params)

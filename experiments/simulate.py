@@ -28,8 +28,9 @@ def main(argv):
   # number of conversations, the seed and the batch size are this entry point's own keys.
   env_settings = settings.load_env(config.env)
   os.makedirs(workdir, exist_ok=True)
-  env = registry.make_env(env_settings)
-  policy = registry.make_policy(env_settings.domain, config.policy, env_settings)
+  domain = registry.domain(env_settings)
+  env = domain.make_env()
+  policy = domain.policy(config.policy)
   n = config.num_conversations
   start = time.perf_counter()
   bar = lambda starts: metrics.progress(starts, total=len(starts), desc=f"simulate {policy.name}")

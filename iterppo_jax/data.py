@@ -254,6 +254,46 @@ def example_arrays(tokenizer, examples: Sequence[Example], max_prompt_len: int, 
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoding:
+  """How a run writes conversations as model input: its tokenizer and renderer with the budgets of its settings
+  (data.max_prompt_len, data.max_action_len, data.prompt_bucket, env.max_render_turns), read once where the run
+  is set up (loop.make_encoding) and carried from there, so every phase cuts prompts and actions alike."""
+  tokenizer: object
+  renderer: object
+  max_prompt_len: int
+  max_action_len: int
+  max_render_turns: int | None = None
+  prompt_bucket: int = 0
+
+  @property
+  def max_len(self) -> int:
+    """Tokens of a (prompt, action) row: the model's context must hold this many."""
+    return self.max_prompt_len + self.max_action_len
+
+  @property
+  def end_id(self) -> int:
+    """The token that ends a response (the sampler's eos)."""
+    return self.renderer.end_id(self.tokenizer)
+
+  def state(self, turns, context: str = "") -> str:
+    """The state after `turns` as a prompt, in the run's rendering window."""
+    return self.renderer.state(turns, self.max_render_turns, context)
+
+  def examples(self, records, gamma: float) -> list[Example]:
+    return examples_from_conversations(records, gamma, self.max_render_turns, renderer=self.renderer)
+
+  def prompts(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+    return encode_prompts(self.tokenizer, texts, self.max_prompt_len)
+
+  def pairs(self, prompts: Sequence[str], actions: Sequence[str]) -> dict[str, np.ndarray]:
+    return encode_pairs(self.tokenizer, prompts, actions, self.max_prompt_len, self.max_action_len, self.renderer)
+
+  def arrays(self, examples: Sequence[Example], action: str = "suggestion") -> dict[str, np.ndarray]:
+    return example_arrays(self.tokenizer, examples, self.max_prompt_len, self.max_action_len, action=action,
+                          renderer=self.renderer)
+
+
 # ---- batches ----
 
 def batch_iterator(arrays: dict[str, np.ndarray], batch_size: int, seed: int, epochs: int = 1,

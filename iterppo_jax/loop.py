@@ -94,12 +94,21 @@ class Progress:
 
 # ---- building pieces from the config ----
 
-def model_config(config: settings.Settings, vocab_size: int) -> tf.TransformerConfig:
+def make_encoding(config: settings.Settings, tokenizer, renderer=rendering.TAGS) -> data_lib.Encoding:
+  """The run's budgets (data.max_prompt_len, data.max_action_len, data.prompt_bucket) and rendering window
+  (env.max_render_turns) with its tokenizer and renderer: the one place those keys are read. Every phase, study
+  and entry point that encodes, renders or samples takes this object."""
+  d = config.data
+  return data_lib.Encoding(tokenizer, renderer, max_prompt_len=d.max_prompt_len, max_action_len=d.max_action_len,
+                           max_render_turns=config.env.max_render_turns, prompt_bucket=d.prompt_bucket)
+
+
+def model_config(config: settings.Settings, encoding: data_lib.Encoding) -> tf.TransformerConfig:
+  """The policy's shape (model.*): its vocabulary the tokenizer's, its context a (prompt, action) row."""
   m = config.model
   return tf.TransformerConfig(
-      vocab_size=vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
-      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim,
-      max_len=config.data.max_prompt_len + config.data.max_action_len, style=m.style,
+      vocab_size=encoding.tokenizer.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
+      num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_len=encoding.max_len, style=m.style,
       tie_embeddings=m.tie_embeddings, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
 
 
@@ -172,19 +181,27 @@ def seed_for(config: settings.Settings, *parts: int) -> int:
 PHASE_IDS = {"behavior": 1, "sft": 2, "collect": 3, "qfit": 4, "ppo": 5, "eval": 6, "true_q": 7, "rank": 8}
 
 
-def make_lm_policy(config: settings.Settings, name: str, graphdef, params, tokenizer, seed: int, *,
-                   renderer=None, mesh=None, rules=None) -> lm_policy.LMPolicy:
-  """An LM as a simulator policy, with the run's prompt and action budgets (data.*), deployment temperature
-  (loop.deploy_temperature) and rendering window (env.max_render_turns): the one place those keys reach an
-  LMPolicy (Run.lm_policy, studies/scaling.py). With a `mesh` (this process's devices) it plays on a copy of
-  the params there."""
+def make_lm_policy(config: settings.Settings, name: str, graphdef, params, encoding: data_lib.Encoding, seed: int,
+                   *, mesh=None, rules=None) -> lm_policy.LMPolicy:
+  """An LM as a simulator policy, deployed as the run deploys it: the run's encoding (budgets, rendering
+  window) and deployment temperature (loop.deploy_temperature, read here and in `sample_deployed` only). The
+  one builder of an LMPolicy from settings (Run.lm_policy, studies/scaling.py, experiments/q_eval.py). With a
+  `mesh` (this process's devices) it plays on a copy of the params there."""
   if mesh is not None:
     params = distributed.local_params(params, mesh)
-  d = config.data
-  return lm_policy.LMPolicy(name, graphdef, params, tokenizer, max_prompt_len=d.max_prompt_len,
-                            max_new_tokens=d.max_action_len, seed=seed, temperature=config.loop.deploy_temperature,
-                            renderer=renderer, max_render_turns=config.env.max_render_turns,
-                            prompt_bucket=d.prompt_bucket, mesh=mesh, rules=rules)
+  e = encoding
+  return lm_policy.LMPolicy(name, graphdef, params, e.tokenizer, max_prompt_len=e.max_prompt_len,
+                            max_new_tokens=e.max_action_len, seed=seed, temperature=config.loop.deploy_temperature,
+                            renderer=e.renderer, max_render_turns=e.max_render_turns,
+                            prompt_bucket=e.prompt_bucket, mesh=mesh, rules=rules)
+
+
+def sample_deployed(config: settings.Settings, graphdef, params, encoding: data_lib.Encoding, prompts, samples: int,
+                    key: jax.Array) -> tuple[dict, list[str]]:
+  """`samples` responses of the LM to each prompt, sampled as it is deployed (loop.deploy_temperature), in
+  batches of loop.play_batch rows (qfit.sample_next_actions): FQE's and SARSA's next actions of pi_k."""
+  return qfit_lib.sample_next_actions(graphdef, params, encoding, prompts, samples, key=key,
+                                      batch_size=config.loop.play_batch, temperature=config.loop.deploy_temperature)
 
 
 @dataclasses.dataclass
@@ -192,16 +209,24 @@ class Run:
   """What a run holds while it goes: settings, workdir, world, tokenizer, mesh, writers, checkpoints."""
   config: settings.Settings  # the run's typed settings (settings.load of its ConfigDict): every phase reads these
   workdir: str
-  env: env_base.TextEnv | None
-  tokenizer: tok_lib.Tokenizer
+  domain: registry.Domain  # the domain of env.domain with the run's env settings
+  env: env_base.TextEnv | None  # its simulator (None when the run learns from a user's logs)
+  encoding: data_lib.Encoding  # tokenizer, renderer, budgets (make_encoding)
   model_cfg: tf.TransformerConfig
   mesh: Any
   writer: metrics_lib.MetricWriter
   progress: Progress
-  renderer: rendering.Renderer = rendering.TAGS
   graphdef: Any = None
   rules: Any = sharding.DEFAULT_RULES  # logical axis -> mesh axes (config.mesh_rules over the defaults)
   local_mesh: Any = None  # multi-process runs: this process's own devices, where it plays (distributed.py)
+
+  @property
+  def tokenizer(self) -> tok_lib.Tokenizer:
+    return self.encoding.tokenizer
+
+  @property
+  def renderer(self) -> rendering.Renderer:
+    return self.encoding.renderer
 
   def checkpointer(self, name: str, max_to_keep: int | None = None) -> ckpt_lib.Checkpointer:
     return ckpt_lib.Checkpointer(self.workdir, name, max_to_keep=max_to_keep)
@@ -222,17 +247,18 @@ class Run:
   def lm_policy(self, name: str, graphdef, params, seed: int) -> lm_policy.LMPolicy:
     """The LM as a simulator policy. In a multi-process run each process plays on its own devices (a copy of
     the params there), so processes play their conversations independently."""
-    return make_lm_policy(self.config, name, graphdef, params, self.tokenizer, seed, renderer=self.renderer,
-                          mesh=self.local_mesh, rules=self.rules if self.local_mesh is not None else None)
+    return make_lm_policy(self.config, name, graphdef, params, self.encoding, seed, mesh=self.local_mesh,
+                          rules=self.rules if self.local_mesh is not None else None)
 
   def examples(self, records):
-    return data_lib.examples_from_conversations(records, self.config.gamma, self.config.env.max_render_turns,
-                                                renderer=self.renderer)
+    return self.encoding.examples(records, self.config.gamma)
 
   def arrays(self, examples, action="suggestion"):
-    d = self.config.data
-    return data_lib.example_arrays(self.tokenizer, examples, d.max_prompt_len, d.max_action_len, action=action,
-                                   renderer=self.renderer)
+    return self.encoding.arrays(examples, action)
+
+  def sample_deployed(self, params, prompts, samples: int, key: jax.Array) -> tuple[dict, list[str]]:
+    """pi's responses to `prompts` as deployed (module function sample_deployed), with the run's policy shape."""
+    return sample_deployed(self.config, run_policy_graphdef(self), params, self.encoding, prompts, samples, key)
 
   def log(self, step: int, metrics: dict, phase: str, iteration: int | None = None) -> None:
     self.writer.write(step, metrics, phase=phase, iteration=iteration)
@@ -348,9 +374,10 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
                                     fail_on_nonfinite=("sft/loss", "qfit/loss", "ppo/policy_loss",
                                                        "ppo/value_loss"), active=distributed.is_writer())
   mesh = sharding.make_mesh([tuple(a) for a in config.mesh])
-  env = None if config.loop.logs else registry.make_env(config.env)
+  domain = registry.domain(config.env)
+  env = None if config.loop.logs else domain.make_env()
   if not config.loop.logs:
-    behaviour = registry.make_policy(config.env.domain, "behavior", config.env)
+    behaviour = domain.policy("behavior")
     logs = play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
                         seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
@@ -371,6 +398,9 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   distributed.barrier("tokenizer")
   if tokenizer is None:
     tokenizer = tok_lib.load_tokenizer(tok_dir)
+  renderer = (rendering.chat(tokenizer.hf, config.data.system_prompt) if config.data.chat_template
+              else rendering.TAGS)
+  encoding = make_encoding(config, tokenizer, renderer)
   if model_dir:
     if _is_gguf(model_dir):
       hf_cfg = gguf_lib.config_from_gguf(model_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
@@ -379,16 +409,13 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
                                      param_dtype=config.model.param_dtype)
     model_cfg = dataclasses.replace(hf_cfg, vocab_size=max(hf_cfg.vocab_size, tokenizer.vocab_size),
                                     remat=config.model.remat)
-    budget = config.data.max_prompt_len + config.data.max_action_len
-    if budget > model_cfg.max_len:  # positions past the model's context would read outside its tables
+    if encoding.max_len > model_cfg.max_len:  # positions past the model's context would read outside its tables
       raise errors.SettingsError(
-          f"config.data.max_prompt_len + data.max_action_len = {budget} tokens exceeds the context of "
+          f"config.data.max_prompt_len + data.max_action_len = {encoding.max_len} tokens exceeds the context of "
           f"{model_dir} ({model_cfg.max_len} tokens); lower them to fit")
   else:
-    model_cfg = model_config(config, tokenizer.vocab_size)
-  renderer = (rendering.chat(tokenizer.hf, config.data.system_prompt) if config.data.chat_template
-              else rendering.TAGS)
-  run = Run(config, workdir, env, tokenizer, model_cfg, mesh, writer, progress, renderer,
+    model_cfg = model_config(config, encoding)
+  run = Run(config, workdir, domain, env, encoding, model_cfg, mesh, writer, progress,
             rules=sharding.rules_from_config(config.mesh_rules),
             local_mesh=distributed.local_mesh() if distributed.process_count() > 1 else None)
   return run, logs
@@ -569,12 +596,9 @@ def _q_diagnostics(run: Run, k: int, metrics: dict, score, records, examples, he
 
 def _token_scorer(run: Run, predict_fn, q_params):
   """score(turns, prompts, actions) -> Q per pair for the token Q-model (reads the rendered prompts)."""
-  d = run.config.data
-
   def score(turns, prompts, actions):
     del turns
-    arrays = data_lib.encode_pairs(run.tokenizer, prompts, actions, d.max_prompt_len, d.max_action_len,
-                                   run.renderer)
+    arrays = run.encoding.pairs(prompts, actions)
     return qfit_lib.predict(predict_fn, q_params, arrays, run.config.qfit.batch_size, run.mesh)
 
   return score
@@ -612,13 +636,9 @@ def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
 
 def _own_samples(run: Run, k: int, policy_params, examples, salt: int) -> list[list[str]]:
   """qfit.fqe_samples suggestions of pi_k (as deployed) at each example's state, for SARSA on another's logs."""
-  c = run.config
-  m = c.qfit.fqe_samples
-  _, texts = qfit_lib.sample_next_actions(
-      run_policy_graphdef(run), policy_params, run.tokenizer, [e.prompt for e in examples], m,
-      key=jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], salt)), max_prompt_len=c.data.max_prompt_len,
-      max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
-      renderer=run.renderer)
+  m = run.config.qfit.fqe_samples
+  _, texts = run.sample_deployed(policy_params, [e.prompt for e in examples], m,
+                                 jax.random.key(seed_for(run.config, k, PHASE_IDS["qfit"], salt)))
   return [texts[i * m:(i + 1) * m] for i in range(len(examples))]
 
 
@@ -631,7 +651,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   """
   c = run.config
   q_cfg = c.qfit
-  state_fn, act_fn = registry.tracker(c.env.domain)
+  state_fn, act_fn = run.domain.tracker()
   path = os.path.join(run.workdir, "checkpoints", "qtable", f"{k}.json")
   done = run.progress.get(f"qfit/{k}")
   if done and os.path.exists(path):
@@ -726,10 +746,10 @@ def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet:
   records = read_logs(run.workdir, f"eval_{k}")
   policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
   action_set = q_ranking.build_action_set(
-      run.env, records, policy, registry.candidate_fn(c.env.domain), n_states=c.loop.rank_states,
+      run.env, records, policy, run.domain.candidates(), n_states=c.loop.rank_states,
       policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=c.gamma,
       seed=seed_for(c, k, PHASE_IDS["rank"], 1),
-      render_fn=lambda turns, context: run.renderer.state(turns, c.env.max_render_turns, context))
+      render_fn=run.encoding.state)
   if distributed.is_writer():
     action_set.save(path)
   distributed.barrier(f"ranking/{k}")
@@ -764,21 +784,16 @@ def _fqe_next_actions(run: Run, k: int, policy_params, examples, next_index: np.
   """
   c = run.config
   prompts = [examples[j].prompt for j in next_index if j >= 0]
-  pairs, _ = qfit_lib.sample_next_actions(
-      run_policy_graphdef(run), policy_params, run.tokenizer, prompts, c.qfit.fqe_samples,
-      key=jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], 1)), max_prompt_len=c.data.max_prompt_len,
-      max_action_len=c.data.max_action_len, batch_size=c.loop.play_batch, temperature=c.loop.deploy_temperature,
-      renderer=run.renderer)
+  pairs, _ = run.sample_deployed(policy_params, prompts, c.qfit.fqe_samples,
+                                 jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], 1)))
   return pairs
 
 
 def _own_next_pairs(run: Run, examples, next_index: np.ndarray) -> dict:
   """qfit.fit_q's `own_next`: (s_{i+1}, pi_k's own action) where the logged a_{i+1} was a randomised draw."""
   rows = [i for i, j in enumerate(next_index) if j >= 0 and examples[j].own_action is not None]
-  d = run.config.data
-  pairs = data_lib.encode_pairs(run.tokenizer, [examples[next_index[i]].prompt for i in rows],
-                                [examples[next_index[i]].own_action for i in rows], d.max_prompt_len,
-                                d.max_action_len, run.renderer)
+  pairs = run.encoding.pairs([examples[next_index[i]].prompt for i in rows],
+                             [examples[next_index[i]].own_action for i in rows])
   return {**pairs, "row": np.asarray(rows, np.int64)}
 
 
@@ -853,7 +868,7 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
     state, start = (solvers.SolverState(model=ts.attach_frozen(restored["state"], state.model),
                                         kl_coef=restored["kl_coef"]), int(meta["step"]))
   examples = run.examples(records)
-  prompts = data_lib.encode_prompts(run.tokenizer, [e.prompt for e in examples], c.data.max_prompt_len)
+  prompts = run.encoding.prompts([e.prompt for e in examples])
 
   def on_step(step, state_):
     if step % c.ppo.checkpoint_every == 0 or step == c.ppo.steps:
@@ -920,10 +935,9 @@ class Interrupted(errors.RunError, RuntimeError):
 
 def policy_kl(run: Run, params, ref_params, prompts: dict, seed: int) -> float:
   """KL(pi || pi_ref) per response, estimated with k1 on responses sampled from pi."""
-  d = run.config.data
   graphdef = run_policy_graphdef(run)
   out = sampling.sample(graphdef, params, prompts["tokens"], prompts["valid"], jax.random.key(seed),
-                        max_new_tokens=d.max_action_len, eos_id=run.renderer.end_id(run.tokenizer),
+                        max_new_tokens=run.encoding.max_action_len, eos_id=run.encoding.end_id,
                         pad_id=run.tokenizer.pad_id)
   lp = _logprob_fn(graphdef)(params, out.prompt_tokens, out.prompt_valid, out.tokens, out.valid)
   lp_ref = _logprob_fn(graphdef)(ref_params, out.prompt_tokens, out.prompt_valid, out.tokens, out.valid)
@@ -958,12 +972,11 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str, key: str |
   label_error = label_noise.classifier_error(records)  # the outcome classifier against the simulator's truth
   summary.update({f"classifier_{n}": label_error[n]
                   for n in ("false_positive_rate", "false_negative_rate", "error_rate")})
-  states = [run.renderer.state(r.turns[:i], c.env.max_render_turns)
-            for r in records[:32] for i in r.agent_steps()[:2]]
-  prompts = data_lib.encode_prompts(run.tokenizer, states, c.data.max_prompt_len)
+  states = [run.encoding.state(r.turns[:i]) for r in records[:32] for i in r.agent_steps()[:2]]
+  prompts = run.encoding.prompts(states)
   if pi0_params is not None:
     summary["kl_to_pi0"] = policy_kl(run, params, pi0_params, prompts, seed_for(c, k, PHASE_IDS["eval"], 1))
-  summary["off_topic_share"] = registry.off_topic_share(c.env.domain, records)
+  summary["off_topic_share"] = run.domain.off_topic_share(records)
   prefix = "eval" if key == str(k) else f"eval_{key}"
   run.log(k, {f"{prefix}/{n}": v for n, v in summary.items()}, phase="eval", iteration=k)
   run.progress.mark(f"eval/{key}", summary)
@@ -978,7 +991,7 @@ def reference_lines(run: Run) -> dict:
   c = run.config
   out = {}
   for name in ("behavior", "oracle"):
-    policy = registry.make_policy(c.env.domain, name, c.env)
+    policy = run.domain.policy(name)
     records = run.env.play(policy, c.loop.eval_conversations, seed=seed_for(c, 10_000, PHASE_IDS["eval"]))
     out[name] = env_base.summarize(records)
   run.progress.mark("reference", out)
@@ -1108,14 +1121,14 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
         records = logs  # D_0: the behaviour logs pi_0 was cloned from stand in for pi_0's own
       elif k == 0 and config.loop.first_data == "explore":
         # D_0: logs of the exploratory behaviour policy; Q^{pi_0} from them needs qfit.method=fqe (off-policy)
-        staff = registry.make_policy(config.env.domain, "explore", config.env)
+        staff = run_.domain.policy("explore")
         records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, staff, config.loop.conversations,
                                seed_for(config, k, PHASE_IDS["collect"], 2), "explore")
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
                                 seed_for(config, k, PHASE_IDS["collect"]))
         if config.loop.explore_turns:  # one randomised turn per conversation (explore.py)
-          policy = explore.RandomisedTurn(policy, registry.candidate_fn(config.env.domain), run_.env.max_turns,
+          policy = explore.RandomisedTurn(policy, run_.domain.candidates(), run_.env.max_turns,
                                           seed=seed_for(config, k, PHASE_IDS["collect"], 3))
         records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, policy, config.loop.conversations,
                                seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")

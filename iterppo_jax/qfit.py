@@ -21,7 +21,6 @@ import numpy as np
 from iterppo_jax import data as data_lib
 from iterppo_jax import distributed
 from iterppo_jax import metrics as metrics_lib
-from iterppo_jax import rendering
 from iterppo_jax import sampling
 from iterppo_jax import stats
 from iterppo_jax import train_state as ts
@@ -418,9 +417,8 @@ def fqe_bootstrap_targets(q_next: np.ndarray, rewards: np.ndarray, next_index: n
                                 jnp.asarray(no_bootstrap), gamma))
 
 
-def sample_next_actions(graphdef, params, tokenizer, prompts: list[str], samples: int, *, key: jax.Array,
-                        max_prompt_len: int, max_action_len: int, batch_size: int, temperature: float = 1.0,
-                        renderer: rendering.Renderer | None = None) -> tuple[dict, list[str]]:
+def sample_next_actions(graphdef, params, encoding: data_lib.Encoding, prompts: list[str], samples: int, *,
+                        key: jax.Array, batch_size: int, temperature: float = 1.0) -> tuple[dict, list[str]]:
   """Draws a'_m ~ pi(. | s) for FQE: `samples` responses of a language-model policy to each prompt.
 
   Rows are (prompt, sample) in order, M = `samples` per prompt, cut into fixed batches of `batch_size` rows (the
@@ -430,37 +428,34 @@ def sample_next_actions(graphdef, params, tokenizer, prompts: list[str], samples
 
   Args:
     graphdef, params: the policy (nnx.split of a models.transformer.Transformer).
-    tokenizer: a tokenizer.Tokenizer.
+    encoding: the tokenizer, renderer and budgets (data.Encoding; prompts keep their last max_prompt_len
+      tokens, responses have at most max_action_len).
     prompts: S rendered next states.
     samples: M >= 1.
     key: PRNG key.
-    max_prompt_len, max_action_len: the data budgets (prompts keep their last tokens).
     batch_size: rows per sampler call.
     temperature: sampling temperature (1: pi itself).
-    renderer: how states and actions are written (default our role tags).
 
   Returns:
     (encode_pairs arrays with S * M rows, the S * M suggestion texts; '' = abstain).
   """
   if samples < 1 or batch_size < 1:
     raise ValueError(f"samples and batch_size must be >= 1, got {samples} and {batch_size}")
-  renderer = renderer or rendering.TAGS
+  tokenizer, renderer = encoding.tokenizer, encoding.renderer
   rows = [p for p in prompts for _ in range(samples)]
   texts: list[str] = []
   if rows:
-    encoded = data_lib.encode_prompts(tokenizer, prompts, max_prompt_len)
+    encoded = encoding.prompts(prompts)
     tokens, valid = (np.repeat(encoded[name], samples, axis=0) for name in ("tokens", "valid"))
-    end_id = renderer.end_id(tokenizer)
     for b, start in enumerate(range(0, len(rows), batch_size)):
       take = np.minimum(np.arange(start, start + batch_size), len(rows) - 1)  # static shape: repeat the last row
       out = sampling.sample(graphdef, params, tokens[take], valid[take], jax.random.fold_in(key, b),
-                            max_new_tokens=max_action_len, temperature=temperature, eos_id=end_id,
+                            max_new_tokens=encoding.max_action_len, temperature=temperature, eos_id=encoding.end_id,
                             pad_id=tokenizer.pad_id)
       new_tokens, new_valid = distributed.to_host((out.tokens, out.valid))
       for r in range(min(batch_size, len(rows) - start)):
         texts.append(renderer.parse(tokenizer.decode(new_tokens[r][new_valid[r]])))
-  pairs = data_lib.encode_pairs(tokenizer, rows, texts, max_prompt_len, max_action_len, renderer)
-  return pairs, texts
+  return encoding.pairs(rows, texts), texts
 
 
 def fit_q(trainable, state, arrays: dict, *, method: str = "mc", kind: str = "bce", steps: int,

@@ -39,6 +39,27 @@ def test_library_reads_each_setting_in_one_module(found):
   assert shared == SHARED
 
 
+# Keys whose whole path is one function in the whole code base (library, studies and entry points): the run's
+# encoding (loop.make_encoding -> data.Encoding, carried by Run and passed to every phase, study and script that
+# encodes, renders or samples) and the deployment temperature (an LMPolicy, or pi_k's samples for FQE / SARSA).
+STRAIGHT = {
+    "data.max_prompt_len": {"iterppo_jax/loop.py:make_encoding"},
+    "data.prompt_bucket": {"iterppo_jax/loop.py:make_encoding"},
+    "env.max_render_turns": {"iterppo_jax/loop.py:make_encoding"},
+    "loop.deploy_temperature": {"iterppo_jax/loop.py:make_lm_policy", "iterppo_jax/loop.py:sample_deployed"},
+}
+
+
+def test_straight_keys_have_one_reader(found):
+  assert {k: found.get(k, set()) for k in STRAIGHT} == STRAIGHT
+
+
+def test_library_looks_the_domain_up_once(found):
+  """The library builds one registry.Domain from the env section (loop.setup, the scaling study) and calls it;
+  no phase reads env.domain to look the domain up again."""
+  assert not [w for w in found.get("env.domain", set()) if w.startswith("iterppo_jax/")]
+
+
 def test_audit_follows_aliases_and_skips_writes(tmp_path):
   src = tmp_path / "pkg" / "mod.py"
   src.parent.mkdir()

@@ -165,3 +165,40 @@ def test_the_share_of_suggestions_read_as_no_act(domain):
     return dataclasses.replace(r, turns=[dataclasses.replace(t, text="Lovely weather we are having.")
                                          if t.role == "suggestion" and not t.abstain else t for t in r.turns])
   assert registry.off_topic_share(domain, [chatter(r) for r in records]) == 1.0
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_the_domain_handle_is_the_modules_protocol(domain):
+  """registry.domain(env section): the one handle the loop builds; it hands out what the module functions do."""
+  handle = registry.domain(_env_config(domain))
+  assert handle.name == domain
+  records = handle.make_env().play(handle.policy("behavior"), 3, seed=0)
+  assert records == _env(domain).play(_behaviour(domain), 3, seed=0)
+  turns = records[0].turns[:records[0].agent_steps()[1]]
+  rng_a, rng_b = np.random.default_rng(0), np.random.default_rng(0)
+  assert handle.candidates()(turns, rng_a) == registry.candidate_fn(domain)(turns, rng_b)
+  np.testing.assert_equal(handle.off_topic_share(records), registry.off_topic_share(domain, records))
+
+
+def test_an_unknown_domain_fails_when_the_handle_is_built():
+  env = _env_config("sales")
+  env.domain = "no_such_domain"
+  with pytest.raises(registry.errors.SettingsError, match="unknown domain 'no_such_domain'"):
+    registry.domain(env)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_the_staff_write_with_the_domains_script(domain):
+  """base.StaffEnv's writing hooks: an edit keeps the suggestion inside it; a rewrite says the act the suggestion
+  proposed (its kind), in the staff's templates; the staff's own message is an act of the domain's parser."""
+  env, script = _env(domain), registry.script(domain)
+  record = env.play(_behaviour(domain), 1, seed=4)[0]
+  turns = record.turns[:record.agent_steps()[1]]
+  episode = env.restore(record, record.agent_steps()[1])
+  rng = np.random.default_rng(0)
+  for act in script.candidate_acts(script.visible_facts(turns)):
+    text = script.business_text(act, rng)
+    assert text in env.edit(text, rng)
+    assert env.read_business(env.rewrite(episode.hidden, text, rng)).kind == act.kind
+  staff = env.staff_message(episode.hidden, record, rng)
+  assert env.read_business(staff).kind != "off_topic"

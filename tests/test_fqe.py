@@ -34,6 +34,7 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
 from iterppo_jax import loop
 from iterppo_jax import qfit
+from iterppo_jax import rendering
 from iterppo_jax import sampling
 from iterppo_jax import sharding
 from iterppo_jax import tokenizer as tokenizer_lib
@@ -155,16 +156,17 @@ def test_sample_next_actions_layout_and_one_trace(tmp_path):
                                      num_kv_heads=1, head_dim=16, max_len=64)
   graphdef, params = nnx.split(tf.Transformer(config, rngs=nnx.Rngs(0)))
   prompts = [e.prompt for e in data_lib.examples_from_conversations(records[:3], GAMMA, 2)][:5]
-  kwargs = dict(key=jax.random.key(0), max_prompt_len=48, max_action_len=8, batch_size=4)
+  kwargs = dict(key=jax.random.key(0), batch_size=4)
+  encoding = data_lib.Encoding(tok, rendering.TAGS, max_prompt_len=48, max_action_len=8)
   before = sampling.num_traces()
-  pairs, texts = qfit.sample_next_actions(graphdef, params, tok, prompts, 3, **kwargs)
+  pairs, texts = qfit.sample_next_actions(graphdef, params, encoding, prompts, 3, **kwargs)
   assert sampling.num_traces() - before <= 1  # 15 rows = 4 batches of 4 rows, one compiled shape
   assert len(texts) == 15 and pairs["tokens"].shape == (15, 56)
   for r in range(15):  # row r is (prompts[r // 3], its (r % 3)-th sample)
     prompt_ids = data_lib._truncate_left(tok.encode(prompts[r // 3]), 48)
     assert list(pairs["tokens"][r, :pairs["prompt_len"][r]]) == prompt_ids
   assert pairs["tokens"][np.arange(15), pairs["last_index"]].tolist() == [tok.eot_id] * 15
-  again, texts_again = qfit.sample_next_actions(graphdef, params, tok, prompts, 3, **kwargs)
+  again, texts_again = qfit.sample_next_actions(graphdef, params, encoding, prompts, 3, **kwargs)
   assert texts_again == texts and sampling.num_traces() - before <= 1  # same key: same samples, no retrace
   assert len(set(texts)) > 1
 

@@ -17,8 +17,10 @@ A domain is one Python module that defines (docs/domains.md has the whole protoc
 A module from outside the package needs no edit here: `--config.env.domain=my_pkg.my_domain` imports it.
 """
 
+import dataclasses
 import importlib
 import types
+from typing import Any
 
 from iterppo_jax import errors
 from iterppo_jax.envs import base
@@ -103,3 +105,38 @@ def off_topic_share(domain: str, records) -> float:
   kinds = [mod.act_key(r.turns[:i], r.turns[i].text)[0] for r in records for i in r.agent_steps()
            if not r.turns[i].abstain]
   return sum(k == "off_topic" for k in kinds) / len(kinds) if kinds else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """One domain with the run's `env` settings: the pieces of its module the loop calls, behind one handle that
+  the run builds once (`domain(config.env)`), so no phase looks the domain up by name again."""
+  env_config: Any  # settings.Env (or the ConfigDict's env section)
+
+  @property
+  def name(self) -> str:
+    return self.env_config.domain
+
+  def make_env(self) -> base.TextEnv:
+    return module(self.name).make_env(self.env_config)
+
+  def policy(self, name: str):
+    """A shipped scripted policy: behavior | oracle | random | explore (and any the domain adds)."""
+    return module(self.name).make_policy(name, self.env_config)
+
+  def candidates(self):
+    """(transcript, rng) -> the scripted candidate suggestions at that state (candidate_fn)."""
+    return candidate_fn(self.name)
+
+  def tracker(self):
+    """(dialogue_state, act_key): the dialogue-state tracker (tracker)."""
+    return tracker(self.name)
+
+  def off_topic_share(self, records) -> float:
+    return off_topic_share(self.name, records)
+
+
+def domain(env_config) -> Domain:
+  """The domain `env_config.domain` names, its module imported and checked now (a bad name fails here)."""
+  module(env_config.domain)
+  return Domain(env_config)

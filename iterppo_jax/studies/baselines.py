@@ -379,15 +379,16 @@ def online_ppo(config, workdir: str, seed: int) -> dict:
     restored, meta = ckpt.restore(None, ckpt_lib.abstract_like({"state": state}))
     state, first = restored["state"], int(meta["update"])
   cfg = online_config(c)
-  steps = online_lib.make_steps(policy_tr, critic_tr, cfg, c.data.max_prompt_len)
+  e = run_.encoding
+  steps = online_lib.make_steps(policy_tr, critic_tr, cfg, e.max_prompt_len)
   graphdef = loop.run_policy_graphdef(run_)
   for u in range(first, len(sizes)):
     policy = run_.lm_policy(f"online_{u}", graphdef, state.policy.params,
                             loop.seed_for(c, u, loop.PHASE_IDS["collect"]))
     records, sampled = _play_recorded(run_, policy, sizes[u], loop.seed_for(c, u, loop.PHASE_IDS["collect"], 1),
                                       f"online_{u}")
-    arrays = online_lib.decision_arrays(run_.tokenizer, run_.examples(records), c.data.max_prompt_len,
-                                        c.data.max_action_len, sampled)
+    arrays = online_lib.decision_arrays(e.tokenizer, run_.examples(records), e.max_prompt_len, e.max_action_len,
+                                        sampled)
     state, metrics = online_lib.update(steps, state, pi0_params, arrays, cfg, run_.mesh,
                                        loop.seed_for(c, u, loop.PHASE_IDS["ppo"]))
     run_.log(u + 1, metrics, phase="online_ppo", iteration=u)

@@ -29,9 +29,10 @@ from iterppo_jax.models import transformer as tf
 
 def _policy(config: settings.Settings, tokenizer, mesh) -> lm_policy.LMPolicy:
   from iterppo_jax import loop  # the loop's model shape; imported on use (loop imports the studies' report)
-  cfg = loop.model_config(config, tokenizer.vocab_size)
+  encoding = loop.make_encoding(config, tokenizer)
+  cfg = loop.model_config(config, encoding)
   graphdef, params = nnx.split(tf.Transformer(cfg, rngs=nnx.Rngs(config.seed)))
-  return loop.make_lm_policy(config, "pi_0", graphdef, params, tokenizer, config.seed, mesh=mesh)
+  return loop.make_lm_policy(config, "pi_0", graphdef, params, encoding, config.seed, mesh=mesh)
 
 
 def play_rate(config, conversations: int, out_dir: str) -> dict:
@@ -42,10 +43,11 @@ def play_rate(config, conversations: int, out_dir: str) -> dict:
   two barriers.
   """
   config = settings.load(config)
-  env = registry.make_env(config.env)
+  domain = registry.domain(config.env)
+  env = domain.make_env()
   tok_dir = os.path.join(out_dir, "tokenizer")
   if distributed.is_writer():
-    behaviour = registry.make_policy(config.env.domain, "behavior", config.env)
+    behaviour = domain.policy("behavior")
     logs = env.play(behaviour, 200, seed=config.seed)
     tok_lib.train_bpe(tok_lib.corpus_from_conversations(logs), config.tokenizer.vocab_size, tok_dir)
   distributed.barrier("tokenizer")
