@@ -250,6 +250,11 @@ class Run:
     return make_lm_policy(self.config, name, graphdef, params, self.encoding, seed, mesh=self.local_mesh,
                           rules=self.rules if self.local_mesh is not None else None)
 
+  def play(self, policy, n: int, seed: int, name: str) -> list[conv_lib.Conversation]:
+    """Plays n conversations with `policy` in loop.play_batch batches and keeps them as data/<name>.jsonl (read
+    back if this phase already wrote them; play_and_log)."""
+    return play_and_log(self.workdir, self.env, self.config.loop.play_batch, policy, n, seed, name)
+
   def examples(self, records):
     return self.encoding.examples(records, self.config.gamma)
 
@@ -966,8 +971,7 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str, key: str |
   if done:
     return done
   policy = run.lm_policy(label, run_policy_graphdef(run), params, seed_for(c, k, PHASE_IDS["eval"]))
-  records = play_and_log(run.workdir, run.env, c.loop.play_batch, policy, c.loop.eval_conversations,
-                         seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{key}")
+  records = run.play(policy, c.loop.eval_conversations, seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{key}")
   summary = env_base.summarize(records)
   label_error = label_noise.classifier_error(records)  # the outcome classifier against the simulator's truth
   summary.update({f"classifier_{n}": label_error[n]
@@ -1122,16 +1126,16 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
       elif k == 0 and config.loop.first_data == "explore":
         # D_0: logs of the exploratory behaviour policy; Q^{pi_0} from them needs qfit.method=fqe (off-policy)
         staff = run_.domain.policy("explore")
-        records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, staff, config.loop.conversations,
-                               seed_for(config, k, PHASE_IDS["collect"], 2), "explore")
+        records = run_.play(staff, config.loop.conversations, seed_for(config, k, PHASE_IDS["collect"], 2),
+                            "explore")
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
                                 seed_for(config, k, PHASE_IDS["collect"]))
         if config.loop.explore_turns:  # one randomised turn per conversation (explore.py)
           policy = explore.RandomisedTurn(policy, run_.domain.candidates(), run_.env.max_turns,
                                           seed=seed_for(config, k, PHASE_IDS["collect"], 3))
-        records = play_and_log(run_.workdir, run_.env, config.loop.play_batch, policy, config.loop.conversations,
-                               seed_for(config, k, PHASE_IDS["collect"], 1), f"iter_{k}")
+        records = run_.play(policy, config.loop.conversations, seed_for(config, k, PHASE_IDS["collect"], 1),
+                            f"iter_{k}")
         if not run_.progress.get(f"collect/{k}"):  # what deploying pi_k with randomised turns cost (vs eval/)
           deployed = {n: v for n, v in env_base.summarize(records).items()
                       if n in ("conversion", "conversion_lo", "conversion_hi")}

@@ -271,8 +271,7 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
     key = f"policy/{k + 1}"
     if not run_.progress.get(key):
       policy = run_.lm_policy(f"pi_{k}", graphdef, params, loop.seed_for(c, k, loop.PHASE_IDS["collect"]))
-      records = loop.play_and_log(run_dir, run_.env, c.loop.play_batch, policy, conversations,
-                                  loop.seed_for(c, k, loop.PHASE_IDS["collect"], 1), f"iter_{k}")
+      records = run_.play(policy, conversations, loop.seed_for(c, k, loop.PHASE_IDS["collect"], 1), f"iter_{k}")
       wins = [r for r in records if r.outcome >= 1]
       examples = [e for e in run_.examples(wins) if own or e.sent is not None]
       if examples:
