@@ -6,6 +6,7 @@ import pytest
 
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data
+from iterppo_jax import rendering
 from iterppo_jax import tokenizer as tok_lib
 from iterppo_jax.envs import sales
 
@@ -198,3 +199,25 @@ def test_prompt_buckets_pad_a_batch_to_its_longest_prompt_only(tok):
   np.testing.assert_array_equal(bucketed["valid"], full["valid"][:, -width:])
   long = data.encode_prompts(tok, [short * 20], max_len=64, bucket=8)  # never wider than max_len, cut counted
   assert long["tokens"].shape == (1, 64) and long["cut"].tolist() == [True]
+
+
+def test_an_encoding_cuts_every_phase_alike(tok, records):
+  """data.Encoding carries one set of budgets and one rendering window: its states, examples, prompts and pairs
+  are the module functions' at those budgets, and a shorter window or budget changes what the model sees."""
+  enc = data.Encoding(tok, rendering.TAGS, max_prompt_len=48, max_action_len=12, max_render_turns=1)
+  assert enc.max_len == 60 and enc.end_id == tok.eot_id
+  examples = enc.examples(records[:10], 0.9)
+  assert examples == data.examples_from_conversations(records[:10], 0.9, 1)
+  turns = records[0].turns[:records[0].agent_steps()[2]]
+  assert enc.state(turns) == rendering.TAGS.state(turns, 1) != rendering.TAGS.state(turns, None)
+  prompts = [e.prompt for e in examples]
+  got, want = enc.prompts(prompts), data.encode_prompts(tok, prompts, 48)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+  got = enc.arrays(examples)
+  want = data.example_arrays(tok, examples, 48, 12)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+  assert got["tokens"].shape[1] == 60 and got["prompt_cut"].any()  # 48 tokens cut some prompts of these logs
+  pairs = enc.pairs(prompts[:3], [e.suggestion for e in examples[:3]])
+  np.testing.assert_array_equal(pairs["tokens"], got["tokens"][:3])
