@@ -200,3 +200,23 @@ def test_ranking_counts_are_checked_before_any_work(tmp_path, key, value):
   with pytest.raises(ValueError, match=rf"config\.{key} must be an integer >= \d, got {value}"):
     loop.setup(c, str(workdir))
   assert not workdir.exists()  # nothing written
+
+
+def test_ranking_ablation_scores_a_run_that_measured_no_ranking(full_run, tmp_path):
+  """experiments.q_ranking_ablation on a run made with loop.rank_states=0: the precise truth is measured in its
+  own directory and every variant's Q_k is scored on it (the refit turns the ranking on for that set)."""
+  import shutil
+  from iterppo_jax.studies import q_ranking_ablation as ablation
+  workdir = str(tmp_path / "run")
+  shutil.copytree(full_run[0], workdir)
+  os.remove(os.path.join(workdir, "data", "ranking_0.json"))
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  saved["loop"]["rank_states"] = 0
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  base = ablation.read_run_config(workdir)
+  truth = ablation.precise_truth(workdir, 0, base, states=3, rollouts=8)
+  row = ablation.refit(base, workdir, 0, "table_data_50", truth, os.path.join(workdir, "data", "behavior.jsonl"))
+  assert 1 <= row["rank_states"] <= 3 and 0.0 <= row["rank_top1"] <= 1.0 and row["rank_top1_chance"] > 0
+  assert 0 < row["train_examples"]

@@ -9,6 +9,7 @@ run's pi_k, and is scored on one true-Q set of pi_k: the run's own data/ranking_
 measured once (precise_truth).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import loop
+from iterppo_jax import q_ranking
 
 # name -> (what it changes, config overrides); 'explored_only' keeps only the randomised turns themselves.
 VARIANTS = {
@@ -60,6 +62,11 @@ VARIANTS = {
 for _m in (2, 5, 10):
   VARIANTS[f"table_shrink_{_m}"] = (f"dialogue-state table, SARSA, cells shrunk to their act's mean (m = {_m})",
                                     {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": float(_m)})
+# The same table on a share of D_k's conversations (qfit.data_fraction): how its ranking grows with |D_k|.
+for _share in (25, 50):
+  VARIANTS[f"table_data_{_share}"] = (f"dialogue-state table, SARSA, on {_share}% of D_k's conversations",
+                                      {"qfit.view": "dialogue_state", "qfit.method": "td",
+                                       "qfit.data_fraction": _share / 100})
 VARIANTS["table_shrink_add_5"] = ("dialogue-state table, SARSA, cells shrunk to state mean + act offset (m = 5)",
                                   {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": 5.0,
                                    "qfit.shrink_to": "additive"})
@@ -107,7 +114,8 @@ def precise_truth(wd: str, k: int, base: dict, states: int, rollouts: int) -> st
   config.loop.tensorboard = False
   config.loop.rank_states, config.loop.rank_rollouts = states, rollouts
   out = variant_dir(wd, k, "truth")
-  os.remove(os.path.join(out, "data", f"ranking_{k}.json"))
+  with contextlib.suppress(FileNotFoundError):  # the run's own in-loop set (none with loop.rank_states=0)
+    os.remove(os.path.join(out, "data", f"ranking_{k}.json"))
   run_, _ = loop.setup(config, out)
   _, policy = loop.train_pi0(run_, [])
   if k:
@@ -127,6 +135,8 @@ def refit(base: dict, wd: str, k: int, name: str, truth: str, data_path: str) ->
   config = config_dict.ConfigDict(base)
   config.loop.tensorboard = False
   config.loop.true_q_states = 0
+  # Q_k is scored on `truth` (copied into the variant's data/ below), also when the run measured no ranking
+  config.loop.rank_states = len(q_ranking.ActionSet.load(truth).where)
   for key, value in overrides.items():
     section, field = key.split(".")
     config[section][field] = value
