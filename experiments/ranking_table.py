@@ -32,12 +32,14 @@ def load(pattern: str) -> dict:
   for path in sorted(glob.glob(pattern)):
     with open(path) as f:
       d = json.load(f)
-    ceiling = None  # files written before the ceiling was measured: from their truth file, where it is here
-    if any("rank_truth_top1_ceiling" not in r for r in d["rows"]) and os.path.exists(d.get("truth", "")):
-      ceiling = q_ranking.ActionSet.load(d["truth"]).top1_ceiling()
+    ceilings = {}  # files written before the ceilings were measured: from their truth file, where it is here
+    names = ("rank_truth_top1_ceiling", "rank_truth_spearman_ceiling")
+    if any(n not in r for r in d["rows"] for n in names) and os.path.exists(d.get("truth", "")):
+      truth = q_ranking.ActionSet.load(d["truth"])
+      ceilings = dict(zip(names, (truth.top1_ceiling(), truth.spearman_ceiling())))
     for r in d["rows"]:
-      if ceiling is not None:
-        r.setdefault("rank_truth_top1_ceiling", ceiling)
+      for n, v in ceilings.items():
+        r.setdefault(n, v)
       rows[(d["domain"], d["first_data"], d["seed"], d["iteration"], r["variant"])] = r
   if not rows:
     raise errors.DataError(f"no q_ranking_ablation file matches {pattern!r}")
@@ -49,13 +51,15 @@ def on_staff_logs(first_data: str, k: int) -> bool:
 
 
 def tables(rows: dict, variant: str, variants) -> str:
-  out = ["| domain | D_0 | seed | Q_k | top-1 (chance, exact Q's) | Spearman | pairwise | gain of Q's pick (best) | "
+  out = ["| domain | D_0 | seed | Q_k | top-1 (chance, exact Q's) | Spearman (exact Q's) | pairwise | "
+         "gain of Q's pick (best) | "
          "truth reliability | states |", "|---|---|---|---|---|---|---|---|---|---|"]
   for (dom, fd, seed, k, v), r in sorted(rows.items()):
     if v == variant:
       out.append(f"| {dom} | {fd} | {seed} | Q_{k} | {r['rank_top1']:.2f} ({r['rank_top1_chance']:.2f}, "
                  f"{r.get('rank_truth_top1_ceiling', float('nan')):.2f}) | "
-                 f"{r['rank_spearman']:+.2f} | {r['rank_pairwise']:.2f} | {r['rank_pick_gain']:+.3f} "
+                 f"{r['rank_spearman']:+.2f} ({r.get('rank_truth_spearman_ceiling', float('nan')):+.2f}) | "
+                 f"{r['rank_pairwise']:.2f} | {r['rank_pick_gain']:+.3f} "
                  f"({r['rank_best_gain']:.3f}) | {r['rank_truth_reliability']:.2f} | {r['rank_states']} |")
   for title, staff in (("fitted on the staff's logs (k = 0, first_data=behavior)", True),
                        ("fitted on pi_k's own deployments", False)):

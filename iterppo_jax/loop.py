@@ -777,6 +777,7 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
   out["truth_reliability"] = action_set.reliability()
   out["truth_top1_ceiling"] = action_set.top1_ceiling()  # what the exact Q^{pi_k} would score in top-1 here
+  out["truth_spearman_ceiling"] = action_set.spearman_ceiling()  # and in within-state Spearman
   out["candidates"] = float(np.mean([len(cs) for cs in action_set.candidates]))
   return {f"rank_{n}": v for n, v in out.items()}
 

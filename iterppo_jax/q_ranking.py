@@ -145,6 +145,21 @@ class ActionSet:
       shares.append(float(np.mean(real.argmax(axis=1) == np.argmax(q[m]))))
     return float(np.mean(shares)) if shares else float("nan")
 
+  def spearman_ceiling(self, draws: int = 500, seed: int = 0) -> float:
+    """The within-state Spearman a Q-model equal to the real Q^{pi_k} could expect against this measured truth:
+    real values drawn as in top1_ceiling, correlated with the measured ones, averaged over the draws and the
+    states ranking_metrics counts (two or more candidates of different measured value). Deterministic in `seed`.
+    """
+    rng = np.random.default_rng(seed)
+    means = []
+    for q, se, m in zip(self.true_q, self.true_se, self.mask):
+      t = q[m]
+      if len(t) < 2 or np.ptp(t) == 0:
+        continue
+      real = t + rng.standard_normal((draws, len(t))) * se[m]
+      means.append(float(np.nanmean([stats.spearman(r, t) for r in real])))
+    return float(np.mean(means)) if means else float("nan")
+
   def pairs(self) -> tuple[list[str], list[str]]:
     """(prompts, actions) of every present candidate, row-major: what a Q-model scores."""
     prompts = [p for p, cs in zip(self.prompts, self.candidates) for _ in cs]

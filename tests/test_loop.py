@@ -76,6 +76,7 @@ def test_phases_checkpoints_and_metrics(full_run):
     assert "qfit/rank_pick_gain_own" in r
     # what the exact Q^{pi_k} would score in top-1 against this measured truth: a share
     assert np.isnan(r["qfit/rank_truth_top1_ceiling"]) or 0 <= r["qfit/rank_truth_top1_ceiling"] <= 1
+    assert np.isnan(r["qfit/rank_truth_spearman_ceiling"]) or -1 <= r["qfit/rank_truth_spearman_ceiling"] <= 1
     assert np.isnan(r["qfit/rank_top1"]) or r["qfit/rank_pick_gain_own"] <= r["qfit/rank_best_gain_own"] + 1e-9
   assert any("data/qfit/0/prompt_cut_share" in r for r in records)
   with open(os.path.join(workdir, "progress.json")) as f:

@@ -155,3 +155,15 @@ def test_top1_ceiling_is_what_the_exact_q_scores_against_a_noisy_truth():
   lone = q_ranking.ActionSet(true_q=q[2:], true_se=np.zeros_like(q[2:]), where=[("c", 1)], prompts=["u"],
                              candidates=[["x"]], source=[["script"]], rollouts=8)
   assert np.isnan(lone.top1_ceiling())
+
+
+def test_spearman_ceiling_is_what_the_exact_q_correlates_with_a_noisy_truth():
+  q = np.asarray([[0.0, 0.1, 0.2, 0.3], [0.3, 0.3, 0.3, 0.3]])  # the second state has nothing to rank
+  sets = dict(where=[("a", 1), ("b", 1)], prompts=["s", "t"], candidates=[["w", "x", "y", "z"]] * 2,
+              source=[["script"] * 4] * 2, rollouts=8)
+  assert q_ranking.ActionSet(true_q=q, true_se=np.zeros_like(q), **sets).spearman_ceiling() == 1.0
+  clear = q_ranking.ActionSet(true_q=q, true_se=np.full_like(q, 0.005), **sets).spearman_ceiling()
+  noisy = q_ranking.ActionSet(true_q=q, true_se=np.full_like(q, 0.2), **sets)
+  # 20 s.e. between neighbours: the order never changes; 0.5 s.e.: the exact Q's order is often another
+  assert clear == 1.0 and 0.2 < noisy.spearman_ceiling() < 0.9
+  assert noisy.spearman_ceiling(seed=1) == noisy.spearman_ceiling(seed=1)

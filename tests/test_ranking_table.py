@@ -30,8 +30,8 @@ def test_rows_per_run_and_means_over_the_sets_every_variant_has(tmp_path):
     (tmp_path / f"{name}.json").write_text(json.dumps({"domain": "sales", "first_data": first_data, "seed": 0,
                                                        "iteration": k, "rows": rows, "truth": truth}))
   text = ranking_table.tables(ranking_table.load(str(tmp_path / "*.json")), "sarsa", ["sarsa", "mc"])
-  assert "| sales | behavior | 0 | Q_2 | 0.80 (0.10, 1.00) | +0.70 |" in text
-  assert "| sales | behavior | 0 | Q_0 | 0.20 (0.10, nan) | +0.10 |" in text
+  assert "| sales | behavior | 0 | Q_2 | 0.80 (0.10, 1.00) | +0.70 (+1.00) |" in text
+  assert "| sales | behavior | 0 | Q_0 | 0.20 (0.10, nan) | +0.10 (+nan) |" in text
   staff, own = text.split("fitted on pi_k's own deployments")
   assert "| sarsa | sarsa fit | 0.20 | +0.10 |" in staff and "| mc | mc fit | 0.40 | +0.30 |" in staff
   assert "mean over 1 (run, k) sets (sales s0 Q_1)" in own  # Q_2 lacks mc
