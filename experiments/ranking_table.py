@@ -19,6 +19,8 @@ from experiments import cli
 from iterppo_jax import errors
 from iterppo_jax import q_ranking
 
+NAN = float("nan")
+
 _FILES = cli.define(flags.DEFINE_string, "files", "docs/results/ranking_precise/*.json",
                     "q_ranking_ablation --out files (they carry domain, seed and first_data).")
 _VARIANT = cli.define(flags.DEFINE_string, "variant", "table_sarsa", "The variant of the per-run table.")
@@ -52,14 +54,15 @@ def on_staff_logs(first_data: str, k: int) -> bool:
 
 def tables(rows: dict, variant: str, variants) -> str:
   out = ["| domain | D_0 | seed | Q_k | top-1 (chance, exact Q's) | Spearman (exact Q's) | pairwise | "
-         "gain of Q's pick (best) | "
-         "truth reliability | states |", "|---|---|---|---|---|---|---|---|---|---|"]
+         "clear misses (clear best) | gain of Q's pick (best) | "
+         "truth reliability | states |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for (dom, fd, seed, k, v), r in sorted(rows.items()):
     if v == variant:
       out.append(f"| {dom} | {fd} | {seed} | Q_{k} | {r['rank_top1']:.2f} ({r['rank_top1_chance']:.2f}, "
                  f"{r.get('rank_truth_top1_ceiling', float('nan')):.2f}) | "
                  f"{r['rank_spearman']:+.2f} ({r.get('rank_truth_spearman_ceiling', float('nan')):+.2f}) | "
-                 f"{r['rank_pairwise']:.2f} | {r['rank_pick_gain']:+.3f} "
+                 f"{r['rank_pairwise']:.2f} | {r.get('rank_clear_miss', NAN):.2f} ({r.get('rank_clear_best', NAN):.2f}) | "
+                 f"{r['rank_pick_gain']:+.3f} "
                  f"({r['rank_best_gain']:.3f}) | {r['rank_truth_reliability']:.2f} | {r['rank_states']} |")
   for title, staff in (("fitted on the staff's logs (k = 0, first_data=behavior)", True),
                        ("fitted on pi_k's own deployments", False)):

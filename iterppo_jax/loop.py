@@ -773,7 +773,8 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   evals = {r.id: r for r in read_logs(run.workdir, f"eval_{k}")}
   turns = [evals[cid].turns[:i] for (cid, i), cs in zip(action_set.where, action_set.candidates) for _ in cs]
   q = score(turns, prompts, actions)
-  out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask, action_set.own)
+  out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask, action_set.own,
+                                  action_set.true_se)
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
   out["truth_reliability"] = action_set.reliability()
   out["truth_top1_ceiling"] = action_set.top1_ceiling()  # what the exact Q^{pi_k} would score in top-1 here

@@ -29,7 +29,7 @@ from iterppo_jax import stats
 
 
 def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None = None,
-                    own: np.ndarray | None = None) -> dict[str, float]:
+                    own: np.ndarray | None = None, se: np.ndarray | None = None) -> dict[str, float]:
   """Within-state agreement of predicted and true action values.
 
   Args:
@@ -37,6 +37,7 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     true: [N, M] the true Q of the same candidates.
     mask: [N, M] bool, the candidates present (states may have fewer than M); default all.
     own: [N, M] bool, the candidates that are pi_k's own samples; with it, two more measures (below).
+    se: [N, M] standard errors of `true` (Monte Carlo); with them, two measures of what the noise allows (below).
   Returns:
     top1: share of states where Q_k's pick has the true best value (ties with the best count as agreement);
     top1_chance: the same for a uniformly random pick;
@@ -48,19 +49,28 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
       all candidates' mean: what replacing pi_k's action by Q_k's pick gains (the candidates' mean includes
       scripted acts no one would choose, which makes beating it easy);
     states: the states counted: those with at least two candidates of different true value.
+    clear_miss (with `se`): share of those states where Q_k's pick is below the best by more than 2 standard
+      errors of the difference: a miss the truth can tell from a tie;
+    clear_best (with `se`): share of those states whose best candidate is ahead of the second by more than 2
+      standard errors: where top-1 measures anything beyond noise.
   """
   pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
   if pred.shape != true.shape or pred.ndim != 2:
     raise ValueError(f"pred and true must both be [N, M], got {pred.shape} and {true.shape}")
   mask = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
   own_mask = np.zeros(pred.shape, bool) if own is None else np.asarray(own, bool)
+  se_all = np.zeros(pred.shape) if se is None else np.asarray(se, np.float64)
+  clear_miss, clear_best = [], []
   top1, chance, spear, pick_gain, best_gain, pick_own, best_own = [], [], [], [], [], [], []
   agree = pairs = 0.0
-  for p, t, m, o in zip(pred, true, mask, own_mask):
-    p, t, o = p[m], t[m], o[m]
+  for p, t, m, o, e in zip(pred, true, mask, own_mask, se_all):
+    p, t, o, e = p[m], t[m], o[m], e[m]
     if len(t) < 2 or np.ptp(t) == 0:  # every candidate equally good: nothing to rank (e.g. no rollout sold)
       continue
     best, picked = t.max(), t[int(np.argmax(p))]
+    first, second = np.argsort(-t, kind="stable")[:2]
+    clear_miss.append(float(best - picked > 2 * np.hypot(e[first], e[int(np.argmax(p))])))
+    clear_best.append(float(t[first] - t[second] > 2 * np.hypot(e[first], e[second])))
     top1.append(float(picked >= best))
     chance.append(float(np.mean(t >= best)))
     pick_gain.append(float(picked - t.mean()))
@@ -79,7 +89,8 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
   return {"top1": mean(top1), "top1_chance": mean(chance), "spearman": mean(spear),
           "pairwise": float(agree / pairs) if pairs else float("nan"), "pick_gain": mean(pick_gain),
           "best_gain": mean(best_gain), "states": len(top1),
-          **({"pick_gain_own": mean(pick_own), "best_gain_own": mean(best_own)} if own is not None else {})}
+          **({"pick_gain_own": mean(pick_own), "best_gain_own": mean(best_own)} if own is not None else {}),
+          **({"clear_miss": mean(clear_miss), "clear_best": mean(clear_best)} if se is not None else {})}
 
 
 @dataclasses.dataclass

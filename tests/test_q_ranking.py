@@ -80,6 +80,14 @@ def test_metrics_on_hand_made_rankings():
   assert with_own["pick_gain_own"] == pytest.approx(np.mean([0.9 - 0.1, 0.3 - 0.25]))
   assert with_own["best_gain_own"] == pytest.approx(with_own["pick_gain_own"])
   assert q_ranking.ranking_metrics(-true, true, own=own)["pick_gain_own"] == pytest.approx(np.mean([0.0, -0.15]))
+  # With the truth's standard errors (0.08 each: 0.113 for a difference): state 0's leaders are 0.4 apart, state
+  # 1's 0.1, and the reverse pick is 0.8 and 0.2 below the best: a clear best and a clear miss in state 0 only.
+  se = np.full_like(true, 0.08)
+  assert "clear_miss" not in perfect
+  noisy_reverse = q_ranking.ranking_metrics(-true, true, se=se)
+  assert noisy_reverse["clear_best"] == 0.5 and noisy_reverse["clear_miss"] == 0.5
+  assert q_ranking.ranking_metrics(true, true, se=se)["clear_miss"] == 0.0
+  assert q_ranking.ranking_metrics(-true, true, se=se * 10)["clear_miss"] == 0.0  # all within noise
 
 
 def test_true_q_of_the_action_set_matches_the_closed_form():

@@ -19,7 +19,8 @@ def _row(variant, top1, spearman):
 def test_rows_per_run_and_means_over_the_sets_every_variant_has(tmp_path):
   files = {"a": ("behavior", 0, [_row("sarsa", 0.2, 0.1), _row("mc", 0.4, 0.3)]),
            "b": ("behavior", 1, [_row("sarsa", 0.6, 0.5), _row("mc", 0.2, 0.1)]),
-           "c": ("behavior", 2, [_row("sarsa", 0.8, 0.7)])}  # no mc: left out of the comparison
+           "c": ("behavior", 2, [{**_row("sarsa", 0.8, 0.7), "rank_clear_miss": 0.1, "rank_clear_best": 0.3}])}
+  # (c has no mc: left out of the comparison)
   # c's truth is on this machine (noise-free: the exact Q would find every best); a's and b's are not.
   q = np.asarray([[0.1, 0.5, 0.2], [0.3, 0.0, 0.1]])
   (tmp_path / "truth").mkdir()
@@ -30,7 +31,8 @@ def test_rows_per_run_and_means_over_the_sets_every_variant_has(tmp_path):
     (tmp_path / f"{name}.json").write_text(json.dumps({"domain": "sales", "first_data": first_data, "seed": 0,
                                                        "iteration": k, "rows": rows, "truth": truth}))
   text = ranking_table.tables(ranking_table.load(str(tmp_path / "*.json")), "sarsa", ["sarsa", "mc"])
-  assert "| sales | behavior | 0 | Q_2 | 0.80 (0.10, 1.00) | +0.70 (+1.00) |" in text
+  assert "| sales | behavior | 0 | Q_2 | 0.80 (0.10, 1.00) | +0.70 (+1.00) | 0.60 | 0.10 (0.30) |" in text
+  assert "| sales | behavior | 0 | Q_0 | 0.20 (0.10, nan) | +0.10 (+nan) | 0.60 | nan (nan) |" in text
   assert "| sales | behavior | 0 | Q_0 | 0.20 (0.10, nan) | +0.10 (+nan) |" in text
   staff, own = text.split("fitted on pi_k's own deployments")
   assert "| sarsa | sarsa fit | 0.20 | +0.10 |" in staff and "| mc | mc fit | 0.40 | +0.30 |" in staff
