@@ -25,6 +25,7 @@ from iterppo_jax import distributed
 from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import settings
+from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.studies import report
 
 _CONFIG = cli.define_config("configs/sales.py")
@@ -57,7 +58,7 @@ def main(argv):
   s = settings.load(config)
   beside = read_beside(_BESIDE.value) if _BESIDE.value else None  # checked before any work, like the config
   distributed.initialize(s.distributed, s.cluster)  # before anything touches a device
-  loop.check_resumable(config, workdir)
+  workdir_lib.check_resumable(config, workdir)
   print(f"workdir: {os.path.abspath(workdir)}  process {jax.process_index()} of {jax.process_count()}  "
         f"devices: {jax.devices()}")
   if not _WORKDIR.value:

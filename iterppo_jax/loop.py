@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
-import json
 import os
 import re
 import shutil
@@ -58,6 +56,7 @@ from iterppo_jax import sharding
 from iterppo_jax import solvers
 from iterppo_jax import tokenizer as tok_lib
 from iterppo_jax import train_state as ts
+from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.envs import base as env_base
 from iterppo_jax.envs import registry
 from iterppo_jax.models import gguf as gguf_lib
@@ -65,31 +64,6 @@ from iterppo_jax.models import heads
 from iterppo_jax.models import hf as hf_lib
 from iterppo_jax.models import lora as lora_lib
 from iterppo_jax.models import transformer as tf
-
-
-# ---- progress bookkeeping (which phases are done) ----
-
-class Progress:
-  """workdir/progress.json: completed phases and what they produced (small JSON, written atomically).
-
-  Every process of a multi-process run keeps the same record; process 0 alone writes it (distributed.is_writer).
-  """
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "progress.json")
-    self.active = distributed.is_writer()
-    self.done: dict[str, Any] = {}
-    if os.path.exists(self.path):
-      with open(self.path) as f:
-        self.done = json.load(f)
-
-  def get(self, phase: str):
-    return self.done.get(phase)
-
-  def mark(self, phase: str, payload: Any = True) -> None:
-    self.done[phase] = payload
-    if self.active:
-      io_utils.atomic_write_json(self.path, self.done)
 
 
 # ---- building pieces from the config ----
@@ -125,52 +99,6 @@ def optimizer(section, learning_rate: float | None = None) -> Any:
       learning_rate=section.learning_rate if learning_rate is None else learning_rate,
       warmup_steps=section.warmup_steps,
       weight_decay=section.weight_decay, clip_norm=section.clip_norm, grad_accum=section.grad_accum))
-
-
-# Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
-# what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
-RESUMABLE_CHANGES = ("resume", "loop.iterations", "loop.stop_after_phase", "loop.stop_after_ppo_step",
-                     "loop.tensorboard", "export_dir", "mesh", "mesh_rules", "distributed", "cluster")
-
-
-def _flat(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
-def check_resumable(config, workdir: str) -> None:
-  """Refuses, before anything is written, to continue the run in `workdir` under other settings.
-
-  A workdir without config.json holds no run: nothing to check. With `resume` False an existing run is
-  refused outright. Otherwise every setting but RESUMABLE_CHANGES must equal the one the run began with
-  (more iterations may be asked for: the run goes on from its last completed phase).
-
-  Raises:
-    errors.WorkdirError: naming the file and each differing setting with its old and new value.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  if not config.get("resume", settings.Settings.resume):
-    raise errors.WorkdirError(f"{workdir} already holds a run ({path}) and resume is False: pick a new --workdir, or "
-                     "pass --config.resume=True to continue it")
-  try:
-    with open(path) as f:
-      saved = _flat(json.load(f))
-  except (OSError, ValueError) as e:
-    raise errors.WorkdirError(f"{path}: not a readable run config ({e}); pick a new --workdir") from e
-  now = _flat(json.loads(config.to_json_best_effort()))
-  changed = [k for k in sorted(set(saved) | set(now))
-             if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
-  if changed:
-    listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
-    raise errors.WorkdirError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
-                     "settings to continue it, or pick a new --workdir for the new ones.")
 
 
 def seed_for(config: settings.Settings, *parts: int) -> int:
@@ -215,7 +143,7 @@ class Run:
   model_cfg: tf.TransformerConfig
   mesh: Any
   writer: metrics_lib.MetricWriter
-  progress: Progress
+  progress: workdir_lib.Progress
   graphdef: Any = None
   rules: Any = sharding.DEFAULT_RULES  # logical axis -> mesh axes (config.mesh_rules over the defaults)
   local_mesh: Any = None  # multi-process runs: this process's own devices, where it plays (distributed.py)
@@ -253,7 +181,7 @@ class Run:
   def play(self, policy, n: int, seed: int, name: str) -> list[conv_lib.Conversation]:
     """Plays n conversations with `policy` in loop.play_batch batches and keeps them as data/<name>.jsonl (read
     back if this phase already wrote them; play_and_log)."""
-    return play_and_log(self.workdir, self.env, self.config.loop.play_batch, policy, n, seed, name)
+    return workdir_lib.play_and_log(self.workdir, self.env, self.config.loop.play_batch, policy, n, seed, name)
 
   def examples(self, records):
     return self.encoding.examples(records, self.config.gamma)
@@ -305,54 +233,6 @@ def load_policy(run: Run, step: int, previous):
   return ts.merged(ts.LoraParams(frozen=previous, adapters=adapters), lora)
 
 
-def read_logs(workdir: str, name: str) -> list[conv_lib.Conversation]:
-  """The conversations of dataset `name` (workdir/data/name.jsonl, or the parts name.p<i>-of-<P>.jsonl that the P
-  processes of a multi-process run wrote, read back in process order: one dataset in conversation order)."""
-  path = os.path.join(workdir, "data", f"{name}.jsonl")
-  if os.path.exists(path):
-    return conv_lib.read_jsonl(path)
-  parts = sorted(glob.glob(os.path.join(workdir, "data", glob.escape(name) + ".p*-of-*.jsonl")))
-  by_count: dict[int, dict[int, str]] = {}
-  for p in parts:
-    m = re.fullmatch(r"\.p(\d+)-of-(\d+)\.jsonl", os.path.basename(p)[len(name):])
-    if m:
-      by_count.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
-  for count, found in sorted(by_count.items()):
-    if len(found) == count:
-      return [r for i in range(count) for r in conv_lib.read_jsonl(found[i])]
-  raise FileNotFoundError(path)
-
-
-def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
-                 name: str) -> list[conv_lib.Conversation]:
-  """Plays n conversations (or reloads them if this phase already wrote them) and keeps workdir/data/name.jsonl.
-
-  In a multi-process run each process plays its block of conversation indices (distributed.shard_range) and
-  keeps it as data/name.p<i>-of-<P>.jsonl; after a barrier every process reads all blocks back as one dataset.
-  Conversations are seeded on their index (and a model samples per conversation and turn), so the dataset is
-  the one a single process plays.
-  """
-  try:  # written before, whole (also by another number of processes, in a run resumed on those)
-    records = read_logs(workdir, name)
-  except FileNotFoundError:
-    records = None
-  path = os.path.join(workdir, "data", f"{distributed.shard_name(name)}.jsonl")
-  if records is None and not os.path.exists(path):
-    start, stop = distributed.shard_range(n)
-    bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)  # noqa: E731
-    records = env.play(policy, stop - start, seed=seed, start=start, batch_size=play_batch, progress=bar)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    conv_lib.write_jsonl(path, records)
-    model = getattr(policy, "policy", policy)  # an LMPolicy, or the one inside explore.RandomisedTurn
-    note = model.truncation_note() if hasattr(model, "truncation_note") else None
-    if note:
-      print(f"warning: {name}: {note}")
-  if distributed.process_count() == 1:
-    return records
-  distributed.barrier(f"play_and_log/{name}")
-  return read_logs(workdir, name)  # every block, in process order
-
-
 # ---- phases ----
 
 def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
@@ -373,7 +253,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   os.makedirs(workdir, exist_ok=True)
   if distributed.is_writer():
     io_utils.atomic_write_text(os.path.join(workdir, "config.json"), raw.to_json_best_effort(indent=2))
-  progress = Progress(workdir)
+  progress = workdir_lib.Progress(workdir)
   # Losses must stay finite; eval statistics may be NaN (an AUC with one class in a tiny held-out set).
   writer = metrics_lib.MetricWriter(workdir, tensorboard=config.loop.tensorboard,
                                     fail_on_nonfinite=("sft/loss", "qfit/loss", "ppo/policy_loss",
@@ -383,7 +263,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   env = None if config.loop.logs else domain.make_env()
   if not config.loop.logs:
     behaviour = domain.policy("behavior")
-    logs = play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
+    logs = workdir_lib.play_and_log(workdir, env, config.loop.play_batch, behaviour, config.sft.behavior_conversations,
                         seed_for(config, 0, PHASE_IDS["behavior"]), "behavior")
   tok_dir = os.path.join(workdir, "tokenizer")
   model_dir = config.model_dir
@@ -635,7 +515,7 @@ def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
       name = f"iter_{j}" if j or c.loop.first_data == "policy" else c.loop.first_data
     if name:
       with contextlib.suppress(FileNotFoundError):  # e.g. no explore logs in a run that deployed pi_0
-        out += read_logs(run.workdir, name)
+        out += workdir_lib.read_logs(run.workdir, name)
   return out
 
 
@@ -748,7 +628,7 @@ def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet:
   path = os.path.join(run.workdir, "data", f"ranking_{k}.json")
   if os.path.exists(path):
     return q_ranking.ActionSet.load(path)
-  records = read_logs(run.workdir, f"eval_{k}")
+  records = workdir_lib.read_logs(run.workdir, f"eval_{k}")
   policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
   action_set = q_ranking.build_action_set(
       run.env, records, policy, run.domain.candidates(), n_states=c.loop.rank_states,
@@ -770,7 +650,7 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   """
   action_set = measure_action_set(run, k, policy_params)
   prompts, actions = action_set.pairs()
-  evals = {r.id: r for r in read_logs(run.workdir, f"eval_{k}")}
+  evals = {r.id: r for r in workdir_lib.read_logs(run.workdir, f"eval_{k}")}
   turns = [evals[cid].turns[:i] for (cid, i), cs in zip(action_set.where, action_set.candidates) for _ in cs]
   q = score(turns, prompts, actions)
   out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask, action_set.own,
@@ -1014,19 +894,6 @@ def timed(run_: Run, phase: str, iteration: int):
   run_.log(iteration, {f"time/{phase}": time.perf_counter() - start}, phase="time", iteration=iteration)
 
 
-def phase_seconds(workdir: str) -> dict[str, float]:
-  """Wall seconds per phase name (sft, collect, qfit, ppo, eval, ...) summed over iterations, from the run's
-  metrics.jsonl (so a resumed run counts the phases of its earlier processes too)."""
-  out: dict[str, float] = {}
-  if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILENAME)):
-    return out
-  for row in metrics_lib.read_metrics(workdir):
-    for name, value in row.items():
-      if name.startswith("time/"):
-        out[name[5:]] = out.get(name[5:], 0.0) + float(value)
-  return out
-
-
 def run(config, workdir: str) -> dict:
   """Runs (or resumes) Iterative PPO; returns the per-iteration summary written to workdir/summary.json.
 
@@ -1068,7 +935,7 @@ def _stopped(e: Exception, workdir: str, before: set[str] | None) -> Exception:
   divergence errors say which checkpoint is the last good one and that rerunning the same command resumes.
   """
   try:
-    kept = before is None or bool(Progress(workdir).done)
+    kept = before is None or bool(workdir_lib.Progress(workdir).done)
   except (OSError, ValueError):
     kept = True  # unreadable progress: remove nothing
   try:
@@ -1163,7 +1030,7 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
     ranking.append({**{n: v for n, v in q_metrics.items() if n.startswith(("rank_", "logged_"))},
                     "deployed_conversion": deployed.get("conversion", float("nan"))})
   summary = {"iterations": history, "reference": refs, "q_ranking": ranking,
-             "seconds": time.perf_counter() - start_time, "phase_seconds": phase_seconds(workdir)}
+             "seconds": time.perf_counter() - start_time, "phase_seconds": workdir_lib.phase_seconds(workdir)}
   if pretrained is not None:
     summary["pretrained"] = pretrained
   export_dir = export_policy(run_, params)

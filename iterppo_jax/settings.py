@@ -23,7 +23,7 @@ package (envs/registry.py): plain values (numbers, strings, booleans, tuples) ke
 attributes, `env.my_key`, or `env.get("my_key", default)`, as from the config section.
 
 The library reads the typed settings only (loop.Run.config); the ConfigDict is kept where it is the record of
-the run: workdir/config.json and the resume check that compares a rerun's settings with it (loop.check_resumable).
+the run: workdir/config.json and the resume check that compares a rerun's settings with it (workdir.check_resumable).
 """
 
 from __future__ import annotations

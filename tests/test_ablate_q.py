@@ -16,6 +16,7 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.envs import base as env_base
 from iterppo_jax.envs import registry
 from iterppo_jax.studies import ablate_q
@@ -40,7 +41,7 @@ def fake_run(calls):
     calls.append((workdir, config.qfit.label_flip, config.qfit.steps, config.loop.stop_after_phase))
     os.makedirs(os.path.join(workdir, "data"), exist_ok=True)
     io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    progress = loop.Progress(workdir)
+    progress = workdir_lib.Progress(workdir)
     env = registry.make_env(config.env)
 
     def evaluate(k):

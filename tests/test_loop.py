@@ -13,6 +13,7 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import workdir as workdir_lib
 
 
 def tiny_config(**loop_overrides):
@@ -120,25 +121,25 @@ def test_offline_iteration_on_user_logs(full_run, tmp_path):
 def test_rerun_with_other_settings_is_refused(tmp_path):
   workdir = str(tmp_path)
   c = tiny_config()
-  loop.check_resumable(c, workdir)  # no run there yet
+  workdir_lib.check_resumable(c, workdir)  # no run there yet
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(c.to_json_best_effort(indent=2))
-  loop.check_resumable(c, workdir)  # the same settings continue the run
+  workdir_lib.check_resumable(c, workdir)  # the same settings continue the run
   more = tiny_config(iterations=5, stop_after_phase="sft")
-  loop.check_resumable(more, workdir)  # going further is a continuation
+  workdir_lib.check_resumable(more, workdir)  # going further is a continuation
   other = tiny_config()
   other.ppo.kl_coef = 0.5
   other.qfit.method = "td"
   with pytest.raises(errors.WorkdirError, match=rf"ppo\.kl_coef: {c.ppo.kl_coef} -> 0\.5; qfit\.method: 'mc' -> 'td'"):
-    loop.check_resumable(other, workdir)
+    workdir_lib.check_resumable(other, workdir)
   fresh_only = tiny_config()
   fresh_only.resume = False
   with pytest.raises(errors.WorkdirError, match="already holds a run"):
-    loop.check_resumable(fresh_only, workdir)
+    workdir_lib.check_resumable(fresh_only, workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write('{"seed": 0,')  # a truncated file
   with pytest.raises(errors.WorkdirError, match="not a readable run config"):
-    loop.check_resumable(c, workdir)
+    workdir_lib.check_resumable(c, workdir)
 
 
 @pytest.mark.slow

@@ -28,8 +28,8 @@ import time
 import numpy as np
 import pytest
 
-from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = ["--config=configs/sales.py:tiny", "--config.loop.tensorboard=False", "--config.loop.iterations=1",
@@ -111,7 +111,7 @@ def _metrics(workdir):
 
 
 def _conversations(workdir, name):
-  return [json.dumps(r.to_json(), sort_keys=True) for r in loop.read_logs(workdir, name)]
+  return [json.dumps(r.to_json(), sort_keys=True) for r in workdir_lib.read_logs(workdir, name)]
 
 
 def assert_same_run(reference, other):
@@ -197,9 +197,9 @@ def test_the_parts_of_a_dataset_read_back_as_one(tmp_path):
   os.makedirs(tmp_path / "data")
   conv_lib.write_jsonl(str(tmp_path / "data" / "iter_0.p1-of-2.jsonl"), env.play(policy, 5, seed=3, start=5))
   with pytest.raises(FileNotFoundError):  # block 0 is missing: no dataset yet
-    loop.read_logs(str(tmp_path), "iter_0")
+    workdir_lib.read_logs(str(tmp_path), "iter_0")
   conv_lib.write_jsonl(str(tmp_path / "data" / "iter_0.p0-of-2.jsonl"), env.play(policy, 5, seed=3))
-  assert [r.to_json() for r in loop.read_logs(str(tmp_path), "iter_0")] == [r.to_json() for r in whole]
+  assert [r.to_json() for r in workdir_lib.read_logs(str(tmp_path), "iter_0")] == [r.to_json() for r in whole]
 
 
 def test_a_language_model_plays_a_conversation_the_same_in_any_batch(tmp_path):

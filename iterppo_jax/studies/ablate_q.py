@@ -37,6 +37,7 @@ from iterppo_jax import io_utils
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import settings
+from iterppo_jax import workdir as workdir_lib
 
 
 def _small_q(config) -> dict:
@@ -119,7 +120,7 @@ def variant_rows(variant: str, run_dir: str) -> list[dict]:
   """One row per finished iteration k of a run (Q_k fitted, pi_{k+1} evaluated), from the files it wrote."""
   typed = settings.parse(_read_json(os.path.join(run_dir, "config.json")))  # the run's record, as loop.run read it
   gamma, beta = typed.gamma, typed.ppo.kl_coef
-  progress = loop.Progress(run_dir).done
+  progress = workdir_lib.Progress(run_dir).done
   metrics_path = os.path.join(run_dir, metrics_lib.METRICS_FILENAME)
   records = metrics_lib.read_metrics(metrics_path) if os.path.exists(metrics_path) else []
   kl = _last_by_iteration(records, "improve/kl_to_pi_k")

@@ -1,7 +1,7 @@
 """How simulation scales with processes (issue #19): conversations per second of deploying pi_0 on P processes.
 
 Every process of a multi-process run plays its own block of an iteration's conversations on its own devices
-(loop.play_and_log, distributed.py), so the collect and evaluation phases should speed up with the number of
+(workdir.play_and_log, distributed.py), so the collect and evaluation phases should speed up with the number of
 processes until the machine's cores run out. `play_rate` measures that in the loop's own way: the run's sized
 model (a fresh init: the rate depends on sizes, not on weights) deployed as an LMPolicy on the sales simulator,
 each process its shard of `conversations` after an untimed warm-up batch that compiles the sampler's shapes.

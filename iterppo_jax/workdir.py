@@ -1,0 +1,155 @@
+"""A run's working directory: which phases are done, whether a rerun may continue the run, and its logs.
+
+  workdir/progress.json       Progress: completed phases and what they produced (written atomically)
+  workdir/config.json         check_resumable: a rerun continues only under the settings the run began with
+  workdir/data/<name>.jsonl   play_and_log / read_logs: the conversations each phase played (one part per
+                              process in a multi-process run, read back as one dataset)
+  workdir/metrics.jsonl       phase_seconds: wall time per phase, over every process that worked on the run
+
+The loop (loop.py) and the studies that reuse its phases read and write a workdir through these alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from typing import Any
+
+from iterppo_jax import conversation as conv_lib
+from iterppo_jax import distributed
+from iterppo_jax import errors
+from iterppo_jax import io_utils
+from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import settings
+
+
+class Progress:
+  """workdir/progress.json: completed phases and what they produced (small JSON, written atomically).
+
+  Every process of a multi-process run keeps the same record; process 0 alone writes it (distributed.is_writer).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "progress.json")
+    self.active = distributed.is_writer()
+    self.done: dict[str, Any] = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.done = json.load(f)
+
+  def get(self, phase: str):
+    return self.done.get(phase)
+
+  def mark(self, phase: str, payload: Any = True) -> None:
+    self.done[phase] = payload
+    if self.active:
+      io_utils.atomic_write_json(self.path, self.done)
+
+
+# Settings a rerun into the same workdir may change (check_resumable): how far the run goes, where it runs and
+# what it writes beside its results; every other setting shapes the results, so a run keeps the ones it began with.
+RESUMABLE_CHANGES = ("resume", "loop.iterations", "loop.stop_after_phase", "loop.stop_after_ppo_step",
+                     "loop.tensorboard", "export_dir", "mesh", "mesh_rules", "distributed", "cluster")
+
+
+def _flat(tree, prefix=""):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[prefix + k] = v
+  return out
+
+
+def check_resumable(config, workdir: str) -> None:
+  """Refuses, before anything is written, to continue the run in `workdir` under other settings.
+
+  A workdir without config.json holds no run: nothing to check. With `resume` False an existing run is
+  refused outright. Otherwise every setting but RESUMABLE_CHANGES must equal the one the run began with
+  (more iterations may be asked for: the run goes on from its last completed phase).
+
+  Raises:
+    errors.WorkdirError: naming the file and each differing setting with its old and new value.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  if not config.get("resume", settings.Settings.resume):
+    raise errors.WorkdirError(f"{workdir} already holds a run ({path}) and resume is False: pick a new --workdir, or "
+                     "pass --config.resume=True to continue it")
+  try:
+    with open(path) as f:
+      saved = _flat(json.load(f))
+  except (OSError, ValueError) as e:
+    raise errors.WorkdirError(f"{path}: not a readable run config ({e}); pick a new --workdir") from e
+  now = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
+  if changed:
+    listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+    raise errors.WorkdirError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
+                     "settings to continue it, or pick a new --workdir for the new ones.")
+
+
+def read_logs(workdir: str, name: str) -> list[conv_lib.Conversation]:
+  """The conversations of dataset `name` (workdir/data/name.jsonl, or the parts name.p<i>-of-<P>.jsonl that the P
+  processes of a multi-process run wrote, read back in process order: one dataset in conversation order)."""
+  path = os.path.join(workdir, "data", f"{name}.jsonl")
+  if os.path.exists(path):
+    return conv_lib.read_jsonl(path)
+  parts = sorted(glob.glob(os.path.join(workdir, "data", glob.escape(name) + ".p*-of-*.jsonl")))
+  by_count: dict[int, dict[int, str]] = {}
+  for p in parts:
+    m = re.fullmatch(r"\.p(\d+)-of-(\d+)\.jsonl", os.path.basename(p)[len(name):])
+    if m:
+      by_count.setdefault(int(m.group(2)), {})[int(m.group(1))] = p
+  for count, found in sorted(by_count.items()):
+    if len(found) == count:
+      return [r for i in range(count) for r in conv_lib.read_jsonl(found[i])]
+  raise FileNotFoundError(path)
+
+
+def play_and_log(workdir: str, env, play_batch: int, policy, n: int, seed: int,
+                 name: str) -> list[conv_lib.Conversation]:
+  """Plays n conversations (or reloads them if this phase already wrote them) and keeps workdir/data/name.jsonl.
+
+  In a multi-process run each process plays its block of conversation indices (distributed.shard_range) and
+  keeps it as data/name.p<i>-of-<P>.jsonl; after a barrier every process reads all blocks back as one dataset.
+  Conversations are seeded on their index (and a model samples per conversation and turn), so the dataset is
+  the one a single process plays.
+  """
+  try:  # written before, whole (also by another number of processes, in a run resumed on those)
+    records = read_logs(workdir, name)
+  except FileNotFoundError:
+    records = None
+  path = os.path.join(workdir, "data", f"{distributed.shard_name(name)}.jsonl")
+  if records is None and not os.path.exists(path):
+    start, stop = distributed.shard_range(n)
+    bar = lambda starts: metrics_lib.progress(starts, total=len(starts), desc=name)  # noqa: E731
+    records = env.play(policy, stop - start, seed=seed, start=start, batch_size=play_batch, progress=bar)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    conv_lib.write_jsonl(path, records)
+    model = getattr(policy, "policy", policy)  # an LMPolicy, or the one inside explore.RandomisedTurn
+    note = model.truncation_note() if hasattr(model, "truncation_note") else None
+    if note:
+      print(f"warning: {name}: {note}")
+  if distributed.process_count() == 1:
+    return records
+  distributed.barrier(f"play_and_log/{name}")
+  return read_logs(workdir, name)  # every block, in process order
+
+
+def phase_seconds(workdir: str) -> dict[str, float]:
+  """Wall seconds per phase name (sft, collect, qfit, ppo, eval, ...) summed over iterations, from the run's
+  metrics.jsonl (so a resumed run counts the phases of its earlier processes too)."""
+  out: dict[str, float] = {}
+  if not os.path.exists(os.path.join(workdir, metrics_lib.METRICS_FILENAME)):
+    return out
+  for row in metrics_lib.read_metrics(workdir):
+    for name, value in row.items():
+      if name.startswith("time/"):
+        out[name[5:]] = out.get(name[5:], 0.0) + float(value)
+  return out
