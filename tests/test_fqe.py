@@ -12,7 +12,7 @@ What is checked, and why it could fail:
     estimate_q, 32 rollouts) on held-out logged (state, action) pairs better than Monte Carlo regression on the
     same logs, which estimates the explorer's Q instead. Both fits use the same tabular-like bag-of-tokens Q-model
     (experiments/q_eval.py: a transformer from scratch is too slow to fit here in 90 s) and the same steps.
-  * experiments/q_eval.compare runs end to end at a tiny size.
+  * studies/q_eval.compare (experiments/q_eval.py) runs end to end at a tiny size.
 
 Numbers seen (2-core CPU, direct business user, 1,000 exploratory conversations, 1,000 steps, seeds 0 / 1 / 2):
 MAE against true Q^pi: MC 0.228 / 0.227 / 0.230, FQE 0.195 / 0.200 / 0.171; mean bias MC -0.14 / -0.16 / -0.15,
@@ -29,7 +29,6 @@ import pytest
 from flax import nnx
 
 from configs import sales as sales_config
-from experiments import q_eval
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
 from iterppo_jax import loop
@@ -42,6 +41,7 @@ from iterppo_jax import train_state as ts
 from iterppo_jax.envs import base
 from iterppo_jax.envs import sales
 from iterppo_jax.models import transformer as tf
+from iterppo_jax.studies import q_eval
 
 GAMMA = 0.95
 
