@@ -1,8 +1,8 @@
-"""experiments.q_representation_probe: the frozen-feature Q heads and the linear probe."""
+"""studies/q_representation_probe.py (experiments.q_representation_probe): the frozen-feature Q heads and the linear probe."""
 
 import numpy as np
 
-from experiments import q_representation_probe as probe
+from iterppo_jax.studies import q_representation_probe as probe
 
 
 def _chain_data(n=3000, seed=0):
