@@ -148,6 +148,17 @@ def _clock():
   return time.perf_counter(), time.process_time()
 
 
+def _timed_step(step, state, batch, iterations: int):
+  """_timed of a jitted `step(state, batch) -> (state, metrics)` whose state is donated: each call takes the state
+  the last one returned. Returns (_timed's result, the final state)."""
+  holder = {"state": state}
+
+  def once():
+    holder["state"], metrics = step(holder["state"], batch)
+    jax.block_until_ready(metrics)
+  return _timed(once, iterations), holder["state"]
+
+
 def _timed(fn, iterations):
   """(first call s, mean wall s, mean process CPU s) of fn, the means over the `iterations` calls after the first.
 
@@ -244,28 +255,17 @@ def run_benchmark(config: Settings) -> list[dict]:
 
     # ---- SFT and Q-fit steps ----
     sft_batch = ts.device_batch({k: sequence[k] for k in ("tokens", "positions", "valid", "loss_mask")}, mesh)
-    holder = {"state": policy_state}
-
-    def sft_once(step=sft.make_sft_step(policy)):
-      holder["state"], metrics = step(holder["state"], sft_batch)
-      jax.block_until_ready(metrics)
     if "sft" in pieces:
-      rows.append(_row("sft step", *_timed(sft_once, config.iterations), B * L, train(B * L), peak,
-                       traffic["train"], bandwidth))
-    policy_state = holder.pop("state")
+      timing, policy_state = _timed_step(sft.make_sft_step(policy), policy_state, sft_batch, config.iterations)
+      rows.append(_row("sft step", *timing, B * L, train(B * L), peak, traffic["train"], bandwidth))
 
     q_tr, q_state = ts.init_trainable(make_scalar, tx(), mesh, lora=scalar_lora)
     q_batch = ts.device_batch({k: sequence[k] for k in ("tokens", "positions", "valid", "last_index", "target")},
                               mesh)
-    holder["state"] = q_state
-
-    def qfit_once(step=qfit.make_qfit_step(q_tr)):
-      holder["state"], metrics = step(holder["state"], q_batch)
-      jax.block_until_ready(metrics)
     if "qfit" in pieces:
-      rows.append(_row("qfit step", *_timed(qfit_once, config.iterations), B * L, train(B * L), peak,
-                       traffic["train"], bandwidth))
-    q_params = holder.pop("state").params
+      timing, q_state = _timed_step(qfit.make_qfit_step(q_tr), q_state, q_batch, config.iterations)
+      rows.append(_row("qfit step", *timing, B * L, train(B * L), peak, traffic["train"], bandwidth))
+    q_params = q_state.params
 
     if "ppo" not in pieces:
       return rows
