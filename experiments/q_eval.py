@@ -1,25 +1,10 @@
-r"""Q from exploratory logs: on-policy Monte Carlo vs Monte Carlo and FQE on an exploratory policy's logs.
-
-For a policy pi, Q^pi is estimated three ways (PAPER.md step 2: "if the logs come from an exploratory behaviour
-policy, an off-policy evaluation is needed"):
-  mc_on_policy  Monte Carlo regression on pi's own logs (what the loop does for k >= 1);
-  mc_explore    Monte Carlo regression on the exploratory policy's logs: it estimates the explorer's Q, not pi's;
-  fqe_explore   fitted Q evaluation (qfit method 'fqe') on the same exploratory logs, with next actions sampled
-                from pi at every logged next state.
-Each is compared with the simulator's true Q^pi (SalesEnv.restore + estimate_q: send the logged action, then
-follow pi) on the same held-out (state, action) pairs, one random decision per conversation, taken from fresh
-exploratory logs ('explore' pairs) and from fresh logs of pi ('policy' pairs): MAE, Pearson correlation, the
-mean bias, and AUC (how well Q ranks the pairs whose true Q is above its median over the others). Prints a table
-and writes one JSON line per (method, pairs) to --out.
+r"""Q from exploratory logs: on-policy Monte Carlo vs Monte Carlo and FQE on an exploratory policy's logs, against
+the simulator's true Q^pi. What is compared and how: iterppo_jax/studies/q_eval.py.
 
   python -m experiments.q_eval --out=/tmp/q_eval.jsonl        # pi = the noisy oracle (scripted); ~1.5 min, 2 CPU cores
   python -m experiments.q_eval --config.env.business_user=direct --out=/tmp/q_eval_direct.jsonl
   python -m experiments.q_eval --policy=checkpoint --workdir=runs/iterative_ppo_<time> --q_model=transformer \
       --out=/tmp/q_eval_pi0.jsonl      # pi = pi_0 of a loop run (same --config as the run; our role tags only)
-
-The Q-model is either a bag-of-tokens model (`BagOfTokensQ`, --q_model=bag: seconds on a CPU, so many FQE
-iterations fit) or the config's transformer (--q_model=transformer; warm-started from pi_0's trunk for a
-checkpoint policy, as the loop does).
 """
 
 import json

@@ -68,9 +68,10 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     if len(t) < 2 or np.ptp(t) == 0:  # every candidate equally good: nothing to rank (e.g. no rollout sold)
       continue
     best, picked = t.max(), t[int(np.argmax(p))]
-    first, second = np.argsort(-t, kind="stable")[:2]
-    clear_miss.append(float(best - picked > 2 * np.hypot(e[first], e[int(np.argmax(p))])))
-    clear_best.append(float(t[first] - t[second] > 2 * np.hypot(e[first], e[second])))
+    if se is not None:
+      first, second = np.argsort(-t, kind="stable")[:2]
+      clear_miss.append(float(best - picked > 2 * np.hypot(e[first], e[int(np.argmax(p))])))
+      clear_best.append(float(t[first] - t[second] > 2 * np.hypot(e[first], e[second])))
     top1.append(float(picked >= best))
     chance.append(float(np.mean(t >= best)))
     pick_gain.append(float(picked - t.mean()))

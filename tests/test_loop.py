@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
 from iterppo_jax import workdir as workdir_lib
+from iterppo_jax.studies import q_ranking_ablation as ablation
 
 
 def tiny_config(**loop_overrides):
@@ -207,8 +209,6 @@ def test_ranking_counts_are_checked_before_any_work(tmp_path, key, value):
 def test_ranking_ablation_scores_a_run_that_measured_no_ranking(full_run, tmp_path):
   """experiments.q_ranking_ablation on a run made with loop.rank_states=0: the precise truth is measured in its
   own directory and every variant's Q_k is scored on it (the refit turns the ranking on for that set)."""
-  import shutil
-  from iterppo_jax.studies import q_ranking_ablation as ablation
   workdir = str(tmp_path / "run")
   shutil.copytree(full_run[0], workdir)
   os.remove(os.path.join(workdir, "data", "ranking_0.json"))

@@ -1,4 +1,4 @@
-r"""Q from exploratory logs (experiments/q_eval.py is its command line): on-policy Monte Carlo vs Monte Carlo and FQE on an exploratory policy's logs.
+r"""Q from exploratory logs: on-policy Monte Carlo vs Monte Carlo and FQE on an exploratory policy's logs.
 
 For a policy pi, Q^pi is estimated three ways (PAPER.md step 2: "if the logs come from an exploratory behaviour
 policy, an off-policy evaluation is needed"):
@@ -9,13 +9,8 @@ policy, an off-policy evaluation is needed"):
 Each is compared with the simulator's true Q^pi (SalesEnv.restore + estimate_q: send the logged action, then
 follow pi) on the same held-out (state, action) pairs, one random decision per conversation, taken from fresh
 exploratory logs ('explore' pairs) and from fresh logs of pi ('policy' pairs): MAE, Pearson correlation, the
-mean bias, and AUC (how well Q ranks the pairs whose true Q is above its median over the others). Prints a table
-and writes one JSON line per (method, pairs) to --out.
-
-  python -m experiments.q_eval --out=/tmp/q_eval.jsonl        # pi = the noisy oracle (scripted); ~1.5 min, 2 CPU cores
-  python -m experiments.q_eval --config.env.business_user=direct --out=/tmp/q_eval_direct.jsonl
-  python -m experiments.q_eval --policy=checkpoint --workdir=runs/iterative_ppo_<time> --q_model=transformer \
-      --out=/tmp/q_eval_pi0.jsonl      # pi = pi_0 of a loop run (same --config as the run; our role tags only)
+mean bias, and AUC (how well Q ranks the pairs whose true Q is above its median over the others). The command
+line (experiments/q_eval.py) prints a table and writes one JSON line per (method, pairs) to --out.
 
 The Q-model is either a bag-of-tokens model (`BagOfTokensQ`, --q_model=bag: seconds on a CPU, so many FQE
 iterations fit) or the config's transformer (--q_model=transformer; warm-started from pi_0's trunk for a

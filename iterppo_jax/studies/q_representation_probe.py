@@ -1,6 +1,5 @@
 r"""Is it the estimator or the view of the state? A Q head on frozen features, against the true Q (sales).
-
-  python -m experiments.q_representation_probe --workdir=RUN [--iteration=0] [--logs=PATH] [--truth=PATH]
+(Command line: experiments/q_representation_probe.py.)
 
 A Q-model must (a) see in its input what decides the right act at a state and (b) be fitted by an estimator
 whose targets hold the ranking. This probe separates the two. It fits a small MLP head Q(x) = sigmoid(f(x)) on
