@@ -31,10 +31,6 @@ from iterppo_jax.studies import benchmark
 
 STEPS = ("phases", "scaling", "largest")
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Issue #7's peers, seconds per PPO iteration, one run each (ppo_0p5b on one H100 80GB, ppo_tiny on a 2-core CPU).
-PEERS = {"ppo_0p5b": {"google-tunix 0.1.7": 2.14, "TRL 0.29.1": 7.47},
-         "ppo_tiny": {"google-tunix 0.1.7": 1.81, "TRL 0.29.1": 1.39}}
-TARGET_S = 0.5  # issue #7's target for both workloads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,69 +137,6 @@ def run_step(config, step: str) -> dict:
     return json.load(f)
 
 
-def _percent(x) -> str:
-  return f"{100 * x:.1f}%" if x else "-"
-
-
-def _gib(n) -> str:
-  return f"{n / 2**30:.1f}" if n else "-"
-
-
-def _cell_rows(cells: list[dict]) -> list[str]:
-  """Markdown rows of a sweep: one per cell, its iteration split into generation and scoring + update."""
-  lines = []
-  for c in cells:
-    rows = {r["name"]: r for r in c.get("rows", [])}
-    label = f"| {c['workload']} | {c['prompts']} | {c['new_tokens']} |"
-    if c.get("error") or "ppo generation" not in rows:
-      lines.append(f"{label} - | - | - | - | {_gib(c.get('peak_bytes'))} | failed: {c.get('error', '')} |")
-      continue
-    gen, rest, iteration = benchmark.iteration_parts(rows)
-    lines.append(f"{label} {gen:.1f} ({gen / c['new_tokens']:.2f} per token) | {rest:.1f} | {iteration['ms']:.1f} | "
-                 f"{_percent(iteration['mfu'])} | {_gib(c.get('peak_bytes'))} | ok |")
-  return lines
-
-
-def report(out: str, workload: str = "ppo_0p5b") -> str:
-  """suite.md: the tables of every step whose JSON is in `out`, headed by the machine and date they came from."""
-  results = {}
-  for step in STEPS:
-    path = os.path.join(out, f"{step}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        results[step] = json.load(f)
-  if not results:
-    raise FileNotFoundError(f"no step results ({', '.join(s + '.json' for s in STEPS)}) in {out!r}")
-  lines = []
-  for step, result in results.items():
-    m = result.get("machine")
-    if m:
-      lines.append(f"- {step}: measured {m['date']} on {m['device_count']} x {m['device_kind']} ({m['platform']}, "
-                   f"{m['cpu_count']} CPU cores, jax {m['jax']})")
-    else:
-      lines.append(f"- {step}: failed: {result.get('error', 'no machine recorded')}")
-  phases = results.get("phases", {})
-  if phases.get("rows"):
-    lines += ["", phases["title"], "", "| piece | ms | tokens/s | MFU | HBM share |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {_percent(r['mfu'])} | {_percent(r['hbm'])} |"
-              for r in phases["rows"]]
-    lines += ["", f"Peak device memory: {_gib(phases.get('peak_bytes'))} GiB."]
-    rows = {r["name"]: r for r in phases["rows"]}
-    if "ppo generation" in rows:
-      _, _, iteration = benchmark.iteration_parts(rows)
-      peers = ", ".join(f"{name} {s:.2f} s" for name, s in PEERS.get(workload, {}).items())
-      lines += ["", f"One PPO iteration: **{iteration['ms'] / 1e3:.3f} s** (issue #7's target {TARGET_S} s"
-                    + (f"; peers: {peers}" if peers else "") + ")."]
-  for step, title in (("scaling", "How cost grows (one PPO iteration per cell)"),
-                      ("largest", "The largest Llama shape whose whole iteration runs")):
-    cells = results.get(step, {}).get("cells")
-    if cells:
-      lines += ["", f"{title}:", "", "| workload | prompts | new tokens | generation ms | scoring + update ms | "
-                "iteration ms | iteration MFU | peak GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
-      lines += _cell_rows(cells)
-  return "\n".join(lines) + "\n"
-
-
 def main(argv):
   del argv
   config = load(flags.FLAGS.config)
@@ -219,7 +152,7 @@ def main(argv):
 
 def write_report(config) -> str:
   """Writes `<out>/suite.md` from the steps' JSON in `out` and returns its text."""
-  text = report(config.out, config.workload)
+  text = benchmark.suite_report(config.out, STEPS, config.workload)
   with open(os.path.join(config.out, "suite.md"), "w") as f:
     f.write(text)
   return text

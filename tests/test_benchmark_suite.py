@@ -67,14 +67,14 @@ def test_report_prefers_the_fused_iteration_and_keeps_failures(tmp_path):
   (tmp_path / "phases.json").write_text(json.dumps(phases))
   (tmp_path / "scaling.json").write_text(json.dumps({"machine": machine, "cells": cells}))
   (tmp_path / "largest.json").write_text(json.dumps({"error": "timed out after 510 s"}))
-  report = benchmark_suite.report(str(tmp_path))
+  report = benchmark.suite_report(str(tmp_path), benchmark_suite.STEPS)
   assert "measured 2026-12-01 on 1 x NVIDIA H200" in report
   assert "**0.250 s**" in report and "google-tunix 0.1.7 2.14 s" in report  # the fused iteration, with the peers
   assert "Peak device memory: 3.0 GiB" in report
   assert "| 200.0 (1.56 per token) | 200.0 | 200.0 | 25.0% | 1.0 | ok |" in report
   assert "failed: timed out after 150 s" in report and "- largest: failed: timed out after 510 s" in report
   with pytest.raises(FileNotFoundError, match="no step results"):
-    benchmark_suite.report(str(tmp_path / "empty"))
+    benchmark.suite_report(str(tmp_path / "empty"), benchmark_suite.STEPS)
 
 
 def test_a_cell_past_its_time_limit_is_a_row():

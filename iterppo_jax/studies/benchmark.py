@@ -3,12 +3,14 @@
 The command line is experiments/benchmark.py, whose docstring says what every row and column measures; it
 reads configs/benchmark.py once into typed, checked `Settings` (`load`), sets XLA_FLAGS before run_benchmark
 first touches a device, and runs a sweep's cells each in a process of its own.
-experiments/benchmark_suite.py reads back the JSON that runs write (iteration_parts, failure_line).
+experiments/benchmark_suite.py reads back the JSON that runs write (iteration_parts, failure_line) and makes its
+report with `suite_report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -423,3 +425,75 @@ def machine() -> dict:
   return {"device_kind": device.device_kind, "platform": device.platform, "device_count": jax.device_count(),
           "cpu_count": os.cpu_count(), "jax": jax.__version__,
           "date": time.strftime("%Y-%m-%d", time.gmtime())}
+
+
+# ---- experiments/benchmark_suite.py's report, from the JSON its steps wrote ----
+
+# Issue #7's peers, seconds per PPO iteration, one run each (ppo_0p5b on one H100 80GB, ppo_tiny on a 2-core CPU).
+PEERS = {"ppo_0p5b": {"google-tunix 0.1.7": 2.14, "TRL 0.29.1": 7.47},
+         "ppo_tiny": {"google-tunix 0.1.7": 1.81, "TRL 0.29.1": 1.39}}
+TARGET_S = 0.5  # issue #7's target for both workloads
+
+
+def _percent(x) -> str:
+  return f"{100 * x:.1f}%" if x else "-"
+
+
+def _gib(n) -> str:
+  return f"{n / 2**30:.1f}" if n else "-"
+
+
+def _cell_rows(cells: list[dict]) -> list[str]:
+  """Markdown rows of a sweep: one per cell, its iteration split into generation and scoring + update."""
+  lines = []
+  for c in cells:
+    rows = {r["name"]: r for r in c.get("rows", [])}
+    label = f"| {c['workload']} | {c['prompts']} | {c['new_tokens']} |"
+    if c.get("error") or "ppo generation" not in rows:
+      lines.append(f"{label} - | - | - | - | {_gib(c.get('peak_bytes'))} | failed: {c.get('error', '')} |")
+      continue
+    gen, rest, iteration = iteration_parts(rows)
+    lines.append(f"{label} {gen:.1f} ({gen / c['new_tokens']:.2f} per token) | {rest:.1f} | {iteration['ms']:.1f} | "
+                 f"{_percent(iteration['mfu'])} | {_gib(c.get('peak_bytes'))} | ok |")
+  return lines
+
+
+def suite_report(out: str, steps: tuple[str, ...], workload: str = "ppo_0p5b") -> str:
+  """experiments/benchmark_suite.py's suite.md: the tables of every step (of `steps`) whose JSON is in `out`,
+  headed by the machine and date they came from."""
+  results = {}
+  for step in steps:
+    path = os.path.join(out, f"{step}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        results[step] = json.load(f)
+  if not results:
+    raise FileNotFoundError(f"no step results ({', '.join(s + '.json' for s in steps)}) in {out!r}")
+  lines = []
+  for step, result in results.items():
+    m = result.get("machine")
+    if m:
+      lines.append(f"- {step}: measured {m['date']} on {m['device_count']} x {m['device_kind']} ({m['platform']}, "
+                   f"{m['cpu_count']} CPU cores, jax {m['jax']})")
+    else:
+      lines.append(f"- {step}: failed: {result.get('error', 'no machine recorded')}")
+  phases = results.get("phases", {})
+  if phases.get("rows"):
+    lines += ["", phases["title"], "", "| piece | ms | tokens/s | MFU | HBM share |", "|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:.0f} | {_percent(r['mfu'])} | {_percent(r['hbm'])} |"
+              for r in phases["rows"]]
+    lines += ["", f"Peak device memory: {_gib(phases.get('peak_bytes'))} GiB."]
+    rows = {r["name"]: r for r in phases["rows"]}
+    if "ppo generation" in rows:
+      _, _, iteration = iteration_parts(rows)
+      peers = ", ".join(f"{name} {s:.2f} s" for name, s in PEERS.get(workload, {}).items())
+      lines += ["", f"One PPO iteration: **{iteration['ms'] / 1e3:.3f} s** (issue #7's target {TARGET_S} s"
+                    + (f"; peers: {peers}" if peers else "") + ")."]
+  for step, title in (("scaling", "How cost grows (one PPO iteration per cell)"),
+                      ("largest", "The largest Llama shape whose whole iteration runs")):
+    cells = results.get(step, {}).get("cells")
+    if cells:
+      lines += ["", f"{title}:", "", "| workload | prompts | new tokens | generation ms | scoring + update ms | "
+                "iteration ms | iteration MFU | peak GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
+      lines += _cell_rows(cells)
+  return "\n".join(lines) + "\n"
