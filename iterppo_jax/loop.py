@@ -400,11 +400,7 @@ def fit_q(run: Run, k: int, records, policy_params):
   done = run.progress.get(f"qfit/{k}")
   if done:
     return trainable, restore_trained(run, "qmodel", k, state.params), done
-  # Issue #10: degrade what the Q-fit sees on purpose (flipped outcome labels, fewer conversations); by default
-  # (label_flip 0, data_fraction 1) the records pass through unchanged.
-  records = label_noise.qfit_records(records, label_flip=q_cfg.label_flip,
-                                     data_fraction=q_cfg.data_fraction,
-                                     seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
+  records = _qfit_records(run, k, records)
   examples = run.examples(records)
   arrays = run.arrays(examples)
   note_truncation(run, arrays, f"qfit/{k}", k)
@@ -541,9 +537,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   done = run.progress.get(f"qfit/{k}")
   if done and os.path.exists(path):
     return q_table.TableQ.load(path, state_fn, act_fn), None, done
-  records = label_noise.qfit_records(records, label_flip=q_cfg.label_flip,
-                                     data_fraction=q_cfg.data_fraction,
-                                     seed=seed_for(c, k, PHASE_IDS["qfit"], 3))
+  records = _qfit_records(run, k, records)
   examples = run.examples(records)
   # SARSA of pi_k bootstraps from pi_k's own next act: on logs pi_k made, the logged one; on logs of another
   # policy (D_0 from the staff or the explore policy, qfit.method=fqe, the older logs of qfit.pool), pi_k's
@@ -589,6 +583,14 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   distributed.barrier(f"qtable/{k}")
   run.progress.mark(f"qfit/{k}", metrics)
   return table, None, metrics
+
+
+def _qfit_records(run: Run, k: int, records):
+  """D_k as both Q-model views see it. Issue #10 degrades it on purpose (qfit.label_flip flips outcome labels,
+  qfit.data_fraction keeps a share of the conversations); by default the records pass through unchanged."""
+  q_cfg = run.config.qfit
+  return label_noise.qfit_records(records, label_flip=q_cfg.label_flip, data_fraction=q_cfg.data_fraction,
+                                  seed=seed_for(run.config, k, PHASE_IDS["qfit"], 3))
 
 
 def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
