@@ -78,8 +78,21 @@ def make_encoding(config: settings.Settings, tokenizer, renderer=rendering.TAGS)
 
 
 def model_config(config: settings.Settings, encoding: data_lib.Encoding) -> tf.TransformerConfig:
-  """The policy's shape (model.*): its vocabulary the tokenizer's, its context a (prompt, action) row."""
+  """The policy's shape: model.*, or with model_dir the pretrained model's own (model.dtype, param_dtype and
+  remat still ours), its vocabulary grown to the tokenizer's; its context a (prompt, action) row."""
   m = config.model
+  if config.model_dir:
+    if _is_gguf(config.model_dir):
+      hf_cfg = gguf_lib.config_from_gguf(config.model_dir, dtype=m.dtype, param_dtype=m.param_dtype)
+    else:
+      hf_cfg = hf_lib.config_from_hf(hf_lib.read_config(config.model_dir), dtype=m.dtype, param_dtype=m.param_dtype)
+    model_cfg = dataclasses.replace(hf_cfg, vocab_size=max(hf_cfg.vocab_size, encoding.tokenizer.vocab_size),
+                                    remat=m.remat)
+    if encoding.max_len > model_cfg.max_len:  # positions past the model's context would read outside its tables
+      raise errors.SettingsError(
+          f"config.data.max_prompt_len + data.max_action_len = {encoding.max_len} tokens exceeds the context of "
+          f"{config.model_dir} ({model_cfg.max_len} tokens); lower them to fit")
+    return model_cfg
   return tf.TransformerConfig(
       vocab_size=encoding.tokenizer.vocab_size, num_layers=m.num_layers, embed_dim=m.embed_dim, mlp_dim=m.mlp_dim,
       num_heads=m.num_heads, num_kv_heads=m.num_kv_heads, head_dim=m.head_dim, max_len=encoding.max_len, style=m.style,
@@ -286,20 +299,7 @@ def setup(config, workdir: str) -> tuple[Run, list[conv_lib.Conversation]]:
   renderer = (rendering.chat(tokenizer.hf, config.data.system_prompt) if config.data.chat_template
               else rendering.TAGS)
   encoding = make_encoding(config, tokenizer, renderer)
-  if model_dir:
-    if _is_gguf(model_dir):
-      hf_cfg = gguf_lib.config_from_gguf(model_dir, dtype=config.model.dtype, param_dtype=config.model.param_dtype)
-    else:
-      hf_cfg = hf_lib.config_from_hf(hf_lib.read_config(model_dir), dtype=config.model.dtype,
-                                     param_dtype=config.model.param_dtype)
-    model_cfg = dataclasses.replace(hf_cfg, vocab_size=max(hf_cfg.vocab_size, tokenizer.vocab_size),
-                                    remat=config.model.remat)
-    if encoding.max_len > model_cfg.max_len:  # positions past the model's context would read outside its tables
-      raise errors.SettingsError(
-          f"config.data.max_prompt_len + data.max_action_len = {encoding.max_len} tokens exceeds the context of "
-          f"{model_dir} ({model_cfg.max_len} tokens); lower them to fit")
-  else:
-    model_cfg = model_config(config, encoding)
+  model_cfg = model_config(config, encoding)
   run = Run(config, workdir, domain, env, encoding, model_cfg, mesh, writer, progress,
             rules=sharding.rules_from_config(config.mesh_rules),
             local_mesh=distributed.local_mesh() if distributed.process_count() > 1 else None)
@@ -314,9 +314,9 @@ def _is_gguf(model_dir: str) -> bool:
 def load_pretrained(run: Run):
   """The parameters of config.model_dir (a GGUF file or a Hugging Face directory), with the vocabulary grown to
   the run's tokenizer (our role and turn tokens)."""
-  c = run.config
-  load = gguf_lib.load_gguf if _is_gguf(c.model_dir) else hf_lib.load_pretrained
-  hf_cfg, params = load(c.model_dir, mesh=run.mesh, dtype=c.model.dtype, param_dtype=c.model.param_dtype)
+  model_dir, m = run.config.model_dir, run.model_cfg
+  load = gguf_lib.load_gguf if _is_gguf(model_dir) else hf_lib.load_pretrained
+  hf_cfg, params = load(model_dir, mesh=run.mesh, dtype=m.dtype, param_dtype=m.param_dtype)
   if run.model_cfg.vocab_size > hf_cfg.vocab_size:
     _, params = hf_lib.resize_vocab(hf_cfg, params, run.model_cfg.vocab_size, mesh=run.mesh)
   return params
