@@ -436,7 +436,7 @@ def fit_q(run: Run, k: int, records, policy_params):
                               target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
                               desc=f"qfit/{k}", next_actions=next_actions, own_next=own_next)
     if every:
-      score = _logged_ranking(run, _token_scorer(run, predict_fn, state.params), records,
+      score = _logged_ranking(run, _token_scorer(run, predict_fn, state.params, q_cfg.batch_size), records,
                               held_explored)["logged_adv_corr"]
       done = sum(chunks[:i + 1])
       run.log(done, {"qfit/select_adv_corr": score}, phase=f"qfit/{k}", iteration=k)
@@ -451,7 +451,7 @@ def fit_q(run: Run, k: int, records, policy_params):
   metrics["train_examples"] = int(train_rows.sum())
   if best is not None:
     metrics["selected_step"] = best[1]
-  _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params), records, examples, held, q,
+  _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params, q_cfg.batch_size), records, examples, held, q,
                  policy_params)
   save_trained(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
   run.progress.mark(f"qfit/{k}", metrics)
@@ -475,12 +475,12 @@ def _q_diagnostics(run: Run, k: int, metrics: dict, score, records, examples, he
   run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
 
 
-def _token_scorer(run: Run, predict_fn, q_params):
+def _token_scorer(run: Run, predict_fn, q_params, batch_size: int):
   """score(turns, prompts, actions) -> Q per pair for the token Q-model (reads the rendered prompts)."""
   def score(turns, prompts, actions):
     del turns
     arrays = run.encoding.pairs(prompts, actions)
-    return qfit_lib.predict(predict_fn, q_params, arrays, run.config.qfit.batch_size, run.mesh)
+    return qfit_lib.predict(predict_fn, q_params, arrays, batch_size, run.mesh)
 
   return score
 
@@ -515,12 +515,18 @@ def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
   return out
 
 
-def _own_samples(run: Run, k: int, policy_params, examples, salt: int) -> list[list[str]]:
-  """qfit.fqe_samples suggestions of pi_k (as deployed) at each example's state, for SARSA on another's logs."""
+def _pi_k_samples(run: Run, k: int, policy_params, prompts, salt: int) -> tuple[dict, list[list[str]]]:
+  """qfit.fqe_samples suggestions of pi_k (as deployed) at each prompt: the encoded (prompt, suggestion) pairs,
+  prompt-major, and the texts per prompt."""
   m = run.config.qfit.fqe_samples
-  _, texts = run.sample_deployed(policy_params, [e.prompt for e in examples], m,
-                                 jax.random.key(seed_for(run.config, k, PHASE_IDS["qfit"], salt)))
-  return [texts[i * m:(i + 1) * m] for i in range(len(examples))]
+  pairs, texts = run.sample_deployed(policy_params, prompts, m,
+                                     jax.random.key(seed_for(run.config, k, PHASE_IDS["qfit"], salt)))
+  return pairs, [texts[i * m:(i + 1) * m] for i in range(len(prompts))]
+
+
+def _own_samples(run: Run, k: int, policy_params, examples, salt: int) -> list[list[str]]:
+  """pi_k's suggestions at each example's state, for SARSA on another's logs (_pi_k_samples)."""
+  return _pi_k_samples(run, k, policy_params, [e.prompt for e in examples], salt)[1]
 
 
 def fit_q_table(run: Run, k: int, records, policy_params):
@@ -671,11 +677,7 @@ def _fqe_next_actions(run: Run, k: int, policy_params, examples, next_index: np.
   `examples` and `next_index` are the training rows; the pairs follow qfit.fqe_bootstrap_targets' layout.
   pi_k is sampled as it is deployed (loop.deploy_temperature), play_batch rows per compiled sampler call.
   """
-  c = run.config
-  prompts = [examples[j].prompt for j in next_index if j >= 0]
-  pairs, _ = run.sample_deployed(policy_params, prompts, c.qfit.fqe_samples,
-                                 jax.random.key(seed_for(c, k, PHASE_IDS["qfit"], 1)))
-  return pairs
+  return _pi_k_samples(run, k, policy_params, [examples[j].prompt for j in next_index if j >= 0], 1)[0]
 
 
 def _own_next_pairs(run: Run, examples, next_index: np.ndarray) -> dict:
@@ -759,8 +761,10 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
   examples = run.examples(records)
   prompts = run.encoding.prompts([e.prompt for e in examples])
 
+  steps = c.ppo.steps
+
   def on_step(step, state_):
-    if step % c.ppo.checkpoint_every == 0 or step == c.ppo.steps:
+    if step % c.ppo.checkpoint_every == 0 or step == steps:
       ckpt.save(step, _solver_checkpoint(state_), {"step": step}, overwrite=True)
     if c.loop.stop_after_ppo_step and step == c.loop.stop_after_ppo_step:
       raise Interrupted(f"stopped after {solver.name} step {step} (loop.stop_after_ppo_step)")
@@ -770,7 +774,7 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
   else:
     reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
   state, last = solvers.train(solver, policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts, cfg,
-                              steps=c.ppo.steps, batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]),
+                              steps=steps, batch_size=c.ppo.batch_size, seed=seed_for(c, k, PHASE_IDS["ppo"]),
                               eos_id=run.renderer.end_id(run.tokenizer), pad_id=run.tokenizer.pad_id,
                               writer=run.writer, desc=f"{solver.name}/{k}", start_step=start, on_step=on_step)
   trained = solver.policy_state(state.model).params

@@ -41,12 +41,20 @@ def test_library_reads_each_setting_in_one_module(found):
 
 # Keys whose whole path is one function in the whole code base (library, studies and entry points): the run's
 # encoding (loop.make_encoding -> data.Encoding, carried by Run and passed to every phase, study and script that
-# encodes, renders or samples) and the deployment temperature (an LMPolicy, or pi_k's samples for FQE / SARSA).
+# encodes, renders or samples), the deployment temperature (an LMPolicy, or pi_k's samples for FQE / SARSA), the
+# policy's shape (loop.model_config, also for a pretrained model_dir: Run.model_cfg), what the Q-fit sees of D_k
+# (loop._qfit_records, for both Q-model views) and the solver's step count.
 STRAIGHT = {
     "data.max_prompt_len": {"iterppo_jax/loop.py:make_encoding"},
     "data.prompt_bucket": {"iterppo_jax/loop.py:make_encoding"},
     "env.max_render_turns": {"iterppo_jax/loop.py:make_encoding"},
     "loop.deploy_temperature": {"iterppo_jax/loop.py:make_lm_policy", "iterppo_jax/loop.py:sample_deployed"},
+    "model.dtype": {"iterppo_jax/loop.py:model_config"},
+    "model.param_dtype": {"iterppo_jax/loop.py:model_config"},
+    "model.remat": {"iterppo_jax/loop.py:model_config"},
+    "qfit.label_flip": {"iterppo_jax/loop.py:_qfit_records"},
+    "qfit.data_fraction": {"iterppo_jax/loop.py:_qfit_records"},
+    "ppo.steps": {"iterppo_jax/loop.py:improve_policy"},
 }
 
 
