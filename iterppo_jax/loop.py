@@ -196,8 +196,22 @@ class Run:
     back if this phase already wrote them; play_and_log)."""
     return workdir_lib.play_and_log(self.workdir, self.env, self.config.loop.play_batch, policy, n, seed, name)
 
+  @property
+  def gamma(self) -> float:
+    """The conversation MDP's discount: every return, target and true Q of the run uses it."""
+    return self.config.gamma
+
   def examples(self, records):
-    return self.encoding.examples(records, self.config.gamma)
+    return self.encoding.examples(records, self.gamma)
+
+  def log_name(self, j: int) -> str | None:
+    """data/<name>.jsonl of D_j, the logs Q_j is fitted on: iter_<j>, except D_0 under loop.first_data=behavior
+    or explore (those logs); j = -1 is the behaviour logs pi_0 was cloned from when pi_0 made D_0 (None
+    otherwise: they are D_0 themselves)."""
+    first = self.config.loop.first_data
+    if j < 0:
+      return "behavior" if first == "policy" else None
+    return f"iter_{j}" if j or first == "policy" else first
 
   def arrays(self, examples, action="suggestion"):
     return self.encoding.arrays(examples, action)
@@ -432,7 +446,7 @@ def fit_q(run: Run, k: int, records, policy_params):
     state, _ = qfit_lib.fit_q(trainable, state, train, method=q_cfg.method, kind=q_cfg.kind, steps=steps,
                               batch_size=q_cfg.batch_size,
                               seed=seed_for(c, k, PHASE_IDS["qfit"]) if i == 0 else seed_for(c, k, PHASE_IDS["qfit"], 9, i),
-                              gamma=c.gamma, lam=q_cfg.lam, refresh_every=q_cfg.refresh_every,
+                              gamma=run.gamma, lam=q_cfg.lam, refresh_every=q_cfg.refresh_every,
                               target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
                               desc=f"qfit/{k}", next_actions=next_actions, own_next=own_next)
     if every:
@@ -462,13 +476,11 @@ def _q_diagnostics(run: Run, k: int, metrics: dict, score, records, examples, he
                    policy_params) -> None:
   """Adds the ranking and true-Q measures of Q_k to `metrics` (any Q-model: `score` is a _token_scorer or
   _table_scorer) and logs them under qfit/."""
-  c = run.config
   held_explored = [e for e, h in zip(examples, held) if h and e.explored]
   metrics.update(_logged_ranking(run, score, records, held_explored))
-  if run.env is not None and c.loop.true_q_states > 0:
+  if run.env is not None:  # each measure is off with its loop.*_states = 0
     metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q_held, policy_params,
                                  records))
-  if run.env is not None and c.loop.rank_states > 0:
     metrics.update(rank_actions(run, k, score, policy_params))
   if any("true_outcome" in r.metadata for r in records):  # simulator logs: how wrong the fitted labels are
     metrics.update({f"label_{n}": v for n, v in label_noise.classifier_error(records).items()})
@@ -500,15 +512,11 @@ def _held_out(examples) -> np.ndarray:
 def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
   """The logs of iterations before k that qfit.pool adds to D_k (0: none; n: the n latest; -1: all). With
   loop.first_data=policy, the behaviour logs pi_0 was cloned from count as D_{-1}."""
-  c = run.config
-  pool = c.qfit.pool
+  pool = run.config.qfit.pool
   first = -1 if pool < 0 else k - pool
   out = []
   for j in range(max(first, -1), k):
-    if j < 0:
-      name = "behavior" if c.loop.first_data == "policy" else None
-    else:
-      name = f"iter_{j}" if j or c.loop.first_data == "policy" else c.loop.first_data
+    name = run.log_name(j)
     if name:
       with contextlib.suppress(FileNotFoundError):  # e.g. no explore logs in a run that deployed pi_0
         out += workdir_lib.read_logs(run.workdir, name)
@@ -548,7 +556,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   # SARSA of pi_k bootstraps from pi_k's own next act: on logs pi_k made, the logged one; on logs of another
   # policy (D_0 from the staff or the explore policy, qfit.method=fqe, the older logs of qfit.pool), pi_k's
   # samples at the logged states (fitted Q evaluation, expected over qfit.fqe_samples draws).
-  off_policy = q_cfg.next_act == "pi_k" and (q_cfg.method == "fqe" or (k == 0 and c.loop.first_data != "policy"))
+  off_policy = q_cfg.next_act == "pi_k" and (q_cfg.method == "fqe" or run.log_name(k) != f"iter_{k}")
   own = _own_samples(run, k, policy_params, examples, 4) if off_policy and q_cfg.method != "mc" else None
   ds = q_table.decisions(records, examples, state_fn, act_fn, own_texts=own)
   held = _held_out(examples)
@@ -572,7 +580,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
     table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all", shrink=q_cfg.shrink,
                            shrink_to=q_cfg.shrink_to)
   else:
-    table = q_table.fit_sarsa(train, c.gamma, state_fn, act_fn, lam=q_cfg.lam if q_cfg.method == "td_lambda" else 0.0,
+    table = q_table.fit_sarsa(train, run.gamma, state_fn, act_fn, lam=q_cfg.lam if q_cfg.method == "td_lambda" else 0.0,
                               shrink=q_cfg.shrink, shrink_to=q_cfg.shrink_to)
   by_id = {r.id: r for r in records}
   held_examples = [e for e, h in zip(examples, held) if h]
@@ -629,18 +637,21 @@ def _logged_ranking(run: Run, score, records, explored_examples) -> dict:
   return {f"logged_{n}": v for n, v in out.items()}
 
 
-def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet:
+def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet | None:
   """pi_k's candidates and their true Q^{pi_k} at loop.rank_states states of data/eval_<k>.jsonl (q_ranking.py),
-  measured once and kept in data/ranking_<k>.json (read back when it exists)."""
+  measured once and kept in data/ranking_<k>.json (read back when it exists; None without it when
+  loop.rank_states is 0)."""
   c = run.config
   path = os.path.join(run.workdir, "data", f"ranking_{k}.json")
   if os.path.exists(path):
     return q_ranking.ActionSet.load(path)
+  if not c.loop.rank_states:
+    return None
   records = workdir_lib.read_logs(run.workdir, f"eval_{k}")
   policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
   action_set = q_ranking.build_action_set(
       run.env, records, policy, run.domain.candidates(), n_states=c.loop.rank_states,
-      policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=c.gamma,
+      policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=run.gamma,
       seed=seed_for(c, k, PHASE_IDS["rank"], 1),
       render_fn=run.encoding.state)
   if distributed.is_writer():
@@ -657,6 +668,8 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   resumed run, a later Q-model of the same policy and the report all use one measurement.
   """
   action_set = measure_action_set(run, k, policy_params)
+  if action_set is None:
+    return {}
   prompts, actions = action_set.pairs()
   evals = {r.id: r for r in workdir_lib.read_logs(run.workdir, f"eval_{k}")}
   turns = [evals[cid].turns[:i] for (cid, i), cs in zip(action_set.where, action_set.candidates) for _ in cs]
@@ -696,8 +709,11 @@ def _reindex(next_index: np.ndarray, keep: np.ndarray) -> np.ndarray:
 
 
 def _true_q_error(run: Run, k: int, held_examples, q_pred, policy_params, records) -> dict:
-  """Q_k against the simulator's Monte Carlo Q^{pi_k} on a few held-out logged (state, suggestion) pairs."""
+  """Q_k against the simulator's Monte Carlo Q^{pi_k} on loop.true_q_states held-out logged (state, suggestion)
+  pairs ({} with 0)."""
   c = run.config
+  if not c.loop.true_q_states:
+    return {}
   by_id = {r.id: r for r in records}
   rng = np.random.default_rng(seed_for(c, k, PHASE_IDS["true_q"]))
   pick = rng.choice(len(held_examples), size=min(c.loop.true_q_states, len(held_examples)), replace=False)
@@ -709,7 +725,7 @@ def _true_q_error(run: Run, k: int, held_examples, q_pred, policy_params, record
     episodes.append(run.env.restore(record, n_turns))
     suggestions.append("" if e.suggestion == conv_lib.ABSTAIN_TEXT else e.suggestion)
   policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["true_q"], 1))
-  true_q, true_q_se = run.env.estimate_q(episodes, suggestions, policy, c.gamma,
+  true_q, true_q_se = run.env.estimate_q(episodes, suggestions, policy, run.gamma,
                                          n_rollouts=c.loop.true_q_rollouts,
                                          seed=seed_for(c, k, PHASE_IDS["true_q"], 2))
   predicted = np.asarray(q_pred)[pick]
@@ -859,7 +875,7 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str, key: str |
   if done:
     return done
   policy = run.lm_policy(label, run_policy_graphdef(run), params, seed_for(c, k, PHASE_IDS["eval"]))
-  records = run.play(policy, c.loop.eval_conversations, seed_for(c, 10_000, PHASE_IDS["eval"]), f"eval_{key}")
+  records = run.play(policy, *held_out_customers(run), f"eval_{key}")
   summary = env_base.summarize(records)
   label_error = label_noise.classifier_error(records)  # the outcome classifier against the simulator's truth
   summary.update({f"classifier_{n}": label_error[n]
@@ -875,16 +891,22 @@ def evaluate_policy(run: Run, k: int, params, pi0_params, label: str, key: str |
   return summary
 
 
+def held_out_customers(run: Run) -> tuple[int, int]:
+  """(loop.eval_conversations, seed): the held-out customers every pi_k and the reference lines are evaluated
+  on, the same in every iteration."""
+  return run.config.loop.eval_conversations, seed_for(run.config, 10_000, PHASE_IDS["eval"])
+
+
 def reference_lines(run: Run) -> dict:
   """Conversion of the scripted behaviour staff and the oracle on the same evaluation seed."""
   done = run.progress.get("reference")
   if done:
     return done
-  c = run.config
   out = {}
   for name in ("behavior", "oracle"):
     policy = run.domain.policy(name)
-    records = run.env.play(policy, c.loop.eval_conversations, seed=seed_for(c, 10_000, PHASE_IDS["eval"]))
+    n, seed = held_out_customers(run)
+    records = run.env.play(policy, n, seed=seed)
     out[name] = env_base.summarize(records)
   run.progress.mark("reference", out)
   return out
@@ -985,7 +1007,7 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
     trainable, pi0 = train_pi0(run_, logs)
   if config.loop.stop_after_phase == "sft":
     raise Interrupted("stopped after sft (loop.stop_after_phase)")
-  if config.loop.logs:
+  if run_.env is None:  # loop.logs: the user's logs, no simulator
     return offline_iteration(run_, logs, pi0)
   refs = reference_lines(run_)
   history = [evaluate_policy(run_, 0, pi0, pi0, "pi_0")]
@@ -996,9 +1018,9 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
       history.append(evaluate_policy(run_, k + 1, params, pi0, f"pi_{k + 1}"))
       continue
     with timed(run_, "collect", k):
-      if k == 0 and config.loop.first_data == "behavior":
+      if run_.log_name(k) == "behavior":
         records = logs  # D_0: the behaviour logs pi_0 was cloned from stand in for pi_0's own
-      elif k == 0 and config.loop.first_data == "explore":
+      elif run_.log_name(k) == "explore":
         # D_0: logs of the exploratory behaviour policy; Q^{pi_0} from them needs qfit.method=fqe (off-policy)
         staff = run_.domain.policy("explore")
         records = run_.play(staff, config.loop.conversations, seed_for(config, k, PHASE_IDS["collect"], 2),

@@ -62,6 +62,38 @@ def test_straight_keys_have_one_reader(found):
   assert {k: found.get(k, set()) for k in STRAIGHT} == STRAIGHT
 
 
+# Leaf keys that more than one function of the library (studies/ aside) reads, and why. Every other key has one
+# reader function there, which hands its value on (an Encoding, Run.model_cfg, Run.gamma, Run.log_name, ...).
+SEVERAL_READERS = {
+    # SHARED above: the loop's budget (make_encoding) and the solvers' sampling length.
+    "data.max_action_len": {"iterppo_jax/loop.py:make_encoding", "iterppo_jax/solvers.py:_group_config",
+                            "iterppo_jax/solvers.py:_ppo_config"},
+    # pi_k deployed in two forms: an LMPolicy in the simulator, and a batch sampler at logged states (FQE, SARSA).
+    "loop.deploy_temperature": {"iterppo_jax/loop.py:make_lm_policy", "iterppo_jax/loop.py:sample_deployed"},
+    "loop.play_batch": {"iterppo_jax/loop.py:Run.play", "iterppo_jax/loop.py:sample_deployed",
+                        "iterppo_jax/loop.py:setup"},  # setup plays the behaviour logs before a Run exists
+    # setup reads the user's logs; the offline iteration's summary names the files they came from.
+    "loop.logs": {"iterppo_jax/loop.py:setup", "iterppo_jax/loop.py:offline_iteration"},
+    # one pretrained model, three loaders of their own part of it (tokenizer in setup, shape, weights) and the
+    # SFT phase that starts from it
+    "model_dir": {"iterppo_jax/loop.py:setup", "iterppo_jax/loop.py:model_config",
+                  "iterppo_jax/loop.py:load_pretrained", "iterppo_jax/loop.py:train_pi0"},
+    # the two Q-model views (qfit.view), each fitting the targets these keys choose
+    "qfit.lam": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:fit_q_table"},
+    "qfit.method": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:fit_q_table"},
+    "qfit.targets": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:fit_q_table"},
+    # the token Q-model's output (a logit or a value): fitted in fit_q, turned into PPO's reward in improve_policy
+    "qfit.kind": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:improve_policy"},
+}
+
+
+def test_library_reads_each_setting_in_one_function(found):
+  leaves, _ = config_readers.settings_keys()
+  library = {k: {w for w in found.get(k, set()) if w.startswith("iterppo_jax/")
+                 and not w.startswith("iterppo_jax/studies/")} for k in sorted(leaves)}
+  assert {k: v for k, v in library.items() if len(v) > 1} == SEVERAL_READERS
+
+
 def test_library_looks_the_domain_up_once(found):
   """The library builds one registry.Domain from the env section (loop.setup, the scaling study) and calls it;
   no phase reads env.domain to look the domain up again."""
