@@ -17,9 +17,10 @@ VLLM_PYTHON = os.environ.get("IPPO_VLLM_PYTHON")
 def test_vllm_loads_exports_and_generates_the_same_tokens(tmp_path):
   pytest.importorskip("torch")
   from experiments import vllm_check
+  from iterppo_jax.studies import export_check
 
   families = ("llama", "gpt2")
-  ours = {family: vllm_check.export_family(family, str(tmp_path)) for family in families}
+  ours = {family: export_check.export_family(family, str(tmp_path)) for family in families}
   theirs = vllm_check.run_vllm(VLLM_PYTHON, {family: r["export"] for family, r in ours.items()})
   for family in families:
     assert theirs[family]["error"] == "", theirs[family]["error"]
@@ -27,4 +28,20 @@ def test_vllm_loads_exports_and_generates_the_same_tokens(tmp_path):
     assert theirs[family]["model_type"] == ours[family]["model_type"] == family
     assert ours[family]["ours"] == ours[family]["transformers"], family
     assert theirs[family]["tokens"] == ours[family]["transformers"], json.dumps(theirs[family])
-    assert len({tuple(t) for t in theirs[family]["tokens"]}) == len(vllm_check.PROMPTS)  # distinct continuations
+    assert len({tuple(t) for t in theirs[family]["tokens"]}) == len(export_check.PROMPTS)  # distinct continuations
+
+
+def test_the_worker_repeats_the_checks_constants_and_rows_need_all_three_to_agree():
+  """The vLLM worker runs without iterppo_jax, so it repeats the prompts and token count: they must match; and a
+  family passes only when vLLM resolved the same architecture and all three token sequences agree."""
+  from experiments import vllm_check
+  from iterppo_jax.studies import export_check
+  assert (vllm_check.PROMPTS, vllm_check.NEW_TOKENS) == (export_check.PROMPTS, export_check.NEW_TOKENS)
+  ours = {f: {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "transformers_class": "LlamaForCausalLM",
+              "transformers": [[1, 2]], "ours": [[1, 2]]} for f in ("a", "b")}
+  theirs = {"a": {"architecture": ["LlamaForCausalLM"], "model_type": "llama", "tokens": [[1, 2]], "error": ""},
+            "b": {"architecture": ["LlamaForCausalLM"], "model_type": "llama", "tokens": [[1, 3]], "error": ""}}
+  rows, ok = export_check.compare(["a"], ours, theirs)
+  assert ok and rows[0]["same_family"] and rows[0]["vllm_equals_transformers"]
+  rows, ok = export_check.compare(["a", "b"], ours, theirs)
+  assert not ok and not rows[1]["vllm_equals_transformers"] and rows[1]["ours_equals_transformers"]
