@@ -26,27 +26,22 @@ import subprocess
 import sys
 import tempfile
 
-# The worker below runs in vLLM's Python, which has no iterppo_jax: it repeats export_check's two constants.
-NEW_TOKENS = 8
-PROMPTS = ((5, 17, 99, 3, 250, 41, 7), (200, 12, 12, 64, 1, 130, 77), (9, 8, 7, 6, 5, 4, 3))
-
-
 # ---- the vLLM side (runs in the vLLM Python: imports nothing of iterppo_jax) ----
 
 def _vllm_worker(jobs_path: str) -> None:
   from vllm import LLM, SamplingParams
   from vllm.inputs import TokensPrompt
 
-  with open(jobs_path) as f:
+  with open(jobs_path) as f:  # run_vllm's jobs: the exports, and the check's prompts and token count
     jobs = json.load(f)
   results = {}
-  for family, directory in jobs.items():
+  for family, directory in jobs["exports"].items():
     try:
       # gpu_memory_utilization: on vLLM's CPU backend, the share of host memory it reserves (the models are tiny).
       llm = LLM(model=directory, skip_tokenizer_init=True, dtype="float32", max_model_len=64, seed=0,
                 enforce_eager=True, gpu_memory_utilization=0.2)
-      params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
-      outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in PROMPTS], params)
+      params = SamplingParams(temperature=0.0, max_tokens=jobs["new_tokens"], ignore_eos=True, detokenize=False)
+      outs = llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in jobs["prompts"]], params)
       model_config = llm.llm_engine.model_config
       results[family] = {"tokens": [list(o.outputs[0].token_ids) for o in outs],
                          "architecture": list(model_config.architectures or []),
@@ -57,10 +52,11 @@ def _vllm_worker(jobs_path: str) -> None:
   print("VLLM_RESULTS " + json.dumps(results), flush=True)
 
 
-def run_vllm(vllm_python: str, exports: dict) -> dict:
-  """Runs this file's worker in the vLLM Python over {family: export dir}; returns its results."""
+def run_vllm(vllm_python: str, exports: dict, prompts, new_tokens: int) -> dict:
+  """Runs this file's worker in the vLLM Python over {family: export dir}, generating `new_tokens` greedily from
+  each of `prompts` (token ids); returns its results."""
   with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-    json.dump(exports, f)
+    json.dump({"exports": exports, "prompts": [list(p) for p in prompts], "new_tokens": new_tokens}, f)
   done = subprocess.run([vllm_python, os.path.abspath(__file__), "--vllm_worker", f.name], capture_output=True,
                         text=True)
   os.unlink(f.name)
@@ -83,7 +79,8 @@ def main() -> int:
   workdir = args.workdir or tempfile.mkdtemp(prefix="vllm_check_")
   families = [f for f in args.families.split(",") if f]
   ours = {family: export_check.export_family(family, workdir) for family in families}
-  theirs = run_vllm(args.vllm_python, {family: r["export"] for family, r in ours.items()})
+  theirs = run_vllm(args.vllm_python, {family: r["export"] for family, r in ours.items()}, export_check.PROMPTS,
+                    export_check.NEW_TOKENS)
   rows, ok = export_check.compare(families, ours, theirs)
   with open(os.path.join(workdir, "vllm_check.json"), "w") as f:
     json.dump(rows, f, indent=1)

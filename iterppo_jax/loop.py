@@ -465,8 +465,8 @@ def fit_q(run: Run, k: int, records, policy_params):
   metrics["train_examples"] = int(train_rows.sum())
   if best is not None:
     metrics["selected_step"] = best[1]
-  _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params, q_cfg.batch_size), records, examples, held, q,
-                 policy_params)
+  _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params, q_cfg.batch_size), records, examples,
+                 held, q, policy_params)
   save_trained(run, "qmodel", k, state.params, {"phase": "qfit", "iteration": k})
   run.progress.mark(f"qfit/{k}", metrics)
   return trainable, state.params, metrics
@@ -903,9 +903,9 @@ def reference_lines(run: Run) -> dict:
   if done:
     return done
   out = {}
+  n, seed = held_out_customers(run)
   for name in ("behavior", "oracle"):
     policy = run.domain.policy(name)
-    n, seed = held_out_customers(run)
     records = run.env.play(policy, n, seed=seed)
     out[name] = env_base.summarize(records)
   run.progress.mark("reference", out)

@@ -21,7 +21,8 @@ def test_vllm_loads_exports_and_generates_the_same_tokens(tmp_path):
 
   families = ("llama", "gpt2")
   ours = {family: export_check.export_family(family, str(tmp_path)) for family in families}
-  theirs = vllm_check.run_vllm(VLLM_PYTHON, {family: r["export"] for family, r in ours.items()})
+  theirs = vllm_check.run_vllm(VLLM_PYTHON, {family: r["export"] for family, r in ours.items()},
+                               export_check.PROMPTS, export_check.NEW_TOKENS)
   for family in families:
     assert theirs[family]["error"] == "", theirs[family]["error"]
     assert theirs[family]["architecture"] == ours[family]["architectures"]
@@ -31,12 +32,18 @@ def test_vllm_loads_exports_and_generates_the_same_tokens(tmp_path):
     assert len({tuple(t) for t in theirs[family]["tokens"]}) == len(export_check.PROMPTS)  # distinct continuations
 
 
-def test_the_worker_repeats_the_checks_constants_and_rows_need_all_three_to_agree():
-  """The vLLM worker runs without iterppo_jax, so it repeats the prompts and token count: they must match; and a
-  family passes only when vLLM resolved the same architecture and all three token sequences agree."""
+def test_the_worker_gets_the_checks_prompts_and_rows_need_all_three_to_agree(tmp_path):
+  """The vLLM worker runs without iterppo_jax, so run_vllm hands it the exports, the prompts and the token count
+  in its jobs file (here a stand-in "vLLM Python" prints that file back as its results); and a family passes
+  only when vLLM resolved the same architecture and all three token sequences agree."""
   from experiments import vllm_check
   from iterppo_jax.studies import export_check
-  assert (vllm_check.PROMPTS, vllm_check.NEW_TOKENS) == (export_check.PROMPTS, export_check.NEW_TOKENS)
+  echo = tmp_path / "python"
+  echo.write_text('#!/bin/sh\nprintf "VLLM_RESULTS %s\\n" "$(cat "$3")"\n')
+  echo.chmod(0o755)
+  jobs = vllm_check.run_vllm(str(echo), {"llama": "/x"}, export_check.PROMPTS, export_check.NEW_TOKENS)
+  assert jobs == {"exports": {"llama": "/x"}, "prompts": [list(p) for p in export_check.PROMPTS],
+                  "new_tokens": export_check.NEW_TOKENS}
   ours = {f: {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "transformers_class": "LlamaForCausalLM",
               "transformers": [[1, 2]], "ours": [[1, 2]]} for f in ("a", "b")}
   theirs = {"a": {"architecture": ["LlamaForCausalLM"], "model_type": "llama", "tokens": [[1, 2]], "error": ""},
