@@ -50,6 +50,29 @@ def test_rows_count_acts_and_q_on_both_policies(run):
   assert text.count("\n| ") == 2 and "| 1 |" in text and "| - | - | - |" in text
 
 
+def test_oracle_agreement_overall_per_act_and_for_the_staffs_logs(run):
+  rows = policy_shift.shift_rows(str(run))
+  behavior, oracle = rows
+  assert oracle["oracle_agreement"] == 1.0  # eval_1 was played by the oracle: every suggestion is its act
+  assert 0.0 < behavior["oracle_agreement"] < 1.0  # the staff's mistakes
+  for r in rows:
+    assert sum(n for n, _ in r["oracle_agreement_by_act"].values()) == r["decisions"]
+    assert r["oracle_agreement"] == pytest.approx(
+        sum(n * share for n, share in r["oracle_agreement_by_act"].values()) / r["decisions"])
+  assert set(oracle["oracle_agreement_by_act"]) <= set(sales.ACT_KINDS)
+  # the staff's own logs (sent messages, no suggestions) become a first row 'staff'
+  staff = conv_lib.read_jsonl(str(run / "data" / "eval_0.jsonl"))
+  with open(run / "data" / "behavior.jsonl", "w") as f:
+    for r in staff:
+      f.write(json.dumps(r.to_json()) + "\n")
+  rows = policy_shift.shift_rows(str(run))
+  assert [r["k"] for r in rows] == ["staff", 0, 1]
+  assert rows[0]["decisions"] == sum(t.role == "business" for r in staff for t in r.turns)
+  text = policy_shift.agreement_table(rows)
+  assert text.splitlines()[0] == "| the oracle's act | staff's logs | pi_0 | pi_1 |"
+  assert text.splitlines()[-1].startswith("| every act | ") and "1.00 (" in text.splitlines()[-1]
+
+
 def test_a_directory_that_is_not_a_run_is_one_clear_error(tmp_path):
   with pytest.raises(errors.DataError, match="config.json: not a loop run's config"):
     policy_shift.shift_rows(str(tmp_path))

@@ -78,6 +78,13 @@ def candidate_fn(domain: str):
   return lambda turns, rng: policies.candidate_texts(s, turns, rng)
 
 
+def oracle_fn(domain: str):
+  """(transcript, rng) -> the domain's oracle suggestion at that state (its script's best act, worded). A
+  simulator-side reference for diagnostics (how often a policy's act is the oracle's), never a training signal."""
+  s = script(domain)
+  return lambda turns, rng: s.message(s.oracle_act(s.visible_facts(turns)), turns, rng)
+
+
 def _has_tracker(mod: types.ModuleType) -> bool:
   return all(hasattr(mod, name) for name in TRACKER)
 
