@@ -97,7 +97,7 @@ def test_the_registry_builds_every_policy_by_name(domain):
   env = _env(domain)
   episodes = env.reset(4, seed=0)
   observations = [e.observation() for e in episodes]
-  for name in ("behavior", "oracle", "random", "explore"):
+  for name in ("behavior", "oracle", "random", "explore", "staff_per_turn"):
     policy = registry.make_policy(domain, name, _env_config(domain))
     suggestions = policy(observations)
     assert len(suggestions) == 4 and all(isinstance(s, str) for s in suggestions), name
@@ -202,3 +202,28 @@ def test_the_staff_write_with_the_domains_script(domain):
     assert env.read_business(env.rewrite(episode.hidden, text, rng)).kind == act.kind
   staff = env.staff_message(episode.hidden, record, rng)
   assert env.read_business(staff).kind != "off_topic"
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_staff_per_turn_plays_the_oracle_with_its_skill_at_every_turn(domain):
+  """The per-turn staff mixture: at skill ~1 every act is the oracle's; at the domain's skill, about that share."""
+  from iterppo_jax.envs import policies  # pylint: disable=import-outside-toplevel
+  env = _env(domain)
+  script = registry.script(domain)
+  episodes = env.reset(64, seed=1)
+  env.step(episodes, registry.make_policy(domain, "behavior", _env_config(domain))(
+      [e.observation() for e in episodes]))
+  observations = [e.observation() for e in episodes if not e.done]
+  _, act_key = registry.tracker(domain)
+
+  def oracle_share(policy):
+    hits = [act_key(o.conversation.turns, text) == act_key(o.conversation.turns, script.message(
+        script.oracle_act(script.visible_facts(o.conversation.turns)), o.conversation.turns, o.rng))
+            for o, text in zip(observations, policy(observations))]
+    return float(np.mean(hits))
+
+  assert oracle_share(policies.PerTurnStaffPolicy(script, 0.999)) == 1.0
+  skill = _env_config(domain).skill_mean
+  share = oracle_share(policies.PerTurnStaffPolicy(script, skill))
+  assert 0.0 < share < 1.0  # some mistakes, some oracle acts (a mistake may coincide with the oracle's act)
+  assert registry.make_policy(domain, "staff_per_turn", _env_config(domain)).name == "staff_per_turn"

@@ -84,6 +84,28 @@ class StaffPolicy:
                       o.conversation.turns, o.rng) for o in observations]
 
 
+class PerTurnStaffPolicy:
+  """The staff population mixed at every turn: each turn the oracle's act with probability `skill_mean`, else one
+  of the staff's common mistakes (`script.staff_act`), with no staff member kept across a conversation.
+
+  What a perfect behaviour clone of the staff's logs would play: a clone sees which act the staff played at a
+  state, not which staff member played it, so it learns this per-turn mixture, not any one staff member. Where
+  a deal needs many right turns in a row, this converts less than the staff themselves (their skill is kept
+  through a conversation), and it bounds what cloning alone can give pi_0 (docs/results.md, finding 22).
+  """
+
+  name = "staff_per_turn"
+
+  def __init__(self, script: Script, skill_mean: float):
+    base.check_skill_mean(skill_mean)
+    self.script, self.skill_mean = script, skill_mean
+
+  def __call__(self, observations: Sequence[base.Observation]) -> list[str]:
+    s = self.script
+    return [s.message(s.staff_act(s.visible_facts(o.conversation.turns), self.skill_mean, o.rng),
+                      o.conversation.turns, o.rng) for o in observations]
+
+
 class OraclePolicy:
   """The domain's best scripted act at every turn (`script.oracle_act`), read from the transcript alone."""
 
@@ -100,9 +122,11 @@ class OraclePolicy:
 
 def shipped(script: Script, skill_mean: float, salt: int = 17) -> dict[str, Callable[[], base.Policy]]:
   """The policies every domain ships, built from its Script, by name (for `lookup`): 'behavior' (the historical
-  staff, StaffPolicy), 'oracle', 'random' (random words) and 'explore' (the staff trying candidate acts)."""
+  staff, StaffPolicy), 'oracle', 'random' (random words), 'explore' (the staff trying candidate acts) and
+  'staff_per_turn' (the staff mixed at every turn: what a perfect clone of their logs plays)."""
   return {"behavior": lambda: StaffPolicy(script, skill_mean, salt=salt), "oracle": lambda: OraclePolicy(script),
-          "random": RandomTextPolicy, "explore": lambda: ScriptExplorePolicy(script, skill_mean=skill_mean)}
+          "random": RandomTextPolicy, "explore": lambda: ScriptExplorePolicy(script, skill_mean=skill_mean),
+          "staff_per_turn": lambda: PerTurnStaffPolicy(script, skill_mean)}
 
 
 def lookup(domain: str, name: str, table: dict[str, Callable[[], base.Policy]]) -> base.Policy:
