@@ -81,7 +81,7 @@ def get_config(arg=None):
     c.baselines = _piece(True, DOMAINS, "", ())  # the defaults: 1,536 conversations, 3 seeds, K=1,2,4,8, all
     # the default loop (2 iterations per variant) with the transformer Q-model, which small_q and
     # few_qfit_steps change (iterppo_jax/studies/ablate_q.TOKEN_ONLY)
-    c.ablate_q = _piece(True, ("sales",), "", ("qfit.view=tokens", "qfit.method=mc"))
+    c.ablate_q = _piece(True, ("sales",), "", ("qfit.view=tokens", "qfit.method=mc", "qfit.pool=0"))
     c.ablate_q.variants = ("baseline", "fewer_conversations", "flip_10", "flip_30", "small_q", "few_qfit_steps")
     c.ablate_inner = _piece(True, ("sales",), "", ())
     c.ablate_inner.inners = ("ppo", "grpo", "rloo")

@@ -112,7 +112,9 @@ def get_config(arg=None):
   # dialogue_state: also fit on the logs of this many earlier iterations (-1: all), bootstrapping from pi_k's
   # own samples at their states (fitted Q evaluation), so the data grow with k. 0: D_k alone. With
   # loop.first_data=policy the behaviour logs count as D_{-1} (pool=1 at k=0 adds them to pi_0's own D_0).
-  c.qfit.pool = 0
+  # 1: Q_0 also learns from the staff's logs (FQE of pi_0 on them), which lifts its ranking of pi_0's acts to the
+  # bar at k = 0 in every seed (docs/results.md, finding 24); each later Q_k adds D_{k-1}.
+  c.qfit.pool = 1
   # dialogue_state, on logs pi_k did not make (D_0 from the staff or the explore policy): bootstrap from
   # 'logged', the logged next act (SARSA of the policy that made the logs), or 'pi_k', pi_k's qfit.fqe_samples
   # draws at each logged state (fitted Q evaluation of pi_k; ranked worse at k = 0: docs/results.md, finding 8).
@@ -240,6 +242,7 @@ def get_config(arg=None):
     # The tests of the transformer Q-model (its fit, checkpoints, resume inside it) run on this preset;
     # tests/test_q_table.py runs the dialogue-state Q-model of the full config.
     c.qfit.view = "tokens"
+    c.qfit.pool = 0  # pooling is the dialogue-state table's
     c.loop.first_data = "behavior"  # fewer plays; D_0 = pi_0's deployment is tested in tests/test_loop.py
     c.qfit.method = "mc"
     c.qfit.steps = 4

@@ -66,6 +66,7 @@ def get_config(arg=None):
   # ---- the outer loop ----
   c.loop.play_batch = 64  # conversations advanced in lock-step when the LLM plays (KV cache memory)
   c.loop.first_data = "behavior"  # the staff's logs: an LLM pi_0 deployed on CPU costs minutes per 100 conversations
+  c.qfit.pool = 0  # pooling samples pi_k at every state of D_{k-1}: as costly for an LLM as deploying it
   c.loop.true_q_states = 8
   c.loop.true_q_rollouts = 4
 

@@ -355,7 +355,7 @@ class QFit(Optimizer):
   data_fraction: float = 1.0
   model: QModel = QModel()
   view: str = "dialogue_state"
-  pool: int = 0
+  pool: int = 1
   next_act: str = "logged"
   head: str = "q"
   select_every: int = 0
