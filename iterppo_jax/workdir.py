@@ -1,7 +1,8 @@
 """A run's working directory: which phases are done, whether a rerun may continue the run, and its logs.
 
   workdir/progress.json       Progress: completed phases and what they produced (written atomically)
-  workdir/config.json         check_resumable: a rerun continues only under the settings the run began with
+  workdir/config.json         check_resumable: a rerun continues only under the settings the run began with;
+                              read_run_env: its `env` section, for the studies that read a finished run
   workdir/data/<name>.jsonl   play_and_log / read_logs: the conversations each phase played (one part per
                               process in a multi-process run, read back as one dataset)
   workdir/metrics.jsonl       phase_seconds: wall time per phase, over every process that worked on the run
@@ -92,6 +93,18 @@ def check_resumable(config, workdir: str) -> None:
     listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
     raise errors.WorkdirError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
                      "settings to continue it, or pick a new --workdir for the new ones.")
+
+
+def read_run_env(workdir: str) -> dict:
+  """The `env` section of a run's config.json (with its `domain`); a DataError naming the file otherwise."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      env = json.load(f)["env"]
+    env["domain"]  # pylint: disable=pointless-statement
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise errors.DataError(f"{path}: not a loop run's config ({type(e).__name__}: {e})") from e
+  return env
 
 
 def read_logs(workdir: str, name: str) -> list[conv_lib.Conversation]:

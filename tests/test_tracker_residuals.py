@@ -66,3 +66,8 @@ def test_a_run_without_a_true_q_set_is_one_clear_error(tmp_path):
   wd = _run(tmp_path, 0.0)
   with pytest.raises(errors.DataError, match="ranking_3.json not found"):
     tracker_residuals.pairs(str(wd), 3)
+  truth = json.loads((wd / "data" / "ranking_0.json").read_text())
+  truth["where"][0][0] = "no-such-conversation"
+  (wd / "data" / "ranking_0.json").write_text(json.dumps(truth))
+  with pytest.raises(errors.DataError, match="'no-such-conversation', which data/eval_0 does not hold"):
+    tracker_residuals.pairs(str(wd), 0)

@@ -17,14 +17,13 @@ played).
 from __future__ import annotations
 
 import collections
-import json
 import os
 
 import numpy as np
 
-from iterppo_jax import conversation as conv_lib
 from iterppo_jax import errors
 from iterppo_jax import q_table
+from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.envs import registry
 
 
@@ -36,15 +35,6 @@ def _decisions(records):
 def _staff_decisions(records):
   """(turns before, sent message) of every business turn the staff wrote (logs without suggestions)."""
   return [(r.turns[:i], t.text) for r in records for i, t in enumerate(r.turns) if t.role == "business"]
-
-
-def _domain(workdir: str) -> str:
-  config_path = os.path.join(workdir, "config.json")
-  try:
-    with open(config_path) as f:
-      return json.load(f)["env"]["domain"]
-  except (OSError, ValueError, KeyError) as e:
-    raise errors.DataError(f"{config_path}: not a loop run's config ({type(e).__name__}: {e})") from e
 
 
 def oracle_agreement(domain: str, decisions) -> tuple[float, dict[str, tuple[int, float]]]:
@@ -65,12 +55,17 @@ def oracle_agreement(domain: str, decisions) -> tuple[float, dict[str, tuple[int
 def shift_rows(workdir: str, top_acts: int = 6) -> list[dict]:
   """One row per iteration k that has eval_<k> (and, for the Q columns, qtable/<k> and eval_<k+1>), after a row
   k = 'staff' for the staff's logs (data/behavior.jsonl) where the run has them."""
-  domain = _domain(workdir)
+  domain = workdir_lib.read_run_env(workdir)["domain"]
   state_fn, act_fn = registry.tracker(domain)
 
+  def logs(name):
+    try:
+      return workdir_lib.read_logs(workdir, name)
+    except FileNotFoundError:
+      return None
+
   def evals(k):
-    path = os.path.join(workdir, "data", f"eval_{k}.jsonl")
-    return conv_lib.read_jsonl(path) if os.path.exists(path) else None
+    return logs(f"eval_{k}")
 
   def row_of(k, records, decisions):
     acts = collections.Counter(a[0] if a else "none" for a in (act_fn(t, x) for t, x in decisions))
@@ -82,9 +77,8 @@ def shift_rows(workdir: str, top_acts: int = 6) -> list[dict]:
   rows, k, records = [], 0, evals(0)
   if records is None:
     raise errors.DataError(f"{workdir}/data/eval_0.jsonl not found: not a finished loop run")
-  staff_path = os.path.join(workdir, "data", "behavior.jsonl")
-  if os.path.exists(staff_path):
-    staff = conv_lib.read_jsonl(staff_path)
+  staff = logs("behavior")
+  if staff is not None:
     rows.append(row_of("staff", staff, _staff_decisions(staff)))
   while records is not None:
     decisions = _decisions(records)

@@ -19,15 +19,14 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import os
 
 import numpy as np
 
-from iterppo_jax import conversation as conv_lib
 from iterppo_jax import errors
 from iterppo_jax import q_ranking
 from iterppo_jax import settings
+from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.envs import registry
 
 MAX_LEVELS = 8  # a text field with more distinct values than this is left out (a message, a name)
@@ -47,21 +46,18 @@ def _features(hidden) -> dict[str, float]:
 
 def pairs(workdir: str, k: int) -> list[dict]:
   """One row per (state, candidate) of the run's true-Q set k: its cell, true Q, standard error, hidden fields."""
-  config_path = os.path.join(workdir, "config.json")
-  try:
-    with open(config_path) as f:
-      env_config = settings.load_env(json.load(f)["env"])
-  except (OSError, ValueError, KeyError) as e:
-    raise errors.DataError(f"{config_path}: not a loop run's config ({type(e).__name__}: {e})") from e
+  env_config = settings.load_env(workdir_lib.read_run_env(workdir))
   truth_path = os.path.join(workdir, "data", f"ranking_{k}.json")
   if not os.path.exists(truth_path):
     raise errors.DataError(f"{truth_path} not found: the run measured no ranking at k = {k} (loop.rank_states)")
   aset = q_ranking.ActionSet.load(truth_path)
-  records = {r.id: r for r in conv_lib.read_jsonl(os.path.join(workdir, "data", f"eval_{k}.jsonl"))}
+  records = {r.id: r for r in workdir_lib.read_logs(workdir, f"eval_{k}")}
   env = registry.make_env(env_config)
   state_fn, act_fn = registry.tracker(env_config.domain)
   rows = []
   for i, (cid, n_turns) in enumerate(aset.where):
+    if cid not in records:
+      raise errors.DataError(f"{truth_path}: state {i} is in conversation {cid!r}, which data/eval_{k} does not hold")
     record = records[cid]
     turns = record.turns[:n_turns]
     live = env.restore(record, n_turns).hidden
