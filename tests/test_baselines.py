@@ -241,6 +241,25 @@ def test_iterated_methods_split_the_budget(all_rows):
     assert moved == (bc["bc_examples"][k] > 0)
 
 
+def test_filtered_bc_pooled_adds_the_logs_q_pools(tmp_path):
+  c = tiny_config()
+  c.baselines.methods = ("filtered_bc_pooled",)
+  with pytest.raises(errors.SettingsError, match="qfit.pool"):  # tiny pools nothing: it would be filtered_bc
+    baselines.check_config(c)
+  c.qfit.pool = 1
+  c.qfit.view = "dialogue_state"  # tiny's token Q-model pools nothing (settings refuse it)
+  rows = baselines.run_all(c, str(tmp_path), log=lambda _: None)
+  row = _by_method(rows)["filtered_bc_pooled"]
+  run_dir = os.path.join(str(tmp_path), row["run_dir"])
+  logs = [conv_lib.read_jsonl(os.path.join(run_dir, "data", f"{n}.jsonl")) for n in ("behavior", "iter_0", "iter_1")]
+  wins = [[r for r in records if r.outcome >= 1] for records in logs]
+  sent = lambda rs: sum(t.role == "business" for r in rs for t in r.turns)
+  assert wins[0]  # the staff's logs hold successes, so iteration 0 has something to clone beyond its own
+  # iteration k clones the successes of D_k and of D_{k-1}, the staff's logs being D_{-1}
+  assert row["successes"] == [len(wins[1]) + len(wins[0]), len(wins[2]) + len(wins[1])]
+  assert row["bc_examples"] == [sent(wins[1]) + sent(wins[0]), sent(wins[2]) + sent(wins[1])]
+
+
 def test_online_ppo_learns_on_its_sampled_tokens(all_rows):
   workdir, rows = all_rows
   row = _by_method(rows)["online_ppo"]

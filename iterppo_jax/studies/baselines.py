@@ -11,6 +11,9 @@ as Iterative PPO's pi_k (loop.evaluate_policy; the evaluation set differs betwee
                     in the successful ones (behaviour cloning filtered by outcome), continuing from pi_k
   filtered_bc_own   the same on pi_k's own suggestions in the successful ones: outcome filtering without
                     copying the business user's rewrites (under env.business_user=direct the two coincide)
+  filtered_bc_pooled  filtered_bc on the successes of the logs Q_k pools as well (qfit.pool: the pool latest
+                    iterations before k, the staff's behaviour logs counting as D_{-1}): the same data as
+                    Iterative PPO's pooled Q-fit, so the two differ in how they learn, not in what from
   myopic            Iterative PPO with gamma = 0, K_b iterations: Q_k regresses the next customer flag only
   online_ppo        online multi-turn PPO with a turn-level critic and no Q-model (online_ppo.py)
   iterative_ppo_kK  Iterative PPO, K iterations of budget/K conversations each (K in baselines.ks)
@@ -54,11 +57,12 @@ from iterppo_jax import stats
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import solvers
 from iterppo_jax import train_state as ts
+from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
 
-METHODS = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "filtered_bc_own", "myopic", "online_ppo",
-           "iterative_ppo")
+METHODS = ("behavior", "oracle", "pi0", "offline", "filtered_bc", "filtered_bc_own", "filtered_bc_pooled", "myopic",
+           "online_ppo", "iterative_ppo")
 ROWS_FILE = "baselines.jsonl"
 
 # ---- configs and directories ----
@@ -101,8 +105,11 @@ def check_config(config) -> settings.Settings:
   if "iterative_ppo" in b.methods:
     for k in b.ks:
       per_iteration(b.budget, k, f"iterative_ppo K={k}")
-  if {"filtered_bc", "filtered_bc_own", "myopic"} & set(b.methods):
+  if {"filtered_bc", "filtered_bc_own", "filtered_bc_pooled", "myopic"} & set(b.methods):
     per_iteration(b.budget, b.iterations, "baselines.iterations")
+  if "filtered_bc_pooled" in b.methods and typed.qfit.pool == 0:
+    raise errors.SettingsError("baselines.methods: filtered_bc_pooled pools the logs qfit.pool names, and qfit.pool "
+                               "is 0 (it would be filtered_bc); set qfit.pool to n >= 1 or -1")
   return typed
 
 
@@ -245,14 +252,27 @@ def _fill_rows(arrays: dict, batch_size: int) -> dict:
   return {k: v[rows] for k, v in arrays.items()}
 
 
-def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
+def _pooled_wins(run_: loop.Run, behaviour_logs, k: int, pool: int) -> list:
+  """The successful conversations of the logs qfit.pool adds to D_k (loop._older_logs: the `pool` iterations
+  before k, -1 all of them; this method's own iter_<j> logs, the staff's behaviour logs as D_{-1})."""
+  first = -1 if pool < 0 else k - pool
+  out = []
+  for j in range(max(first, -1), k):
+    records = behaviour_logs if j < 0 else workdir_lib.read_logs(run_.workdir, f"iter_{j}")
+    out += [r for r in records if r.outcome >= 1]
+  return out
+
+
+def filtered_bc(config, workdir: str, seed: int, own: bool = False, pooled: bool = False) -> dict:
   """K_b iterations of: play budget / K_b conversations with pi_k; SFT pi_k on the successful ones -> pi_{k+1}.
 
   The SFT target is what the business sent (as pi_0's), or with `own` pi_k's own suggestion (filtered_bc_own),
   only in conversations that ended in the outcome, and it continues from pi_k's weights with a fresh optimizer
-  for baselines.bc_steps steps. An iteration without a success keeps pi_k.
+  for baselines.bc_steps steps. With `pooled` (filtered_bc_pooled) the successes of the logs Q_k would pool
+  (qfit.pool, _pooled_wins) join each iteration's. An iteration without a success keeps pi_k.
   """
-  method = "filtered_bc_own" if own else "filtered_bc"
+  assert not (own and pooled), "filtered_bc_pooled trains on what was sent"
+  method = "filtered_bc_own" if own else "filtered_bc_pooled" if pooled else "filtered_bc"
   b = settings.load(config).baselines
   iterations = b.iterations
   conversations = per_iteration(b.budget, iterations, method)
@@ -273,6 +293,8 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False) -> dict:
       policy = run_.lm_policy(f"pi_{k}", graphdef, params, loop.seed_for(c, k, loop.PHASE_IDS["collect"]))
       records = run_.play(policy, conversations, loop.seed_for(c, k, loop.PHASE_IDS["collect"], 1), f"iter_{k}")
       wins = [r for r in records if r.outcome >= 1]
+      if pooled:
+        wins = wins + _pooled_wins(run_, logs, k, c.qfit.pool)
       examples = [e for e in run_.examples(wins) if own or e.sent is not None]
       if examples:
         trainable, state = run_.policy_trainable(params=ts.copy_params(params))
@@ -408,7 +430,8 @@ def online_ppo(config, workdir: str, seed: int) -> dict:
 
 _METHOD_FNS: dict[str, Callable] = {"behavior": behavior, "oracle": oracle, "pi0": pi0, "offline": offline,
                                     "filtered_bc": filtered_bc,
-                                    "filtered_bc_own": functools.partial(filtered_bc, own=True), "myopic": myopic,
+                                    "filtered_bc_own": functools.partial(filtered_bc, own=True),
+                                    "filtered_bc_pooled": functools.partial(filtered_bc, pooled=True), "myopic": myopic,
                                     "online_ppo": online_ppo}
 
 
