@@ -22,7 +22,8 @@ Each method is a function (config, workdir, seed) -> row. The phases every metho
 tokenizer, SFT pi_0, pi_0's evaluation, the reference lines) run once per seed into workdir/seed_<s>/_shared,
 which is copied to workdir/seed_<s>/<method>/ and resumed there with a modified copy of the config; loop.py's
 resume is exact, so every method of a seed starts from the very same pi_0. Iterative PPO here deploys pi_0 for
-D_0 (loop.first_data = 'policy'), so no method learns from the behaviour logs beyond pi_0's SFT.
+D_0 (loop.first_data = 'policy'); with qfit.pool != 0 (sales' default) its Q_0 also evaluates the behaviour logs
+off-policy, which filtered_bc_pooled matches; the other methods learn from them only through pi_0's SFT.
 
 Conversations used counts every simulated conversation that fed learning, read back from the method's logs
 (data/iter_*.jsonl, data/online_*.jsonl); the behaviour logs that trained pi_0 are shared by all methods and
