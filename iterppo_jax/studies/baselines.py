@@ -519,6 +519,47 @@ def table(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
+def merge_rows(sources: list[tuple[str, list[dict]]]) -> list[dict]:
+  """The rows of several baselines.jsonl files (name, rows) as one list: one budget, each (method, seed) once."""
+  out, seen = [], {}
+  for name, rows in sources:
+    for r in rows:
+      key = (r["method"], r["seed"])
+      if key in seen:
+        raise errors.DataError(f"{name}: {r['method']} seed {r['seed']} is also in {seen[key]}; keep one of them")
+      if out and r.get("budget") != out[0].get("budget"):
+        raise errors.DataError(f"{name}: {r['method']} seed {r['seed']} has budget {r.get('budget')}, the rows "
+                               f"before it {out[0].get('budget')}: compare one budget")
+      seen[key] = name
+      out.append(r)
+  return out
+
+
+def paired(rows: list[dict], a: str, b: str) -> dict | None:
+  """Method a minus method b, paired by seed (the same pi_0, behaviour logs and held-out customers): the seeds
+  both ran, the per-seed differences, and their mean with a 95% t-interval (NaN bounds with one seed); None when
+  they share no seed."""
+  conv = {(r["method"], r["seed"]): r["conversion"] for r in rows}
+  seeds = sorted(s for m, s in conv if m == a and (b, s) in conv)
+  if not seeds:
+    return None
+  diffs = [conv[(a, s)] - conv[(b, s)] for s in seeds]
+  return {"a": a, "b": b, "seeds": seeds, "per_seed": diffs, "mean": stats.mean_interval(diffs)}
+
+
+def paired_table(rows: list[dict], against: str) -> str:
+  """Markdown: `against` minus every other method it shares seeds with, paired by seed."""
+  out = [f"| {against} minus | seeds | per seed | mean (95% t-interval over seeds) |", "|---|---|---|---|"]
+  for method in dict.fromkeys(r["method"] for r in rows):
+    p = paired(rows, against, method) if method != against else None
+    if p is None:
+      continue
+    m, lo, hi = p["mean"]
+    interval = f"{m:+.3f} ({lo:+.3f} to {hi:+.3f})" if len(p["seeds"]) > 1 else f"{m:+.3f} (one seed)"
+    out.append(f"| {method} | {len(p['seeds'])} | {' '.join(f'{d:+.3f}' for d in p['per_seed'])} | {interval} |")
+  return "\n".join(out)
+
+
 def plot(rows: list[dict], path: str) -> str:
   """Conversion against conversations used: each method's final point (95% interval over seeds) and, where it
   was evaluated along the way, its mean curve; the behaviour staff and the oracle as horizontal lines."""

@@ -1,0 +1,53 @@
+r"""Rows of several equal-budget runs (experiments.baselines) in one table, with paired differences by seed.
+
+  python -m experiments.baselines_summary --rows=runs/eb_s0,runs/eb_s1,runs/eb_s2 [--against=iterative_ppo_k4] \
+      [--out=docs/results/baselines_equal_budget/sales_s012]
+
+Each --rows entry is a baselines workdir or a baselines.jsonl file (seeds run side by side in their own workdirs,
+or extra methods added in another). Prints the table of experiments.baselines (mean conversion per method, 95%
+t-interval over seeds) and `--against` minus every other method, paired by seed (the same pi_0 and held-out
+customers: the comparison that removes seed-to-seed spread). With --out, writes <out>.jsonl (the merged rows)
+and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
+"""
+
+import os
+
+from absl import flags
+
+from experiments import cli
+from iterppo_jax import errors
+from iterppo_jax import io_utils
+from iterppo_jax.studies import baselines
+
+_ROWS = cli.define(flags.DEFINE_list, "rows", None, "Baselines workdirs or baselines.jsonl files.")
+_AGAINST = cli.define(flags.DEFINE_string, "against", "", "The method the others are compared with (default: the "
+                      "first iterative_ppo_k* row).")
+_OUT = cli.define(flags.DEFINE_string, "out", "", "Write <out>.jsonl and <out>.md too.")
+
+
+def main(argv):
+  del argv
+  sources = []
+  for entry in _ROWS.value or []:
+    path = os.path.join(entry, baselines.ROWS_FILE) if os.path.isdir(entry) else entry
+    if not os.path.exists(path):
+      raise errors.DataError(f"--rows: {path} not found (a baselines workdir or its {baselines.ROWS_FILE})")
+    sources.append((path, io_utils.read_rows(path)))
+  if not sources:
+    raise errors.SettingsError("--rows: give at least one baselines workdir or rows file")
+  rows = baselines.merge_rows(sources)
+  methods = list(dict.fromkeys(r["method"] for r in rows))
+  against = _AGAINST.value or next((m for m in methods if m.startswith("iterative_ppo_k")), "")
+  if against and against not in methods:
+    raise errors.SettingsError(f"--against: {against} is not among the rows' methods {methods}")
+  text = baselines.table(rows)
+  if against:
+    text += "\n\n" + baselines.paired_table(rows, against)
+  print(text)
+  if _OUT.value:
+    io_utils.atomic_write_rows(_OUT.value + ".jsonl", rows)
+    io_utils.atomic_write_text(_OUT.value + ".md", text + "\n")
+
+
+if __name__ == "__main__":
+  cli.run(main)
