@@ -509,7 +509,7 @@ def _held_out(examples) -> np.ndarray:
   return np.asarray([e.conversation_id in held_ids for e in examples])
 
 
-def _older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
+def older_logs(run: Run, k: int) -> list[conv_lib.Conversation]:
   """The logs of iterations before k that qfit.pool adds to D_k (0: none; n: the n latest; -1: all). With
   loop.first_data=policy, the behaviour logs pi_0 was cloned from count as D_{-1}."""
   pool = run.config.qfit.pool
@@ -563,7 +563,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   train = [d for d, h in zip(ds, held) if not h]
   for i, d in enumerate(train):  # whole conversations are held out, so successors stay inside `train`
     d.next_index = -1 if d.next_index < 0 else i + 1
-  older = _older_logs(run, k)
+  older = older_logs(run, k)
   if older:  # fitted Q evaluation of pi_k on earlier iterations' logs
     older_examples = run.examples(older)
     base = len(train)

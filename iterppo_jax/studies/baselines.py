@@ -58,7 +58,6 @@ from iterppo_jax import stats
 from iterppo_jax import sft as sft_lib
 from iterppo_jax import solvers
 from iterppo_jax import train_state as ts
-from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.models import heads
 from iterppo_jax.models import transformer as tf
 
@@ -253,24 +252,14 @@ def _fill_rows(arrays: dict, batch_size: int) -> dict:
   return {k: v[rows] for k, v in arrays.items()}
 
 
-def _pooled_wins(run_: loop.Run, behaviour_logs, k: int, pool: int) -> list:
-  """The successful conversations of the logs qfit.pool adds to D_k (loop._older_logs: the `pool` iterations
-  before k, -1 all of them; this method's own iter_<j> logs, the staff's behaviour logs as D_{-1})."""
-  first = -1 if pool < 0 else k - pool
-  out = []
-  for j in range(max(first, -1), k):
-    records = behaviour_logs if j < 0 else workdir_lib.read_logs(run_.workdir, f"iter_{j}")
-    out += [r for r in records if r.outcome >= 1]
-  return out
-
-
 def filtered_bc(config, workdir: str, seed: int, own: bool = False, pooled: bool = False) -> dict:
   """K_b iterations of: play budget / K_b conversations with pi_k; SFT pi_k on the successful ones -> pi_{k+1}.
 
   The SFT target is what the business sent (as pi_0's), or with `own` pi_k's own suggestion (filtered_bc_own),
   only in conversations that ended in the outcome, and it continues from pi_k's weights with a fresh optimizer
   for baselines.bc_steps steps. With `pooled` (filtered_bc_pooled) the successes of the logs Q_k would pool
-  (qfit.pool, _pooled_wins) join each iteration's. An iteration without a success keeps pi_k.
+  (loop.older_logs: qfit.pool's earlier iterations, the behaviour logs as D_{-1}) join each iteration's. An
+  iteration without a success keeps pi_k.
   """
   assert not (own and pooled), "filtered_bc_pooled trains on what was sent"
   method = "filtered_bc_own" if own else "filtered_bc_pooled" if pooled else "filtered_bc"
@@ -295,7 +284,7 @@ def filtered_bc(config, workdir: str, seed: int, own: bool = False, pooled: bool
       records = run_.play(policy, conversations, loop.seed_for(c, k, loop.PHASE_IDS["collect"], 1), f"iter_{k}")
       wins = [r for r in records if r.outcome >= 1]
       if pooled:
-        wins = wins + _pooled_wins(run_, logs, k, c.qfit.pool)
+        wins = wins + [r for r in loop.older_logs(run_, k) if r.outcome >= 1]
       examples = [e for e in run_.examples(wins) if own or e.sent is not None]
       if examples:
         trainable, state = run_.policy_trainable(params=ts.copy_params(params))
