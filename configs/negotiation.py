@@ -35,7 +35,7 @@ def get_config(arg=None):
     c.data.max_prompt_len = 384
     # The staff's logs hold ~34k decisions (sales ~14k): 300 steps x 32 saw 0.28 of an epoch and pi_0 converted
     # 0.072 (0.051-0.102); 1,000 steps (0.94 of an epoch) give 0.185 (0.150-0.226), seed 0 (docs/results.md, 'not
-    # done yet'). It costs ~25 minutes of a 2-core CPU.
+    # done yet', finding 26). The SFT took 1,703 s of a 2-core CPU with other runs beside it.
     c.sft.steps = 1000
   # The tiny branch keeps max_turns = 26: its run time is compilation, not play (a tiny loop took 47 s of CPU
   # with 26 rounds and 46 s with 12), and with 12 rounds even the oracle could not finish a deal.
