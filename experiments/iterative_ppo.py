@@ -6,6 +6,9 @@
   python -m experiments.iterative_ppo --config=configs/sales_smollm.py:laptop --workdir=/tmp/smol \
       --beside=/tmp/demo --beside_label="0.6M model"  # the table gets a column with /tmp/demo's conversion
 
+  python -m experiments.iterative_ppo --workdir=/tmp/ippo_shrunk --branch_from=/tmp/ippo --config.qfit.shrink=5
+      # the same pi_0 as /tmp/ippo (no SFT), other Q-fit settings: a paired ablation
+
 Rerunning with the same --workdir (and the same settings; more loop.iterations may be asked for) resumes from
 the last completed phase; --config.resume=False refuses a workdir that already holds a run.
 With --config.distributed=True the same command runs on every host of a multi-process run
@@ -30,6 +33,9 @@ from iterppo_jax.studies import report
 
 _CONFIG = cli.define_config("configs/sales.py")
 _WORKDIR = cli.define(flags.DEFINE_string, "workdir", None, "Run directory (default: a fresh one under ./runs/).")
+_BRANCH_FROM = cli.define(flags.DEFINE_string, "branch_from", None, "Workdir of another run of the same settings "
+                          "up to pi_0: this run starts from its pi_0 (SFT checkpoint, evaluation, behaviour logs) and "
+                          "may change only later phases' settings (qfit, ppo, ...: workdir.BRANCHABLE).")
 _BESIDE = cli.define(flags.DEFINE_string, "beside", None, "Workdir of another finished run (e.g. the 0.6M "
                      "model's demo): its conversion is printed in a column beside this run's table.")
 _BESIDE_LABEL = cli.define(flags.DEFINE_string, "beside_label", "beside", "Header of the --beside column.")
@@ -58,6 +64,8 @@ def main(argv):
   s = settings.load(config)
   beside = read_beside(_BESIDE.value) if _BESIDE.value else None  # checked before any work, like the config
   distributed.initialize(s.distributed, s.cluster)  # before anything touches a device
+  if _BRANCH_FROM.value and workdir_lib.branch_from(_BRANCH_FROM.value, config, workdir):
+    print(f"branched from the pi_0 of {os.path.abspath(_BRANCH_FROM.value)}")
   workdir_lib.check_resumable(config, workdir)
   print(f"workdir: {os.path.abspath(workdir)}  process {jax.process_index()} of {jax.process_count()}  "
         f"devices: {jax.devices()}")

@@ -16,6 +16,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from typing import Any
 
 from iterppo_jax import conversation as conv_lib
@@ -93,6 +94,82 @@ def check_resumable(config, workdir: str) -> None:
     listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
     raise errors.WorkdirError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
                      "settings to continue it, or pick a new --workdir for the new ones.")
+
+
+# Settings that act only after pi_0 and its evaluation (the Q-fit, the improvement step, what later rounds deploy
+# and measure): a run branched from another run's pi_0 (branch_from) may choose them anew.
+BRANCHABLE = RESUMABLE_CHANGES + ("qfit", "ppo", "group", "inner", "gamma", "loop.first_data", "loop.conversations",
+                                  "loop.deploy_temperature", "loop.explore_turns", "loop.rank_states",
+                                  "loop.rank_policy_samples", "loop.rank_rollouts", "loop.true_q_states",
+                                  "loop.true_q_rollouts", "baselines")
+_BRANCH_PHASES = ("sft", "eval/0", "reference")  # what a branch keeps of its source's progress
+_BRANCH_FILES = ("tokenizer", os.path.join("data", "behavior.jsonl"), os.path.join("data", "eval_0.jsonl"),
+                 os.path.join("checkpoints", "policy", "0"))
+
+
+def branch_from(source: str, config, workdir: str) -> bool:
+  """Starts the run in `workdir` from the pi_0 of the run in `source`, so that settings of later phases can be
+  compared from the same pi_0 (paired, without repeating the SFT).
+
+  Copies the source's tokenizer, the behaviour logs pi_0 was cloned from, pi_0's checkpoint and evaluation and
+  the scripted references, and writes `config` as the new run's config; the loop then resumes after pi_0's
+  evaluation. Every setting but BRANCHABLE must equal the source's. A `workdir` that already holds a run is left
+  as it is (returns False: the caller resumes it, check_resumable judging its settings).
+
+  Raises:
+    errors.WorkdirError: the source lacks pi_0 or its evaluation, or a setting that shapes them differs (each
+      named with the source's value and the new one); nothing is written then.
+  """
+  held = os.path.exists(os.path.join(workdir, "config.json"))
+  distributed.barrier("branch_from/check")  # every process has looked before process 0 writes anything
+  if held:
+    return False
+  src_config = os.path.join(source, "config.json")
+  try:
+    with open(src_config) as f:
+      saved = _flat(json.load(f))
+    with open(os.path.join(source, "progress.json")) as f:
+      progress = json.load(f)
+  except (OSError, ValueError) as e:
+    raise errors.WorkdirError(f"--branch_from={source}: not a loop run's workdir ({type(e).__name__}: {e})") from e
+  missing = [p for p in _BRANCH_PHASES if p not in progress] + [
+      f for f in _BRANCH_FILES if not os.path.exists(os.path.join(source, f))]
+  if missing:
+    raise errors.WorkdirError(f"--branch_from={source}: the run has not completed pi_0 and its evaluation (missing: "
+                              f"{', '.join(missing)}); rerun it until eval/0 is done, or branch from another run")
+  now = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in BRANCHABLE)]
+  if changed:
+    listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+    raise errors.WorkdirError(f"--branch_from={source}: these settings shape pi_0 or its evaluation and differ from "
+                              f"{src_config} ({listed}); a branch may change only later phases' settings "
+                              f"({', '.join(BRANCHABLE)})")
+  if not distributed.is_writer():  # process 0 copies into the (shared) workdir; the others wait for it
+    distributed.barrier("branch_from")
+    return True
+  os.makedirs(workdir, exist_ok=True)
+  for rel in _BRANCH_FILES:
+    src, dst = os.path.join(source, rel), os.path.join(workdir, rel)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.isdir(src):
+      shutil.copytree(src, dst, dirs_exist_ok=True)
+    else:
+      shutil.copy2(src, dst)
+  rows = []
+  if os.path.exists(os.path.join(source, metrics_lib.METRICS_FILENAME)):  # pi_0's rows; its time is the source's
+    with open(os.path.join(source, metrics_lib.METRICS_FILENAME)) as f:
+      for line in f:
+        row = json.loads(line)
+        if row.get("phase") in ("data", "sft") or (row.get("phase") == "eval" and row.get("iteration") == 0):
+          rows.append(line if line.endswith("\n") else line + "\n")
+  io_utils.atomic_write_text(os.path.join(workdir, metrics_lib.METRICS_FILENAME), "".join(rows))
+  io_utils.atomic_write_json(os.path.join(workdir, "progress.json"),
+                             {**{p: progress[p] for p in _BRANCH_PHASES}, "branched_from": os.path.abspath(source)})
+  # last: a config.json marks a workdir as holding a run, so an interrupted copy is simply redone
+  io_utils.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  distributed.barrier("branch_from")
+  return True
 
 
 def read_run_env(workdir: str) -> dict:

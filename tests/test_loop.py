@@ -144,6 +144,46 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
     workdir_lib.check_resumable(c, workdir)
 
 
+def test_branch_from_a_runs_pi0(full_run, tmp_path):
+  """--branch_from: a run that starts from another run's pi_0. With the same settings it reproduces the source's
+  pi_1 bit for bit (so it needs nothing else of the source); settings that shape pi_0 are refused."""
+  source, _ = full_run
+  same = str(tmp_path / "same")
+  assert workdir_lib.branch_from(source, tiny_config(), same)
+  summary = loop.run(tiny_config(iterations=1), same)
+  for a, b in zip(final_policy(source, 1), final_policy(same, 1)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with open(os.path.join(source, "progress.json")) as f:
+    assert summary["iterations"][0] == json.load(f)["eval/0"]
+  # pi_0 was not trained again: its SFT rows are the source's, copied once
+  rows = lambda wd: [r for r in metrics_lib.read_metrics(os.path.join(wd, "metrics.jsonl"))  # noqa: E731
+                    if r.get("phase") == "sft"]
+  assert rows(same) == rows(source) and rows(same)
+  # a later phase's setting may change: a branch with another KL coefficient gets another pi_1
+  other = tiny_config(iterations=1)
+  other.ppo.kl_coef = 0.5
+  workdir = str(tmp_path / "other")
+  workdir_lib.branch_from(source, other, workdir)
+  loop.run(other, workdir)
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(final_policy(source, 1), final_policy(workdir, 1)))
+  assert not workdir_lib.branch_from(source, other, workdir)  # a workdir holding a run is resumed, not copied over
+  # settings that shape pi_0 or its evaluation are refused, naming each, and nothing is written
+  bad = tiny_config()
+  bad.sft.steps += 1
+  bad.loop.eval_conversations += 1
+  with pytest.raises(errors.WorkdirError, match=r"loop\.eval_conversations: (\d+) -> \d+; sft\.steps: (\d+) -> \d+\)"):
+    workdir_lib.branch_from(source, bad, str(tmp_path / "bad"))
+  assert not os.path.exists(tmp_path / "bad")
+  # a source that has not evaluated pi_0 yet is refused
+  partial = str(tmp_path / "partial")
+  shutil.copytree(source, partial)
+  with open(os.path.join(partial, "progress.json"), "w") as f:
+    json.dump({"sft": True}, f)
+  with pytest.raises(errors.WorkdirError, match="missing: eval/0, reference"):
+    workdir_lib.branch_from(partial, tiny_config(), str(tmp_path / "from_partial"))
+
+
 @pytest.mark.slow
 def test_qfit_steps_selected_by_the_logs_only_ranking(tmp_path):
   """qfit.select_every: Q_0 is fitted in chunks, each scored on held-out randomised turns; the best is kept."""
