@@ -66,6 +66,15 @@ def _flat(tree, prefix=""):
   return out
 
 
+def _changed(saved: dict, config, allowed: tuple[str, ...]) -> str:
+  """'key: old -> new; ...' for each setting of `config` that differs from the flat `saved` one and is not under a
+  prefix in `allowed`; '' if none."""
+  now = _flat(json.loads(config.to_json_best_effort()))
+  changed = [k for k in sorted(set(saved) | set(now))
+             if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in allowed)]
+  return "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+
+
 def check_resumable(config, workdir: str) -> None:
   """Refuses, before anything is written, to continue the run in `workdir` under other settings.
 
@@ -87,11 +96,8 @@ def check_resumable(config, workdir: str) -> None:
       saved = _flat(json.load(f))
   except (OSError, ValueError) as e:
     raise errors.WorkdirError(f"{path}: not a readable run config ({e}); pick a new --workdir") from e
-  now = _flat(json.loads(config.to_json_best_effort()))
-  changed = [k for k in sorted(set(saved) | set(now))
-             if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in RESUMABLE_CHANGES)]
-  if changed:
-    listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+  listed = _changed(saved, config, RESUMABLE_CHANGES)
+  if listed:
     raise errors.WorkdirError(f"{path} holds a run begun with other settings ({listed}). Rerun with the run's own "
                      "settings to continue it, or pick a new --workdir for the new ones.")
 
@@ -137,11 +143,8 @@ def branch_from(source: str, config, workdir: str) -> bool:
   if missing:
     raise errors.WorkdirError(f"--branch_from={source}: the run has not completed pi_0 and its evaluation (missing: "
                               f"{', '.join(missing)}); rerun it until eval/0 is done, or branch from another run")
-  now = _flat(json.loads(config.to_json_best_effort()))
-  changed = [k for k in sorted(set(saved) | set(now))
-             if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in BRANCHABLE)]
-  if changed:
-    listed = "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+  listed = _changed(saved, config, BRANCHABLE)
+  if listed:
     raise errors.WorkdirError(f"--branch_from={source}: these settings shape pi_0 or its evaluation and differ from "
                               f"{src_config} ({listed}); a branch may change only later phases' settings "
                               f"({', '.join(BRANCHABLE)})")
