@@ -243,3 +243,23 @@ def test_a_declined_deal_ends_as_no_deal_and_reads_back(behaviour_sr, tmp_path):
   share = sum(r.end_reason == "no_deal" for r in behaviour_sr) / len(behaviour_sr)
   assert summary["end/no_deal"] == pytest.approx(share) and share > 0
   assert sum(v for k, v in summary.items() if k.startswith("end/")) == pytest.approx(1.0)
+
+
+def test_act_key_tells_the_trial_from_its_follow_up(oracle_sr):
+  """A missing feature takes a trial, then a follow-up on it: the tracker's act key says a trial addresses the
+  objection only while none runs and a follow-up only on a running one, as the oracle plays them. (One key for
+  both made the follow-up look better than the trial where none had begun: finding 26.)"""
+  rng = np.random.default_rng(0)
+  seen = {"none": 0, "running": 0}
+  for r in oracle_sr:
+    for i in r.agent_steps():
+      v = negotiation.visible_facts(r.turns[:i])
+      if v.objection != "feature" or v.trial not in seen:
+        continue
+      seen[v.trial] += 1
+      trial = negotiation.act_key(r.turns[:i], negotiation.business_text(negotiation.Act("offer_trial"), rng))
+      follow = negotiation.act_key(r.turns[:i], negotiation.business_text(negotiation.Act("follow_up"), rng))
+      assert trial == ("offer_trial", v.trial == "none") and follow == ("follow_up", v.trial == "running")
+      # the oracle's own act is the one that addresses it
+      assert negotiation.act_key(r.turns[:i], negotiation.business_text(negotiation.oracle_act(v), rng))[1] is True
+  assert seen["none"] > 20 and seen["running"] > 20, seen

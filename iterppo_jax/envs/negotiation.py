@@ -460,8 +460,9 @@ def dialogue_state(turns) -> tuple:
 def act_key(turns, text: str) -> tuple:
   """A suggestion's act by its fit to the transcript: any question as the next requirement not shown yet, one
   already answered or a later one; a plan that fits the team shown (or a guess before it is); a concession
-  against the discount the budget needs (when both are shown) and above the last one or not; an answer or a
-  trial as addressing the open objection or not. '' (or conversation.ABSTAIN_TEXT) is abstaining."""
+  against the discount the budget needs (when both are shown) and above the last one or not; an answer, a
+  trial or a follow-up as addressing the open objection or not (a trial only while none runs, a follow-up only
+  on a running one). '' (or conversation.ABSTAIN_TEXT) is abstaining."""
   act = parse_business("" if text == conv_lib.ABSTAIN_TEXT else text)
   v = visible_facts(turns)
   if act.kind.startswith("ask_"):
@@ -483,7 +484,11 @@ def act_key(turns, text: str) -> tuple:
   handles = {"answer_competitor": "competitor", "answer_legal": "legal", "offer_trial": "feature",
              "follow_up": "feature"}
   if act.kind in handles:
-    return act.kind, v.objection == handles[act.kind]
+    # A missing feature is answered in two steps, as the oracle does: a trial while none runs, then the follow-up
+    # on it. Without the trial's state one cell held both (finding 26): the follow-up's value after a trial made
+    # it look better than the trial where none had begun, and the loop stopped offering trials.
+    step = {"offer_trial": v.trial == "none", "follow_up": v.trial == "running"}.get(act.kind, True)
+    return act.kind, v.objection == handles[act.kind] and step
   return (act.kind,)
 
 
