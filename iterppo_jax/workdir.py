@@ -136,6 +136,9 @@ def branch_from(source: str, config, workdir: str) -> bool:
       saved = _flat(json.load(f))
     with open(os.path.join(source, "progress.json")) as f:
       progress = json.load(f)
+    metrics_file = os.path.join(source, metrics_lib.METRICS_FILENAME)  # pi_0's rows; its time is the source's
+    rows = [r for r in (metrics_lib.read_metrics(metrics_file) if os.path.exists(metrics_file) else [])
+            if r.get("phase") in ("data", "sft") or (r.get("phase") == "eval" and r.get("iteration") == 0)]
   except (OSError, ValueError) as e:
     raise errors.WorkdirError(f"--branch_from={source}: not a loop run's workdir ({type(e).__name__}: {e})") from e
   missing = [p for p in _BRANCH_PHASES if p not in progress] + [
@@ -159,14 +162,8 @@ def branch_from(source: str, config, workdir: str) -> bool:
       shutil.copytree(src, dst, dirs_exist_ok=True)
     else:
       shutil.copy2(src, dst)
-  rows = []
-  if os.path.exists(os.path.join(source, metrics_lib.METRICS_FILENAME)):  # pi_0's rows; its time is the source's
-    with open(os.path.join(source, metrics_lib.METRICS_FILENAME)) as f:
-      for line in f:
-        row = json.loads(line)
-        if row.get("phase") in ("data", "sft") or (row.get("phase") == "eval" and row.get("iteration") == 0):
-          rows.append(line if line.endswith("\n") else line + "\n")
-  io_utils.atomic_write_text(os.path.join(workdir, metrics_lib.METRICS_FILENAME), "".join(rows))
+  io_utils.atomic_write_text(os.path.join(workdir, metrics_lib.METRICS_FILENAME),
+                             "".join(json.dumps(r) + "\n" for r in rows))
   io_utils.atomic_write_json(os.path.join(workdir, "progress.json"),
                              {**{p: progress[p] for p in _BRANCH_PHASES}, "branched_from": os.path.abspath(source)})
   # last: a config.json marks a workdir as holding a run, so an interrupted copy is simply redone
