@@ -65,10 +65,13 @@ def markdown(t: dict) -> str:
             "| Q_k | top-1 (chance) | Spearman | gain of Q's pick (best possible) | truth reliability | "
             "logs-only corr(A, G) | deployed conversion |", "|---|---|---|---|---|---|---|"]
   for k, r in enumerate(t["ranking"]):
-    lines.append(f"| Q_{k} | {r['rank_top1'][0]:.2f} ({r['rank_top1_chance'][0]:.2f}) | {r['rank_spearman'][0]:+.2f} | "
-                 f"{r['rank_pick_gain'][0]:+.3f} ({r['rank_best_gain'][0]:.3f}) | "
-                 f"{r['rank_truth_reliability'][0]:.2f} | {r['logged_adv_corr'][0]:+.2f} | "
-                 f"{r['deployed_conversion'][0]:.3f} |")
+    v = lambda m, spec: "-" if np.isnan(r[m][0]) else format(r[m][0], spec)  # noqa: E731  (-: not measured)
+    lines.append(f"| Q_{k} | {v('rank_top1', '.2f')} ({v('rank_top1_chance', '.2f')}) | {v('rank_spearman', '+.2f')} | "
+                 f"{v('rank_pick_gain', '+.3f')} ({v('rank_best_gain', '.3f')}) | "
+                 f"{v('rank_truth_reliability', '.2f')} | {v('logged_adv_corr', '+.2f')} | "
+                 f"{v('deployed_conversion', '.3f')} |")
+  if any(np.isnan(r["rank_top1"][0]) for r in t["ranking"]):
+    lines += ["", "-: not measured (a run without loop.rank_states, or a Q_k without logs that allow it)"]
   return "\n".join(lines)
 
 

@@ -37,3 +37,11 @@ def test_one_iteration_lists_its_gain_once():
   runs = [_summary([0.10, 0.20]), _summary([0.12, 0.18]), _summary([0.08, 0.16])]
   text = seeds_summary.markdown(seeds_summary.summarize(runs, ["s0", "s1", "s2"]))
   assert text.count("| pi_1 - pi_0 |") == 1
+
+
+def test_unmeasured_ranking_prints_a_dash_not_nan():
+  runs = [_summary([0.10, 0.20]), _summary([0.12, 0.18])]
+  for r in runs:
+    r["q_ranking"] = [{"logged_adv_corr": 0.2, "deployed_conversion": 0.1}]  # a run with loop.rank_states=0
+  text = seeds_summary.markdown(seeds_summary.summarize(runs, ["s0", "s1"]))
+  assert "nan" not in text and "| Q_0 | - (-) | - |" in text and "+0.20" in text and "-: not measured" in text
