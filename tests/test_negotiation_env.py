@@ -248,7 +248,8 @@ def test_a_declined_deal_ends_as_no_deal_and_reads_back(behaviour_sr, tmp_path):
 def test_act_key_tells_the_trial_from_its_follow_up(oracle_sr):
   """A missing feature takes a trial, then a follow-up on it: the tracker's act key says a trial addresses the
   objection only while none runs and a follow-up only on a running one, as the oracle plays them. (One key for
-  both made the follow-up look better than the trial where none had begun: finding 26.)"""
+  both made the follow-up look better than the trial where none had begun: finding 26.) The state key carries
+  the trial's phase too."""
   rng = np.random.default_rng(0)
   seen = {"none": 0, "running": 0}
   for r in oracle_sr:
@@ -260,6 +261,8 @@ def test_act_key_tells_the_trial_from_its_follow_up(oracle_sr):
       trial = negotiation.act_key(r.turns[:i], negotiation.business_text(negotiation.Act("offer_trial"), rng))
       follow = negotiation.act_key(r.turns[:i], negotiation.business_text(negotiation.Act("follow_up"), rng))
       assert trial == ("offer_trial", v.trial == "none") and follow == ("follow_up", v.trial == "running")
+      # the state says which step is due (one state for both mixed the two steps' values in one cell)
+      assert negotiation.dialogue_state(r.turns[:i])[1] == f"feature/trial {v.trial}"
       # the oracle's own act is the one that addresses it
       assert negotiation.act_key(r.turns[:i], negotiation.business_text(negotiation.oracle_act(v), rng))[1] is True
   assert seen["none"] > 20 and seen["running"] > 20, seen

@@ -449,12 +449,14 @@ def candidate_acts(v: Visible) -> list[Act]:
 
 def dialogue_state(turns) -> tuple:
   """The transcript's state as a small key, from its text alone (visible_facts): the next requirement not shown
-  yet, the open objection, a plan accepted, and the next blocker once it is (security review, approver call,
-  the call's follow-up)."""
+  yet, the open objection (a missing feature with its trial's phase: the oracle offers a trial while none runs
+  and follows up on a running one), a plan accepted, and the next blocker once it is (security review, approver
+  call, the call's follow-up)."""
   v = visible_facts(turns)
   blocker = ("security" if v.security and not v.security_done else "call" if v.approver and v.call == "none"
              else "follow_up" if v.call == "scheduled" else None)
-  return next_requirement(v), v.objection, v.accepted_plan is not None, blocker
+  objection = f"feature/trial {v.trial}" if v.objection == "feature" else v.objection
+  return next_requirement(v), objection, v.accepted_plan is not None, blocker
 
 
 def act_key(turns, text: str) -> tuple:
