@@ -125,7 +125,8 @@ def get_config(arg=None):
   c.qfit.select_every = 0
   c.qfit.targets = "unbiased"  # | all | explored (the randomised turns alone)
   # dialogue_state: pseudo-count m of the cells' shrinkage toward a prior (q_table.py; 0: plain cell means) made
-  # of the act's mean Q ('act') or the state's mean plus the act's offset ('additive'). m = 5 toward 'additive'
+  # of the act's mean Q ('act'), the state's mean plus the act's offset ('additive') or the two-way fit of state
+  # and act effects ('twoway', the act's effect within its states). m = 5 toward 'additive'
   # ranked pi_k's actions better than plain means in 6 of 6 (seed, k) against a precise truth (Spearman +0.01 to
   # +0.10; docs/results.md, finding 14); the other domains keep plain means, as their results were measured.
   c.qfit.shrink = 5.0

@@ -268,3 +268,24 @@ def test_shrinkage_pulls_rare_cells_to_their_prior():
   assert add == pytest.approx({s0a: (2 + 2 / 3 + 1 / 4) / 3, s1a: (2 / 3 - 1 / 4) / 2, s1b: (1 + 3 / 4) / 2})
   with pytest.raises(ValueError, match="shrink"):
     q_table.fit_mc(ds, shrink=-1.0)
+
+
+def test_twoway_prior_measures_an_act_within_its_states():
+  """'close' is played 20 times where deals are near (0.6, as good as the other act there) and once where an
+  objection is open (0.0 there, against 0.2 for answering it). Toward state mean + act offset, close's offset
+  carries its states' value and the one-off close cell tops the bad state; toward the two-way fit (the act's
+  effect measured within its states: none), the answer keeps the top."""
+  D = q_table.Decision
+  ds = []
+  for i in range(20):  # near a deal: close and propose both 0.6 on average
+    ds.append(D(("near",), ("close",), ("close",), float(i % 5 < 3), -1, float(i % 5 < 3), True, f"c{i}"))
+    ds.append(D(("near",), ("propose",), ("propose",), float(i % 5 < 3), -1, float(i % 5 < 3), True, f"p{i}"))
+  for i in range(20):  # an objection open: answering it converts 0.2, proposing 0.1
+    ds.append(D(("open",), ("answer",), ("answer",), float(i % 5 == 0), -1, float(i % 5 == 0), True, f"a{i}"))
+    ds.append(D(("open",), ("propose",), ("propose",), float(i % 10 == 0), -1, float(i % 10 == 0), True, f"q{i}"))
+  ds.append(D(("open",), ("close",), ("close",), 0.0, -1, 0.0, True, "x"))
+  top = lambda t: max((a for s, a in t.cells if s == ("open",)), key=lambda a: t.cells[(("open",), a)][0])  # noqa: E731
+  assert top(q_table.fit_mc(ds, shrink=5.0, shrink_to="additive")) == ("close",)
+  twoway = q_table.fit_sarsa(ds, GAMMA, shrink=5.0, shrink_to="twoway")
+  assert top(twoway) == ("answer",)
+  assert twoway.cells[(("open",), ("close",))][0] < twoway.cells[(("open",), ("answer",))][0]

@@ -70,6 +70,13 @@ for _share in (25, 50):
 VARIANTS["table_shrink_add_5"] = ("dialogue-state table, SARSA, cells shrunk to state mean + act offset (m = 5)",
                                   {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": 5.0,
                                    "qfit.shrink_to": "additive"})
+# The two shrinkage priors side by side on D_k alone (no pooled logs, so no pi_k samples to draw): the act's
+# offset from all cells ('additive') against its effect within the states it was played in ('twoway').
+for _prior in ("additive", "twoway"):
+  VARIANTS[f"table_{_prior}_5_dk"] = (f"dialogue-state table, SARSA on D_k alone, cells shrunk to the {_prior} "
+                                      "prior (m = 5)", {"qfit.view": "dialogue_state", "qfit.method": "td",
+                                                        "qfit.shrink": 5.0, "qfit.shrink_to": _prior,
+                                                        "qfit.pool": 0})
 
 
 def read_run_config(wd: str) -> dict:
