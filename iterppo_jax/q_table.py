@@ -22,8 +22,8 @@ ties. With `shrink` = m > 0 a cell seen n times is the posterior mean of a pseud
 plus its act's offset from the mean of all ('additive'), or the two-way fit mean + state effect + act effect
 weighted by the cells' counts ('twoway': an act's effect measured within the states it was played in, where
 'additive' credits an act, e.g. a close played mostly where deals are near, with its states' values). A cell
-logged once or twice then no longer tops a state on one lucky outcome. The table is JSON (workdir/checkpoints/qtable/<k>.json), so a resumed run reads back the
-same Q.
+logged once or twice then no longer tops a state on one lucky outcome. The table is JSON
+(workdir/checkpoints/qtable/<k>.json), so a resumed run reads back the same Q.
 """
 
 from __future__ import annotations
@@ -186,12 +186,12 @@ class _Shrinkage:
     if self.m == 0:
       return sums / self.counts
     if self.prior == "twoway":
-      return (sums + self.m * self._twoway(sums)) / (self.counts + self.m)
-    prior = self._pooled(self.cell_act, sums)
-    if self.prior == "additive":
-      prior = prior + self._pooled(self.cell_state, sums) - float(np.sum(sums) / np.sum(self.counts))
+      prior = self._twoway(sums)
+    else:
+      prior = self._pooled(self.cell_act, sums)
+      if self.prior == "additive":
+        prior = prior + self._pooled(self.cell_state, sums) - float(np.sum(sums) / np.sum(self.counts))
     return (sums + self.m * prior) / (self.counts + self.m)
-
 
   def _twoway(self, sums: np.ndarray) -> np.ndarray:
     """mean + state effect + act effect, the least-squares fit to the cell means weighted by their counts
