@@ -21,7 +21,7 @@ def run(tmp_path):
   wd = tmp_path / "run"
   (wd / "data").mkdir(parents=True)
   (wd / "checkpoints" / "qtable").mkdir(parents=True)
-  (wd / "config.json").write_text(json.dumps({"env": {"domain": "sales"}}))
+  (wd / "config.json").write_text(json.dumps({"env": {"domain": "sales"}, "ppo": {"kl_coef": 0.05}}))
   for k, name in enumerate(("behavior", "oracle")):
     records = env.play(registry.make_policy(c.env.domain, name, c.env), 12, seed=k)
     with open(wd / "data" / f"eval_{k}.jsonl", "w") as f:
@@ -48,6 +48,38 @@ def test_rows_count_acts_and_q_on_both_policies(run):
       str(run / "data" / "eval_1.jsonl"))]))
   text = policy_shift.table(rows)
   assert text.count("\n| ") == 2 and "| 1 |" in text and "| - | - | - |" in text
+
+
+def test_tilt_raise_in_closed_form():
+  beta = 0.1
+  # one state with two equally likely acts valued 0 and 1: the tilt puts e^(1/beta) / (1 + e^(1/beta)) on the
+  # better one; a state with one act cannot be raised; means are weighted by decisions
+  w = np.exp(1 / beta) / (1 + np.exp(1 / beta))
+  sd, raise_ = policy_shift.tilt_raise([np.array([0.0, 1.0]), np.array([0.3, 0.3, 0.3, 0.3])], beta)
+  assert sd == pytest.approx(2 * 0.5 / 6)
+  assert raise_ == pytest.approx(2 * (w - 0.5) / 6)
+  # a larger beta raises less, and the raise tends to Var / beta for small spreads
+  q = [np.array([0.0, 0.01, 0.02])]
+  assert policy_shift.tilt_raise(q, 0.2)[1] < policy_shift.tilt_raise(q, 0.02)[1]
+  assert policy_shift.tilt_raise(q, 1.0)[1] == pytest.approx(np.var(q[0]) / 1.0, rel=0.02)
+  # stable where Q / beta overflows exp
+  assert policy_shift.tilt_raise([np.array([0.0, 1000.0])], 1e-3)[1] == pytest.approx(500.0)
+
+
+def test_rows_give_the_exact_steps_raise_at_the_runs_beta_or_another(run):
+  rows = policy_shift.shift_rows(str(run))
+  q = q_table.TableQ.load(str(run / "checkpoints" / "qtable" / "0.json"), sales.dialogue_state, sales.act_key)
+  by_state = {}
+  for r in conv_lib.read_jsonl(str(run / "data" / "eval_0.jsonl")):
+    for i, t in enumerate(r.turns):
+      if t.role == "suggestion":
+        by_state.setdefault(repr(sales.dialogue_state(r.turns[:i])), []).append(q.score(r.turns[:i], t.text))
+  sd, raise_ = policy_shift.tilt_raise(list(by_state.values()), 0.05)
+  assert rows[0]["beta"] == 0.05 and rows[0]["tilt_raise"] == pytest.approx(raise_) and raise_ > 0
+  assert rows[0]["q_sd_in_state"] == pytest.approx(sd) and sd > 0
+  assert f"| {raise_:+.3f} (0.05) | {sd:.3f} |" in policy_shift.table(rows)
+  wider = policy_shift.shift_rows(str(run), beta=0.5)[0]
+  assert wider["beta"] == 0.5 and 0 < wider["tilt_raise"] < raise_
 
 
 def test_oracle_agreement_overall_per_act_and_for_the_staffs_logs(run):

@@ -8,15 +8,19 @@ For a loop run with the dialogue-state Q-model (qfit.view=dialogue_state), per i
   * Q_k's own objective: the mean of Q_k over pi_k's evaluation decisions and over pi_{k+1}'s. The improvement
     step maximises E_{a~pi}[Q_k(s, a)] - beta KL(pi || pi_k); a step that does not raise the first term moved the
     policy along directions Q_k does not prefer (docs/results.md, finding 15). pi_{k+1}'s states differ from
-    pi_k's, so the difference also holds the state shift: read it next to the run's true-Q ranking measures.
+    pi_k's, so the difference also holds the state shift: read it next to the run's true-Q ranking measures;
+  * how far the step can climb Q_k at all: the spread of Q_k over pi_k's acts at one tracker state, and the raise
+    of Q_k's mean that the step's exact solution pi_k exp(Q_k / beta) / Z would give (tilt_raise; finding 29). A
+    raise far under Q_k's spread says that beta (ppo.kl_coef) is large for this Q's scale.
 
-Reads only workdir/data/{eval_<k>,behavior}.jsonl and workdir/checkpoints/qtable/<k>.json (nothing is refitted or
+Reads only workdir/{config.json,data/{eval_<k>,behavior}.jsonl,checkpoints/qtable/<k>.json} (nothing is refitted or
 played).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import numpy as np
@@ -52,11 +56,39 @@ def oracle_agreement(domain: str, decisions) -> tuple[float, dict[str, tuple[int
   return (float(np.mean(every)) if every else float("nan")), by_act
 
 
-def shift_rows(workdir: str, top_acts: int = 6) -> list[dict]:
+def tilt_raise(q_by_state: list[np.ndarray], beta: float) -> tuple[float, float]:
+  """(s.d. of Q_k within a state, raise of E[Q_k] by the exact step), each a mean over decisions.
+
+  q_by_state holds, per state, Q_k of each of pi_k's decisions there; their empirical distribution stands for
+  pi_k(.|s) (coarse where the state is the tracker's, which is what Q_k reads). At each state the improvement
+  step's exact solution pi_k(a) exp(Q_k(a) / beta) / Z raises E[Q_k] by E_tilt[Q_k] - E_pi_k[Q_k] >= 0.
+  """
+  total = sd = raise_ = 0.0
+  for q in q_by_state:
+    q = np.asarray(q, np.float64)
+    w = np.exp((q - q.max()) / beta)  # stable: the largest weight is 1
+    total += len(q)
+    sd += len(q) * float(q.std())
+    raise_ += len(q) * (float((w * q).sum() / w.sum()) - float(q.mean()))
+  return (sd / total, raise_ / total) if total else (float("nan"), float("nan"))
+
+
+def _beta(workdir: str) -> float | None:
+  """The run's ppo.kl_coef from its config.json (None where it is not there)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      return float(json.load(f)["ppo"]["kl_coef"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def shift_rows(workdir: str, top_acts: int = 6, beta: float | None = None) -> list[dict]:
   """One row per iteration k that has eval_<k> (and, for the Q columns, qtable/<k> and eval_<k+1>), after a row
-  k = 'staff' for the staff's logs (data/behavior.jsonl) where the run has them."""
+  k = 'staff' for the staff's logs (data/behavior.jsonl) where the run has them; the exact step's raise at
+  `beta` (default: the run's ppo.kl_coef)."""
   domain = workdir_lib.read_run_env(workdir)["domain"]
   state_fn, act_fn = registry.tracker(domain)
+  beta = beta or _beta(workdir)
 
   def logs(name):
     try:
@@ -89,6 +121,12 @@ def shift_rows(workdir: str, top_acts: int = 6) -> list[dict]:
       q = q_table.TableQ.load(q_path, state_fn, act_fn)
       row["q_on_pi_k"] = float(np.mean([q.score(t, x) for t, x in decisions]))
       row["q_on_pi_next"] = float(np.mean([q.score(t, x) for t, x in _decisions(following)]))
+      if beta:
+        by_state = collections.defaultdict(list)
+        for t, x in decisions:
+          by_state[repr(state_fn(t))].append(q.score(t, x))
+        row["beta"] = beta
+        row["q_sd_in_state"], row["tilt_raise"] = tilt_raise(list(by_state.values()), beta)
     rows.append(row)
     k, records = k + 1, following
   return rows
@@ -96,10 +134,13 @@ def shift_rows(workdir: str, top_acts: int = 6) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
   lines = ["| k | conversion of pi_k | acts the oracle's | Q_k over pi_k's decisions | over pi_{k+1}'s | change | "
-           "pi_k's acts (share) |", "|---|---|---|---|---|---|---|"]
+           "the exact step's raise (beta) | Q_k's s.d. in a state | pi_k's acts (share) |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     q = (f"{r['q_on_pi_k']:.3f} | {r['q_on_pi_next']:.3f} | {r['q_on_pi_next'] - r['q_on_pi_k']:+.3f}"
          if "q_on_pi_k" in r else "- | - | -")
+    q += (f" | {r['tilt_raise']:+.3f} ({r['beta']:g}) | {r['q_sd_in_state']:.3f}" if "tilt_raise" in r
+          else " | - | -")
     acts = ", ".join(f"{a} {v:.2f}" for a, v in r["act_share"].items())
     lines.append(f"| {r['k']} | {r['conversion']:.3f} | {r['oracle_agreement']:.2f} | {q} | {acts} |")
   return "\n".join(lines)
