@@ -502,6 +502,22 @@ def _table_scorer(table: q_table.TableQ):
   return lambda turns, prompts, actions: table.score_many(list(zip(turns, actions)))
 
 
+def _step_reach(run: Run, table: q_table.TableQ, records, examples) -> dict[str, float]:
+  """Q_k's spread over pi_k's logged suggestions within a tracker state (the randomised turns left out) and the
+  raise of E[Q_k] the improvement step's exact solution gives at the inner solver's beta (q_ranking.step_raise;
+  docs/results.md, finding 29): a raise far under the spread says beta is large for this Q's scale."""
+  state_fn, _ = run.domain.tracker()
+  by_id = {r.id: r for r in records}
+  own = [e for e in examples if not e.explored]
+  turns = [data_lib.turns_before(by_id[e.conversation_id], e) for e in own]
+  by_state = {}
+  for t, q in zip(turns, table.score_many(list(zip(turns, [e.suggestion for e in own])))):
+    by_state.setdefault(repr(state_fn(t)), []).append(q)
+  beta = solvers.SOLVERS[run.config.inner].config(run.config).kl_coef
+  sd, raise_ = q_ranking.step_raise(list(by_state.values()), beta)
+  return {"q_sd_in_state": sd, "step_raise": raise_}
+
+
 def _held_out(examples) -> np.ndarray:
   """[N] bool: the examples of the held-out conversations (the last tenth, whole), for the Q-fit's diagnostics."""
   conv_ids = sorted({e.conversation_id for e in examples})
@@ -591,6 +607,8 @@ def fit_q_table(run: Run, k: int, records, policy_params):
                                else sum(d.target_valid for d in train))  # the decisions the table averages
   metrics["table_cells"] = len(table.cells)
   metrics.update(metrics_pool)
+  if run.log_name(k) == f"iter_{k}":  # D_k holds pi_k's own suggestions: how far the step can climb Q_k
+    metrics.update(_step_reach(run, table, records, examples))
   _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
   if distributed.is_writer():
     table.save(path)

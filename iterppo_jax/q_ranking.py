@@ -13,6 +13,10 @@ Two measures:
   uniformly from C logged candidates, Q_k scores every candidate; corr(A_k(s, a), G) with A_k = Q_k(s, a) minus
   the candidates' mean, and an unbiased inverse-propensity estimate of Q^{pi_k}(s, pick) - mean(G). A user with
   real logs and no simulator can watch these.
+
+And how far the step can climb Q_k at all (`step_raise`): Q_k's spread over pi_k's acts within a state, and the
+raise of E[Q_k] that the step's exact solution gives at beta. beta is on Q's scale: where Q_k's differences are a
+hundredth (a long conversation's distant outcome), beta = 0.1 leaves the policy almost where it was.
 """
 
 from __future__ import annotations
@@ -257,6 +261,24 @@ def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
     pos += len(cs)
   return ActionSet(where=[(r.id, i) for r, i in chosen], prompts=[render_fn(r.turns[:i], r.context) for r, i in chosen],
                    candidates=candidates, source=source, true_q=true_q, true_se=true_se, rollouts=rollouts)
+
+
+def step_raise(q_by_state: Sequence[np.ndarray], beta: float) -> tuple[float, float]:
+  """(s.d. of Q_k within a state, raise of E[Q_k] by the improvement step's exact solution), means over decisions.
+
+  q_by_state holds, per state, Q_k of each of pi_k's decisions there; their empirical distribution stands for
+  pi_k(.|s) (coarse where the state is a tracker's, which is what a dialogue-state Q_k reads). At each state the
+  exact solution pi_k(a) exp(Q_k(a) / beta) / Z raises E[Q_k] by E_tilt[Q_k] - E_pi_k[Q_k] >= 0 (about
+  Var_pi_k(Q_k) / beta for small spreads).
+  """
+  total = sd = raise_ = 0.0
+  for q in q_by_state:
+    q = np.asarray(q, np.float64)
+    w = np.exp((q - q.max()) / beta)  # stable: the largest weight is 1
+    total += len(q)
+    sd += len(q) * float(q.std())
+    raise_ += len(q) * (float((w * q).sum() / w.sum()) - float(q.mean()))
+  return (sd / total, raise_ / total) if total else (float("nan"), float("nan"))
 
 
 def logged_ranking_metrics(q_candidates: Sequence[np.ndarray], taken: Sequence[int],

@@ -7,6 +7,7 @@ import pytest
 
 from iterppo_jax import conversation as conv_lib
 from iterppo_jax import errors
+from iterppo_jax import q_ranking
 from iterppo_jax import q_table
 from iterppo_jax.envs import registry
 from iterppo_jax.envs import sales
@@ -50,22 +51,6 @@ def test_rows_count_acts_and_q_on_both_policies(run):
   assert text.count("\n| ") == 2 and "| 1 |" in text and "| - | - | - |" in text
 
 
-def test_tilt_raise_in_closed_form():
-  beta = 0.1
-  # one state with two equally likely acts valued 0 and 1: the tilt puts e^(1/beta) / (1 + e^(1/beta)) on the
-  # better one; a state with one act cannot be raised; means are weighted by decisions
-  w = np.exp(1 / beta) / (1 + np.exp(1 / beta))
-  sd, raise_ = policy_shift.tilt_raise([np.array([0.0, 1.0]), np.array([0.3, 0.3, 0.3, 0.3])], beta)
-  assert sd == pytest.approx(2 * 0.5 / 6)
-  assert raise_ == pytest.approx(2 * (w - 0.5) / 6)
-  # a larger beta raises less, and the raise tends to Var / beta for small spreads
-  q = [np.array([0.0, 0.01, 0.02])]
-  assert policy_shift.tilt_raise(q, 0.2)[1] < policy_shift.tilt_raise(q, 0.02)[1]
-  assert policy_shift.tilt_raise(q, 1.0)[1] == pytest.approx(np.var(q[0]) / 1.0, rel=0.02)
-  # stable where Q / beta overflows exp
-  assert policy_shift.tilt_raise([np.array([0.0, 1000.0])], 1e-3)[1] == pytest.approx(500.0)
-
-
 def test_rows_give_the_exact_steps_raise_at_the_runs_beta_or_another(run):
   rows = policy_shift.shift_rows(str(run))
   q = q_table.TableQ.load(str(run / "checkpoints" / "qtable" / "0.json"), sales.dialogue_state, sales.act_key)
@@ -74,12 +59,12 @@ def test_rows_give_the_exact_steps_raise_at_the_runs_beta_or_another(run):
     for i, t in enumerate(r.turns):
       if t.role == "suggestion":
         by_state.setdefault(repr(sales.dialogue_state(r.turns[:i])), []).append(q.score(r.turns[:i], t.text))
-  sd, raise_ = policy_shift.tilt_raise(list(by_state.values()), 0.05)
-  assert rows[0]["beta"] == 0.05 and rows[0]["tilt_raise"] == pytest.approx(raise_) and raise_ > 0
+  sd, raise_ = q_ranking.step_raise(list(by_state.values()), 0.05)
+  assert rows[0]["beta"] == 0.05 and rows[0]["step_raise"] == pytest.approx(raise_) and raise_ > 0
   assert rows[0]["q_sd_in_state"] == pytest.approx(sd) and sd > 0
   assert f"| {raise_:+.3f} (0.05) | {sd:.3f} |" in policy_shift.table(rows)
   wider = policy_shift.shift_rows(str(run), beta=0.5)[0]
-  assert wider["beta"] == 0.5 and 0 < wider["tilt_raise"] < raise_
+  assert wider["beta"] == 0.5 and 0 < wider["step_raise"] < raise_
 
 
 def test_oracle_agreement_overall_per_act_and_for_the_staffs_logs(run):

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from configs import sales as sales_config
+from iterppo_jax import conversation as conv_lib
 from iterppo_jax import data as data_lib
 from iterppo_jax import loop
 from iterppo_jax import ppo
+from iterppo_jax import q_ranking
 from iterppo_jax import q_table
 from iterppo_jax.envs import booking
 from iterppo_jax.envs import registry
@@ -102,7 +104,6 @@ def test_monte_carlo_keeps_unbiased_returns_only():
 
 
 def test_json_round_trip_scores_the_same(tmp_path):
-  from iterppo_jax import conversation as conv_lib
   table = q_table.fit_sarsa(chain(), GAMMA)
   path = str(tmp_path / "q.json")
   table.save(path)
@@ -154,6 +155,22 @@ def test_loop_with_the_dialogue_state_q_ranks_and_resumes(tmp_path):
   cells = [m["qfit/table_cells"] for m in metrics if "qfit/table_cells" in m]
   assert len(cells) == config.loop.iterations and min(cells) > 1
   assert any("qfit/rank_top1" in m for m in metrics)
+  # how far the step can climb Q_k, on pi_k's own suggestions of D_k (randomised turns left out), recomputed
+  reach = {m["iteration"]: (m["qfit/q_sd_in_state"], m["qfit/step_raise"]) for m in metrics
+           if "qfit/step_raise" in m}
+  own = [k for k in range(config.loop.iterations) if k or config.loop.first_data == "policy"]
+  assert sorted(reach) == own and own  # not on the staff's logs (the tiny config's D_0)
+  for k, (sd, raise_) in reach.items():
+    records = conv_lib.read_jsonl(os.path.join(workdir, "data", f"iter_{k}.jsonl"))
+    table = q_table.TableQ.load(os.path.join(workdir, "checkpoints", "qtable", f"{k}.json"), sales.dialogue_state,
+                                sales.act_key)
+    by_id, by_state = {r.id: r for r in records}, {}
+    for e in data_lib.examples_from_conversations(records, config.gamma):
+      if not e.explored:
+        turns = data_lib.turns_before(by_id[e.conversation_id], e)
+        by_state.setdefault(repr(sales.dialogue_state(turns)), []).append(table.score(turns, e.suggestion))
+    assert (sd, raise_) == pytest.approx(q_ranking.step_raise(list(by_state.values()), config.ppo.kl_coef))
+    assert sd > 0 and raise_ > 0
   # PPO moved the policy with the table's reward
   assert summary["iterations"][1]["kl_to_pi0"] > 0
   # stopped after the Q-fit of iteration 1, then resumed: the same policy as the uninterrupted run
@@ -226,7 +243,6 @@ def test_q0_on_the_staffs_logs_can_bootstrap_from_pi0s_samples(tmp_path):
 def test_pooling_earlier_logs_bootstraps_from_pi_ks_samples(tmp_path):
   """qfit.pool=-1: Q_1 is also fitted on D_0 (here the behaviour logs), every one of its decisions, with pi_1's
   own samples as the next actions; a mistyped pool is refused up front."""
-  from iterppo_jax import conversation as conv_lib
   config, workdir = _tiny("pooled", tmp_path, **{"qfit.pool": -1, "loop.iterations": 2})
   loop.run(config, workdir)
   metrics = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]

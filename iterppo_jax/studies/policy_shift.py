@@ -10,8 +10,8 @@ For a loop run with the dialogue-state Q-model (qfit.view=dialogue_state), per i
     policy along directions Q_k does not prefer (docs/results.md, finding 15). pi_{k+1}'s states differ from
     pi_k's, so the difference also holds the state shift: read it next to the run's true-Q ranking measures;
   * how far the step can climb Q_k at all: the spread of Q_k over pi_k's acts at one tracker state, and the raise
-    of Q_k's mean that the step's exact solution pi_k exp(Q_k / beta) / Z would give (tilt_raise; finding 29). A
-    raise far under Q_k's spread says that beta (ppo.kl_coef) is large for this Q's scale.
+    of Q_k's mean that the step's exact solution pi_k exp(Q_k / beta) / Z would give (q_ranking.step_raise,
+    finding 29). A raise far under Q_k's spread says that beta (ppo.kl_coef) is large for this Q's scale.
 
 Reads only workdir/{config.json,data/{eval_<k>,behavior}.jsonl,checkpoints/qtable/<k>.json} (nothing is refitted or
 played).
@@ -26,6 +26,7 @@ import os
 import numpy as np
 
 from iterppo_jax import errors
+from iterppo_jax import q_ranking
 from iterppo_jax import q_table
 from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.envs import registry
@@ -54,23 +55,6 @@ def oracle_agreement(domain: str, decisions) -> tuple[float, dict[str, tuple[int
   every = [h for v in hits.values() for h in v]
   by_act = {kind: (len(v), float(np.mean(v))) for kind, v in sorted(hits.items(), key=lambda kv: -len(kv[1]))}
   return (float(np.mean(every)) if every else float("nan")), by_act
-
-
-def tilt_raise(q_by_state: list[np.ndarray], beta: float) -> tuple[float, float]:
-  """(s.d. of Q_k within a state, raise of E[Q_k] by the exact step), each a mean over decisions.
-
-  q_by_state holds, per state, Q_k of each of pi_k's decisions there; their empirical distribution stands for
-  pi_k(.|s) (coarse where the state is the tracker's, which is what Q_k reads). At each state the improvement
-  step's exact solution pi_k(a) exp(Q_k(a) / beta) / Z raises E[Q_k] by E_tilt[Q_k] - E_pi_k[Q_k] >= 0.
-  """
-  total = sd = raise_ = 0.0
-  for q in q_by_state:
-    q = np.asarray(q, np.float64)
-    w = np.exp((q - q.max()) / beta)  # stable: the largest weight is 1
-    total += len(q)
-    sd += len(q) * float(q.std())
-    raise_ += len(q) * (float((w * q).sum() / w.sum()) - float(q.mean()))
-  return (sd / total, raise_ / total) if total else (float("nan"), float("nan"))
 
 
 def _beta(workdir: str) -> float | None:
@@ -126,7 +110,7 @@ def shift_rows(workdir: str, top_acts: int = 6, beta: float | None = None) -> li
         for t, x in decisions:
           by_state[repr(state_fn(t))].append(q.score(t, x))
         row["beta"] = beta
-        row["q_sd_in_state"], row["tilt_raise"] = tilt_raise(list(by_state.values()), beta)
+        row["q_sd_in_state"], row["step_raise"] = q_ranking.step_raise(list(by_state.values()), beta)
     rows.append(row)
     k, records = k + 1, following
   return rows
@@ -139,7 +123,7 @@ def table(rows: list[dict]) -> str:
   for r in rows:
     q = (f"{r['q_on_pi_k']:.3f} | {r['q_on_pi_next']:.3f} | {r['q_on_pi_next'] - r['q_on_pi_k']:+.3f}"
          if "q_on_pi_k" in r else "- | - | -")
-    q += (f" | {r['tilt_raise']:+.3f} ({r['beta']:g}) | {r['q_sd_in_state']:.3f}" if "tilt_raise" in r
+    q += (f" | {r['step_raise']:+.3f} ({r['beta']:g}) | {r['q_sd_in_state']:.3f}" if "step_raise" in r
           else " | - | -")
     acts = ", ".join(f"{a} {v:.2f}" for a, v in r["act_share"].items())
     lines.append(f"| {r['k']} | {r['conversion']:.3f} | {r['oracle_agreement']:.2f} | {q} | {acts} |")
