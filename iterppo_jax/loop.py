@@ -503,9 +503,9 @@ def _table_scorer(table: q_table.TableQ):
 
 
 def _step_reach(run: Run, table: q_table.TableQ, records, examples) -> dict[str, float]:
-  """Q_k's spread over pi_k's logged suggestions within a tracker state (the randomised turns left out) and the
-  raise of E[Q_k] the improvement step's exact solution gives at the inner solver's beta (q_ranking.step_raise;
-  docs/results.md, finding 29): a raise far under the spread says beta is large for this Q's scale."""
+  """q_ranking.step_reach on pi_k's logged suggestions (the randomised turns left out) at the inner solver's beta:
+  Q_k's spread over acts within a tracker state, against that of the states' values (docs/results.md, finding
+  29), and the raise of E[Q_k] the improvement step's exact solution gives."""
   state_fn, _ = run.domain.tracker()
   by_id = {r.id: r for r in records}
   own = [e for e in examples if not e.explored]
@@ -514,8 +514,7 @@ def _step_reach(run: Run, table: q_table.TableQ, records, examples) -> dict[str,
   for t, q in zip(turns, table.score_many(list(zip(turns, [e.suggestion for e in own])))):
     by_state.setdefault(repr(state_fn(t)), []).append(q)
   beta = solvers.SOLVERS[run.config.inner].config(run.config).kl_coef
-  sd, raise_ = q_ranking.step_raise(list(by_state.values()), beta)
-  return {"q_sd_in_state": sd, "step_raise": raise_}
+  return q_ranking.step_reach(list(by_state.values()), beta)
 
 
 def _held_out(examples) -> np.ndarray:

@@ -14,9 +14,9 @@ Two measures:
   the candidates' mean, and an unbiased inverse-propensity estimate of Q^{pi_k}(s, pick) - mean(G). A user with
   real logs and no simulator can watch these.
 
-And how far the step can climb Q_k at all (`step_raise`): Q_k's spread over pi_k's acts within a state, and the
-raise of E[Q_k] that the step's exact solution gives at beta. beta is on Q's scale: where Q_k's differences are a
-hundredth (a long conversation's distant outcome), beta = 0.1 leaves the policy almost where it was.
+And how far the step can climb Q_k at all (`step_reach`): Q_k's spread over pi_k's acts within a state, the
+spread of the state's value that a baseline must remove, and the raise of E[Q_k] that the step's exact solution
+gives at beta.
 """
 
 from __future__ import annotations
@@ -263,22 +263,34 @@ def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
                    candidates=candidates, source=source, true_q=true_q, true_se=true_se, rollouts=rollouts)
 
 
-def step_raise(q_by_state: Sequence[np.ndarray], beta: float) -> tuple[float, float]:
-  """(s.d. of Q_k within a state, raise of E[Q_k] by the improvement step's exact solution), means over decisions.
+def step_reach(q_by_state: Sequence[np.ndarray], beta: float) -> dict[str, float]:
+  """How far the improvement step can climb Q_k, and what its baseline must resolve (means over decisions).
 
   q_by_state holds, per state, Q_k of each of pi_k's decisions there; their empirical distribution stands for
-  pi_k(.|s) (coarse where the state is a tracker's, which is what a dialogue-state Q_k reads). At each state the
-  exact solution pi_k(a) exp(Q_k(a) / beta) / Z raises E[Q_k] by E_tilt[Q_k] - E_pi_k[Q_k] >= 0 (about
-  Var_pi_k(Q_k) / beta for small spreads).
+  pi_k(.|s) (coarse where the state is a tracker's, which is what a dialogue-state Q_k reads). Returns
+    q_sd_in_state: the s.d. of Q_k over pi_k's acts within a state (what the step can choose between);
+    q_sd_of_state_value: the s.d. over decisions of V_k(s) = E_pi_k[Q_k(s, .)]. A baseline (PPO's critic) that
+      misses V_k by more than q_sd_in_state hands the step the state's value as if it were the act's: the acts
+      played in promising states gain (finding 29);
+    step_raise: E_tilt[Q_k] - E_pi_k[Q_k] >= 0, the raise of E[Q_k] by the step's exact solution
+      pi_k(a) exp(Q_k(a) / beta) / Z (about Var_pi_k(Q_k) / beta for small spreads).
   """
   total = sd = raise_ = 0.0
+  values, weights = [], []
   for q in q_by_state:
     q = np.asarray(q, np.float64)
     w = np.exp((q - q.max()) / beta)  # stable: the largest weight is 1
     total += len(q)
     sd += len(q) * float(q.std())
     raise_ += len(q) * (float((w * q).sum() / w.sum()) - float(q.mean()))
-  return (sd / total, raise_ / total) if total else (float("nan"), float("nan"))
+    values.append(float(q.mean()))
+    weights.append(len(q))
+  if not total:
+    return {"q_sd_in_state": float("nan"), "q_sd_of_state_value": float("nan"), "step_raise": float("nan")}
+  values, weights = np.asarray(values), np.asarray(weights, np.float64)
+  mean_v = float((weights * values).sum() / total)
+  return {"q_sd_in_state": sd / total, "step_raise": raise_ / total,
+          "q_sd_of_state_value": float(np.sqrt((weights * (values - mean_v) ** 2).sum() / total))}
 
 
 def logged_ranking_metrics(q_candidates: Sequence[np.ndarray], taken: Sequence[int],

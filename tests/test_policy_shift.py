@@ -59,10 +59,12 @@ def test_rows_give_the_exact_steps_raise_at_the_runs_beta_or_another(run):
     for i, t in enumerate(r.turns):
       if t.role == "suggestion":
         by_state.setdefault(repr(sales.dialogue_state(r.turns[:i])), []).append(q.score(r.turns[:i], t.text))
-  sd, raise_ = q_ranking.step_raise(list(by_state.values()), 0.05)
+  reach = q_ranking.step_reach(list(by_state.values()), 0.05)
+  raise_, sd, sd_v = reach["step_raise"], reach["q_sd_in_state"], reach["q_sd_of_state_value"]
   assert rows[0]["beta"] == 0.05 and rows[0]["step_raise"] == pytest.approx(raise_) and raise_ > 0
   assert rows[0]["q_sd_in_state"] == pytest.approx(sd) and sd > 0
-  assert f"| {raise_:+.3f} (0.05) | {sd:.3f} |" in policy_shift.table(rows)
+  assert rows[0]["q_sd_of_state_value"] == pytest.approx(sd_v) and sd_v > 0
+  assert f"| {raise_:+.3f} (0.05) | {sd:.3f} | {sd_v:.3f} |" in policy_shift.table(rows)
   wider = policy_shift.shift_rows(str(run), beta=0.5)[0]
   assert wider["beta"] == 0.5 and 0 < wider["step_raise"] < raise_
 

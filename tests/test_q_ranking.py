@@ -177,17 +177,20 @@ def test_spearman_ceiling_is_what_the_exact_q_correlates_with_a_noisy_truth():
   assert noisy.spearman_ceiling(seed=1) == noisy.spearman_ceiling(seed=1)
 
 
-def test_step_raise_in_closed_form():
+def test_step_reach_in_closed_form():
   beta = 0.1
   # one state with two equally likely acts valued 0 and 1: the tilt puts e^(1/beta) / (1 + e^(1/beta)) on the
   # better one; a state with one act cannot be raised; means are weighted by decisions
   w = np.exp(1 / beta) / (1 + np.exp(1 / beta))
-  sd, raise_ = q_ranking.step_raise([np.array([0.0, 1.0]), np.array([0.3, 0.3, 0.3, 0.3])], beta)
-  assert sd == pytest.approx(2 * 0.5 / 6)
-  assert raise_ == pytest.approx(2 * (w - 0.5) / 6)
+  r = q_ranking.step_reach([np.array([0.0, 1.0]), np.array([0.3, 0.3, 0.3, 0.3])], beta)
+  assert r["q_sd_in_state"] == pytest.approx(2 * 0.5 / 6)
+  assert r["step_raise"] == pytest.approx(2 * (w - 0.5) / 6)
+  # the states' values 0.5 (2 decisions) and 0.3 (4): their s.d. over decisions
+  assert r["q_sd_of_state_value"] == pytest.approx(np.std([0.5, 0.5, 0.3, 0.3, 0.3, 0.3]))
   # a larger beta raises less, and the raise tends to Var / beta for small spreads
   q = [np.array([0.0, 0.01, 0.02])]
-  assert q_ranking.step_raise(q, 0.2)[1] < q_ranking.step_raise(q, 0.02)[1]
-  assert q_ranking.step_raise(q, 1.0)[1] == pytest.approx(np.var(q[0]) / 1.0, rel=0.02)
+  assert q_ranking.step_reach(q, 0.2)["step_raise"] < q_ranking.step_reach(q, 0.02)["step_raise"]
+  assert q_ranking.step_reach(q, 1.0)["step_raise"] == pytest.approx(np.var(q[0]) / 1.0, rel=0.02)
+  assert q_ranking.step_reach(q, 1.0)["q_sd_of_state_value"] == 0.0  # one state
   # stable where Q / beta overflows exp
-  assert q_ranking.step_raise([np.array([0.0, 1000.0])], 1e-3)[1] == pytest.approx(500.0)
+  assert q_ranking.step_reach([np.array([0.0, 1000.0])], 1e-3)["step_raise"] == pytest.approx(500.0)

@@ -10,8 +10,8 @@ For a loop run with the dialogue-state Q-model (qfit.view=dialogue_state), per i
     policy along directions Q_k does not prefer (docs/results.md, finding 15). pi_{k+1}'s states differ from
     pi_k's, so the difference also holds the state shift: read it next to the run's true-Q ranking measures;
   * how far the step can climb Q_k at all: the spread of Q_k over pi_k's acts at one tracker state, and the raise
-    of Q_k's mean that the step's exact solution pi_k exp(Q_k / beta) / Z would give (q_ranking.step_raise,
-    finding 29). A raise far under Q_k's spread says that beta (ppo.kl_coef) is large for this Q's scale.
+    of Q_k's mean that the step's exact solution pi_k exp(Q_k / beta) / Z would give, next to the spread of the
+    states' values that the step's baseline must remove (q_ranking.step_reach, finding 29).
 
 Reads only workdir/{config.json,data/{eval_<k>,behavior}.jsonl,checkpoints/qtable/<k>.json} (nothing is refitted or
 played).
@@ -110,7 +110,7 @@ def shift_rows(workdir: str, top_acts: int = 6, beta: float | None = None) -> li
         for t, x in decisions:
           by_state[repr(state_fn(t))].append(q.score(t, x))
         row["beta"] = beta
-        row["q_sd_in_state"], row["step_raise"] = q_ranking.step_raise(list(by_state.values()), beta)
+        row.update(q_ranking.step_reach(list(by_state.values()), beta))
     rows.append(row)
     k, records = k + 1, following
   return rows
@@ -118,13 +118,13 @@ def shift_rows(workdir: str, top_acts: int = 6, beta: float | None = None) -> li
 
 def table(rows: list[dict]) -> str:
   lines = ["| k | conversion of pi_k | acts the oracle's | Q_k over pi_k's decisions | over pi_{k+1}'s | change | "
-           "the exact step's raise (beta) | Q_k's s.d. in a state | pi_k's acts (share) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "the exact step's raise (beta) | Q_k's s.d. in a state | s.d. of V_k(s) | pi_k's acts (share) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     q = (f"{r['q_on_pi_k']:.3f} | {r['q_on_pi_next']:.3f} | {r['q_on_pi_next'] - r['q_on_pi_k']:+.3f}"
          if "q_on_pi_k" in r else "- | - | -")
-    q += (f" | {r['step_raise']:+.3f} ({r['beta']:g}) | {r['q_sd_in_state']:.3f}" if "step_raise" in r
-          else " | - | -")
+    q += (f" | {r['step_raise']:+.3f} ({r['beta']:g}) | {r['q_sd_in_state']:.3f} | {r['q_sd_of_state_value']:.3f}"
+          if "step_raise" in r else " | - | - | -")
     acts = ", ".join(f"{a} {v:.2f}" for a, v in r["act_share"].items())
     lines.append(f"| {r['k']} | {r['conversion']:.3f} | {r['oracle_agreement']:.2f} | {q} | {acts} |")
   return "\n".join(lines)
