@@ -20,6 +20,7 @@ logs, PPO on their states, and the new policy is written to workdir/checkpoints/
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -803,7 +804,8 @@ def improve_policy(run: Run, k: int, records, policy_params, q_trainable, q_para
       raise Interrupted(f"stopped after {solver.name} step {step} (loop.stop_after_ppo_step)")
 
   if isinstance(q_trainable, q_table.TableQ):
-    reward_fn, q_params = _table_reward_fn(run, q_trainable, records, examples, prompts), jnp.zeros(())
+    reward_fn = _table_reward_fn(run, q_trainable, records, examples, prompts, center=c.ppo.center_reward == "state")
+    q_params = jnp.zeros(())
   else:
     reward_fn = ppo_lib.make_q_reward_fn(q_trainable, c.qfit.kind)
   state, last = solvers.train(solver, policy_tr, critic_tr, state, ref_params, reward_fn, q_params, prompts, cfg,
@@ -829,9 +831,13 @@ def _solver_checkpoint(state: solvers.SolverState) -> dict:
   return {"state": ts.trainable_part(state.model), "kl_coef": state.kl_coef}
 
 
-def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts: dict):
+def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts: dict, center: bool = False):
   """PPO's reward from the dialogue-state table: each sampled response is decoded on the host and scored at the
-  transcript of the D_k state its prompt row came from (prompt rows are matched by their tokens)."""
+  transcript of the D_k state its prompt row came from (prompt rows are matched by their tokens).
+
+  center (ppo.center_reward='state'): minus V_k(s), the mean of Q_k over pi_k's suggestions of D_k at the tracker
+  state (the randomised turns left out where the state has other decisions): a shift per state, which leaves the
+  step's exact solution as it is."""
   by_id = {r.id: r for r in records}
   states = {}  # prompt row -> (transcript, its state key), keyed once here rather than per sampled response
   for e, row in zip(examples, prompts["tokens"]):
@@ -839,6 +845,7 @@ def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts
     if key not in states:
       turns = data_lib.turns_before(by_id[e.conversation_id], e)
       states[key] = turns, table.state_fn(turns)
+  baseline = state_values(table, records, examples) if center else {}
 
   def score_fn(prompt_tokens, response, response_valid):
     out = []
@@ -848,10 +855,22 @@ def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts
         raise KeyError("the dialogue-state reward got a prompt that is not one of D_k's states")
       turns, state = found
       text = run.renderer.parse(run.tokenizer.decode([int(t) for t in ids[ok]]))
-      out.append(table.value(state, table.act_fn(turns, text)))
+      out.append(table.value(state, table.act_fn(turns, text)) - baseline.get(state, 0.0))
     return np.asarray(out, np.float32)
 
   return ppo_lib.make_host_reward_fn(score_fn)
+
+
+def state_values(table: q_table.TableQ, records, examples) -> dict[tuple, float]:
+  """V_k(s) = E_{a~pi_k}[Q_k(s, a)] per tracker state of D_k: the mean of Q_k over pi_k's suggestions logged at s
+  (over the randomised turns' only where s has no other decision), the baseline of ppo.center_reward='state'."""
+  by_id = {r.id: r for r in records}
+  logged = collections.defaultdict(lambda: ([], []))  # state key -> (Q_k of pi_k's suggestions, of randomised ones)
+  for e in examples:
+    turns = data_lib.turns_before(by_id[e.conversation_id], e)
+    state = table.state_fn(turns)
+    logged[state][int(e.explored)].append(table.value(state, table.act_fn(turns, e.suggestion)))
+  return {state: float(np.mean(own or explored)) for state, (own, explored) in logged.items()}
 
 
 class Interrupted(errors.RunError, RuntimeError):

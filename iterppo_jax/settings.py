@@ -66,6 +66,7 @@ CHOICES = {
     "qfit.shrink_to": q_table.SHRINK_PRIORS,
     "ppo.kl_estimator": ppo.KL_ESTIMATORS,
     "ppo.reference": ("pi_k", "sft"),
+    "ppo.center_reward": ("none", "state"),
     "group.kl_in": group_pg.KL_PLACEMENTS,
     "loop.first_data": FIRST_DATA,
 }
@@ -214,6 +215,9 @@ def _check_rules(config) -> None:
   if get("qfit.pool") and get("qfit.view") != "dialogue_state":
     raise errors.SettingsError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
+  if get("ppo.center_reward", "none") != "none" and get("qfit.view") != "dialogue_state":
+    raise errors.SettingsError("config.ppo.center_reward='state' subtracts the dialogue-state table's state value: set "
+                               "qfit.view=dialogue_state or ppo.center_reward='none'")
   model_dir = get("model_dir")
   if get("loop.eval_pretrained") and not model_dir:
     raise errors.SettingsError("config.loop.eval_pretrained evaluates the pretrained model of config.model_dir "
@@ -375,6 +379,7 @@ class Ppo(Optimizer):
   kl_target: float = 0.0  # > 0: the adaptive controller
   kl_horizon: int = 10000
   reference: str = "pi_k"
+  center_reward: str = "none"
   steps: int = 20
   batch_size: int = 64
   minibatch_size: int = 32

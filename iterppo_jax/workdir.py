@@ -12,6 +12,7 @@ The loop (loop.py) and the studies that reuse its phases read and write a workdi
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -70,9 +71,16 @@ def _changed(saved: dict, config, allowed: tuple[str, ...]) -> str:
   """'key: old -> new; ...' for each setting of `config` that differs from the flat `saved` one and is not under a
   prefix in `allowed`; '' if none."""
   now = _flat(json.loads(config.to_json_best_effort()))
+  # a setting added to the library after the run began counts as its default there (the run ran without it)
+  saved = {**{k: v for k, v in _defaults().items() if k in now and k not in saved}, **saved}
   changed = [k for k in sorted(set(saved) | set(now))
              if saved.get(k) != now.get(k) and not any(k == a or k.startswith(a + ".") for a in allowed)]
   return "; ".join(f"{k}: {saved.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in changed)
+
+
+def _defaults() -> dict:
+  """settings.Settings' defaults, flat and as config.json writes them (tuples as lists)."""
+  return _flat(json.loads(json.dumps(dataclasses.asdict(settings.Settings()))))
 
 
 def check_resumable(config, workdir: str) -> None:

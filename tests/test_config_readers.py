@@ -82,6 +82,9 @@ SEVERAL_READERS = {
     "qfit.lam": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:fit_q_table"},
     "qfit.method": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:fit_q_table"},
     "qfit.targets": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:fit_q_table"},
+    # the inner solver: run in improve_policy; its beta also sizes the Q-fit's measure of how far that step can
+    # climb Q_k (_step_reach, finding 29)
+    "inner": {"iterppo_jax/loop.py:improve_policy", "iterppo_jax/loop.py:_step_reach"},
     # the token Q-model's output (a logit or a value): fitted in fit_q, turned into PPO's reward in improve_policy
     "qfit.kind": {"iterppo_jax/loop.py:fit_q", "iterppo_jax/loop.py:improve_policy"},
 }

@@ -134,6 +134,16 @@ def test_rerun_with_other_settings_is_refused(tmp_path):
   other.qfit.method = "td"
   with pytest.raises(errors.WorkdirError, match=rf"ppo\.kl_coef: {c.ppo.kl_coef} -> 0\.5; qfit\.method: 'mc' -> 'td'"):
     workdir_lib.check_resumable(other, workdir)
+  # a run that began before a setting existed ran without it: the setting at its default continues the run
+  saved = json.loads(c.to_json_best_effort())
+  del saved["ppo"]["center_reward"]
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump(saved, f)
+  workdir_lib.check_resumable(c, workdir)
+  changed = tiny_config()
+  changed.ppo.center_reward = "state"
+  with pytest.raises(errors.WorkdirError, match=r"ppo\.center_reward: 'none' -> 'state'"):
+    workdir_lib.check_resumable(changed, workdir)
   fresh_only = tiny_config()
   fresh_only.resume = False
   with pytest.raises(errors.WorkdirError, match="already holds a run"):

@@ -305,3 +305,34 @@ def test_twoway_prior_measures_an_act_within_its_states():
   twoway = q_table.fit_sarsa(ds, GAMMA, shrink=5.0, shrink_to="twoway")
   assert top(twoway) == ("answer",)
   assert twoway.cells[(("open",), ("close",))][0] < twoway.cells[(("open",), ("answer",))][0]
+
+
+def test_centred_reward_subtracts_pi_ks_state_value(tmp_path):
+  """ppo.center_reward=state: PPO's reward is Q_k(s, a) - V_k(s), V_k the mean of Q_k over pi_k's suggestions of D_k
+  at the tracker state (a shift per state: the step's exact solution is unchanged); the token Q-model has no
+  tracker state, so the setting is refused with it."""
+  config, workdir = _tiny("centred", tmp_path, **{"ppo.center_reward": "state", "loop.iterations": 1,
+                                                  "loop.first_data": "policy", "loop.rank_states": 0})
+  loop.run(config, workdir)
+  records = conv_lib.read_jsonl(os.path.join(workdir, "data", "iter_0.jsonl"))
+  table = q_table.TableQ.load(os.path.join(workdir, "checkpoints", "qtable", "0.json"), sales.dialogue_state,
+                              sales.act_key)
+  examples = data_lib.examples_from_conversations(records, config.gamma)
+  values = loop.state_values(table, records, examples)
+  by_id, own, explored = {r.id: r for r in records}, {}, {}
+  for e in examples:
+    turns = data_lib.turns_before(by_id[e.conversation_id], e)
+    (explored if e.explored else own).setdefault(sales.dialogue_state(turns), []).append(
+        table.score(turns, e.suggestion))
+  assert any(explored) and set(values) == set(own) | set(explored)
+  for state, v in values.items():
+    assert v == pytest.approx(np.mean(own.get(state) or explored[state]))
+  # the rewards PPO saw are centred: their mean over the batches is near 0, where Q_0's level is not
+  scores = [m["ppo/score"] for m in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+            if "ppo/score" in m]
+  level = np.mean([q for qs in own.values() for q in qs])
+  assert scores and abs(np.mean(scores)) < 0.25 * level
+  bad, workdir = _tiny("centred_tokens", tmp_path, **{"ppo.center_reward": "state", "qfit.view": "tokens"})
+  with pytest.raises(ValueError, match="center_reward='state' subtracts the dialogue-state table's state value"):
+    loop.setup(bad, workdir)
+  assert not os.path.exists(workdir)
