@@ -507,15 +507,8 @@ def _step_reach(run: Run, table: q_table.TableQ, records, examples) -> dict[str,
   """q_ranking.step_reach on pi_k's logged suggestions (the randomised turns left out) at the inner solver's beta:
   Q_k's spread over acts within a tracker state, against that of the states' values (docs/results.md, finding
   29), and the raise of E[Q_k] the improvement step's exact solution gives."""
-  state_fn, _ = run.domain.tracker()
-  by_id = {r.id: r for r in records}
-  own = [e for e in examples if not e.explored]
-  turns = [data_lib.turns_before(by_id[e.conversation_id], e) for e in own]
-  by_state = {}
-  for t, q in zip(turns, table.score_many(list(zip(turns, [e.suggestion for e in own])))):
-    by_state.setdefault(repr(state_fn(t)), []).append(q)
   beta = solvers.SOLVERS[run.config.inner].config(run.config).kl_coef
-  return q_ranking.step_reach(list(by_state.values()), beta)
+  return q_ranking.step_reach([own for own, _ in _logged_q(table, records, examples).values() if own], beta)
 
 
 def _held_out(examples) -> np.ndarray:
@@ -861,16 +854,22 @@ def _table_reward_fn(run: Run, table: q_table.TableQ, records, examples, prompts
   return ppo_lib.make_host_reward_fn(score_fn)
 
 
-def state_values(table: q_table.TableQ, records, examples) -> dict[tuple, float]:
-  """V_k(s) = E_{a~pi_k}[Q_k(s, a)] per tracker state of D_k: the mean of Q_k over pi_k's suggestions logged at s
-  (over the randomised turns' only where s has no other decision), the baseline of ppo.center_reward='state'."""
+def _logged_q(table: q_table.TableQ, records, examples) -> dict[tuple, tuple[list, list]]:
+  """Q_k of D_k's logged suggestions per tracker state: (pi_k's own, the randomised turns')."""
   by_id = {r.id: r for r in records}
-  logged = collections.defaultdict(lambda: ([], []))  # state key -> (Q_k of pi_k's suggestions, of randomised ones)
+  logged = collections.defaultdict(lambda: ([], []))
   for e in examples:
     turns = data_lib.turns_before(by_id[e.conversation_id], e)
     state = table.state_fn(turns)
     logged[state][int(e.explored)].append(table.value(state, table.act_fn(turns, e.suggestion)))
-  return {state: float(np.mean(own or explored)) for state, (own, explored) in logged.items()}
+  return logged
+
+
+def state_values(table: q_table.TableQ, records, examples) -> dict[tuple, float]:
+  """V_k(s) = E_{a~pi_k}[Q_k(s, a)] per tracker state of D_k: the mean of Q_k over pi_k's suggestions logged at s
+  (over the randomised turns' only where s has no other decision), the baseline of ppo.center_reward='state'."""
+  return {state: float(np.mean(own or explored)) for state, (own, explored) in
+          _logged_q(table, records, examples).items()}
 
 
 class Interrupted(errors.RunError, RuntimeError):

@@ -103,12 +103,13 @@ def shift_rows(workdir: str, top_acts: int = 6, beta: float | None = None) -> li
     q_path = os.path.join(workdir, "checkpoints", "qtable", f"{k}.json")
     if following is not None and os.path.exists(q_path):
       q = q_table.TableQ.load(q_path, state_fn, act_fn)
-      row["q_on_pi_k"] = float(np.mean([q.score(t, x) for t, x in decisions]))
+      scores = [q.score(t, x) for t, x in decisions]
+      row["q_on_pi_k"] = float(np.mean(scores))
       row["q_on_pi_next"] = float(np.mean([q.score(t, x) for t, x in _decisions(following)]))
       if beta:
         by_state = collections.defaultdict(list)
-        for t, x in decisions:
-          by_state[repr(state_fn(t))].append(q.score(t, x))
+        for (t, _), score in zip(decisions, scores):
+          by_state[repr(state_fn(t))].append(score)
         row["beta"] = beta
         row.update(q_ranking.step_reach(list(by_state.values()), beta))
     rows.append(row)
