@@ -137,19 +137,12 @@ def reference(tmp_path_factory):
   return workdir
 
 
-def test_two_processes_equal_one(reference, tmp_path):
-  workdir = str(tmp_path / "pair")
-  run_pair(workdir)
-  # Each process wrote its own part of every dataset; process 0 alone the run's single files.
-  data = set(os.listdir(os.path.join(workdir, "data")))
-  for name in DATASETS:
-    assert {f"{name}.p0-of-2.jsonl", f"{name}.p1-of-2.jsonl"} <= data, sorted(data)
-  assert not any(n.endswith(".tmp") for n in os.listdir(workdir))
-  assert os.path.exists(os.path.join(workdir, "summary.json"))
-  assert_same_run(reference, workdir)
+def test_two_processes_killed_and_restarted_equal_one(reference, tmp_path):
+  """Two processes, killed once PPO has checkpointed a step and started again, end equal to one process.
 
-
-def test_kill_one_process_and_restart_both(reference, tmp_path):
+  Every phase runs in a pair: the phases before the kill in the first pair, the rest after the restart (one
+  test where there were two, a clean pair run and a killed one, to keep the suite's time: the clean run's phases
+  are a prefix of these)."""
   workdir = str(tmp_path / "killed")
   port = _free_port()
   procs = [_start(workdir, 4, rank=r, port=port) for r in (0, 1)]
@@ -164,6 +157,12 @@ def test_kill_one_process_and_restart_both(reference, tmp_path):
   _finish(procs)
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   run_pair(workdir)
+  # Each process wrote its own part of every dataset; process 0 alone the run's single files.
+  data = set(os.listdir(os.path.join(workdir, "data")))
+  for name in DATASETS:
+    assert {f"{name}.p0-of-2.jsonl", f"{name}.p1-of-2.jsonl"} <= data, sorted(data)
+  assert not any(n.endswith(".tmp") for n in os.listdir(workdir))
+  assert os.path.exists(os.path.join(workdir, "summary.json"))
   assert_same_run(reference, workdir)
 
 
