@@ -123,6 +123,10 @@ def get_config(arg=None):
   # > 0: fit in chunks of this many steps and keep the Q-model that ranks held-out randomised turns best (the
   # logs-only measure corr(A_k(s, a), G), q_ranking.py); 0 keeps the last step's.
   c.qfit.select_every = 0
+  # dialogue_state: the logs-only ranking measures also on every randomised turn of D_k (qfit/logged_cv_*), each
+  # fold of conversations scored by a table fitted on the others; ~10x the held-out tenth's turns (about a third
+  # of the sampling error) for qfit.cross_fit more table fits. 0 or 1: off.
+  c.qfit.cross_fit = 10
   c.qfit.targets = "unbiased"  # | all | explored (the randomised turns alone)
   # dialogue_state: pseudo-count m of the cells' shrinkage toward a prior (q_table.py; 0: plain cell means) made
   # of the act's mean Q ('act'), the state's mean plus the act's offset ('additive') or the two-way fit of state

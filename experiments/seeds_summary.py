@@ -42,7 +42,8 @@ def summarize(summaries: list[dict], names: list[str]) -> dict:
     rows = [s.get("q_ranking", [])[k] if k < len(s.get("q_ranking", [])) else {} for s in summaries]
     ranking.append({m: stats.mean_interval([r.get(m, float("nan")) for r in rows])
                     for m in ("rank_top1", "rank_top1_chance", "rank_spearman", "rank_pick_gain", "rank_best_gain",
-                              "rank_truth_reliability", "logged_adv_corr", "deployed_conversion")})
+                              "rank_truth_reliability", "logged_adv_corr", "logged_cv_adv_corr",
+                              "deployed_conversion")})
   out["ranking"] = ranking
   return out
 
@@ -63,13 +64,14 @@ def markdown(t: dict) -> str:
   lines += ["", f"behaviour staff: {f(t['behavior'])}; last iterate above it in "
             f"{sum(t['last_above_behavior'])} of {len(t['runs'])} seeds", "",
             "| Q_k | top-1 (chance) | Spearman | gain of Q's pick (best possible) | truth reliability | "
-            "logs-only corr(A, G) | deployed conversion |", "|---|---|---|---|---|---|---|"]
+            "logs-only corr(A, G): held-out tenth | every randomised turn, cross-fitted | deployed conversion |",
+            "|---|---|---|---|---|---|---|---|"]
   for k, r in enumerate(t["ranking"]):
     v = lambda m, spec: "-" if np.isnan(r[m][0]) else format(r[m][0], spec)  # noqa: E731  (-: not measured)
     lines.append(f"| Q_{k} | {v('rank_top1', '.2f')} ({v('rank_top1_chance', '.2f')}) | {v('rank_spearman', '+.2f')} | "
                  f"{v('rank_pick_gain', '+.3f')} ({v('rank_best_gain', '.3f')}) | "
                  f"{v('rank_truth_reliability', '.2f')} | {v('logged_adv_corr', '+.2f')} | "
-                 f"{v('deployed_conversion', '.3f')} |")
+                 f"{v('logged_cv_adv_corr', '+.2f')} | {v('deployed_conversion', '.3f')} |")
   if any(np.isnan(r["rank_top1"][0]) for r in t["ranking"]):
     lines += ["", "-: not measured (a run without loop.rank_states, or a Q_k without logs that allow it)"]
   return "\n".join(lines)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -451,7 +452,7 @@ def fit_q(run: Run, k: int, records, policy_params):
                               target_update=q_cfg.target_update, tau=q_cfg.tau, writer=run.writer,
                               desc=f"qfit/{k}", next_actions=next_actions, own_next=own_next)
     if every:
-      score = _logged_ranking(run, _token_scorer(run, predict_fn, state.params, q_cfg.batch_size), records,
+      score = _logged_ranking(_token_scorer(run, predict_fn, state.params, q_cfg.batch_size), records,
                               held_explored)["logged_adv_corr"]
       done = sum(chunks[:i + 1])
       run.log(done, {"qfit/select_adv_corr": score}, phase=f"qfit/{k}", iteration=k)
@@ -478,7 +479,7 @@ def _q_diagnostics(run: Run, k: int, metrics: dict, score, records, examples, he
   """Adds the ranking and true-Q measures of Q_k to `metrics` (any Q-model: `score` is a _token_scorer or
   _table_scorer) and logs them under qfit/."""
   held_explored = [e for e, h in zip(examples, held) if h and e.explored]
-  metrics.update(_logged_ranking(run, score, records, held_explored))
+  metrics.update(_logged_ranking(score, records, held_explored))
   if run.env is not None:  # each measure is off with its loop.*_states = 0
     metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q_held, policy_params,
                                  records))
@@ -569,28 +570,18 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   own = _own_samples(run, k, policy_params, examples, 4) if off_policy and q_cfg.method != "mc" else None
   ds = q_table.decisions(records, examples, state_fn, act_fn, own_texts=own)
   held = _held_out(examples)
-  train = [d for d, h in zip(ds, held) if not h]
-  for i, d in enumerate(train):  # whole conversations are held out, so successors stay inside `train`
-    d.next_index = -1 if d.next_index < 0 else i + 1
   older = older_logs(run, k)
+  older_ds = []
   if older:  # fitted Q evaluation of pi_k on earlier iterations' logs
     older_examples = run.examples(older)
-    base = len(train)
-    for d in q_table.decisions(older, older_examples, state_fn, act_fn,
-                               own_texts=_own_samples(run, k, policy_params, older_examples, 5)):
-      d.next_index = -1 if d.next_index < 0 else d.next_index + base
-      d.target_valid = False  # their returns follow other policies: Monte Carlo skips them
-      train.append(d)
-    metrics_pool = {"pooled_examples": len(train) - base}
-  else:
-    metrics_pool = {}
+    older_ds = [dataclasses.replace(d, target_valid=False)  # their returns follow other policies: MC skips them
+                for d in q_table.decisions(older, older_examples, state_fn, act_fn,
+                                           own_texts=_own_samples(run, k, policy_params, older_examples, 5))]
+  fit = functools.partial(_fit_table, q_cfg, run.gamma, state_fn, act_fn)
+  train = _table_train(ds, ~held, older_ds)
+  metrics_pool = {"pooled_examples": len(older_ds)} if older_ds else {}
   metrics_pool["off_policy"] = float(own is not None)  # D_k bootstrapped from pi_k's samples
-  if q_cfg.method == "mc":
-    table = q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all", shrink=q_cfg.shrink,
-                           shrink_to=q_cfg.shrink_to)
-  else:
-    table = q_table.fit_sarsa(train, run.gamma, state_fn, act_fn, lam=q_cfg.lam if q_cfg.method == "td_lambda" else 0.0,
-                              shrink=q_cfg.shrink, shrink_to=q_cfg.shrink_to)
+  table = fit(train)
   by_id = {r.id: r for r in records}
   held_examples = [e for e, h in zip(examples, held) if h]
   q = table.score_many([(data_lib.turns_before(by_id[e.conversation_id], e), e.suggestion) for e in held_examples])
@@ -600,6 +591,7 @@ def fit_q_table(run: Run, k: int, records, policy_params):
                                else sum(d.target_valid for d in train))  # the decisions the table averages
   metrics["table_cells"] = len(table.cells)
   metrics.update(metrics_pool)
+  metrics.update(_cross_fitted_ranking(run, records, examples, ds, older_ds, fit))
   if run.log_name(k) == f"iter_{k}":  # D_k holds pi_k's own suggestions: how far the step can climb Q_k
     metrics.update(_step_reach(run, table, records, examples))
   _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
@@ -608,6 +600,52 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   distributed.barrier(f"qtable/{k}")
   run.progress.mark(f"qfit/{k}", metrics)
   return table, None, metrics
+
+
+def _fit_table(q_cfg, gamma: float, state_fn, act_fn, train) -> q_table.TableQ:
+  """The dialogue-state table of qfit.method on `train` (q_table.Decision list with indices into itself)."""
+  if q_cfg.method == "mc":
+    return q_table.fit_mc(train, state_fn, act_fn, all_turns=q_cfg.targets == "all", shrink=q_cfg.shrink,
+                          shrink_to=q_cfg.shrink_to)
+  return q_table.fit_sarsa(train, gamma, state_fn, act_fn, lam=q_cfg.lam if q_cfg.method == "td_lambda" else 0.0,
+                           shrink=q_cfg.shrink, shrink_to=q_cfg.shrink_to)
+
+
+def _table_train(ds, keep: np.ndarray, older_ds=()) -> list:
+  """Copies of the decisions of D_k that `keep` marks, then the older logs' decisions, each successor index
+  pointing into the new list. `keep` takes or leaves whole conversations, whose decisions are consecutive (a
+  successor is the next decision), so successors stay inside the list."""
+  train = [dataclasses.replace(d, next_index=-1 if d.next_index < 0 else j + 1)
+           for j, d in enumerate(d for d, k_ in zip(ds, keep) if k_)]
+  base = len(train)
+  return train + [dataclasses.replace(d, next_index=-1 if d.next_index < 0 else d.next_index + base)
+                  for d in older_ds]
+
+
+def _cross_fitted_ranking(run: Run, records, examples, ds, older_ds, fit) -> dict:
+  """The logs-only ranking measures on *every* randomised turn of D_k (logged_cv_*), not only the held-out
+  tenth's: the conversations are split into qfit.cross_fit folds, and each fold's randomised turns are scored by
+  a table fitted on the other folds (and the older logs), so no turn is scored by a table that saw its return.
+  The held-out tenth has ~50 such turns a round, where corr(A, G - V)'s sampling error alone is about +-0.28
+  (docs/results.md, finding 31); all of them cut that about threefold. {} with qfit.cross_fit < 2 or no
+  randomised turns."""
+  folds = run.config.qfit.cross_fit
+  explored = np.asarray([e.explored for e in examples], bool)
+  if folds < 2 or not explored.any():
+    return {}
+  conv_ids = sorted({e.conversation_id for e in examples})
+  fold_of = {c: i % folds for i, c in enumerate(conv_ids)}
+  fold = np.asarray([fold_of[e.conversation_id] for e in examples])
+  q_candidates, taken, returns = [], [], []
+  for f in range(min(folds, len(conv_ids))):
+    scored = [e for e, x, g in zip(examples, explored, fold) if x and g == f]
+    if scored:
+      q, t, g = _candidate_scores(_table_scorer(fit(_table_train(ds, fold != f, older_ds))), records, scored)
+      q_candidates += q
+      taken += t
+      returns += g
+  out = q_ranking.logged_ranking_metrics(q_candidates, taken, np.asarray(returns))
+  return {f"logged_cv_{n}": v for n, v in out.items()}
 
 
 def _qfit_records(run: Run, k: int, records):
@@ -628,10 +666,16 @@ def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
     print(f"warning: {note}")
 
 
-def _logged_ranking(run: Run, score, records, explored_examples) -> dict:
+def _logged_ranking(score, records, explored_examples) -> dict:
   """q_ranking.logged_ranking_metrics on held-out randomised turns (logs only; {} when there are none)."""
   if not explored_examples:
     return {}
+  out = q_ranking.logged_ranking_metrics(*_candidate_scores(score, records, explored_examples))
+  return {f"logged_{n}": v for n, v in out.items()}
+
+
+def _candidate_scores(score, records, explored_examples) -> tuple[list, list, list]:
+  """At each randomised turn: Q over its logged candidates, the index of the one taken, and the return G."""
   by_id = {r.id: r for r in records}
   infos = [explore.explored(by_id[e.conversation_id]) for e in explored_examples]
   turns = [data_lib.turns_before(by_id[e.conversation_id], e) for e, info in zip(explored_examples, infos)
@@ -643,9 +687,7 @@ def _logged_ranking(run: Run, score, records, explored_examples) -> dict:
   for info in infos:
     q_candidates.append(q[pos:pos + len(info["candidates"])])
     pos += len(info["candidates"])
-  taken = [int(info["taken"]) for info in infos]
-  out = q_ranking.logged_ranking_metrics(q_candidates, taken, np.asarray([e.target for e in explored_examples]))
-  return {f"logged_{n}": v for n, v in out.items()}
+  return q_candidates, [int(info["taken"]) for info in infos], [e.target for e in explored_examples]
 
 
 def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet | None:

@@ -80,7 +80,7 @@ COUNTS = {
     "model.num_kv_heads": 1, "model.head_dim": 1,
     "sft.behavior_conversations": 1, "sft.steps": 0, "sft.batch_size": 1, "sft.eval_examples": 0,
     "qfit.steps": 1, "qfit.batch_size": 1, "qfit.refresh_every": 1, "qfit.fqe_samples": 1,
-    "qfit.select_every": 0, "qfit.pool": -1,  # pool -1: every earlier iteration
+    "qfit.select_every": 0, "qfit.cross_fit": 0, "qfit.pool": -1,  # pool -1: every earlier iteration
     "qfit.model.num_layers": 0, "qfit.model.embed_dim": 0, "qfit.model.mlp_dim": 0, "qfit.model.num_heads": 0,
     "qfit.model.num_kv_heads": 0, "qfit.model.head_dim": 0,  # 0: the policy's size
     "ppo.steps": 0, "ppo.batch_size": 1, "ppo.minibatch_size": 1, "ppo.epochs": 1, "ppo.checkpoint_every": 1,
@@ -363,6 +363,7 @@ class QFit(Optimizer):
   next_act: str = "logged"
   head: str = "q"
   select_every: int = 0
+  cross_fit: int = 10  # folds of the logs-only measures on every randomised turn (0, 1: off)
   targets: str = "unbiased"
   fqe_samples: int = 4
   shrink: float = 5.0  # configs/sales.py (finding 14); the other domains set 0

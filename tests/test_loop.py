@@ -272,3 +272,6 @@ def test_ranking_ablation_scores_a_run_that_measured_no_ranking(full_run, tmp_pa
   row = ablation.refit(base, workdir, 0, "table_data_50", truth, os.path.join(workdir, "data", "behavior.jsonl"))
   assert 1 <= row["rank_states"] <= 3 and 0.0 <= row["rank_top1"] <= 1.0 and row["rank_top1_chance"] > 0
   assert 0 < row["train_examples"]
+  # no truth at all: the logs-only measures alone, the same fit
+  logs_only = ablation.refit(base, workdir, 0, "table_data_50", None, os.path.join(workdir, "data", "behavior.jsonl"))
+  assert logs_only["rank_top1"] is None and logs_only["train_examples"] == row["train_examples"]

@@ -146,7 +146,7 @@ def _tiny(workdir_name, tmp_path, **overrides):
   return config, str(tmp_path / workdir_name)
 
 
-def test_loop_with_the_dialogue_state_q_ranks_and_resumes(tmp_path):
+def test_loop_with_the_dialogue_state_q_ranks_and_resumes(tmp_path, monkeypatch):
   config, workdir = _tiny("run", tmp_path)
   summary = loop.run(config, workdir)
   for k in range(config.loop.iterations):
@@ -171,6 +171,40 @@ def test_loop_with_the_dialogue_state_q_ranks_and_resumes(tmp_path):
         by_state.setdefault(repr(sales.dialogue_state(turns)), []).append(table.score(turns, e.suggestion))
     assert logged == pytest.approx(q_ranking.step_reach(list(by_state.values()), config.ppo.kl_coef))
     assert min(logged.values()) > 0
+  # The logs-only measures on every randomised turn of D_k (qfit.cross_fit folds): the loop scored all of them,
+  # more than the held-out tenth; each fold is scored by a table that never saw its conversations, and the older
+  # logs are in every fold's table.
+  k = own[-1]
+  records = conv_lib.read_jsonl(os.path.join(workdir, "data", f"iter_{k}.jsonl"))
+  examples = data_lib.examples_from_conversations(records, config.gamma)
+  explored_ids = {e.conversation_id for e in examples if e.explored}
+  cv = next(m for m in metrics if "qfit/logged_cv_turns" in m and m["iteration"] == k)
+  assert cv["qfit/logged_cv_turns"] == sum(e.explored for e in examples) > cv.get("qfit/logged_turns", 0)
+  assert "qfit/logged_cv_adv_corr" in cv and "qfit/logged_cv_ips_pick_gain" in cv
+  ds = q_table.decisions(records, examples, sales.dialogue_state, sales.act_key)
+  older_records = conv_lib.read_jsonl(os.path.join(workdir, "data", "behavior.jsonl"))[:20]
+  older = [dataclasses.replace(d, conversation_id="older/" + d.conversation_id, target_valid=False)
+           for d in q_table.decisions(older_records, data_lib.examples_from_conversations(older_records, config.gamma),
+                                      sales.dialogue_state, sales.act_key)]
+  fitted, scored = [], []
+
+  def fit(train):
+    assert all(d.next_index < 0 or train[d.next_index].conversation_id == d.conversation_id for d in train)
+    fitted.append({d.conversation_id for d in train})
+    return q_table.fit_sarsa(train, config.gamma, sales.dialogue_state, sales.act_key)
+
+  candidate_scores = loop._candidate_scores
+  monkeypatch.setattr(loop, "_candidate_scores", lambda score, recs, ex: (
+      scored.append({e.conversation_id for e in ex}), candidate_scores(score, recs, ex))[1])
+  out = loop._cross_fitted_ranking(types.SimpleNamespace(config=config), records, examples, ds, older, fit)
+  assert out["logged_cv_turns"] == cv["qfit/logged_cv_turns"] and len(fitted) == len(scored) >= 2
+  for train_ids, scored_ids in zip(fitted, scored):
+    assert scored_ids and not train_ids & scored_ids
+    assert {d.conversation_id for d in older} <= train_ids
+  assert set().union(*scored) == explored_ids
+  config.qfit.cross_fit = 1
+  assert loop._cross_fitted_ranking(types.SimpleNamespace(config=config), records, examples, ds, older, fit) == {}
+  config.qfit.cross_fit = 10
   # PPO moved the policy with the table's reward
   assert summary["iterations"][1]["kl_to_pi0"] > 0
   # stopped after the Q-fit of iteration 1, then resumed: the same policy as the uninterrupted run

@@ -45,3 +45,6 @@ def test_unmeasured_ranking_prints_a_dash_not_nan():
     r["q_ranking"] = [{"logged_adv_corr": 0.2, "deployed_conversion": 0.1}]  # a run with loop.rank_states=0
   text = seeds_summary.markdown(seeds_summary.summarize(runs, ["s0", "s1"]))
   assert "nan" not in text and "| Q_0 | - (-) | - |" in text and "+0.20" in text and "-: not measured" in text
+  runs[1]["q_ranking"][0]["logged_cv_adv_corr"] = 0.06  # cross-fitted on every randomised turn (qfit.cross_fit)
+  runs[0]["q_ranking"][0]["logged_cv_adv_corr"] = 0.04
+  assert "| +0.20 | +0.05 | 0.100 |" in seeds_summary.markdown(seeds_summary.summarize(runs, ["s0", "s1"]))

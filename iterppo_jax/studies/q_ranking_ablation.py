@@ -133,22 +133,24 @@ def precise_truth(wd: str, k: int, base: dict, states: int, rollouts: int) -> st
   return path
 
 
-def refit(base: dict, wd: str, k: int, name: str, truth: str, data_path: str) -> dict:
+def refit(base: dict, wd: str, k: int, name: str, truth: str | None, data_path: str) -> dict:
   """Refits Q_k of variant `name` on the logs at `data_path` in <workdir>/ablate/<name>_<k>/, from the run's pi_k,
-  scores it on the true-Q set `truth`, and returns its row: the ranking and logs-only measures."""
+  scores it on the true-Q set `truth` (None: none), and returns its row: the ranking and logs-only measures."""
   if name not in VARIANTS:
     raise errors.SettingsError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
   what, overrides = VARIANTS[name]
   config = config_dict.ConfigDict(base)
   config.loop.tensorboard = False
   config.loop.true_q_states = 0
-  # Q_k is scored on `truth` (copied into the variant's data/ below), also when the run measured no ranking
-  config.loop.rank_states = len(q_ranking.ActionSet.load(truth).where)
+  # Q_k is scored on `truth` (copied into the variant's data/ below), also when the run measured no ranking;
+  # truth None: the logs-only measures alone
+  config.loop.rank_states = len(q_ranking.ActionSet.load(truth).where) if truth else 0
   for key, value in overrides.items():
     section, field = key.split(".")
     config[section][field] = value
   out = variant_dir(wd, k, name)
-  shutil.copy(truth, os.path.join(out, "data", f"ranking_{k}.json"))
+  if truth:
+    shutil.copy(truth, os.path.join(out, "data", f"ranking_{k}.json"))
   run_, _ = loop.setup(config, out)
   _, policy = loop.train_pi0(run_, [])
   if k:
@@ -160,4 +162,5 @@ def refit(base: dict, wd: str, k: int, name: str, truth: str, data_path: str) ->
       "rank_top1", "rank_top1_chance", "rank_spearman", "rank_pairwise", "rank_pick_gain", "rank_best_gain",
       "rank_pick_gain_own", "rank_best_gain_own", "rank_truth_reliability", "rank_truth_top1_ceiling",
       "rank_truth_spearman_ceiling", "rank_clear_miss", "rank_clear_best", "rank_states",
-      "logged_adv_corr", "logged_ips_pick_gain", "logged_ips_pick_gain_se", "auc", "train_examples")}}
+      "logged_adv_corr", "logged_ips_pick_gain", "logged_ips_pick_gain_se", "logged_turns", "logged_cv_adv_corr",
+      "logged_cv_ips_pick_gain", "logged_cv_ips_pick_gain_se", "logged_cv_turns", "auc", "train_examples")}}
