@@ -4,7 +4,9 @@ r"""Rows of several equal-budget runs (experiments.baselines) in one table, with
       [--out=docs/results/baselines_equal_budget/sales_s012]
 
 Each --rows entry is a baselines workdir or a baselines.jsonl file (seeds run side by side in their own workdirs,
-or extra methods added in another). Prints the table of experiments.baselines (mean conversion per method, 95%
+or extra methods added in another). An entry ending in @TAG names its methods METHOD@TAG: the same method run
+with other settings (e.g. `runs/eb_rloo_s0@rloo` beside the default's rows) is then a method of its own, paired
+with the others by seed (`--against=iterative_ppo_k4@rloo`). Prints the table of experiments.baselines (mean conversion per method, 95%
 t-interval over seeds) and `--against` minus every other method, paired by seed (the same pi_0 and held-out
 customers: the comparison that removes seed-to-seed spread). With --out, writes <out>.jsonl (the merged rows)
 and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
@@ -19,7 +21,8 @@ from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax.studies import baselines
 
-_ROWS = cli.define(flags.DEFINE_list, "rows", None, "Baselines workdirs or baselines.jsonl files.")
+_ROWS = cli.define(flags.DEFINE_list, "rows", None, "Baselines workdirs or baselines.jsonl files, each optionally "
+                   "with @TAG (its methods named METHOD@TAG).")
 _AGAINST = cli.define(flags.DEFINE_string, "against", "", "The method the others are compared with (default: the "
                       "first iterative_ppo_k* row).")
 _OUT = cli.define(flags.DEFINE_string, "out", "", "Write <out>.jsonl and <out>.md too.")
@@ -29,10 +32,15 @@ def main(argv):
   del argv
   sources = []
   for entry in _ROWS.value or []:
+    head, at, tag = entry.rpartition("@")
+    if not at or os.path.exists(entry):  # no tag (or a path that has an @ of its own)
+      head, tag = entry, ""
+    entry = head
     path = os.path.join(entry, baselines.ROWS_FILE) if os.path.isdir(entry) else entry
     if not os.path.exists(path):
       raise errors.DataError(f"--rows: {path} not found (a baselines workdir or its {baselines.ROWS_FILE})")
-    sources.append((path, io_utils.read_rows(path)))
+    rows = io_utils.read_rows(path)
+    sources.append((path, [{**r, "method": f"{r['method']}@{tag}"} for r in rows] if tag else rows))
   if not sources:
     raise errors.SettingsError("--rows: give at least one baselines workdir or rows file")
   rows = baselines.merge_rows(sources)

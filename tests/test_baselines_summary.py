@@ -65,6 +65,13 @@ def test_cli_merges_workdirs_and_files(tmp_path):
   text = open(out + ".md").read()
   assert text == res.stdout
   assert f"{np.mean([0.30, 0.45, 0.55]):.3f}" in text and "| iterative_ppo_k4 minus |" in text
+  # the same method with other settings, tagged: a method of its own, paired by seed
+  io_utils.atomic_write_rows(tmp_path / "variant.jsonl", [_row("iterative_ppo_k4", s, 0.6) for s in (0, 1, 2)])
+  res = subprocess.run([sys.executable, "-m", "experiments.baselines_summary", "--against=iterative_ppo_k4@v",
+                        f"--rows={tmp_path / 'rest.jsonl'},{tmp_path / 's0'},{tmp_path / 'variant.jsonl'}@v"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert "| iterative_ppo_k4@v minus |" in res.stdout and "| iterative_ppo_k4 | 3 | +0.300 +0.150 +0.050 |" in res.stdout
   res = subprocess.run([sys.executable, "-m", "experiments.baselines_summary", f"--rows={tmp_path / 'nowhere'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.returncode != 0 and "nowhere" in res.stderr and "Traceback" not in res.stderr
