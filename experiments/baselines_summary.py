@@ -6,10 +6,10 @@ r"""Rows of several equal-budget runs (experiments.baselines) in one table, with
 Each --rows entry is a baselines workdir or a baselines.jsonl file (seeds run side by side in their own workdirs,
 or extra methods added in another). An entry ending in @TAG names its methods METHOD@TAG: the same method run
 with other settings (e.g. `runs/eb_rloo_s0@rloo` beside the default's rows) is then a method of its own, paired
-with the others by seed (`--against=iterative_ppo_k4@rloo`). Prints the table of experiments.baselines (mean conversion per method, 95%
-t-interval over seeds) and `--against` minus every other method, paired by seed (the same pi_0 and held-out
-customers: the comparison that removes seed-to-seed spread). With --out, writes <out>.jsonl (the merged rows)
-and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
+with the others by seed (`--against=iterative_ppo_k4@rloo`). Prints the table of experiments.baselines (mean
+conversion per method, 95% t-interval over seeds) and `--against` minus every other method, paired by seed (the
+same pi_0 and held-out customers: the comparison that removes seed-to-seed spread). With --out, writes
+<out>.jsonl (the merged rows) and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
 """
 
 import os
