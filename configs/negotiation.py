@@ -4,8 +4,8 @@ r"""Iterative PPO on the long-horizon B2B negotiation simulator (iterppo_jax/env
   python -m experiments.iterative_ppo --config=configs/negotiation.py:tiny --workdir=/tmp/negotiation_t  # tests
   python -m experiments.simulate --config=configs/negotiation.py --workdir=/tmp/negotiation_sim --config.policy=oracle
 
-Everything but the `env` section, the prompt budget, the SFT steps, D_k alone (qfit.pool = 0) and the inner solver
-(RLOO at beta 0.03) is the sales config; any key can be overridden with
+Everything but the `env` section, the prompt budget, the SFT steps and D_k alone (qfit.pool = 0) is the sales
+config (RLOO at beta 0.03, pinned below as measured here); any key can be overridden with
 --config.key=value, and an unknown key fails before any work starts. Conversations here last ~15 rounds (sales:
 ~7), so every phase that plays or trains on them does roughly twice the work per conversation.
 """

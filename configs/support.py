@@ -16,7 +16,8 @@ def get_config(arg=None):
   args = common.parse_arg(arg, tiny=False)
   c = sales.get_config(arg)
   c.qfit.pool = 0  # D_k alone, as this domain's results were measured; sales pools D_{k-1} (finding 24)
-  c.ppo.kl_coef = 0.1  # this domain's results (docs/results.md, findings 6 and 21) were measured at 0.1; 0.05 is sales'
+  c.ppo.kl_coef = 0.1  # this domain's results (docs/results.md, findings 6 and 21) were measured at 0.1 (with PPO)
+  c.inner = "ppo"  # as measured; sales and negotiation use RLOO at 0.03 (findings 30, 35)
   # D_0 from pi_0's own deployment and shrunk cells, as in sales: on the staff's logs Q_0 ranks pi_0's acts at
   # 1.6 x chance; with these two, three seeds x four iterations improve with non-overlapping intervals and Q_k
   # ranks at 2.4-3.2 x chance at every k on average (docs/results.md, finding 21)

@@ -375,7 +375,7 @@ class Ppo(Optimizer):
   learning_rate: float = 3e-4
   warmup_steps: int = 2
   critic: Critic = Critic()
-  kl_coef: float = 0.05
+  kl_coef: float = 0.03
   kl_estimator: str = "k1"
   kl_target: float = 0.0  # > 0: the adaptive controller
   kl_horizon: int = 10000
@@ -463,7 +463,7 @@ class Settings:
   lora: Lora = Lora()
   sft: Sft = Sft()
   qfit: QFit = QFit()
-  inner: str = "ppo"
+  inner: str = "rloo"
   ppo: Ppo = Ppo()
   group: Group = Group()
   loop: Loop = Loop()
