@@ -262,7 +262,8 @@ def get_config(arg=None):
     c.qfit.steps = 4
     c.qfit.batch_size = 8
     # The loop's tests (checkpoints, resume inside the improvement step, sharding) run PPO, the solver with a
-    # critic; tests/test_group_pg.py runs the loop with grpo and rloo.
+    # critic; tests/test_group_pg.py runs the loop with grpo, tests/test_candidates_explore.py negotiation's
+    # tiny preset, which keeps rloo.
     c.inner = "ppo"
     c.ppo.kl_coef = 0.05
     c.ppo.steps = 3
