@@ -108,11 +108,15 @@ def test_offline_iteration_on_user_logs(full_run, tmp_path):
   workdir, _ = full_run
   logs = os.path.join(workdir, "data", "iter_1.jsonl")
   out = str(tmp_path / "offline")
-  summary = loop.run(tiny_config(logs=logs), out)
+  offline = tiny_config(logs=logs)
+  offline.inner = "rloo"  # the solver a user's offline run gets from configs/sales.py
+  summary = loop.run(offline, out)
   assert summary["offline"] and summary["conversations"] == 16
   c = ckpt_lib.Checkpointer(out, "policy")
   assert c.all_steps() == [0, 1]
   c.close()
+  assert os.path.isdir(os.path.join(out, "checkpoints", "rloo")) and not os.path.exists(
+      os.path.join(out, "checkpoints", "ppo"))
   # A bad log fails with file:line before anything is trained.
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"outcome": 1, "turns": [{"role": "robot", "text": "hi"}]}\n')
