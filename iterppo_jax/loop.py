@@ -629,8 +629,8 @@ def _cross_fitted_ranking(run: Run, records, examples, ds, older_ds, fit) -> dic
   tenth's: the conversations are split into qfit.cross_fit folds, and each fold's randomised turns are scored by
   a table fitted on the other folds (and the older logs), so no turn is scored by a table that saw its return.
   The held-out tenth has ~50 such turns a round, where corr(A_k, G)'s sampling error alone is about +-0.28
-  (95%; docs/results.md, finding 31); all of them cut that about threefold (finding 32). {} with qfit.cross_fit < 2 or no
-  randomised turns."""
+  (95%; docs/results.md, finding 31); all of them cut that about threefold (finding 32). {} with
+  qfit.cross_fit < 2 or no randomised turns."""
   folds = run.config.qfit.cross_fit
   explored = np.asarray([e.explored for e in examples], bool)
   if folds < 2 or not explored.any():
