@@ -1,8 +1,8 @@
 r"""Q-model variants fitted on one run's logs, ranked against that run's true Q^{pi_k} (issue #16's table).
 
   python -m experiments.q_ranking_ablation --workdir=runs/<a finished loop run> [--iteration=0] \
-      [--variants=default,all_targets,explored_only,steps_800,scratch,dueling] [--truth_states=24 --truth_rollouts=64] \
-      [--out=docs/q_ranking_ablation.json]
+      [--variants=default,all_targets,explored_only,steps_800,scratch,dueling] [--truth_states=24 --truth_rollouts=64 \
+      [--truth_draw=1]] [--out=docs/q_ranking_ablation.json]
 
 Each variant refits Q_k on the run's D_k (data/iter_<k>.jsonl) in its own directory under <workdir>/ablate/,
 starting from the run's pi_k, and is scored on the run's own data/ranking_<k>.json (the same states, candidates
@@ -11,6 +11,7 @@ agreement with the true best, within-state Spearman, pairwise accuracy, the true
 candidates' mean (and the best possible gain), the logs-only measures (corr(A, G) on the held-out tenth's
 randomised turns and, cross-fitted, on all of them), and the number of fitted examples. A run without
 data/ranking_<k>.json (loop.rank_states=0) and no --truth_rollouts gets the logs-only measures alone.
+--truth_draw=D (D >= 1) measures another, independent set of states of the same size, to pool with the first.
 """
 
 import os
@@ -32,6 +33,8 @@ _TRUTH_STATES = cli.define(flags.DEFINE_integer, "truth_states", 0,
                            "With --truth_rollouts: measure a new, more precise true-Q set of this many states.")
 _TRUTH_ROLLOUTS = cli.define(flags.DEFINE_integer, "truth_rollouts", 0,
                              "Rollouts per (state, candidate) of that set (0: use the run's data/ranking_<k>.json).")
+_TRUTH_DRAW = cli.define(flags.DEFINE_integer, "truth_draw", 0,
+                         "With --truth_rollouts: which draw of states (0 the first; 1, 2, ... independent others).")
 
 
 def main(argv):
@@ -42,7 +45,8 @@ def main(argv):
   data_path = os.path.join(wd, "data", f"iter_{k}.jsonl")
   if not os.path.exists(data_path):
     data_path = os.path.join(wd, "data", "behavior.jsonl")
-  truth = (ablation.precise_truth(wd, k, base, _TRUTH_STATES.value, _TRUTH_ROLLOUTS.value) if _TRUTH_ROLLOUTS.value
+  truth = (ablation.precise_truth(wd, k, base, _TRUTH_STATES.value, _TRUTH_ROLLOUTS.value,
+                                   _TRUTH_DRAW.value) if _TRUTH_ROLLOUTS.value
            else os.path.join(wd, "data", f"ranking_{k}.json"))
   if not os.path.exists(truth):  # a run with loop.rank_states=0 and no --truth_rollouts
     print(f"{truth} not found: the logs-only measures alone (- in the true-Q columns)")

@@ -692,10 +692,11 @@ def _candidate_scores(score, records, explored_examples) -> tuple[list, list, li
   return q_candidates, [int(info["taken"]) for info in infos], [e.target for e in explored_examples]
 
 
-def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet | None:
+def measure_action_set(run: Run, k: int, policy_params, *, draw: int = 0) -> q_ranking.ActionSet | None:
   """pi_k's candidates and their true Q^{pi_k} at loop.rank_states states of data/eval_<k>.jsonl (q_ranking.py),
   measured once and kept in data/ranking_<k>.json (read back when it exists; None without it when
-  loop.rank_states is 0)."""
+  loop.rank_states is 0). `draw` > 0 draws another set of states, candidates and rollouts from the same logs
+  (a second, independent truth for a study); 0 is the loop's own draw."""
   c = run.config
   path = os.path.join(run.workdir, "data", f"ranking_{k}.json")
   if os.path.exists(path):
@@ -703,11 +704,13 @@ def measure_action_set(run: Run, k: int, policy_params) -> q_ranking.ActionSet |
   if not c.loop.rank_states:
     return None
   records = workdir_lib.read_logs(run.workdir, f"eval_{k}")
-  policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params, seed_for(c, k, PHASE_IDS["rank"]))
+  extra = (draw,) if draw else ()  # draw 0 keeps the seeds every earlier run measured with
+  policy = run.lm_policy(f"pi_{k}", run_policy_graphdef(run), policy_params,
+                         seed_for(c, k, PHASE_IDS["rank"], *extra))
   action_set = q_ranking.build_action_set(
       run.env, records, policy, run.domain.candidates(), n_states=c.loop.rank_states,
       policy_samples=c.loop.rank_policy_samples, rollouts=c.loop.rank_rollouts, gamma=run.gamma,
-      seed=seed_for(c, k, PHASE_IDS["rank"], 1),
+      seed=seed_for(c, k, PHASE_IDS["rank"], 1, *extra),
       render_fn=run.encoding.state)
   if distributed.is_writer():
     action_set.save(path)

@@ -14,6 +14,7 @@ from iterppo_jax import conversation as conv_lib
 from iterppo_jax import errors
 from iterppo_jax import loop
 from iterppo_jax import metrics as metrics_lib
+from iterppo_jax import q_ranking
 from iterppo_jax import workdir as workdir_lib
 from iterppo_jax.studies import q_ranking_ablation as ablation
 
@@ -279,3 +280,8 @@ def test_ranking_ablation_scores_a_run_that_measured_no_ranking(full_run, tmp_pa
   # no truth at all: the logs-only measures alone, the same fit
   logs_only = ablation.refit(base, workdir, 0, "table_data_50", None, os.path.join(workdir, "data", "behavior.jsonl"))
   assert logs_only["rank_top1"] is None and logs_only["train_examples"] == row["train_examples"]
+  # a second draw: another file and other states of the same logs; the first draw is read back, not remeasured
+  again = ablation.precise_truth(workdir, 0, base, states=3, rollouts=8, draw=1)
+  assert again != truth and ablation.precise_truth(workdir, 0, base, states=3, rollouts=8) == truth
+  first, second = q_ranking.ActionSet.load(truth), q_ranking.ActionSet.load(again)
+  assert len(second.where) == len(first.where) and sorted(second.where) != sorted(first.where)

@@ -112,9 +112,11 @@ def variant_dir(wd: str, k: int, name: str) -> str:
   return out
 
 
-def precise_truth(wd: str, k: int, base: dict, states: int, rollouts: int) -> str:
-  """A true-Q set of pi_k with `states` x `rollouts`, measured once into <workdir>/ablate/."""
-  path = os.path.join(wd, "ablate", f"truth_{k}_{states}x{rollouts}.json")
+def precise_truth(wd: str, k: int, base: dict, states: int, rollouts: int, draw: int = 0) -> str:
+  """A true-Q set of pi_k with `states` x `rollouts`, measured once into <workdir>/ablate/; `draw` > 0 is
+  another, independent set of states (loop.measure_action_set)."""
+  suffix = f"_d{draw}" if draw else ""
+  path = os.path.join(wd, "ablate", f"truth_{k}_{states}x{rollouts}{suffix}.json")
   if os.path.exists(path):
     return path
   config = config_dict.ConfigDict(base)
@@ -127,7 +129,7 @@ def precise_truth(wd: str, k: int, base: dict, states: int, rollouts: int) -> st
   _, policy = loop.train_pi0(run_, [])
   if k:
     policy = loop.restore_params(run_, "policy", k, policy)
-  loop.measure_action_set(run_, k, policy)
+  loop.measure_action_set(run_, k, policy, draw=draw)
   run_.writer.close()
   shutil.copy(os.path.join(out, "data", f"ranking_{k}.json"), path)
   return path
