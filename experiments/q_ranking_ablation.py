@@ -65,7 +65,7 @@ def main(argv):
     typed = settings.parse(base)  # what each refit's loop.setup loaded
     io_utils.atomic_write_json(_OUT.value, {
         "workdir": wd, "iteration": k, "truth": truth, "rows": rows, "domain": typed.env.domain,
-        "seed": typed.seed, "first_data": typed.loop.first_data})
+        "seed": typed.seed, "first_data": typed.loop.first_data, "truth_draw": _TRUTH_DRAW.value})
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Prints one row per (domain, D_0, seed, k) for `--variant`, then, for the Q-model
 (k = 0 with loop.first_data=behavior) and on pi_k's own deployments, each `--compare` variant's mean over the
 (run, k) sets where all of them were measured. Beside top-1's chance level: the top-1 the exact Q^{pi_k} would
 expect against that noisy truth (q_ranking.ActionSet.top1_ceiling; for older files computed from their truth file
-when it is on this machine, else nan).
+when it is on this machine, else nan). Files of one run, k and variant on independent truths (q_ranking_ablation
+--truth_draw) are pooled into one row over all their states (`pool`).
 """
 
 import glob
@@ -28,9 +29,25 @@ _COMPARE = cli.define(flags.DEFINE_list, "compare", ["table_sarsa", "table_lambd
                       "Variants compared on the (run, k) sets where each of them was measured.")
 
 
+def pool(rows: list[dict]) -> dict:
+  """One row from rows of the same Q_k scored on independent truths: each rank_* measure is the rows' mean weighted
+  by their states counted, rank_states their sum and `draws` how many were pooled. For the per-state means (top-1,
+  its chance, the gains, the clear misses) that is their mean over the union of the states; Spearman (over states
+  where Q_k is not constant), pairwise accuracy (over pairs), the own-sample gains and the truth's reliability are
+  weighted by states too, which is exact only where those counts are proportional to the states."""
+  if len(rows) == 1:
+    return rows[0]
+  n = sum(r["rank_states"] for r in rows)
+  out = {k: v for k, v in rows[0].items() if not k.startswith("rank_")}
+  for name in rows[0]:
+    if name.startswith("rank_") and name != "rank_states":
+      out[name] = sum(r[name] * r["rank_states"] for r in rows) / n
+  return {**out, "rank_states": n, "draws": len(rows)}
+
+
 def load(pattern: str) -> dict:
-  """(domain, first_data, seed, k, variant) -> row."""
-  rows = {}
+  """(domain, first_data, seed, k, variant) -> row, pooled over the files' truth draws (`pool`)."""
+  draws = {}
   for path in sorted(glob.glob(pattern)):
     with open(path) as f:
       d = json.load(f)
@@ -42,10 +59,16 @@ def load(pattern: str) -> dict:
     for r in d["rows"]:
       for n, v in ceilings.items():
         r.setdefault(n, v)
-      rows[(d["domain"], d["first_data"], d["seed"], d["iteration"], r["variant"])] = r
-  if not rows:
+      key = (d["domain"], d["first_data"], d["seed"], d["iteration"], r["variant"])
+      by_draw = draws.setdefault(key, {})
+      draw = d.get("truth_draw", 0)  # files written before --truth_draw: the first draw
+      if draw in by_draw:
+        raise errors.DataError(f"{path}: {key[0]} seed {key[2]} Q_{key[3]} {key[4]} on truth draw {draw} is also in "
+                               f"{by_draw[draw][0]}; expected one file per run, k and draw")
+      by_draw[draw] = (path, r)
+  if not draws:
     raise errors.DataError(f"no q_ranking_ablation file matches {pattern!r}")
-  return rows
+  return {key: pool([r for _, (_, r) in sorted(by_draw.items())]) for key, by_draw in draws.items()}
 
 
 def on_staff_logs(first_data: str, k: int) -> bool:
@@ -63,7 +86,8 @@ def tables(rows: dict, variant: str, variants) -> str:
                  f"{r['rank_spearman']:+.2f} ({r.get('rank_truth_spearman_ceiling', float('nan')):+.2f}) | "
                  f"{r['rank_pairwise']:.2f} | {r.get('rank_clear_miss', NAN):.2f} ({r.get('rank_clear_best', NAN):.2f}) | "
                  f"{r['rank_pick_gain']:+.3f} "
-                 f"({r['rank_best_gain']:.3f}) | {r['rank_truth_reliability']:.2f} | {r['rank_states']} |")
+                 f"({r['rank_best_gain']:.3f}) | {r['rank_truth_reliability']:.2f} | {r['rank_states']}"
+                 f"{' (%d draws)' % r['draws'] if r.get('draws') else ''} |")
   for title, staff in (("fitted on the staff's logs (k = 0, first_data=behavior)", True),
                        ("fitted on pi_k's own deployments", False)):
     runs = sorted({key[:4] for key in rows if on_staff_logs(key[1], key[3]) == staff

@@ -40,3 +40,25 @@ def test_rows_per_run_and_means_over_the_sets_every_variant_has(tmp_path):
   assert "| sarsa | sarsa fit | 0.60 | +0.50 |" in own
   with pytest.raises(errors.DataError, match="no q_ranking_ablation file"):
     ranking_table.load(str(tmp_path / "none*.json"))
+
+
+def test_independent_truths_of_one_q_k_pool_into_one_row_over_all_their_states(tmp_path):
+  """Two truth draws (q_ranking_ablation --truth_draw) of one run's Q_k: one row, each measure the mean over the
+  union of their states; the same draw twice is refused with both files named."""
+  def write(name, draw, top1, spearman, states):
+    row = {**_row("sarsa", top1, spearman), "rank_states": states}
+    d = {"domain": "sales", "first_data": "policy", "seed": 2, "iteration": 2, "rows": [row], "truth": "gone.json"}
+    if draw is not None:
+      d["truth_draw"] = draw
+    (tmp_path / f"{name}.json").write_text(json.dumps(d))
+  write("a", None, 0.5, 0.4, 24)  # written before --truth_draw: draw 0
+  write("b", 1, 0.75, 0.6, 16)
+  rows = ranking_table.load(str(tmp_path / "*.json"))
+  row = rows[("sales", "policy", 2, 2, "sarsa")]
+  assert row["rank_states"] == 40 and row["draws"] == 2
+  np.testing.assert_allclose([row["rank_top1"], row["rank_spearman"]], [(12 + 12) / 40, (9.6 + 9.6) / 40])
+  assert "| 0.60 (0.10, nan) | +0.48 (+nan) |" in ranking_table.tables(rows, "sarsa", ["sarsa"])
+  assert "| 40 (2 draws) |" in ranking_table.tables(rows, "sarsa", ["sarsa"])
+  write("c", 1, 0.1, 0.1, 10)
+  with pytest.raises(errors.DataError, match=r"c\.json: sales seed 2 Q_2 sarsa on truth draw 1 is also in .*b\.json"):
+    ranking_table.load(str(tmp_path / "*.json"))
