@@ -6,7 +6,8 @@ r"""Rows of several equal-budget runs (experiments.baselines) in one table, with
 Each --rows entry is a baselines workdir or a baselines.jsonl file (seeds run side by side in their own workdirs,
 or extra methods added in another). An entry ending in @TAG names its methods METHOD@TAG: the same method run
 with other settings (e.g. `runs/eb_rloo_s0@rloo` beside the default's rows) is then a method of its own, paired
-with the others by seed (`--against=iterative_ppo_k4@rloo`). Prints the table of experiments.baselines (mean
+with the others by seed (`--against=iterative_ppo_k4@rloo`). @TAG:M1+M2 tags only methods M1 and M2 of that
+source (e.g. more seeds of that setting, run beside the other methods' rows in one workdir). Prints the table of experiments.baselines (mean
 conversion per method, 95% t-interval over seeds) and `--against` minus every other method, paired by seed (the
 same pi_0 and held-out customers: the comparison that removes seed-to-seed spread). With --out, writes
 <out>.jsonl (the merged rows) and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
@@ -22,7 +23,7 @@ from iterppo_jax import io_utils
 from iterppo_jax.studies import baselines
 
 _ROWS = cli.define(flags.DEFINE_list, "rows", None, "Baselines workdirs or baselines.jsonl files, each optionally "
-                   "with @TAG (its methods named METHOD@TAG).")
+                   "with @TAG (its methods named METHOD@TAG) or @TAG:M1+M2 (only those methods).")
 _AGAINST = cli.define(flags.DEFINE_string, "against", "", "The method the others are compared with (default: the "
                       "first iterative_ppo_k* row).")
 _OUT = cli.define(flags.DEFINE_string, "out", "", "Write <out>.jsonl and <out>.md too.")
@@ -40,7 +41,12 @@ def main(argv):
     if not os.path.exists(path):
       raise errors.DataError(f"--rows: {path} not found (a baselines workdir or its {baselines.ROWS_FILE})")
     rows = io_utils.read_rows(path)
-    sources.append((path, [{**r, "method": f"{r['method']}@{tag}"} for r in rows] if tag else rows))
+    tag, _, only = tag.partition(":")
+    only = set(only.split("+")) if only else {r["method"] for r in rows}
+    if missing := only - {r["method"] for r in rows}:
+      raise errors.DataError(f"--rows: {entry}@{tag}: {path} has no rows of {', '.join(sorted(missing))}")
+    sources.append((path, [{**r, "method": f"{r['method']}@{tag}"} if tag and r["method"] in only else r
+                           for r in rows]))
   if not sources:
     raise errors.SettingsError("--rows: give at least one baselines workdir or rows file")
   rows = baselines.merge_rows(sources)

@@ -72,6 +72,18 @@ def test_cli_merges_workdirs_and_files(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr
   assert "| iterative_ppo_k4@v minus |" in res.stdout and "| iterative_ppo_k4 | 3 | +0.300 +0.150 +0.050 |" in res.stdout
+  # @TAG:METHOD tags that method alone: more seeds of the variant, run in one workdir with untagged methods
+  io_utils.atomic_write_rows(tmp_path / "more.jsonl", [_row("iterative_ppo_k4", 3, 0.7), _row("filtered_bc", 3, 0.5)])
+  res = subprocess.run([sys.executable, "-m", "experiments.baselines_summary", "--against=iterative_ppo_k4@v",
+                        f"--rows={tmp_path / 'rest.jsonl'},{tmp_path / 's0'},{tmp_path / 'variant.jsonl'}@v,"
+                        f"{tmp_path / 'more.jsonl'}@v:iterative_ppo_k4"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr
+  assert "| filtered_bc | 4 | +0.200 +0.100 +0.150 +0.200 |" in res.stdout, res.stdout
+  res = subprocess.run([sys.executable, "-m", "experiments.baselines_summary",
+                        f"--rows={tmp_path / 'more.jsonl'}@v:dagger"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+  assert res.returncode != 0 and "has no rows of dagger" in res.stderr and "Traceback" not in res.stderr
   res = subprocess.run([sys.executable, "-m", "experiments.baselines_summary", f"--rows={tmp_path / 'nowhere'}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.returncode != 0 and "nowhere" in res.stderr and "Traceback" not in res.stderr
