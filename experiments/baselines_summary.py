@@ -7,8 +7,8 @@ Each --rows entry is a baselines workdir or a baselines.jsonl file (seeds run si
 or extra methods added in another). An entry ending in @TAG names its methods METHOD@TAG: the same method run
 with other settings (e.g. `runs/eb_rloo_s0@rloo` beside the default's rows) is then a method of its own, paired
 with the others by seed (`--against=iterative_ppo_k4@rloo`). @TAG:M1+M2 tags only methods M1 and M2 of that
-source (e.g. more seeds of that setting, run beside the other methods' rows in one workdir). Prints the table of experiments.baselines (mean
-conversion per method, 95% t-interval over seeds) and `--against` minus every other method, paired by seed (the
+source (e.g. more seeds of that setting, run beside the other methods' rows in one workdir). Prints the table of
+experiments.baselines (mean conversion per method, 95% t-interval over seeds) and `--against` minus every other method, paired by seed (the
 same pi_0 and held-out customers: the comparison that removes seed-to-seed spread). With --out, writes
 <out>.jsonl (the merged rows) and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
 """
@@ -42,8 +42,9 @@ def main(argv):
       raise errors.DataError(f"--rows: {path} not found (a baselines workdir or its {baselines.ROWS_FILE})")
     rows = io_utils.read_rows(path)
     tag, _, only = tag.partition(":")
-    only = set(only.split("+")) if only else {r["method"] for r in rows}
-    if missing := only - {r["method"] for r in rows}:
+    present = {r["method"] for r in rows}
+    only = set(only.split("+")) if only else present
+    if missing := only - present:
       raise errors.DataError(f"--rows: {entry}@{tag}: {path} has no rows of {', '.join(sorted(missing))}")
     sources.append((path, [{**r, "method": f"{r['method']}@{tag}"} if tag and r["method"] in only else r
                            for r in rows]))
