@@ -8,9 +8,9 @@ or extra methods added in another). An entry ending in @TAG names its methods ME
 with other settings (e.g. `runs/eb_rloo_s0@rloo` beside the default's rows) is then a method of its own, paired
 with the others by seed (`--against=iterative_ppo_k4@rloo`). @TAG:M1+M2 tags only methods M1 and M2 of that
 source (e.g. more seeds of that setting, run beside the other methods' rows in one workdir). Prints the table of
-experiments.baselines (mean conversion per method, 95% t-interval over seeds) and `--against` minus every other method, paired by seed (the
-same pi_0 and held-out customers: the comparison that removes seed-to-seed spread). With --out, writes
-<out>.jsonl (the merged rows) and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
+experiments.baselines (mean conversion per method, 95% t-interval over seeds) and `--against` minus every other
+method, paired by seed (the same pi_0 and held-out customers: the comparison that removes seed-to-seed spread). With
+--out, writes <out>.jsonl (the merged rows) and <out>.md. A (method, seed) in two sources, or two budgets, is refused.
 """
 
 import os
