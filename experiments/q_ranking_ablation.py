@@ -20,6 +20,7 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
+from iterppo_jax import errors
 from iterppo_jax import io_utils
 from iterppo_jax import settings
 from iterppo_jax.studies import q_ranking_ablation as ablation
@@ -41,6 +42,9 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   wd, k = _WORKDIR.value, _ITERATION.value
+  if _TRUTH_DRAW.value and not _TRUTH_ROLLOUTS.value:
+    raise errors.SettingsError("--truth_draw: needs --truth_rollouts (it draws another precise truth); without it "
+                               "Q_k is scored on the run's own data/ranking_<k>.json")
   base = ablation.read_run_config(wd)
   data_path = os.path.join(wd, "data", f"iter_{k}.jsonl")
   if not os.path.exists(data_path):

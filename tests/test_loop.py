@@ -285,3 +285,5 @@ def test_ranking_ablation_scores_a_run_that_measured_no_ranking(full_run, tmp_pa
   assert again != truth and ablation.precise_truth(workdir, 0, base, states=3, rollouts=8) == truth
   first, second = q_ranking.ActionSet.load(truth), q_ranking.ActionSet.load(again)
   assert len(second.where) == len(first.where) and sorted(second.where) != sorted(first.where)
+  with pytest.raises(errors.SettingsError, match="--truth_draw: expected an integer >= 0"):
+    ablation.precise_truth(workdir, 0, base, states=3, rollouts=8, draw=-1)

@@ -115,6 +115,8 @@ def variant_dir(wd: str, k: int, name: str) -> str:
 def precise_truth(wd: str, k: int, base: dict, states: int, rollouts: int, draw: int = 0) -> str:
   """A true-Q set of pi_k with `states` x `rollouts`, measured once into <workdir>/ablate/; `draw` > 0 is
   another, independent set of states (loop.measure_action_set)."""
+  if draw < 0:
+    raise errors.SettingsError(f"--truth_draw: expected an integer >= 0 (0 the first draw), got {draw}")
   suffix = f"_d{draw}" if draw else ""
   path = os.path.join(wd, "ablate", f"truth_{k}_{states}x{rollouts}{suffix}.json")
   if os.path.exists(path):
