@@ -81,6 +81,16 @@ def test_bad_logs_end_with_exit_3_and_leave_no_workdir(tmp_path):
   assert not os.path.exists(tmp_path / "ds")
 
 
+
+def test_a_truth_draw_without_its_rollouts_is_one_line_before_the_run_is_read(tmp_path):
+  wd = tmp_path / "run"
+  wd.mkdir()
+  (wd / "kept.txt").write_text("x")
+  out = _cli([f"--workdir={wd}", "--truth_draw=1"], module="experiments.q_ranking_ablation")
+  assert out.returncode == errors.EXIT_USAGE
+  assert "--truth_draw: needs --truth_rollouts" in _error_line(out)
+  assert sorted(os.listdir(wd)) == ["kept.txt"]
+
 def _bad_logs(tmp_path):
   """Logs each reader must refuse with file[:line], before anything is written."""
   good = json.dumps(sales.SalesEnv().play(sales.make_sales_policy("behavior"), 1, seed=0)[0].to_json())
