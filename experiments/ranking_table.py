@@ -39,9 +39,10 @@ def pool(rows: list[dict]) -> dict:
     return rows[0]
   n = sum(r["rank_states"] for r in rows)
   out = {k: v for k, v in rows[0].items() if not k.startswith("rank_")}
-  for name in rows[0]:
-    if name.startswith("rank_") and name != "rank_states":
-      out[name] = sum(r[name] * r["rank_states"] for r in rows) / n
+  names = {name for r in rows for name in r if name.startswith("rank_") and name != "rank_states"}
+  for name in sorted(names):  # a measure some files lack (written before it existed) pools to nan
+    value = lambda r: NAN if r.get(name) is None else r[name]  # noqa: E731
+    out[name] = sum(value(r) * r["rank_states"] for r in rows) / n
   return {**out, "rank_states": n, "draws": len(rows)}
 
 
@@ -71,6 +72,14 @@ def load(pattern: str) -> dict:
   return {key: pool([r for _, (_, r) in sorted(by_draw.items())]) for key, by_draw in draws.items()}
 
 
+def reliability(row: dict) -> str:
+  """The truth's reliability, read from its paired rollouts, with the unpaired reading beside it where the file
+  has both (q_ranking.ActionSet.reliability; files written before rollouts were kept have the unpaired alone)."""
+  unpaired = row.get("rank_truth_reliability_unpaired")
+  text = f"{row['rank_truth_reliability']:.2f}"
+  return text if unpaired is None or unpaired != unpaired else f"{text} ({unpaired:.2f} unpaired)"
+
+
 def on_staff_logs(first_data: str, k: int) -> bool:
   return k == 0 and first_data == "behavior"
 
@@ -86,7 +95,7 @@ def tables(rows: dict, variant: str, variants) -> str:
                  f"{r['rank_spearman']:+.2f} ({r.get('rank_truth_spearman_ceiling', float('nan')):+.2f}) | "
                  f"{r['rank_pairwise']:.2f} | {r.get('rank_clear_miss', NAN):.2f} ({r.get('rank_clear_best', NAN):.2f}) | "
                  f"{r['rank_pick_gain']:+.3f} "
-                 f"({r['rank_best_gain']:.3f}) | {r['rank_truth_reliability']:.2f} | {r['rank_states']}"
+                 f"({r['rank_best_gain']:.3f}) | {reliability(r)} | {r['rank_states']}"
                  f"{' (%d draws)' % r['draws'] if r.get('draws') else ''} |")
   for title, staff in (("fitted on the staff's logs (k = 0, first_data=behavior)", True),
                        ("fitted on pi_k's own deployments", False)):

@@ -733,9 +733,10 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   turns = [evals[cid].turns[:i] for (cid, i), cs in zip(action_set.where, action_set.candidates) for _ in cs]
   q = score(turns, prompts, actions)
   out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask, action_set.own,
-                                  action_set.true_se)
+                                  action_set.true_se, action_set.diff_se())
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
-  out["truth_reliability"] = action_set.reliability()
+  out["truth_reliability"] = action_set.reliability()  # paired (common random numbers) where returns are kept
+  out["truth_reliability_unpaired"] = action_set.reliability(paired=False)  # as if rollouts were independent
   out["truth_top1_ceiling"] = action_set.top1_ceiling()  # what the exact Q^{pi_k} would score in top-1 here
   out["truth_spearman_ceiling"] = action_set.spearman_ceiling()  # and in within-state Spearman
   out["candidates"] = float(np.mean([len(cs) for cs in action_set.candidates]))

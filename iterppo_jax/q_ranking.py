@@ -33,7 +33,8 @@ from iterppo_jax import stats
 
 
 def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None = None,
-                    own: np.ndarray | None = None, se: np.ndarray | None = None) -> dict[str, float]:
+                    own: np.ndarray | None = None, se: np.ndarray | None = None,
+                    diff_se: np.ndarray | None = None) -> dict[str, float]:
   """Within-state agreement of predicted and true action values.
 
   Args:
@@ -42,6 +43,8 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
     mask: [N, M] bool, the candidates present (states may have fewer than M); default all.
     own: [N, M] bool, the candidates that are pi_k's own samples; with it, two more measures (below).
     se: [N, M] standard errors of `true` (Monte Carlo); with them, two measures of what the noise allows (below).
+    diff_se: [N, M, M] standard errors of the differences true[i, a] - true[i, b] (ActionSet.diff_se: paired
+      rollouts share noise that cancels in a difference); without it hypot(se_a, se_b). Needs `se`.
   Returns:
     top1: share of states where Q_k's pick has the true best value (ties with the best count as agreement);
     top1_chance: the same for a uniformly random pick;
@@ -64,18 +67,21 @@ def ranking_metrics(pred: np.ndarray, true: np.ndarray, mask: np.ndarray | None 
   mask = np.ones(pred.shape, bool) if mask is None else np.asarray(mask, bool)
   own_mask = np.zeros(pred.shape, bool) if own is None else np.asarray(own, bool)
   se_all = np.zeros(pred.shape) if se is None else np.asarray(se, np.float64)
+  if diff_se is None:
+    diff_se = np.hypot(se_all[:, :, None], se_all[:, None, :])
+  diff_se = np.asarray(diff_se, np.float64)
   clear_miss, clear_best = [], []
   top1, chance, spear, pick_gain, best_gain, pick_own, best_own = [], [], [], [], [], [], []
   agree = pairs = 0.0
-  for p, t, m, o, e in zip(pred, true, mask, own_mask, se_all):
-    p, t, o, e = p[m], t[m], o[m], e[m]
+  for p, t, m, o, e in zip(pred, true, mask, own_mask, diff_se):
+    p, t, o, e = p[m], t[m], o[m], e[np.ix_(m, m)]
     if len(t) < 2 or np.ptp(t) == 0:  # every candidate equally good: nothing to rank (e.g. no rollout sold)
       continue
     best, picked = t.max(), t[int(np.argmax(p))]
     if se is not None:
       first, second = np.argsort(-t, kind="stable")[:2]
-      clear_miss.append(float(best - picked > 2 * np.hypot(e[first], e[int(np.argmax(p))])))
-      clear_best.append(float(t[first] - t[second] > 2 * np.hypot(e[first], e[second])))
+      clear_miss.append(float(best - picked > 2 * e[first, int(np.argmax(p))]))
+      clear_best.append(float(t[first] - t[second] > 2 * e[first, second]))
     top1.append(float(picked >= best))
     chance.append(float(np.mean(t >= best)))
     pick_gain.append(float(picked - t.mean()))
@@ -104,6 +110,11 @@ class ActionSet:
 
   `where[i]` = (conversation id, turn index into its turns) of state i; `source[i][j]` says where candidate j came
   from ('policy' sample or 'script' act). Saved as JSON so a resumed run and the report reuse one measurement.
+
+  `returns` [N, M, R] keeps every rollout's return (None in sets saved before it existed). The candidates of a
+  state share their r-th rollout's random numbers (TextEnv.rollout_returns), so the noise of a *difference* of
+  two candidates' estimates is smaller than their standard errors say; with `returns` the measures below read
+  the noise from the paired returns themselves, without them they assume independent noise.
   """
   where: list[tuple[str, int]]
   prompts: list[str]
@@ -112,6 +123,7 @@ class ActionSet:
   true_q: np.ndarray  # [N, M], 0 where masked
   true_se: np.ndarray  # [N, M] Monte Carlo standard errors
   rollouts: int
+  returns: np.ndarray | None = None  # [N, M, R] the rollouts' returns, 0 where masked
 
   @property
   def mask(self) -> np.ndarray:
@@ -128,36 +140,76 @@ class ActionSet:
       m[i, :len(src)] = [s == "policy" for s in src]
     return m
 
-  def reliability(self) -> float:
+  @property
+  def paired(self) -> bool:
+    """Whether the rollouts' returns are kept, so that noise is read from them (common random numbers)."""
+    return self.returns is not None
+
+  def reliability(self, paired: bool | None = None) -> float:
     """Share of the within-state variance of the measured true Q that is not Monte Carlo noise.
 
-    1 - mean(se^2) / mean(within-state variance). Near 0 the 'true' ranking is mostly noise and no Q-model
-    can agree with it; near 1 it is the real ranking. Ranking metrics mean little below ~0.5.
+    1 - mean(noise) / mean(within-state variance), where a state's noise is the expected within-state variance
+    of its candidates' estimation errors. Unpaired (`paired=False`, or no `returns`): mean(se^2), as if every
+    candidate's rollouts were independent. Paired (the default with `returns`): sum_j Var(e_j - mean_l e_l) / (M
+    - 1), the variance of each error's deviation from the state's mean error read from the paired returns, so
+    the noise the candidates share (common random numbers) is not counted. Near 0 the 'true' ranking is mostly
+    noise and no Q-model can agree with it; near 1 it is the real ranking. Ranking metrics mean little below
+    ~0.5.
     """
+    paired = self.paired if paired is None else paired
+    if paired and not self.paired:
+      raise ValueError("this action set keeps no rollout returns: its noise can only be read unpaired")
     variances, noise = [], []
-    for q, se, m in zip(self.true_q, self.true_se, self.mask):
-      if m.sum() >= 2:
-        variances.append(np.var(q[m], ddof=1))
+    for i, (q, se, m) in enumerate(zip(self.true_q, self.true_se, self.mask)):
+      n = int(m.sum())
+      if n < 2:
+        continue
+      variances.append(np.var(q[m], ddof=1))
+      if paired:
+        r = self.returns[i][m]  # [n, R]
+        dev = r - r.mean(0, keepdims=True)
+        noise.append(float(np.sum(dev.var(1, ddof=1) / r.shape[1]) / (n - 1)))
+      else:
         noise.append(np.mean(np.square(se[m])))
     if not variances or np.mean(variances) == 0:
       return float("nan")
     return float(1.0 - np.mean(noise) / np.mean(variances))
 
+  def diff_se(self) -> np.ndarray:
+    """[N, M, M] the standard error of true_q[i, a] - true_q[i, b]: from the paired returns when kept, else
+    hypot(se_a, se_b) (independent noise)."""
+    se = self.true_se
+    out = np.hypot(se[:, :, None], se[:, None, :])
+    if self.paired:
+      d = self.returns[:, :, None, :] - self.returns[:, None, :, :]
+      out = d.std(-1, ddof=1) / np.sqrt(self.returns.shape[-1])
+    return out
+
+  def _truth_draws(self, i: int, m: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
+    """[draws, n] values the real Q of state i's present candidates could have, given the measurement: with the
+    returns, the means of rollouts resampled with replacement, one resample for all candidates (a paired
+    bootstrap); without them, the measured values plus independent normal errors of their standard errors."""
+    if self.paired:
+      r = self.returns[i][m]  # [n, R]
+      idx = rng.integers(r.shape[1], size=(draws, r.shape[1]))
+      return r[:, idx].mean(-1).T
+    return self.true_q[i][m] + rng.standard_normal((draws, int(m.sum()))) * self.true_se[i][m]
+
   def top1_ceiling(self, draws: int = 2000, seed: int = 0) -> float:
     """The top-1 agreement a Q-model equal to the real Q^{pi_k} could expect against this measured truth.
 
-    Per state, real values are drawn around the measured ones with their Monte Carlo standard errors,
-    real ~ N(true_q, true_se^2) (a parametric bootstrap), and the share of draws whose best candidate is the
+    Per state, real values are drawn as the measurement allows (_truth_draws: a paired bootstrap of the rollouts
+    where they are kept, else real ~ N(true_q, true_se^2)), and the share of draws whose best candidate is the
     measured best is averaged over the states with two or more candidates. Against a noisy truth even the
     exact Q misses the measured best where the top candidates are within noise of each other: top-1 is read
     against this, not against 1. Deterministic in `seed`.
     """
     rng = np.random.default_rng(seed)
     shares = []
-    for q, se, m in zip(self.true_q, self.true_se, self.mask):
+    for i, (q, m) in enumerate(zip(self.true_q, self.mask)):
       if m.sum() < 2:
         continue
-      real = q[m] + rng.standard_normal((draws, int(m.sum()))) * se[m]
+      real = self._truth_draws(i, m, draws, rng)
       shares.append(float(np.mean(real.argmax(axis=1) == np.argmax(q[m]))))
     return float(np.mean(shares)) if shares else float("nan")
 
@@ -168,11 +220,11 @@ class ActionSet:
     """
     rng = np.random.default_rng(seed)
     means = []
-    for q, se, m in zip(self.true_q, self.true_se, self.mask):
+    for i, (q, m) in enumerate(zip(self.true_q, self.mask)):
       t = q[m]
       if len(t) < 2 or np.ptp(t) == 0:
         continue
-      real = t + rng.standard_normal((draws, len(t))) * se[m]
+      real = self._truth_draws(i, m, draws, rng)
       means.append(float(np.nanmean([stats.spearman(r, t) for r in real])))
     return float(np.mean(means)) if means else float("nan")
 
@@ -190,12 +242,14 @@ class ActionSet:
   def to_json(self) -> dict:
     return {"where": [list(w) for w in self.where], "prompts": self.prompts, "candidates": self.candidates,
             "source": self.source, "true_q": self.true_q.tolist(), "true_se": self.true_se.tolist(),
-            "rollouts": self.rollouts}
+            "rollouts": self.rollouts, **({"returns": np.round(self.returns, 6).tolist()} if self.paired else {})}
 
   @classmethod
   def from_json(cls, obj: dict) -> "ActionSet":
+    returns = np.asarray(obj["returns"], np.float64) if "returns" in obj else None
     return cls([tuple(w) for w in obj["where"]], obj["prompts"], obj["candidates"], obj["source"],
-               np.asarray(obj["true_q"], np.float64), np.asarray(obj["true_se"], np.float64), int(obj["rollouts"]))
+               np.asarray(obj["true_q"], np.float64), np.asarray(obj["true_se"], np.float64), int(obj["rollouts"]),
+               returns)
 
   def save(self, path: str) -> None:
     io_utils.atomic_write_json(path, self.to_json())
@@ -252,15 +306,16 @@ def build_action_set(env, records: Sequence[conv_lib.Conversation], policy,
   width = max(len(c) for c in candidates)
   flat_eps = [ep for ep, cs in zip(episodes, candidates) for _ in cs]
   flat_texts = [t for cs in candidates for t in cs]
-  q, se = env.estimate_q(flat_eps, flat_texts, policy, gamma, n_rollouts=rollouts, seed=seed)
-  true_q, true_se = np.zeros((len(chosen), width)), np.zeros((len(chosen), width))
+  values = env.rollout_returns(flat_eps, flat_texts, policy, gamma, n_rollouts=rollouts, seed=seed)
+  returns = np.zeros((len(chosen), width, rollouts))
   pos = 0
   for n, cs in enumerate(candidates):
-    true_q[n, :len(cs)] = q[pos:pos + len(cs)]
-    true_se[n, :len(cs)] = se[pos:pos + len(cs)]
+    returns[n, :len(cs)] = values[pos:pos + len(cs)]
     pos += len(cs)
+  true_se = returns.std(-1, ddof=1) / np.sqrt(rollouts)
   return ActionSet(where=[(r.id, i) for r, i in chosen], prompts=[render_fn(r.turns[:i], r.context) for r, i in chosen],
-                   candidates=candidates, source=source, true_q=true_q, true_se=true_se, rollouts=rollouts)
+                   candidates=candidates, source=source, true_q=returns.mean(-1), true_se=true_se, rollouts=rollouts,
+                   returns=returns)
 
 
 def step_reach(q_by_state: Sequence[np.ndarray], beta: float) -> dict[str, float]:

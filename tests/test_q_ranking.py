@@ -177,6 +177,65 @@ def test_spearman_ceiling_is_what_the_exact_q_correlates_with_a_noisy_truth():
   assert noisy.spearman_ceiling(seed=1) == noisy.spearman_ceiling(seed=1)
 
 
+def test_candidates_share_their_rollouts_random_numbers_and_the_truth_reads_its_noise_from_them():
+  """Common random numbers: rollout r of every candidate at a state draws the same customer's uniform u, so in
+  ColourShop an offer sells where u < p (0.8 for the wanted colour, 0.2 else). The two wrong offers' returns are
+  equal rollout by rollout (a difference without noise), and wanted minus wrong is 1 where 0.2 <= u < 0.8:
+  variance 0.6 x 0.4 = 0.24 per rollout, not the 0.16 + 0.16 = 0.32 of independent rollouts."""
+  env = ColourShop(business_user=base.BusinessUserConfig(mode="direct"), max_turns=1)
+  records = env.play(policies_any_offer(), 60, seed=0)
+  rollouts = 400
+  aset = q_ranking.build_action_set(env, records, policies_any_offer(), offers, n_states=10, policy_samples=0,
+                                    rollouts=rollouts, gamma=0.95, seed=1,
+                                    render_fn=lambda turns, context: conv_lib.render_state(turns, None, context))
+  assert aset.paired and aset.returns.shape == (10, 3, rollouts)
+  np.testing.assert_allclose(aset.true_q, aset.returns.mean(-1))
+  by_id = {r.id: r for r in records}
+  paired_var, unpaired_var = [], []
+  for i, ((rid, _), cands) in enumerate(zip(aset.where, aset.candidates)):
+    wanted = [j for j, c in enumerate(cands) if by_id[rid].metadata["colour"] in c]
+    wrong = [j for j in range(3) if j not in wanted]
+    np.testing.assert_array_equal(aset.returns[i, wrong[0]], aset.returns[i, wrong[1]])
+    assert aset.diff_se()[i, wrong[0], wrong[1]] == 0
+    paired_var.append(aset.diff_se()[i, wanted[0], wrong[0]] ** 2 * rollouts)
+    unpaired_var.append(np.hypot(aset.true_se[i, wanted[0]], aset.true_se[i, wrong[0]]) ** 2 * rollouts)
+  assert abs(np.mean(paired_var) - 0.24) < 0.03 and abs(np.mean(unpaired_var) - 0.32) < 0.03
+  # The noise read from the pairs is half the unpaired reading: per rollout, the errors' deviations from their
+  # state's mean have variances (4 + 1 + 1) / 9 x 0.24, over M - 1 = 2: 0.08, against a mean se^2 x R of 0.16.
+  noise = lambda paired: 1 - aset.reliability(paired=paired)  # noise / within-state variance  # noqa: E731
+  assert abs(noise(True) / noise(False) - 0.5) < 0.1
+  again = q_ranking.ActionSet.from_json(aset.to_json())
+  np.testing.assert_allclose(again.returns, aset.returns, atol=1e-6)
+  assert again.reliability() == pytest.approx(aset.reliability())
+
+
+def test_paired_returns_remove_the_noise_the_candidates_share():
+  """Returns = the candidate's value + a rollout's shock shared by every candidate + a little of its own noise:
+  unpaired, the shared shock drowns the 0.05 steps between candidates; paired, it cancels."""
+  rng = np.random.default_rng(0)
+  q = np.asarray([[0.1, 0.15, 0.2], [0.3, 0.25, 0.2]])
+  shared = rng.normal(0, 0.5, size=(2, 1, 64))
+  returns = q[:, :, None] + shared + rng.normal(0, 0.01, size=(2, 3, 64))
+  kw = dict(where=[("a", 1), ("b", 1)], prompts=["s", "t"], candidates=[["x", "y", "z"]] * 2,
+            source=[["script"] * 3] * 2, rollouts=64)
+  se = returns.std(-1, ddof=1) / 8
+  paired = q_ranking.ActionSet(true_q=returns.mean(-1), true_se=se, returns=returns, **kw)
+  unpaired = q_ranking.ActionSet(true_q=returns.mean(-1), true_se=se, **kw)
+  assert paired.reliability() > 0.95 and unpaired.reliability() < 0.5
+  assert unpaired.reliability() == pytest.approx(paired.reliability(paired=False))
+  assert paired.top1_ceiling() == 1.0 and unpaired.top1_ceiling() < 0.8
+  assert paired.spearman_ceiling() == 1.0 and unpaired.spearman_ceiling() < 0.8
+  assert paired.top1_ceiling(seed=2) == paired.top1_ceiling(seed=2)
+  # clear misses and clear bests judged with the paired differences' errors
+  reverse = -paired.true_q
+  assert q_ranking.ranking_metrics(reverse, paired.true_q, se=paired.true_se,
+                                   diff_se=paired.diff_se())["clear_miss"] == 1.0
+  assert q_ranking.ranking_metrics(reverse, unpaired.true_q, se=unpaired.true_se)["clear_miss"] == 0.0
+  with pytest.raises(ValueError, match="keeps no rollout returns"):
+    unpaired.reliability(paired=True)
+  assert "returns" not in unpaired.to_json() and q_ranking.ActionSet.from_json(unpaired.to_json()).returns is None
+
+
 def test_step_reach_in_closed_form():
   beta = 0.1
   # one state with two equally likely acts valued 0 and 1: the tilt puts e^(1/beta) / (1 + e^(1/beta)) on the

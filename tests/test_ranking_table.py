@@ -62,3 +62,20 @@ def test_independent_truths_of_one_q_k_pool_into_one_row_over_all_their_states(t
   write("c", 1, 0.1, 0.1, 10)
   with pytest.raises(errors.DataError, match=r"c\.json: sales seed 2 Q_2 sarsa on truth draw 1 is also in .*b\.json"):
     ranking_table.load(str(tmp_path / "*.json"))
+
+
+def test_paired_reliability_is_shown_with_the_unpaired_reading_and_pools_with_older_files(tmp_path):
+  """A file with both readings of the truth's reliability shows both; pooled with a file written before the
+  unpaired one was kept, the pooled unpaired reading is nan (not the one file's value) and is not shown."""
+  def write(name, draw, row):
+    d = {"domain": "negotiation", "first_data": "policy", "seed": 0, "iteration": 1, "rows": [row],
+         "truth": "gone.json", "truth_draw": draw}
+    (tmp_path / f"{name}.json").write_text(json.dumps(d))
+  write("a", 0, {**_row("sarsa", 0.3, 0.2), "rank_truth_reliability": 0.55, "rank_truth_reliability_unpaired": 0.1})
+  text = ranking_table.tables(ranking_table.load(str(tmp_path / "*.json")), "sarsa", ["sarsa"])
+  assert "| 0.55 (0.10 unpaired) | 20 |" in text
+  write("b", 1, _row("sarsa", 0.1, 0.0))
+  rows = ranking_table.load(str(tmp_path / "*.json"))
+  row = rows[("negotiation", "policy", 0, 1, "sarsa")]
+  assert np.isnan(row["rank_truth_reliability_unpaired"]) and row["rank_truth_reliability"] == pytest.approx(0.625)
+  assert "| 0.62 | 40 (2 draws) |" in ranking_table.tables(rows, "sarsa", ["sarsa"])

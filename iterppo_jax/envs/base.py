@@ -328,6 +328,18 @@ class TextEnv:
     Returns (mean, standard error) of the discounted return sum_{j>=1} gamma^{j-1} o_{i+j}, where the
     outcome is the classifier's flag as logged (what the Q-model is trained on). Episodes are not changed.
     """
+    values = self.rollout_returns(episodes, suggestions, policy, gamma, n_rollouts, seed)
+    return values.mean(1), values.std(1, ddof=1) / np.sqrt(n_rollouts)
+
+  def rollout_returns(self, episodes: Sequence[Episode], suggestions: Sequence[str], policy, gamma: float,
+                      n_rollouts: int = 32, seed: int = 0) -> np.ndarray:
+    """[N, n_rollouts] the discounted returns of estimate_q's rollouts, one row per (episode, suggestion).
+
+    Rollout r of a state is seeded by the state and r alone, never by the suggestion: two suggestions at one state
+    share their r-th random stream (the customer's, the business user's and a model policy's, whose keys fold the
+    episode's seed_key), so the difference of their Q estimates is free of the noise they share (common random
+    numbers; q_ranking.ActionSet reads the truth's precision from these paired returns).
+    """
     clones, owners = [], []
     for i, ep in enumerate(episodes):
       if ep.done:
@@ -344,7 +356,7 @@ class TextEnv:
     values = np.zeros((len(episodes), n_rollouts))
     for k, (c, i) in enumerate(zip(clones, owners)):
       values[i, k % n_rollouts] = discounted_targets(c.record, gamma)[n_decisions[k]]
-    return values.mean(1), values.std(1, ddof=1) / np.sqrt(n_rollouts)
+    return values
 
 
 
