@@ -261,6 +261,19 @@ def test_ranking_counts_are_checked_before_any_work(tmp_path, key, value):
   assert not workdir.exists()  # nothing written
 
 
+def test_table_variants_fit_what_they_say_whatever_the_runs_shrinkage():
+  """A variant's overrides go onto the run's own config, so a variant that names its cells' prior must set it: on
+  a run shrunk to 'additive' (negotiation's, sales'), 'shrunk to their act's mean' once fitted the additive prior."""
+  for name, (what, overrides) in ablation.VARIANTS.items():
+    if "act's mean" in what:
+      assert overrides["qfit.shrink_to"] == "act" and overrides["qfit.shrink"] > 0, name
+    if "state mean + act offset" in what:
+      assert overrides["qfit.shrink_to"] == "additive" and overrides["qfit.shrink"] > 0, name
+    if "plain cell means" in what:
+      assert overrides["qfit.shrink"] == 0, name
+  assert "table_plain" in ablation.VARIANTS and "table_shrink_5" in ablation.VARIANTS
+
+
 def test_ranking_ablation_scores_a_run_that_measured_no_ranking(full_run, tmp_path):
   """experiments.q_ranking_ablation on a run made with loop.rank_states=0: the precise truth is measured in its
   own directory and every variant's Q_k is scored on it (the refit turns the ranking on for that set)."""

@@ -58,10 +58,14 @@ VARIANTS = {
                                                                           "qfit.method": "mc"}),
 }
 # The table's cells shrunk toward a prior by a pseudo-count m (q_table.py): m = 2, 5, 10 toward the act's mean,
-# m = 5 toward the state's mean plus the act's offset.
+# m = 5 toward the state's mean plus the act's offset. The other table variants keep the run's own shrinkage
+# (qfit.shrink, qfit.shrink_to); 'table_plain' has none.
+VARIANTS["table_plain"] = ("dialogue-state table, SARSA, plain cell means (no shrinkage)",
+                           {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": 0.0})
 for _m in (2, 5, 10):
   VARIANTS[f"table_shrink_{_m}"] = (f"dialogue-state table, SARSA, cells shrunk to their act's mean (m = {_m})",
-                                    {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": float(_m)})
+                                    {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": float(_m),
+                                     "qfit.shrink_to": "act"})
 # The same table on a share of D_k's conversations (qfit.data_fraction): how its ranking grows with |D_k|.
 for _share in (25, 50):
   VARIANTS[f"table_data_{_share}"] = (f"dialogue-state table, SARSA, on {_share}% of D_k's conversations",
