@@ -175,15 +175,13 @@ class ActionSet:
       return float("nan")
     return float(1.0 - np.mean(noise) / np.mean(variances))
 
-  def diff_se(self) -> np.ndarray:
-    """[N, M, M] the standard error of true_q[i, a] - true_q[i, b]: from the paired returns when kept, else
-    hypot(se_a, se_b) (independent noise)."""
-    se = self.true_se
-    out = np.hypot(se[:, :, None], se[:, None, :])
-    if self.paired:
-      d = self.returns[:, :, None, :] - self.returns[:, None, :, :]
-      out = d.std(-1, ddof=1) / np.sqrt(self.returns.shape[-1])
-    return out
+  def diff_se(self) -> np.ndarray | None:
+    """[N, M, M] the standard error of true_q[i, a] - true_q[i, b] read from the paired returns; None without
+    them (ranking_metrics then assumes independent noise, hypot(se_a, se_b))."""
+    if not self.paired:
+      return None
+    d = self.returns[:, :, None, :] - self.returns[:, None, :, :]
+    return d.std(-1, ddof=1) / np.sqrt(self.returns.shape[-1])
 
   def _truth_draws(self, i: int, m: np.ndarray, draws: int, rng: np.random.Generator) -> np.ndarray:
     """[draws, n] values the real Q of state i's present candidates could have, given the measurement: with the
@@ -242,7 +240,7 @@ class ActionSet:
   def to_json(self) -> dict:
     return {"where": [list(w) for w in self.where], "prompts": self.prompts, "candidates": self.candidates,
             "source": self.source, "true_q": self.true_q.tolist(), "true_se": self.true_se.tolist(),
-            "rollouts": self.rollouts, **({"returns": np.round(self.returns, 6).tolist()} if self.paired else {})}
+            "rollouts": self.rollouts, **({"returns": self.returns.tolist()} if self.paired else {})}
 
   @classmethod
   def from_json(cls, obj: dict) -> "ActionSet":
