@@ -263,7 +263,8 @@ def test_ranking_counts_are_checked_before_any_work(tmp_path, key, value):
 
 def test_table_variants_fit_what_they_say_whatever_the_runs_shrinkage():
   """A variant's overrides go onto the run's own config, so a variant that names its cells' prior must set it: on
-  a run shrunk to 'additive' (negotiation's, sales'), 'shrunk to their act's mean' once fitted the additive prior."""
+  a run shrunk to 'additive' (sales', and negotiation's until finding 39), 'shrunk to their act's mean' once
+  fitted the additive prior."""
   for name, (what, overrides) in ablation.VARIANTS.items():
     if "act's mean" in what:
       assert overrides["qfit.shrink_to"] == "act" and overrides["qfit.shrink"] > 0, name
