@@ -578,8 +578,8 @@ def fit_q_table(run: Run, k: int, records, policy_params):
                 for d in q_table.decisions(older, older_examples, state_fn, act_fn,
                                            own_texts=_own_samples(run, k, policy_params, older_examples, 5))]
   fit = functools.partial(_fit_table, q_cfg.method, q_cfg.targets == "all",
-                          q_cfg.lam if q_cfg.method == "td_lambda" else 0.0, q_cfg.shrink, q_cfg.shrink_to, run.gamma,
-                          state_fn, act_fn)
+                          q_cfg.lam if q_cfg.method == "td_lambda" else 0.0, q_cfg.shrink, q_cfg.shrink_to,
+                          q_cfg.pessimism, run.gamma, state_fn, act_fn)
   train = _table_train(ds, ~held, older_ds)
   metrics_pool = {"pooled_examples": len(older_ds)} if older_ds else {}
   metrics_pool["off_policy"] = float(own is not None)  # D_k bootstrapped from pi_k's samples
@@ -604,13 +604,15 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   return table, None, metrics
 
 
-def _fit_table(method: str, all_turns: bool, lam: float, shrink: float, shrink_to: str, gamma: float, state_fn,
-               act_fn, train) -> q_table.TableQ:
+def _fit_table(method: str, all_turns: bool, lam: float, shrink: float, shrink_to: str, pessimism: float,
+               gamma: float, state_fn, act_fn, train) -> q_table.TableQ:
   """The dialogue-state table on `train` (q_table.Decision list with indices into itself): Monte Carlo (method
   'mc', on every turn with all_turns) or SARSA / TD(lam), cells shrunk toward `shrink_to` by `shrink`."""
   if method == "mc":
-    return q_table.fit_mc(train, state_fn, act_fn, all_turns=all_turns, shrink=shrink, shrink_to=shrink_to)
-  return q_table.fit_sarsa(train, gamma, state_fn, act_fn, lam=lam, shrink=shrink, shrink_to=shrink_to)
+    return q_table.fit_mc(train, state_fn, act_fn, all_turns=all_turns, shrink=shrink, shrink_to=shrink_to,
+                          pessimism=pessimism)
+  return q_table.fit_sarsa(train, gamma, state_fn, act_fn, lam=lam, shrink=shrink, shrink_to=shrink_to,
+                           pessimism=pessimism)
 
 
 def _table_train(ds, keep: np.ndarray, older_ds=()) -> list:

@@ -24,12 +24,25 @@ weighted by the cells' counts ('twoway': an act's effect measured within the sta
 'additive' credits an act, e.g. a close played mostly where deals are near, with its states' values). A cell
 logged once or twice then no longer tops a state on one lucky outcome. The table is JSON
 (workdir/checkpoints/qtable/<k>.json), so a resumed run reads back the same Q.
+
+Pessimism (`pessimism` = z > 0, qfit.pessimism): Q_k is read as a lower confidence bound,
+
+    Q(x, a) - z sigma / sqrt(n + m),
+
+n the cell's count, m the shrinkage pseudo-count (the prior is worth m targets) and sigma the pooled spread of
+the decisions' discounted returns around their cell means (the noise of one sample of Q^{pi_k}; SARSA's one-step
+targets would hide what the next states' values add). A pair never logged is a cell with n = 0: its prior (the
+one the cells shrink toward, at its state and act) less z sigma / sqrt(max(m, 1)). The improvement step takes
+the maximum over a state's acts, and the acts logged least have the noisiest means, so the plain means' maximum
+favours rare cells (docs/results.md, finding 41). The bound is read, not fitted: SARSA's bootstrap still
+evaluates pi_k with the plain cells. z = 0 (the default) is the table as before, to the bit.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Callable, Sequence
 
 import numpy as np
@@ -109,12 +122,24 @@ class TableQ:
   default: float
   state_fn: Callable | None = None
   act_fn: Callable | None = None
+  # pessimism (module doc): the bound's z, the targets' spread sigma, the pseudo-count m, and the prior
+  # (mean, {state: effect}, {act: effect}) that scores a pair never logged; z = 0 reads the plain table
+  pessimism: float = 0.0
+  noise: float = 0.0
+  shrink: float = 0.0
+  prior: tuple | None = None
 
   def value(self, state: tuple, act: tuple) -> float:
     cell = self.cells.get((state, act))
+    if not self.pessimism:
+      return cell[0] if cell is not None else self.acts.get(act, self.default) - UNSEEN_PENALTY
     if cell is not None:
-      return cell[0]
-    return self.acts.get(act, self.default) - UNSEEN_PENALTY
+      q, n = cell
+    elif self.prior is not None and state in self.prior[1] and act in self.prior[2]:
+      q, n = self.prior[0] + self.prior[1][state] + self.prior[2][act], 0
+    else:
+      q, n = self.acts.get(act, self.default) - UNSEEN_PENALTY, 0
+    return q - self.pessimism * self.noise / math.sqrt(max(n + self.shrink, 1.0))
 
   def score(self, turns, text: str) -> float:
     """Q of suggesting `text` ('' abstains) after the transcript `turns`."""
@@ -125,8 +150,14 @@ class TableQ:
 
   # ---- persistence: JSON with tuple keys written as lists ----
   def to_json(self) -> dict:
-    return {"cells": [[list(s), list(a), q, n] for (s, a), (q, n) in sorted(self.cells.items(), key=repr)],
-            "acts": [[list(a), q] for a, q in sorted(self.acts.items(), key=repr)], "default": self.default}
+    out = {"cells": [[list(s), list(a), q, n] for (s, a), (q, n) in sorted(self.cells.items(), key=repr)],
+           "acts": [[list(a), q] for a, q in sorted(self.acts.items(), key=repr)], "default": self.default}
+    if self.pessimism:
+      mean, states, acts = self.prior
+      out["pessimism"] = {"z": self.pessimism, "noise": self.noise, "shrink": self.shrink, "prior_mean": mean,
+                          "state_effects": [[list(x), v] for x, v in sorted(states.items(), key=repr)],
+                          "act_effects": [[list(a), v] for a, v in sorted(acts.items(), key=repr)]}
+    return out
 
   def save(self, path: str) -> None:
     io_utils.atomic_write_json(path, self.to_json())
@@ -135,8 +166,14 @@ class TableQ:
   def load(cls, path: str, state_fn: Callable, act_fn: Callable) -> "TableQ":
     with open(path) as f:
       d = json.load(f)
-    return cls({(_tuple(s), _tuple(a)): (float(q), int(n)) for s, a, q, n in d["cells"]},
-               {_tuple(a): float(q) for a, q in d["acts"]}, float(d["default"]), state_fn, act_fn)
+    table = cls({(_tuple(s), _tuple(a)): (float(q), int(n)) for s, a, q, n in d["cells"]},
+                {_tuple(a): float(q) for a, q in d["acts"]}, float(d["default"]), state_fn, act_fn)
+    p = d.get("pessimism")  # tables saved before it existed, or with z = 0, read the plain cells
+    if p:
+      table.pessimism, table.noise, table.shrink = float(p["z"]), float(p["noise"]), float(p["shrink"])
+      table.prior = (float(p["prior_mean"]), {_tuple(x): float(v) for x, v in p["state_effects"]},
+                     {_tuple(a): float(v) for a, v in p["act_effects"]})
+    return table
 
 
 def _tuple(x):
@@ -176,6 +213,7 @@ class _Shrinkage:
     a_index, s_index = {a: i for i, a in enumerate(acts)}, {s: i for i, s in enumerate(states)}
     self.cell_act = np.asarray([a_index[a] for _, a in keys], np.int64)
     self.cell_state = np.asarray([s_index[s] for s, _ in keys], np.int64)
+    self.states, self.acts = states, acts
 
   def _pooled(self, group: np.ndarray, sums: np.ndarray) -> np.ndarray:
     """Each cell's group's mean target over all its decisions."""
@@ -194,8 +232,13 @@ class _Shrinkage:
     return (sums + self.m * prior) / (self.counts + self.m)
 
   def _twoway(self, sums: np.ndarray) -> np.ndarray:
-    """mean + state effect + act effect, the least-squares fit to the cell means weighted by their counts
-    (backfitting: each effect is the weighted mean of what the other leaves)."""
+    """mean + state effect + act effect, the least-squares fit to the cell means weighted by their counts."""
+    mu, state_fx, act_fx = self._twoway_effects(sums)
+    return mu + state_fx[self.cell_state] + act_fx[self.cell_act]
+
+  def _twoway_effects(self, sums: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """(mean, per-state effects, per-act effects) of the two-way fit (backfitting: each effect is the weighted
+    mean of what the other leaves)."""
     w, y = self.counts.astype(np.float64), sums / self.counts
     mu = float(np.sum(sums) / np.sum(w))
     n_s, n_a = np.bincount(self.cell_state, weights=w), np.bincount(self.cell_act, weights=w)
@@ -203,17 +246,54 @@ class _Shrinkage:
     for _ in range(_TWOWAY_SWEEPS):
       state_fx = np.bincount(self.cell_state, weights=w * (y - mu - act_fx[self.cell_act])) / n_s
       act_fx = np.bincount(self.cell_act, weights=w * (y - mu - state_fx[self.cell_state])) / n_a
-    return mu + state_fx[self.cell_state] + act_fx[self.cell_act]
+    return mu, state_fx, act_fx
+
+  def effects(self, sums: np.ndarray) -> tuple[float, dict, dict]:
+    """The prior as (mean, {state: effect}, {act: effect}), its value at (x, a) mean + effect(x) + effect(a),
+    so that it also scores a pair never logged: 'act' has no state effects, 'additive' the states' and acts'
+    mean offsets, 'twoway' the two-way fit's effects."""
+    w = self.counts.astype(np.float64)
+    mu = float(np.sum(sums) / np.sum(w))
+    if self.prior == "twoway":
+      mu, state_fx, act_fx = self._twoway_effects(sums)
+    else:
+      act_fx = np.bincount(self.cell_act, weights=sums) / np.bincount(self.cell_act, weights=w) - mu
+      state_fx = (np.bincount(self.cell_state, weights=sums) / np.bincount(self.cell_state, weights=w) - mu
+                  if self.prior == "additive" else np.zeros(len(self.states)))
+    return (mu, {x: float(v) for x, v in zip(self.states, state_fx)},
+            {a: float(v) for a, v in zip(self.acts, act_fx)})
 
 
 def fit_mc(ds: Sequence[Decision], state_fn=None, act_fn=None, all_turns: bool = False, shrink: float = 0.0,
-           shrink_to: str = "act") -> TableQ:
+           shrink_to: str = "act", pessimism: float = 0.0) -> TableQ:
   """Mean discounted return per (state, act) over decisions whose return samples Q^{pi_k} (every decision with
-  `all_turns`); with `shrink` > 0, shrunk toward its prior (module doc)."""
+  `all_turns`); with `shrink` > 0, shrunk toward its prior; with `pessimism` > 0, read as a lower bound (module
+  doc)."""
   rows = [d for d in ds if all_turns or d.target_valid]
   keys, _, cell, counts = _cells(rows)
-  sums = np.bincount(cell, weights=[d.target for d in rows], minlength=len(keys))
-  return _table(keys, _Shrinkage(keys, counts, shrink, shrink_to).apply(sums), counts, state_fn, act_fn)
+  targets = np.asarray([d.target for d in rows], np.float64)
+  sums = np.bincount(cell, weights=targets, minlength=len(keys))
+  shrinker = _Shrinkage(keys, counts, shrink, shrink_to)
+  table = _table(keys, shrinker.apply(sums), counts, state_fn, act_fn)
+  return _pessimistic(table, pessimism, shrinker, targets, targets, cell)
+
+
+def _pessimistic(table: TableQ, z: float, shrinker: _Shrinkage, targets: np.ndarray, returns: np.ndarray,
+                 cell: np.ndarray) -> TableQ:
+  """`table` read as the lower bound Q - z sigma / sqrt(n + m) (module doc): the unseen pairs' prior pooled from
+  the fitted `targets` (the cells' last sweep), sigma the pooled spread of the decisions' `returns` around their
+  cells' plain means. z = 0 returns the table unchanged."""
+  if z < 0:
+    raise ValueError(f"pessimism must be >= 0, got {z}")
+  if not z:
+    return table
+  counts = shrinker.counts
+  spread = returns - (np.bincount(cell, weights=returns, minlength=len(counts)) / counts)[cell]
+  table.pessimism, table.shrink = float(z), shrinker.m
+  table.noise = math.sqrt(float(np.sum(spread ** 2)) / max(len(returns) - len(counts), 1))
+  sums = np.bincount(cell, weights=targets, minlength=len(counts))
+  table.prior = shrinker.effects(sums)
+  return table
 
 
 def _depths(ds: Sequence[Decision]) -> np.ndarray:
@@ -229,7 +309,8 @@ def _depths(ds: Sequence[Decision]) -> np.ndarray:
 
 
 def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, lam: float = 0.0,
-              shrink: float = 0.0, shrink_to: str = "act", tol: float = 1e-7, max_sweeps: int = 1000) -> TableQ:
+              shrink: float = 0.0, shrink_to: str = "act", pessimism: float = 0.0, tol: float = 1e-7,
+              max_sweeps: int = 1000) -> TableQ:
   """The fixed point of Q(x, a) = mean over logged decisions from (x, a) of their lambda-return of pi_k
   (synchronous sweeps until no cell moves more than `tol`):
 
@@ -239,8 +320,10 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
 
   lam = 0 is SARSA of pi_k; lam = 1 on logs without randomised turns is the Monte Carlo mean per cell. A next pair
   (x', a'_pi) that was never logged takes a'_pi's mean Q. Where a decision carries several sampled acts of pi_k
-  (Decision.own_acts, logs of another policy), Q(x', a'_pi) is their mean (expected SARSA), and the trace is cut. With `shrink` = m > 0 each sweep's cell means are shrunk
-  toward their prior (module doc), which keeps the sweep a contraction."""
+  (Decision.own_acts, logs of another policy), Q(x', a'_pi) is their mean (expected SARSA), and the trace is
+  cut. With `shrink` = m > 0 each sweep's cell means are shrunk toward their prior (module doc), which keeps the
+  sweep a contraction. With `pessimism` > 0 the fixed point is read as a lower bound (module doc), sigma the
+  spread of the decisions' discounted returns within their cells."""
   if not 0.0 <= lam <= 1.0:
     raise ValueError(f"lam must be in [0, 1], got {lam}")
   keys, index, cell, counts = _cells(ds)
@@ -292,4 +375,5 @@ def fit_sarsa(ds: Sequence[Decision], gamma: float, state_fn=None, act_fn=None, 
     q = new
     if moved < tol:
       break
-  return _table(keys, q, counts, state_fn, act_fn)
+  returns = np.asarray([d.target for d in ds], np.float64)
+  return _pessimistic(_table(keys, q, counts, state_fn, act_fn), pessimism, shrinker, ret, returns, cell)

@@ -102,6 +102,7 @@ REALS = {
     "env.skill_mean": (0.0, 1.0, False, False),
     "qfit.lam": (0.0, 1.0, True, True), "qfit.tau": (0.0, 1.0, False, True),
     "qfit.shrink": (0.0, math.inf, True, False),
+    "qfit.pessimism": (0.0, math.inf, True, False),
     "qfit.label_flip": (0.0, 1.0, True, True), "qfit.data_fraction": (0.0, 1.0, False, True),
     "ppo.kl_coef": (0.0, math.inf, True, False), "ppo.kl_target": (0.0, math.inf, True, False),
     "ppo.gamma": (0.0, 1.0, True, True), "ppo.lam": (0.0, 1.0, True, True),
@@ -368,6 +369,7 @@ class QFit(Optimizer):
   fqe_samples: int = 4
   shrink: float = 5.0  # configs/sales.py (finding 14); the other domains set 0
   shrink_to: str = "additive"
+  pessimism: float = 0.0  # z of the table's lower confidence bound (q_table.py; 0: the plain table)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -370,3 +370,65 @@ def test_centred_reward_subtracts_pi_ks_state_value(tmp_path):
   with pytest.raises(ValueError, match="center_reward='state' subtracts the dialogue-state table's state value"):
     loop.setup(bad, workdir)
   assert not os.path.exists(workdir)
+
+
+def test_pessimism_reads_a_lower_bound_that_rare_cells_pay_most(tmp_path):
+  """Monte Carlo cells (s0, a): 1, 0, 1, 0; (s0, b): 1; (s1, a): 1, 1; (s1, b): 0, 0; (s2, a): 1. The targets'
+  spread around their cell means is sigma = sqrt(1 / (10 - 5)); read with z, a cell is its mean less
+  z sigma / sqrt(n + m), so at s0 the lucky one-off b tops a (4 targets) while z < 1 / sigma = 2.24, not at 3; the
+  pair (s2, b), never logged, is its additive prior mean + effect(s2) + effect(b) = 0.6 + 0.4 - 0.6 + 1/3 less
+  z sigma. z = 0 is the plain table, and SARSA on one-step conversations gives the same bound."""
+  D = q_table.Decision
+  logged = [("s0", "a", 1), ("s0", "a", 0), ("s0", "a", 1), ("s0", "a", 0), ("s0", "b", 1), ("s1", "a", 1),
+            ("s1", "a", 1), ("s1", "b", 0), ("s1", "b", 0), ("s2", "a", 1)]
+  ds = [D((x,), (a,), (a,), float(g), -1, float(g), True, f"c{i}") for i, (x, a, g) in enumerate(logged)]
+  sigma = np.sqrt(1 / 5)
+  plain = q_table.fit_mc(ds, shrink_to="additive")
+  assert plain.value(("s0",), ("b",)) > plain.value(("s0",), ("a",))
+  assert "pessimism" not in plain.to_json() and plain.value(("s2",), ("b",)) == pytest.approx(1 / 3 - 1e-3)
+  for z in (1.0, 3.0):
+    lcb = q_table.fit_mc(ds, shrink_to="additive", pessimism=z)
+    assert lcb.noise == pytest.approx(sigma)
+    expected = {("s0", "a"): 0.5 - z * sigma / 2, ("s0", "b"): 1 - z * sigma, ("s1", "a"): 1 - z * sigma / np.sqrt(2),
+                ("s1", "b"): -z * sigma / np.sqrt(2), ("s2", "a"): 1 - z * sigma,
+                ("s2", "b"): 0.6 + 0.4 + (1 / 3 - 0.6) - z * sigma}
+    got = {(x, a): lcb.value((x,), (a,)) for x, a in expected}
+    assert got == pytest.approx(expected)
+    assert (got[("s0", "b")] > got[("s0", "a")]) == (z == 1.0)
+    sarsa = q_table.fit_sarsa(ds, GAMMA, shrink_to="additive", pessimism=z)
+    assert {key: sarsa.value((key[0],), (key[1],)) for key in expected} == pytest.approx(expected)
+    path = str(tmp_path / f"lcb_{z}.json")
+    lcb.save(path)
+    back = q_table.TableQ.load(path, None, None)
+    assert {key: back.value((key[0],), (key[1],)) for key in expected} == pytest.approx(expected)
+  # with m = 1 toward the act's mean, the prior counts as one more target: sqrt(n + 1)
+  shrunk = q_table.fit_mc(ds, shrink=1.0, pessimism=1.0)
+  q, n = shrunk.cells[(("s0",), ("b",))]
+  assert n == 1 and shrunk.value(("s0",), ("b",)) == pytest.approx(q - sigma / np.sqrt(2))
+  with pytest.raises(ValueError, match="pessimism must be >= 0"):
+    q_table.fit_mc(ds, pessimism=-1.0)
+  # SARSA's prior for a pair never logged is pooled from its fixed point, not from the returns: in chain() every s0
+  # cell is gamma there (returns: gamma, 0, 0), b's is 1, the mean of all (3 gamma + 1) / 6; one decision a cell
+  # leaves no spread (sigma 0)
+  chained = q_table.fit_sarsa(chain(), GAMMA, shrink_to="additive", pessimism=1.0)
+  assert chained.noise == 0.0
+  assert chained.value(("s0",), ("b",)) == pytest.approx(GAMMA + 1 - (3 * GAMMA + 1) / 6)
+
+
+def test_loop_reads_q_k_as_a_lower_bound_with_qfit_pessimism(tmp_path):
+  """qfit.pessimism=z reaches the loop's table (kept in its JSON, so a resumed run reads the same bound), and a
+  negative z is refused before anything is written."""
+  config, workdir = _tiny("lcb", tmp_path, **{"qfit.pessimism": 1.0, "loop.iterations": 1,
+                                              "loop.stop_after_phase": "qfit/0"})
+  with pytest.raises(loop.Interrupted):
+    loop.run(config, workdir)
+  saved = json.load(open(os.path.join(workdir, "checkpoints", "qtable", "0.json")))
+  assert saved["pessimism"]["z"] == 1.0 and saved["pessimism"]["noise"] > 0
+  table = q_table.TableQ.load(os.path.join(workdir, "checkpoints", "qtable", "0.json"), sales.dialogue_state,
+                              sales.act_key)
+  (state, act), (q, n) = next(iter(table.cells.items()))
+  assert table.value(state, act) == pytest.approx(q - table.noise / np.sqrt(n + config.qfit.shrink))
+  bad, workdir = _tiny("lcb_bad", tmp_path, **{"qfit.pessimism": -1.0})
+  with pytest.raises(ValueError, match=r"config\.qfit\.pessimism"):
+    loop.setup(bad, workdir)
+  assert not os.path.exists(workdir)

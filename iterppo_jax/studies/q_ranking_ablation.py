@@ -81,6 +81,11 @@ for _prior in ("additive", "twoway"):
                                       "prior (m = 5)", {"qfit.view": "dialogue_state", "qfit.method": "td",
                                                         "qfit.shrink": 5.0, "qfit.shrink_to": _prior,
                                                         "qfit.pool": 0})
+# The same two-way table read as a lower confidence bound, Q - z sigma / sqrt(n + m) (q_table.py, finding 41).
+VARIANTS["table_twoway_5_lcb1_dk"] = ("dialogue-state table, SARSA on D_k alone, cells shrunk to the twoway prior "
+                                      "(m = 5), read as a lower bound (z = 1)",
+                                      {"qfit.view": "dialogue_state", "qfit.method": "td", "qfit.shrink": 5.0,
+                                       "qfit.shrink_to": "twoway", "qfit.pool": 0, "qfit.pessimism": 1.0})
 
 
 def read_run_config(wd: str) -> dict:
