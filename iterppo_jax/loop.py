@@ -504,6 +504,20 @@ def _table_scorer(table: q_table.TableQ):
   return lambda turns, prompts, actions: table.score_many(list(zip(turns, actions)))
 
 
+_MODE_MEASURES = ("top1", "spearman", "pairwise", "pick_gain", "pick_gain_own")
+
+
+def _count_scorer(table: q_table.TableQ):
+  """score(turns, prompts, actions) -> how often D_k logged each pair's (state, act) cell: ranked by it, a state's
+  candidates follow pi_k's own preference there (its mode on top), the reference of the rank_mode_* measures."""
+  def score(turns, prompts, actions):
+    del prompts
+    return np.asarray([table.cells.get((table.state_fn(t), table.act_fn(t, a)), (0.0, 0))[1]
+                       for t, a in zip(turns, actions)], np.float32)
+
+  return score
+
+
 def _step_reach(run: Run, table: q_table.TableQ, records, examples) -> dict[str, float]:
   """q_ranking.step_reach on pi_k's logged suggestions (the randomised turns left out) at the inner solver's beta:
   Q_k's spread over acts within a tracker state, against that of the states' values (docs/results.md, finding
@@ -597,6 +611,11 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   if run.log_name(k) == f"iter_{k}":  # D_k holds pi_k's own suggestions: how far the step can climb Q_k
     metrics.update(_step_reach(run, table, records, examples))
   _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
+  if "rank_top1" in metrics:  # the reference a Q-model must beat: pi_k's own preference at the tracker state
+    mode = rank_actions(run, k, _count_scorer(table), policy_params)
+    mode = {f"rank_mode_{n}": mode[f"rank_{n}"] for n in _MODE_MEASURES}
+    metrics.update(mode)
+    run.log(k, {f"qfit/{n}": v for n, v in mode.items()}, phase="qfit_eval", iteration=k)
   if distributed.is_writer():
     table.save(path)
   distributed.barrier(f"qtable/{k}")

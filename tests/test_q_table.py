@@ -155,6 +155,21 @@ def test_loop_with_the_dialogue_state_q_ranks_and_resumes(tmp_path, monkeypatch)
   cells = [m["qfit/table_cells"] for m in metrics if "qfit/table_cells" in m]
   assert len(cells) == config.loop.iterations and min(cells) > 1
   assert any("qfit/rank_top1" in m for m in metrics)
+  # the reference of pi_k's mode: the same candidates ranked by how often D_k logged their cell, recomputed
+  mode = {m["iteration"]: m["qfit/rank_mode_top1"] for m in metrics if "qfit/rank_mode_top1" in m}
+  assert sorted(mode) == list(range(config.loop.iterations))
+  last = config.loop.iterations - 1
+  action_set = q_ranking.ActionSet.load(os.path.join(workdir, "data", f"ranking_{last}.json"))
+  table = q_table.TableQ.load(os.path.join(workdir, "checkpoints", "qtable", f"{last}.json"), sales.dialogue_state,
+                              sales.act_key)
+  evals = {r.id: r for r in conv_lib.read_jsonl(os.path.join(workdir, "data", f"eval_{last}.jsonl"))}
+  counts = np.zeros_like(action_set.true_q)
+  for i, ((cid, t), candidates) in enumerate(zip(action_set.where, action_set.candidates)):
+    turns = evals[cid].turns[:t]
+    for j, c in enumerate(candidates):
+      counts[i, j] = table.cells.get((sales.dialogue_state(turns), sales.act_key(turns, c)), (0, 0))[1]
+  expected = q_ranking.ranking_metrics(counts, action_set.true_q, action_set.mask, action_set.own)["top1"]
+  assert mode[last] == pytest.approx(expected)
   # how far the step can climb Q_k, on pi_k's own suggestions of D_k (randomised turns left out), recomputed
   names = ("q_sd_in_state", "q_sd_of_state_value", "step_raise")
   reach = {m["iteration"]: {n: m[f"qfit/{n}"] for n in names} for m in metrics if "qfit/step_raise" in m}

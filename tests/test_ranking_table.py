@@ -38,6 +38,17 @@ def test_rows_per_run_and_means_over_the_sets_every_variant_has(tmp_path):
   assert "| sarsa | sarsa fit | 0.20 | +0.10 |" in staff and "| mc | mc fit | 0.40 | +0.30 |" in staff
   assert "mean over 1 (run, k) sets (sales s0 Q_1)" in own  # Q_2 lacks mc
   assert "| sarsa | sarsa fit | 0.60 | +0.50 |" in own
+  assert "pi_k's mode" not in text  # files written before rank_mode_* was measured
+  for name, (first_data, k, rows) in files.items():  # with pi_k's mode measured beside the variants
+    rows = [{**r, "rank_pick_gain_own": 0.01, "rank_mode_top1": 0.3 + 0.1 * k, "rank_mode_spearman": 0.2,
+             "rank_mode_pairwise": 0.6, "rank_mode_pick_gain": 0.04, "rank_mode_pick_gain_own": 0.02 * k}
+            for r in rows]
+    (tmp_path / f"{name}.json").write_text(json.dumps({"domain": "sales", "first_data": first_data, "seed": 0,
+                                                       "iteration": k, "rows": rows, "truth": "gone.json"}))
+  own = ranking_table.tables(ranking_table.load(str(tmp_path / "*.json")), "sarsa", ["sarsa", "mc"]).split(
+      "fitted on pi_k's own deployments")[1]
+  assert "| sarsa | sarsa fit | 0.60 | +0.50 | +0.050 | +0.010 |" in own
+  assert "| pi_k's mode | no Q: the act D_k logged most at the state on top | 0.40 | +0.20 | +0.040 | +0.020 |" in own
   with pytest.raises(errors.DataError, match="no q_ranking_ablation file"):
     ranking_table.load(str(tmp_path / "none*.json"))
 

@@ -175,6 +175,7 @@ def refit(base: dict, wd: str, k: int, name: str, truth: str | None, data_path: 
       "rank_top1", "rank_top1_chance", "rank_spearman", "rank_pairwise", "rank_pick_gain", "rank_best_gain",
       "rank_pick_gain_own", "rank_best_gain_own", "rank_truth_reliability", "rank_truth_reliability_unpaired",
       "rank_truth_top1_ceiling",
-      "rank_truth_spearman_ceiling", "rank_clear_miss", "rank_clear_best", "rank_states",
+      "rank_truth_spearman_ceiling", "rank_clear_miss", "rank_clear_best", "rank_states", "rank_mode_top1",
+      "rank_mode_spearman", "rank_mode_pairwise", "rank_mode_pick_gain", "rank_mode_pick_gain_own",
       "logged_adv_corr", "logged_ips_pick_gain", "logged_ips_pick_gain_se", "logged_turns", "logged_cv_adv_corr",
       "logged_cv_ips_pick_gain", "logged_cv_ips_pick_gain_se", "logged_cv_turns", "auc", "train_examples")}}
