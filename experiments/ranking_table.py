@@ -5,10 +5,11 @@ r"""docs/results.md's ranking tables (finding 7) from q_ranking_ablation's JSON 
 Prints one row per (domain, D_0, seed, k) for `--variant`, then, for the Q-models fitted on the staff's logs
 (k = 0 with loop.first_data=behavior) and on pi_k's own deployments, each `--compare` variant's mean over the
 (run, k) sets where all of them were measured, and, where the files have it, the reference of pi_k's mode (the
-candidates ranked by how often D_k logged their act at the state, no Q; loop's rank_mode_*). Beside top-1's chance level: the top-1 the exact Q^{pi_k} would
-expect against that noisy truth (q_ranking.ActionSet.top1_ceiling; for older files computed from their truth file
-when it is on this machine, else nan). Files of one run, k and variant on independent truths (q_ranking_ablation
---truth_draw) are pooled into one row over all their states (`pool`).
+candidates ranked by how often D_k logged their act at the state, no Q; loop's rank_mode_*). Beside top-1's
+chance level: the top-1 the exact Q^{pi_k} would expect against that noisy truth (q_ranking.ActionSet.top1_ceiling;
+for older files computed from their truth file when it is on this machine, else nan). Files of one run, k and
+variant on independent truths (q_ranking_ablation --truth_draw) are pooled into one row over all their states
+(`pool`).
 """
 
 import glob
@@ -81,6 +82,11 @@ def reliability(row: dict) -> str:
   return text if unpaired is None or unpaired != unpaired else f"{text} ({unpaired:.2f} unpaired)"
 
 
+def _mean(rows: list[dict], name: str) -> float:
+  """The rows' mean of a measure; nan where a row lacks it (a file written before it was measured)."""
+  return sum(NAN if r.get(name) is None else r[name] for r in rows) / len(rows)
+
+
 def on_staff_logs(first_data: str, k: int) -> bool:
   return k == 0 and first_data == "behavior"
 
@@ -110,16 +116,15 @@ def tables(rows: dict, variant: str, variants) -> str:
             "|---|---|---|---|---|---|"]
     for v in variants:
       picked = [rows[run + (v,)] for run in runs]
-      mean = lambda name: sum(NAN if r.get(name) is None else r[name] for r in picked) / len(picked)  # noqa: E731
-      out.append(f"| {v} | {picked[0]['what']} | {mean('rank_top1'):.2f} | {mean('rank_spearman'):+.2f} | "
-                 f"{mean('rank_pick_gain'):+.3f} | {mean('rank_pick_gain_own'):+.3f} |")
+      out.append(f"| {v} | {picked[0]['what']} | {_mean(picked, 'rank_top1'):.2f} | "
+                 f"{_mean(picked, 'rank_spearman'):+.2f} | {_mean(picked, 'rank_pick_gain'):+.3f} | "
+                 f"{_mean(picked, 'rank_pick_gain_own'):+.3f} |")
     # the reference every Q-model must beat (loop.rank_actions' rank_mode_*, the same truths): pi_k's preference
     modes = [rows[run + (variants[0],)] for run in runs]
     if all(r.get("rank_mode_top1") is not None for r in modes):
-      mean = lambda name: sum(r[name] for r in modes) / len(modes)  # noqa: E731
-      out.append(f"| pi_k's mode | no Q: the act D_k logged most at the state on top | {mean('rank_mode_top1'):.2f} "
-                 f"| {mean('rank_mode_spearman'):+.2f} | {mean('rank_mode_pick_gain'):+.3f} | "
-                 f"{mean('rank_mode_pick_gain_own'):+.3f} |")
+      out.append(f"| pi_k's mode | no Q: the act D_k logged most at the state on top | "
+                 f"{_mean(modes, 'rank_mode_top1'):.2f} | {_mean(modes, 'rank_mode_spearman'):+.2f} | "
+                 f"{_mean(modes, 'rank_mode_pick_gain'):+.3f} | {_mean(modes, 'rank_mode_pick_gain_own'):+.3f} |")
   return "\n".join(out)
 
 

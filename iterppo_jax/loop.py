@@ -475,15 +475,16 @@ def fit_q(run: Run, k: int, records, policy_params):
 
 
 def _q_diagnostics(run: Run, k: int, metrics: dict, score, records, examples, held: np.ndarray, q_held,
-                   policy_params) -> None:
+                   policy_params, mode_score=None) -> None:
   """Adds the ranking and true-Q measures of Q_k to `metrics` (any Q-model: `score` is a _token_scorer or
-  _table_scorer) and logs them under qfit/."""
+  _table_scorer; `mode_score`, the table's _count_scorer, also ranks pi_k's mode on the same truth) and logs them
+  under qfit/."""
   held_explored = [e for e, h in zip(examples, held) if h and e.explored]
   metrics.update(_logged_ranking(score, records, held_explored))
   if run.env is not None:  # each measure is off with its loop.*_states = 0
     metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q_held, policy_params,
                                  records))
-    metrics.update(rank_actions(run, k, score, policy_params))
+    metrics.update(rank_actions(run, k, score, policy_params, mode_score))
   if any("true_outcome" in r.metadata for r in records):  # simulator logs: how wrong the fitted labels are
     metrics.update({f"label_{n}": v for n, v in label_noise.classifier_error(records).items()})
   run.log(k, {f"qfit/{n}": v for n, v in metrics.items()}, phase="qfit_eval", iteration=k)
@@ -610,12 +611,8 @@ def fit_q_table(run: Run, k: int, records, policy_params):
   metrics.update(_cross_fitted_ranking(run, records, examples, ds, older_ds, fit))
   if run.log_name(k) == f"iter_{k}":  # D_k holds pi_k's own suggestions: how far the step can climb Q_k
     metrics.update(_step_reach(run, table, records, examples))
-  _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params)
-  if "rank_top1" in metrics:  # the reference a Q-model must beat: pi_k's own preference at the tracker state
-    mode = rank_actions(run, k, _count_scorer(table), policy_params)
-    mode = {f"rank_mode_{n}": mode[f"rank_{n}"] for n in _MODE_MEASURES}
-    metrics.update(mode)
-    run.log(k, {f"qfit/{n}": v for n, v in mode.items()}, phase="qfit_eval", iteration=k)
+  _q_diagnostics(run, k, metrics, _table_scorer(table), records, examples, held, q, policy_params,
+                 mode_score=_count_scorer(table))
   if distributed.is_writer():
     table.save(path)
   distributed.barrier(f"qtable/{k}")
@@ -739,12 +736,14 @@ def measure_action_set(run: Run, k: int, policy_params, *, draw: int = 0) -> q_r
   return action_set
 
 
-def rank_actions(run: Run, k: int, score, policy_params) -> dict:
+def rank_actions(run: Run, k: int, score, policy_params, mode_score=None) -> dict:
   """Q_k's ranking of candidate actions against the simulator's true Q^{pi_k} (q_ranking.py).
 
   States come from pi_k's evaluation conversations (data/eval_<k>.jsonl); the candidates (pi_k's samples and the
   domain's scripted acts) and their true Q are measured once per pi_k and kept in data/ranking_<k>.json, so a
-  resumed run, a later Q-model of the same policy and the report all use one measurement.
+  resumed run, a later Q-model of the same policy and the report all use one measurement. With `mode_score` (a
+  scorer of the same signature) the same candidates are also ranked by it: rank_mode_*, the reference of pi_k's
+  mode a Q-model must beat.
   """
   action_set = measure_action_set(run, k, policy_params)
   if action_set is None:
@@ -755,6 +754,10 @@ def rank_actions(run: Run, k: int, score, policy_params) -> dict:
   q = score(turns, prompts, actions)
   out = q_ranking.ranking_metrics(action_set.unflatten(q), action_set.true_q, action_set.mask, action_set.own,
                                   action_set.true_se, action_set.diff_se())
+  if mode_score is not None:
+    mode = q_ranking.ranking_metrics(action_set.unflatten(mode_score(turns, prompts, actions)), action_set.true_q,
+                                     action_set.mask, action_set.own)
+    out.update({f"mode_{n}": mode[n] for n in _MODE_MEASURES})
   out["true_se"] = float(np.mean(action_set.true_se[action_set.mask]))
   out["truth_reliability"] = action_set.reliability()  # paired (common random numbers) where returns are kept
   out["truth_reliability_unpaired"] = action_set.reliability(paired=False)  # as if rollouts were independent

@@ -252,11 +252,11 @@ class _Shrinkage:
     """The prior as (mean, {state: effect}, {act: effect}), its value at (x, a) mean + effect(x) + effect(a),
     so that it also scores a pair never logged: 'act' has no state effects, 'additive' the states' and acts'
     mean offsets, 'twoway' the two-way fit's effects."""
-    w = self.counts.astype(np.float64)
-    mu = float(np.sum(sums) / np.sum(w))
     if self.prior == "twoway":
       mu, state_fx, act_fx = self._twoway_effects(sums)
     else:
+      w = self.counts.astype(np.float64)
+      mu = float(np.sum(sums) / np.sum(w))
       act_fx = np.bincount(self.cell_act, weights=sums) / np.bincount(self.cell_act, weights=w) - mu
       state_fx = (np.bincount(self.cell_state, weights=sums) / np.bincount(self.cell_state, weights=w) - mu
                   if self.prior == "additive" else np.zeros(len(self.states)))
