@@ -198,6 +198,7 @@ def get_config(arg=None):
   # One randomised turn per deployed conversation: uniform over pi_k's sample and the domain's scripted acts
   # (explore.py), so Q_k can learn which action is right at a state, not only which acts pi_k likes.
   c.loop.explore_turns = True
+  c.loop.explore_count = 1  # randomised turns per conversation (more: more rare pairs in D_k, a larger cost)
   # Q_k's ranking of actions against the simulator's true Q^{pi_k} (q_ranking.py), every iteration: states of
   # pi_k's evaluation conversations, pi_k's samples + the scripted acts as candidates, Monte Carlo rollouts each.
   # Under the SR business user a suggestion's effect is diluted (bad ones are rewritten), so true Q differs little

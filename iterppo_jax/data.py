@@ -42,10 +42,11 @@ class Example:
   next_index: int  # index of this conversation's next decision in the same list; -1 if last
   done: bool  # no next decision (next_index == -1)
   outcome: float  # the conversation's outcome label
-  explored: bool = False  # a_i was drawn uniformly from logged candidates (explore.RandomisedTurn's turn t*)
-  target_valid: bool = True  # `target` samples Q^{pi}(s_i, a_i) of the deployed pi: False before t* (explore.py)
-  own_action: str | None = None  # at t*, when the draw was not the deployed pi's own sample: that sample (TD
-  #   bootstraps from it, since Q^{pi}(s, a) continues with pi's action, not the randomised one)
+  explored: bool = False  # a_i was drawn uniformly from logged candidates (a turn explore.RandomisedTurn drew)
+  target_valid: bool = True  # `target` samples Q^{pi}(s_i, a_i) of the deployed pi: False before t*, the last
+  #   randomised turn (explore.py)
+  own_action: str | None = None  # at a randomised turn, when the draw was not the deployed pi's own sample: that
+  #   sample (TD bootstraps from it, since Q^{pi}(s, a) continues with pi's action, not the randomised one)
 
 
 def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma: float,
@@ -85,8 +86,8 @@ def examples_from_conversations(records: Sequence[conv_lib.Conversation], gamma:
           suggestion=conv_lib.ABSTAIN_TEXT if suggestion.abstain else suggestion.text,
           sent=sent, feedback=feedback, target=float(targets[k]), reward=reward,
           next_index=-1 if last else first + k + 1, done=last, outcome=float(record.outcome),
-          explored=info is not None and k == info["turn"] and "taken" in info,
-          target_valid=info is None or k >= info["turn"],
+          explored=explore.draw_at(info, k) is not None,
+          target_valid=k >= explore.last_turn(info),
           own_action=_own_action(info, k)))
   return out
 
@@ -98,9 +99,10 @@ def turns_before(record: conv_lib.Conversation, example: Example) -> list:
 
 def _own_action(info: dict | None, k: int) -> str | None:
   """The deployed policy's own sample at decision k when a randomised draw replaced it, else None."""
-  if info is None or k != info["turn"] or "taken" not in info or info["taken"] == 0:
+  draw = explore.draw_at(info, k)
+  if draw is None or draw["taken"] == 0:
     return None
-  own = info["candidates"][0]  # explore.RandomisedTurn puts pi_k's own sample first
+  own = draw["candidates"][0]  # explore.RandomisedTurn puts pi_k's own sample first
   return own or conv_lib.ABSTAIN_TEXT
 
 

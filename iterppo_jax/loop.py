@@ -425,7 +425,8 @@ def fit_q(run: Run, k: int, records, policy_params):
   # TD and FQE bootstrap from pi_k's own next action (at t* too: `own_next` below), so there every turn's target
   # is one of Q^{pi_k} and 'unbiased' keeps all turns.
   bootstrapped = q_cfg.method in ("td", "td_lambda", "fqe")
-  usable = np.asarray([{"all": True, "unbiased": e.target_valid or bootstrapped, "explored": e.explored}[q_cfg.targets]
+  usable = np.asarray([{"all": True, "unbiased": e.target_valid or bootstrapped,
+                        "explored": e.explored and (e.target_valid or bootstrapped)}[q_cfg.targets]
                        for e in examples], bool)
   in_held = _held_out(examples)
   train_rows, held = ~in_held & usable, in_held & usable
@@ -438,7 +439,7 @@ def fit_q(run: Run, k: int, records, policy_params):
     next_actions = _fqe_next_actions(run, k, policy_params, [e for e, t in zip(examples, train_rows) if t],
                                      train["next_index"])
   predict_fn = qfit_lib.make_predict_fn(trainable, q_cfg.kind)
-  held_explored = [e for e, h in zip(examples, held) if h and e.explored]
+  held_explored = [e for e, h in zip(examples, held) if h and _ranked_turn(e)]
   every = q_cfg.select_every if held_explored else 0
   chunks = [q_cfg.steps] if not every else [min(every, q_cfg.steps - s) for s in range(0, q_cfg.steps, every)]
   best = None
@@ -479,7 +480,7 @@ def _q_diagnostics(run: Run, k: int, metrics: dict, score, records, examples, he
   """Adds the ranking and true-Q measures of Q_k to `metrics` (any Q-model: `score` is a _token_scorer or
   _table_scorer; `mode_score`, the table's _count_scorer, also ranks pi_k's mode on the same truth) and logs them
   under qfit/."""
-  held_explored = [e for e, h in zip(examples, held) if h and e.explored]
+  held_explored = [e for e, h in zip(examples, held) if h and _ranked_turn(e)]
   metrics.update(_logged_ranking(score, records, held_explored))
   if run.env is not None:  # each measure is off with its loop.*_states = 0
     metrics.update(_true_q_error(run, k, [e for e, h in zip(examples, held) if h], q_held, policy_params,
@@ -650,7 +651,7 @@ def _cross_fitted_ranking(run: Run, records, examples, ds, older_ds, fit) -> dic
   (95%; docs/results.md, finding 31); all of them cut that about threefold (finding 32). {} with
   qfit.cross_fit < 2 or no randomised turns."""
   folds = run.config.qfit.cross_fit
-  explored = np.asarray([e.explored for e in examples], bool)
+  explored = np.asarray([_ranked_turn(e) for e in examples], bool)
   if folds < 2 or not explored.any():
     return {}
   conv_ids = sorted({e.conversation_id for e in examples})
@@ -686,6 +687,12 @@ def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
     print(f"warning: {note}")
 
 
+def _ranked_turn(e: data_lib.Example) -> bool:
+  """A randomised turn whose Monte Carlo return follows pi_k (with loop.explore_count > 1 the last one alone,
+  explore.py): what the logs-only ranking measures score."""
+  return e.explored and e.target_valid
+
+
 def _logged_ranking(score, records, explored_examples) -> dict:
   """q_ranking.logged_ranking_metrics on held-out randomised turns (logs only; {} when there are none)."""
   if not explored_examples:
@@ -697,7 +704,7 @@ def _logged_ranking(score, records, explored_examples) -> dict:
 def _candidate_scores(score, records, explored_examples) -> tuple[list, list, list]:
   """At each randomised turn: Q over its logged candidates, the index of the one taken, and the return G."""
   by_id = {r.id: r for r in records}
-  infos = [explore.explored(by_id[e.conversation_id]) for e in explored_examples]
+  infos = [explore.draw_at(explore.explored(by_id[e.conversation_id]), e.turn) for e in explored_examples]
   turns = [data_lib.turns_before(by_id[e.conversation_id], e) for e, info in zip(explored_examples, infos)
            for _ in info["candidates"]]
   prompts = [e.prompt for e, info in zip(explored_examples, infos) for _ in info["candidates"]]
@@ -1135,9 +1142,10 @@ def _run_phases(run_: Run, logs, start_time: float) -> dict:
       else:
         policy = run_.lm_policy(f"pi_{k}", run_policy_graphdef(run_), params,
                                 seed_for(config, k, PHASE_IDS["collect"]))
-        if config.loop.explore_turns:  # one randomised turn per conversation (explore.py)
+        if config.loop.explore_turns:  # loop.explore_count randomised turns per conversation (explore.py)
           policy = explore.RandomisedTurn(policy, run_.domain.candidates(), run_.env.max_turns,
-                                          seed=seed_for(config, k, PHASE_IDS["collect"], 3))
+                                          seed=seed_for(config, k, PHASE_IDS["collect"], 3),
+                                          count=config.loop.explore_count)
         records = run_.play(policy, config.loop.conversations, seed_for(config, k, PHASE_IDS["collect"], 1),
                             f"iter_{k}")
         if not run_.progress.get(f"collect/{k}"):  # what deploying pi_k with randomised turns cost (vs eval/)

@@ -86,6 +86,7 @@ COUNTS = {
     "ppo.steps": 0, "ppo.batch_size": 1, "ppo.minibatch_size": 1, "ppo.epochs": 1, "ppo.checkpoint_every": 1,
     "ppo.kl_horizon": 1, "group.size": 2,
     "loop.iterations": 0, "loop.conversations": 1, "loop.eval_conversations": 1, "loop.play_batch": 1,
+    "loop.explore_count": 1,
     "loop.rank_states": 0, "loop.true_q_states": 0, "loop.stop_after_ppo_step": 0, "lora.rank": 0,
     "num_conversations": 1, "batch_size": 1,
     "cluster.num_processes": 0, "cluster.process_id": -1, "cluster.init_timeout_s": 1,
@@ -216,6 +217,10 @@ def _check_rules(config) -> None:
   if get("qfit.pool") and get("qfit.view") != "dialogue_state":
     raise errors.SettingsError("config.qfit.pool pools earlier logs for the dialogue-state Q-model only: set "
                      "qfit.view=dialogue_state or qfit.pool=0")
+  if (get("loop.explore_turns") and get("env.max_turns")
+      and get("loop.explore_count", 1) > get("env.max_turns")):
+    raise errors.SettingsError(f"config.loop.explore_count ({get('loop.explore_count')}) randomised turns per "
+                               f"conversation cannot exceed env.max_turns ({get('env.max_turns')})")
   if get("ppo.center_reward", "none") != "none" and get("qfit.view") != "dialogue_state":
     raise errors.SettingsError("config.ppo.center_reward='state' subtracts the dialogue-state table's state value: set "
                                "qfit.view=dialogue_state or ppo.center_reward='none'")
@@ -413,6 +418,7 @@ class Loop:
   play_batch: int = 256
   deploy_temperature: float = 1.0
   explore_turns: bool = True
+  explore_count: int = 1
   rank_states: int = 16
   rank_policy_samples: int = 2
   rank_rollouts: int = 16

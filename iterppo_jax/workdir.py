@@ -113,9 +113,9 @@ def check_resumable(config, workdir: str) -> None:
 # Settings that act only after pi_0 and its evaluation (the Q-fit, the improvement step, what later rounds deploy
 # and measure): a run branched from another run's pi_0 (branch_from) may choose them anew.
 BRANCHABLE = RESUMABLE_CHANGES + ("qfit", "ppo", "group", "inner", "gamma", "loop.first_data", "loop.conversations",
-                                  "loop.deploy_temperature", "loop.explore_turns", "loop.rank_states",
-                                  "loop.rank_policy_samples", "loop.rank_rollouts", "loop.true_q_states",
-                                  "loop.true_q_rollouts", "baselines")
+                                  "loop.deploy_temperature", "loop.explore_turns", "loop.explore_count",
+                                  "loop.rank_states", "loop.rank_policy_samples", "loop.rank_rollouts",
+                                  "loop.true_q_states", "loop.true_q_rollouts", "baselines")
 _BRANCH_PHASES = ("sft", "eval/0", "reference")  # what a branch keeps of its source's progress
 _BRANCH_FILES = ("tokenizer", os.path.join("data", "behavior.jsonl"), os.path.join("data", "eval_0.jsonl"),
                  os.path.join("checkpoints", "policy", "0"))

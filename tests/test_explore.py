@@ -8,6 +8,7 @@ import pytest
 
 from iterppo_jax import data
 from iterppo_jax import explore
+from iterppo_jax import loop
 from iterppo_jax.envs import base, registry, sales
 from configs import sales as sales_config
 
@@ -141,3 +142,66 @@ def test_bootstrapping_uses_pi_own_action_where_the_draw_replaced_it():
       else:  # pi's own suggestion was logged (or the draw picked it): nothing to replace
         assert e.own_action is None
   assert seen >= 20
+
+
+def test_several_randomised_turns_each_a_uniform_draw_and_mc_targets_from_the_last():
+  """loop.explore_count = 3: three distinct turns per conversation, each reached one a uniform draw with its
+  propensity; Monte Carlo targets count only from the last planned turn on, TD bootstraps from pi's own sample at
+  every reached turn, and the logs-only measures see only the last (the others' returns include later draws)."""
+  cfg = sales_config.get_config().env
+  env = registry.make_env(cfg)
+  inner = registry.make_policy("sales", "behavior", cfg)
+  wrapped = explore.RandomisedTurn(inner, registry.candidate_fn("sales"), env.max_turns, seed=9, count=3)
+  records, plain = env.play(wrapped, 200, seed=4), env.play(inner, 200, seed=4)
+  examples = data.examples_from_conversations(records, gamma=0.95)
+  by_conv = collections.defaultdict(list)
+  for e in examples:
+    by_conv[e.conversation_id].append(e)
+  reached, replaced, several = 0, 0, 0
+  for r, p in zip(records, plain):
+    info = explore.explored(r)
+    turns = explore.planned_turns(info)
+    assert len(turns) == 3 == len(set(turns)) and turns == sorted(turns) and 0 <= turns[0] and turns[-1] < 12
+    steps = r.agent_steps()
+    first = turns[0]
+    if first < len(steps):  # up to the first randomised turn the conversation is exactly pi's
+      assert r.turns[:steps[first]] == p.turns[:steps[first]]
+    else:
+      assert r.turns == p.turns
+    drawn = [t for t in turns if explore.draw_at(info, t) is not None]
+    assert drawn == [t for t in turns if t < len(steps)]  # every turn the conversation reached, no other
+    several += len(drawn) >= 2
+    for e in by_conv[r.id]:
+      draw = explore.draw_at(info, e.turn)
+      assert e.explored == (draw is not None) == (e.turn in drawn)
+      assert e.target_valid == (e.turn >= turns[-1])
+      if draw is not None:
+        reached += 1
+        assert draw["propensity"] == 1 / len(draw["candidates"])
+        assert e.suggestion == (draw["candidates"][draw["taken"]] or e.suggestion)
+        if draw["taken"]:
+          replaced += 1
+          assert e.own_action == draw["candidates"][0] != e.suggestion
+        else:
+          assert e.own_action is None
+  assert several >= 40 and reached >= 250 and replaced >= 150
+  assert sum(loop._ranked_turn(e) for e in examples) < sum(e.explored for e in examples)
+  assert all(e.target_valid for e in examples if loop._ranked_turn(e))
+  # count = 1 is the one-turn format every earlier run logged, turn for turn
+  one = explore.RandomisedTurn(inner, registry.candidate_fn("sales"), env.max_turns, seed=9, count=1)
+  assert [r.turns for r in env.play(one, 30, seed=4)] == [r.turns for r in _deploy(30)[2]]
+
+
+@pytest.mark.parametrize("meta", [{"turns": [3, 1], "draws": [{}, {}]}, {"turns": [1, 3], "draws": [{}]},
+                                  {"turns": [], "draws": []}, {"turn": "2"}])
+def test_a_malformed_explore_record_is_named(meta):
+  from iterppo_jax import conversation as conv_lib
+  record = conv_lib.Conversation(id="c7", domain="sales", policy="pi", turns=[], outcome=0,
+                                  metadata={"explore": meta})
+  with pytest.raises(conv_lib.ConversationFormatError, match="c7: metadata.explore must be an object"):
+    explore.explored(record)
+
+
+def test_count_out_of_range_is_refused():
+  with pytest.raises(ValueError, match="count must be in"):
+    explore.RandomisedTurn(lambda obs: [], lambda turns, rng: [], max_turns=4, seed=0, count=5)

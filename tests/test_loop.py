@@ -218,9 +218,11 @@ def test_qfit_steps_selected_by_the_logs_only_ranking(tmp_path):
 
 
 @pytest.mark.slow
-def test_td_qfit_evaluates_pi_k_on_every_turn(tmp_path, monkeypatch):
-  """qfit.method=td on logs with randomised turns: every turn is fitted, and the decision before a randomised
-  turn bootstraps from pi_k's own sample there (data.Example.own_action), not from the draw."""
+@pytest.mark.parametrize("count", [1, 3])
+def test_td_qfit_evaluates_pi_k_on_every_turn(tmp_path, monkeypatch, count):
+  """qfit.method=td on logs with randomised turns (one, or loop.explore_count = 3 per conversation): every turn is
+  fitted, and the decision before a randomised turn bootstraps from pi_k's own sample there
+  (data.Example.own_action), not from the draw."""
   from iterppo_jax import qfit as qfit_lib
   seen = []
   original = qfit_lib.bootstrap_targets
@@ -233,9 +235,11 @@ def test_td_qfit_evaluates_pi_k_on_every_turn(tmp_path, monkeypatch):
   c = tiny_config(iterations=1, first_data="policy", conversations=40, rank_states=0, true_q_states=0,
                   stop_after_phase="qfit/0")
   c.qfit.method = "td"
+  c.loop.explore_count = count
   with pytest.raises(loop.Interrupted):
     loop.run(c, str(tmp_path))
   records = conv_lib.read_jsonl(os.path.join(str(tmp_path), "data", "iter_0.jsonl"))
+  assert all(len(loop.explore.planned_turns(r.metadata["explore"])) == count for r in records)
   examples = loop.data_lib.examples_from_conversations(records, c.gamma, c.env.max_render_turns)
   ids = sorted({e.conversation_id for e in examples})
   held = set(ids[-max(len(ids) // 10, 1):])

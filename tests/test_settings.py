@@ -38,6 +38,7 @@ BAD = [  # key, value, the message's expectation
     ("loop.deploy_temperature", float("nan"), r"a number in \(0, inf\)"),
     ("lora.rank", -1, "an integer >= 0"),
     ("lora.alpha", 0.0, r"a number in \(0, inf\)"),
+    ("loop.explore_count", 0, "an integer >= 1"),
 ]
 
 
@@ -79,6 +80,8 @@ def test_a_bad_setting_names_its_key_before_any_work(tmp_path, key, value, expec
     ({"lora.rank": 4, "model.style": "gpt2", "lora.targets": ("gate",)}, "a gpt2-style MLP has no 'gate'"),
     ({"loop.eval_pretrained": True}, "loop.eval_pretrained evaluates the pretrained model of config.model_dir"),
     ({"qfit.next_act": "staff"}, "config.qfit.next_act must be one of pi_k, logged"),
+    ({"loop.explore_count": 13, "env.max_turns": 12}, r"loop.explore_count \(13\) randomised turns per conversation "
+                                                      r"cannot exceed env.max_turns \(12\)"),
     ({"model_dir": "/no/such/model.gguf"}, "config.model_dir must be a Llama-family .gguf file or a local Hugging "
                                            "Face model directory, got '/no/such/model.gguf'"),
 ])
