@@ -36,14 +36,9 @@ from iterppo_jax.envs import base
 METADATA_KEY = "explore"
 
 
-def explore_turn(uid: str, seed: int, max_turns: int) -> int:
-  """t* of a conversation: uniform on [0, max_turns), from its id and the deployment's seed alone."""
-  return explore_turns(uid, seed, max_turns, 1)[0]
-
-
 def explore_turns(uid: str, seed: int, max_turns: int, count: int) -> list[int]:
   """A conversation's `count` randomised turns, increasing, drawn without replacement from [0, max_turns) from its
-  id and the deployment's seed alone (count = 1: explore_turn's t*)."""
+  id and the deployment's seed alone (count = 1: t*, uniform on [0, max_turns))."""
   rng = np.random.default_rng([zlib.crc32(uid.split("/")[0].encode()), int(seed), 31])
   if count == 1:  # the draw of every run before loop.explore_count
     return [int(rng.integers(max_turns))]
@@ -78,9 +73,8 @@ class RandomisedTurn:
         turns = explore_turns(obs.uid, self.seed, self.max_turns, self.count)
         meta[METADATA_KEY] = ({"turn": turns[0]} if self.count == 1
                               else {"turns": turns, "draws": [{} for _ in turns]})
-      info = meta[METADATA_KEY]
-      turns = planned_turns(info)
-      if obs.turn not in turns:
+      draw = _slot(meta[METADATA_KEY], obs.turn)
+      if draw is None:
         continue
       rng = np.random.default_rng([zlib.crc32(obs.uid.encode()), int(self.seed), obs.turn, 37])
       candidates = [suggestions[j]]
@@ -88,7 +82,6 @@ class RandomisedTurn:
         if text not in candidates:
           candidates.append(text)
       taken = int(rng.integers(len(candidates)))
-      draw = info if "turn" in info else info["draws"][turns.index(obs.turn)]
       draw.update({"candidates": candidates, "taken": taken, "propensity": 1.0 / len(candidates)})
       suggestions[j] = candidates[taken]
     return suggestions
@@ -123,13 +116,16 @@ def last_turn(info: dict | None) -> int:
   return planned_turns(info)[-1] if info is not None else 0
 
 
+def _slot(info: dict, k: int) -> dict | None:
+  """The object that holds (or will hold) the draw at decision k, where k is a planned randomised turn, else None:
+  the record's info itself with one turn, its entry of 'draws' with several."""
+  if "turn" in info:
+    return info if k == info["turn"] else None
+  return info["draws"][info["turns"].index(k)] if k in info["turns"] else None
+
+
 def draw_at(info: dict | None, k: int) -> dict | None:
   """The draw at decision k ({'candidates', 'taken', 'propensity'}) where k is a randomised turn the conversation
   reached, else None."""
-  if info is None:
-    return None
-  if "turn" in info:
-    draw = info if k == info["turn"] else None
-  else:
-    draw = info["draws"][info["turns"].index(k)] if k in info["turns"] else None
+  draw = None if info is None else _slot(info, k)
   return draw if draw is not None and "taken" in draw else None
