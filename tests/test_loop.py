@@ -253,6 +253,20 @@ def test_td_qfit_evaluates_pi_k_on_every_turn(tmp_path, monkeypatch, count):
   assert any(not e.target_valid for e in train)
 
 
+@pytest.mark.slow
+def test_monte_carlo_with_too_few_unbiased_targets_says_what_to_change(tmp_path):
+  """A Monte Carlo fit reads returns from each conversation's last planned randomised turn on; with every turn
+  planned (explore_count = max_turns) that is at most one turn per conversation, fewer than a batch of 64 here.
+  The run stops with one message naming the keys to change (not data.py's 'drop_remainder'), and D_0 is kept."""
+  c = tiny_config(iterations=1, first_data="policy", conversations=40, rank_states=0, true_q_states=0)
+  c.qfit.method, c.qfit.targets, c.qfit.batch_size = "mc", "unbiased", 64
+  c.loop.explore_count = c.env.max_turns
+  with pytest.raises(errors.SettingsError, match=(r"qfit/0: \d+ of \d+ logged turns are training targets .*fewer "
+                                                  r"than qfit.batch_size=64 .*qfit.method=td uses every turn")):
+    loop.run(c, str(tmp_path))
+  assert len(conv_lib.read_jsonl(os.path.join(str(tmp_path), "data", "iter_0.jsonl"))) == 40
+
+
 @pytest.mark.parametrize("key, value", [("loop.rank_states", -1), ("loop.rank_rollouts", 0),
                                         ("loop.rank_policy_samples", 0), ("qfit.select_every", -2)])
 def test_ranking_counts_are_checked_before_any_work(tmp_path, key, value):
