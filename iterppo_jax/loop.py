@@ -431,7 +431,8 @@ def fit_q(run: Run, k: int, records, policy_params):
   in_held = _held_out(examples)
   train_rows, held = ~in_held & usable, in_held & usable
   if train_rows.sum() < q_cfg.batch_size:
-    raise errors.SettingsError(_too_few_targets(c, k, int(train_rows.sum()), len(examples)))
+    raise errors.SettingsError(_too_few_targets(k, int(train_rows.sum()), len(examples), q_cfg.method,
+                                                q_cfg.targets, q_cfg.batch_size, any(e.explored for e in examples)))
   train = {k_: v[train_rows] for k_, v in arrays.items()}
   train["next_index"] = _reindex(arrays["next_index"], train_rows)
   next_actions = own_next = None
@@ -689,17 +690,16 @@ def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
     print(f"warning: {note}")
 
 
-def _too_few_targets(c, k: int, n: int, total: int) -> str:
+def _too_few_targets(k: int, n: int, total: int, method: str, targets: str, batch_size: int, explored: bool) -> str:
   """The message for a Q-fit left with fewer training targets than one batch (what to change, what is kept)."""
-  q_cfg = c.qfit
   why = ""
-  if q_cfg.targets != "all" and q_cfg.method not in ("td", "td_lambda", "fqe") and c.loop.explore_turns:
-    why = (f" (Monte Carlo returns follow pi_k only from each conversation's last planned randomised turn on; with "
-           f"loop.explore_count={c.loop.explore_count} of env.max_turns={c.env.max_turns} that turn lies past the "
-           f"end of most conversations: qfit.method=td uses every turn, or lower loop.explore_count)")
-  return (f"qfit/{k}: {n} of {total} logged turns are training targets with qfit.method={q_cfg.method!r} and "
-          f"qfit.targets={q_cfg.targets!r}, fewer than qfit.batch_size={q_cfg.batch_size}{why}; the logs of this "
-          f"run are kept: --branch_from=<this workdir> with other qfit settings starts again from its pi_0")
+  if targets != "all" and method not in ("td", "td_lambda", "fqe") and explored:
+    why = (" (Monte Carlo returns follow pi_k only from each conversation's last planned randomised turn on, which "
+           "with several randomised turns per conversation lies past the end of most conversations: "
+           "qfit.method=td uses every turn, or lower loop.explore_count)")
+  return (f"qfit/{k}: {n} of {total} logged turns are training targets with qfit.method={method!r} and "
+          f"qfit.targets={targets!r}, fewer than qfit.batch_size={batch_size}{why}; the logs of this run are kept: "
+          f"--branch_from=<this workdir> with other qfit settings starts again from its pi_0")
 
 
 def _ranked_turn(e: data_lib.Example) -> bool:
