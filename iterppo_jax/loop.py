@@ -432,7 +432,8 @@ def fit_q(run: Run, k: int, records, policy_params):
   train_rows, held = ~in_held & usable, in_held & usable
   if train_rows.sum() < q_cfg.batch_size:
     raise errors.SettingsError(_too_few_targets(k, int(train_rows.sum()), len(examples), q_cfg.method,
-                                                q_cfg.targets, q_cfg.batch_size, any(e.explored for e in examples)))
+                                                q_cfg.targets, q_cfg.batch_size, bootstrapped,
+                                                any(e.explored for e in examples)))
   train = {k_: v[train_rows] for k_, v in arrays.items()}
   train["next_index"] = _reindex(arrays["next_index"], train_rows)
   next_actions = own_next = None
@@ -690,10 +691,12 @@ def note_truncation(run: Run, arrays: dict, what: str, k: int) -> None:
     print(f"warning: {note}")
 
 
-def _too_few_targets(k: int, n: int, total: int, method: str, targets: str, batch_size: int, explored: bool) -> str:
-  """The message for a Q-fit left with fewer training targets than one batch (what to change, what is kept)."""
+def _too_few_targets(k: int, n: int, total: int, method: str, targets: str, batch_size: int, bootstrapped: bool,
+                     explored: bool) -> str:
+  """The message for a Q-fit left with fewer training targets than one batch (what to change, what is kept);
+  `bootstrapped`: fit_q's TD/FQE methods, which keep every turn."""
   why = ""
-  if targets != "all" and method not in ("td", "td_lambda", "fqe") and explored:
+  if targets != "all" and not bootstrapped and explored:
     why = (" (Monte Carlo returns follow pi_k only from each conversation's last planned randomised turn on, which "
            "with several randomised turns per conversation lies past the end of most conversations: "
            "qfit.method=td uses every turn, or lower loop.explore_count)")
