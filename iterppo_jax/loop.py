@@ -430,8 +430,9 @@ def fit_q(run: Run, k: int, records, policy_params):
                        for e in examples], bool)
   in_held = _held_out(examples)
   train_rows, held = ~in_held & usable, in_held & usable
-  if train_rows.sum() < q_cfg.batch_size:
-    raise errors.SettingsError(_too_few_targets(k, int(train_rows.sum()), len(examples), q_cfg.method,
+  n_train = int(train_rows.sum())
+  if n_train < q_cfg.batch_size:
+    raise errors.SettingsError(_too_few_targets(k, n_train, len(examples), q_cfg.method,
                                                 q_cfg.targets, q_cfg.batch_size, bootstrapped,
                                                 any(e.explored for e in examples)))
   train = {k_: v[train_rows] for k_, v in arrays.items()}
@@ -469,7 +470,7 @@ def fit_q(run: Run, k: int, records, policy_params):
   q = qfit_lib.predict(predict_fn, state.params, held_arrays, q_cfg.batch_size, run.mesh)
   metrics = qfit_lib.evaluate_q(q, held_arrays["outcome"])
   metrics["target_corr"] = stats.pearson(q, held_arrays["target"])
-  metrics["train_examples"] = int(train_rows.sum())
+  metrics["train_examples"] = n_train
   if best is not None:
     metrics["selected_step"] = best[1]
   _q_diagnostics(run, k, metrics, _token_scorer(run, predict_fn, state.params, q_cfg.batch_size), records, examples,
