@@ -153,14 +153,11 @@ def test_two_processes_killed_and_restarted_equal_one(reference, tmp_path):
   while (not os.path.exists(marker) and time.monotonic() < deadline
          and procs[0].poll() is None and procs[1].poll() is None):
     time.sleep(0.2)
-  if not os.path.exists(marker):
-    for p in procs:
-      p.kill()
-    _, outs = _finish(procs)
-    raise AssertionError("the run never reached its first PPO checkpoint:\n" + outs[1][-3000:])
+  reached = os.path.exists(marker)
   procs[1].kill()
   procs[0].kill()
-  _finish(procs)
+  _, outs = _finish(procs)
+  assert reached, "the run never reached its first PPO checkpoint:\n" + outs[1][-3000:]
   assert not os.path.exists(os.path.join(workdir, "summary.json"))
   run_pair(workdir)
   # Each process wrote its own part of every dataset; process 0 alone the run's single files.
