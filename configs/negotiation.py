@@ -36,7 +36,7 @@ def get_config(arg=None):
   # Four randomised turns per conversation, not sales' one: D_k then holds ~2,000 randomised decisions, not ~500,
   # and the pairs pi_k seldom plays stop being a handful of draws (finding 41). Against precise truths Q_0-Q_3
   # ranked pi_k's actions at twice chance or more in seeds 1-2 (one randomised turn: seed 1's Q_0 and Q_2 below);
-  # seed 0's Q_0-Q_3 at 2.8, 1.9, 4.1 and 4.2 x chance (Q_1: 5 of 21 states, finding 44);
+  # seed 0's Q_0-Q_3 at 2.8, 2.1, 4.1 and 4.2 x chance (Q_1 over two draws of states: 10 of 44, findings 44-45);
   # over seeds 0-2, pi_4 0.482 (0.336-0.629) apart from pi_0's 0.184, eleven of twelve paired steps positive (one
   # randomised turn: 0.451, not apart). D_0's deployed conversion costs ~2 points (findings 42-43). The tiny
   # branch keeps one: its Monte Carlo fit (qfit.method=mc) reads returns from the last planned randomised turn on
