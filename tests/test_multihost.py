@@ -61,7 +61,9 @@ def _start(workdir, devices, extra=(), rank=None, port=None, count=2):
                           text=True)
 
 
-def _finish(procs, timeout=300):
+def _finish(procs, timeout=900):
+  # timeout: a hang guard, not a timing. A run takes ~1-2 minutes alone; on a loaded 2-core machine the 8-device
+  # reference run went past 300 s (a fresh-clone CI beside three training runs).
   outs = []
   for p in procs:
     try:
