@@ -136,9 +136,9 @@ def get_config(arg=None):
   c.qfit.shrink = 5.0
   c.qfit.shrink_to = "additive"
   # dialogue_state: z of a lower confidence bound, Q_k read as Q - z sigma / sqrt(n + m) (q_table.py): the acts
-  # logged least have the noisiest means, and the step's maximum favours them. 0: the plain table, as sales',
-  # support's and negotiation's bars were measured (finding 41 scores z = 1 against the truth; booking sets 1,
-  # finding 48).
+  # logged least have the noisiest means, and the step's maximum favours them. 0: the plain table, as sales' and
+  # negotiation's bars were measured (finding 41 scores z = 1 against the truth; support and booking set 1,
+  # findings 48-49).
   c.qfit.pessimism = 0.0
   c.qfit.fqe_samples = 4  # fqe: responses of pi_k per logged next state averaged in the target (expected SARSA)
 
